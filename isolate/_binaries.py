@@ -50,10 +50,10 @@ class Binary:
         return f"{self.version} at {self.bin_dir} ({self.source})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _version(path: Path) -> str:
     try:
-        out = subprocess.run(  # noqa: S603
+        out = subprocess.run(
             [str(path), "--version"], capture_output=True, text=True, timeout=10, check=False
         ).stdout.strip()
     except OSError as exc:
@@ -85,7 +85,7 @@ def _pg_candidates(explicit: str | None, explicit_source: str) -> list[tuple[Pat
     pg_config = shutil.which("pg_config")
     if pg_config:
         try:
-            bindir = subprocess.run(  # noqa: S603
+            bindir = subprocess.run(
                 [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=False
             ).stdout.strip()
         except OSError:

@@ -197,16 +197,14 @@ def resolve_settings(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for opt in OPTIONS:
-        raw: str | None
-        for source, raw in (
+        layers = (
             (f"command line {opt.cli}", cli.get(opt.name)),
             (f"ini {opt.ini}", ini.get(opt.name)),
             (f"env {opt.env}", env.get(opt.env)),
-        ):
-            if raw is not None and raw != "":
-                break
-        else:
-            source, raw = "default", opt.default
+        )
+        source, raw = next(
+            ((where, value) for where, value in layers if value), ("default", opt.default)
+        )
         try:
             values[opt.name] = opt.parse(raw)
         except ValueError as exc:

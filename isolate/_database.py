@@ -8,7 +8,6 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import psycopg
 from psycopg import sql
@@ -21,7 +20,7 @@ __all__ = ["Migrations", "WorkerDatabase", "migration_files", "schema_name"]
 logger = logging.getLogger(__name__)
 
 #: A directory of ``.sql`` files, a single file, or ``callable(connection)``.
-Migrations = Union[str, Path, Callable[[psycopg.Connection[tuple[object, ...]]], None], None]
+Migrations = str | Path | Callable[[psycopg.Connection[tuple[object, ...]]], None] | None
 
 
 def schema_name(worker_slug: str, run_id: str) -> str:
@@ -102,7 +101,7 @@ class WorkerDatabase:
             for path in files:
                 try:
                     with conn.transaction():
-                        conn.execute(path.read_text())  # type: ignore[call-overload]
+                        conn.execute(path.read_text())
                 except psycopg.Error as exc:
                     raise MigrationError(
                         f"migration {path.name} failed: {exc}",

@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 def remove_container(container: str) -> bool:
     """Force-remove a container (and its anonymous volumes); True if it existed."""
     try:
-        done = subprocess.run(  # noqa: S603, S607
+        done = subprocess.run(
             ["docker", "rm", "--force", "--volumes", container],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip

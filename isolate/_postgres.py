@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -182,12 +183,11 @@ class NativePostgresRunner:
             f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
             "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions",
         ]  # fmt: skip
-        kwargs: dict[str, object] = {}
-        if self.run_as is not None:
-            kwargs.update(user=self.run_as.uid, group=self.run_as.gid, extra_groups=[])
-        done = subprocess.run(  # noqa: S603
+        run_as = self.run_as
+        done = subprocess.run(
             argv, capture_output=True, text=True, env=self._env(), cwd=self.directory,
-            check=False, **kwargs,  # type: ignore[arg-type]
+            check=False, user=run_as.uid if run_as else None,
+            group=run_as.gid if run_as else None, extra_groups=[] if run_as else None,
         )  # fmt: skip
         pwfile.unlink()
         if done.returncode != 0:
@@ -227,7 +227,7 @@ class NativePostgresRunner:
         for attempt in range(5):
             self.lease = reserve_port()
             proc = self._launch(self.lease.port)
-            poll_until(lambda p=proc: self._ready(p), self.config.start_timeout)  # type: ignore[misc]
+            poll_until(functools.partial(self._ready, proc), self.config.start_timeout)
             if proc.running and self._ready(proc):
                 self._proc = proc
                 break

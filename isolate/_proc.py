@@ -186,10 +186,8 @@ class ManagedProcess:
             if self.run_as is not None:
                 with contextlib.suppress(OSError):
                     self.run_as.chown(self.log_path)
-            kwargs: dict[str, object] = {}
-            if self.run_as is not None:
-                kwargs.update(user=self.run_as.uid, group=self.run_as.gid, extra_groups=[])
-            self._popen = subprocess.Popen(  # noqa: S603 - argv comes from the test config
+            run_as = self.run_as
+            self._popen = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -197,7 +195,9 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                **kwargs,  # type: ignore[arg-type]
+                user=run_as.uid if run_as else None,
+                group=run_as.gid if run_as else None,
+                extra_groups=[] if run_as else None,
             )
         self.start_ticks = process_start_ticks(self._popen.pid)
 

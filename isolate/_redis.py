@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import shutil
 import signal
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +90,7 @@ class RedisServer:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RedisServer:
+    def from_json(cls, data: Mapping[str, Any]) -> RedisServer:
         return cls(**data)
 
 
@@ -153,7 +155,7 @@ class NativeRedisRunner:
             )
             proc.start()
             port = self.lease.port
-            poll_until(lambda: self._ready(proc, port), self.config.start_timeout)
+            poll_until(functools.partial(self._ready, proc, port), self.config.start_timeout)
             if proc.running and self._ready(proc, port):
                 self._proc = proc
                 break

@@ -28,7 +28,14 @@ from ._database import Migrations, WorkerDatabase
 from ._errors import ConfigError
 from ._ports import reserve_port
 from ._postgres import NativePostgresRunner, PostgresConfig, PostgresServer, tuned_settings
-from ._proc import ProcessRecord, ProcessRegistry, RunAs, is_alive, process_start_ticks, resolve_run_as
+from ._proc import (
+    ProcessRecord,
+    ProcessRegistry,
+    RunAs,
+    is_alive,
+    process_start_ticks,
+    resolve_run_as,
+)
 from ._redis import NativeRedisRunner, RedisConfig, RedisServer
 from ._runner import Runner
 from ._service import NativeService, ServiceHandle, ServiceSpec
@@ -80,7 +87,7 @@ class IsolateRuntime:
         self.run_dir = Path(settings.base_path) / f"{RUN_PREFIX}{worker.run_id}"
         self.registry = ProcessRegistry(self.run_dir / "registry")
         self.timings = Timings(self.run_dir / "timings.jsonl", worker.worker_id)
-        self._run_as: RunAs | None | bool = False  # False: not resolved yet
+        self._run_as: RunAs | bool | None = False  # False: not resolved yet
         self._postgres: PostgresServer | None = None
         self._database: WorkerDatabase | None = None
         self._redis: RedisServer | None = None
@@ -242,7 +249,7 @@ class IsolateRuntime:
         if self._redis is None:
             if self.settings.redis_mode == "shared":
                 state = self._shared("redis", lambda: self._start_redis("redis-shared").to_json())
-                shared = RedisServer.from_json(state)  # type: ignore[arg-type]
+                shared = RedisServer.from_json(state)
                 self._redis = RedisServer(
                     shared.host, shared.port, self.worker.index + 1, shared.admin_password,
                     shared=True, backend=shared.backend,

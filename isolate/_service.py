@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
 
@@ -72,7 +71,7 @@ class TcpCheck:
             return False
 
 
-HealthCheck = Union[HttpCheck, TcpCheck, Callable[[str, int], bool]]
+HealthCheck = HttpCheck | TcpCheck | Callable[[str, int], bool]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,8 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError("isolate: the xdist controller did not pass a run id")
     else:
         run_id = os.environ.get("ISOLATE_RUN_ID") or new_run_id()
-    worker = worker_from_env(run_id, workerinput=workerinput)
+    # Not an xdist worker: "main", whatever PYTEST_XDIST_* an outer run left in the env.
+    worker = worker_from_env(run_id, env={} if workerinput is None else None, workerinput=workerinput)
     runtime = IsolateRuntime(settings, worker, config.rootpath, controller=workerinput is None)
     config.stash[RUNTIME_KEY] = runtime
     if runtime.controller:
@@ -126,7 +127,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     summary = config.stash.get(_SUMMARY_KEY, None)
-    if not summary:
+    if not summary or not set(summary) - {"worker_teardown", "run_teardown"}:
         return
     terminalreporter.section("isolate timings (seconds)")
     terminalreporter.write_line(f"{'phase':<22}{'count':>6}{'min':>9}{'median':>9}{'max':>9}")
@@ -137,7 +138,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed and "isolate_service" in getattr(item, "fixturenames", ()):
         runtime = item.config.stash.get(RUNTIME_KEY, None)

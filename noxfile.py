@@ -1,0 +1,75 @@
+"""Sessions: the library's tests, lint, the example suite at 1/2/4/8 workers, docker, bench.
+
+Set-up on a fresh machine needs only Python: ``pip install nox`` then ``nox -s <session>``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+EXAMPLE = "examples/datastorage"
+EXAMPLE_DEPS = [
+    "starlette==1.10.0",
+    "uvicorn==0.54.0",
+    "psycopg-pool==3.3.3",
+    "prometheus-client==0.26.0",
+    "httpx==0.28.1",
+    "pytest-randomly==5.1.0",
+]
+DOCKER_IMAGES = [
+    "--isolate-pg-image=isolate-local/postgres:15",
+    "--isolate-redis-image=isolate-local/redis:7",
+]
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """isolate's own suite (unit + integration, native and docker), with xdist."""
+    session.install(".[embedded]")
+    session.run("pytest", "tests", "-n", "4", "-p", "no:randomly", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff and mypy --strict."""
+    session.install(".[embedded]", "ruff==0.17.5", "mypy==2.4.1")
+    session.run("ruff", "check", "isolate", "tests", "noxfile.py")
+    session.run("mypy", "--strict", "isolate")
+
+
+def _example(session: nox.Session, workers: int, *extra: str) -> None:
+    session.install(".[embedded]", *EXAMPLE_DEPS)
+    session.chdir(EXAMPLE)
+    session.run("pytest", "tests", "-n", str(workers), *extra, *session.posargs)
+
+
+@nox.session(name="integration-4procs", python=PYTHON)
+def integration_4procs(session: nox.Session) -> None:
+    """The main job: the example suite on four workers, embedded (native) backend."""
+    _example(session, 4)
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("workers", [1, 2, 8])
+def integration(session: nox.Session, workers: int) -> None:
+    """The example suite at 1, 2 or 8 workers: ``nox -s "integration(workers=8)"``."""
+    _example(session, workers)
+
+
+@nox.session(name="integration-docker", python=PYTHON)
+def integration_docker(session: nox.Session) -> None:
+    """The example suite on four workers, docker backend (needs .ci/docker-setup.sh)."""
+    _example(session, 4, "--isolate-backend=docker", *DOCKER_IMAGES)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Wall time, pass rate and isolate's overhead at 1/2/4/8 workers -> docs/benchmarks.*"""
+    session.install(".[embedded]", *EXAMPLE_DEPS, "matplotlib==3.11.2")
+    session.run("python", "-m", "examples.bench", *session.posargs, env={"PYTHONPATH": os.getcwd()})

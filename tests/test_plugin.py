@@ -1,0 +1,261 @@
+"""Whole pytest runs of small suites (pytester, in subprocesses), as users run them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+CONFTEST = f"""
+import sys
+import pytest
+import isolate
+
+@pytest.fixture(scope="session")
+def isolate_migrations():
+    return {str(HERE / "fixture_app" / "migrations")!r}
+
+@pytest.fixture(scope="session")
+def isolate_service_spec():
+    return isolate.ServiceSpec(
+        name="app",
+        command=[sys.executable, {str(HERE / "fixture_app" / "app.py")!r}],
+        env={{"PORT": "{{port}}", "DATABASE_URL": "{{dsn}}", "REDIS_URL": "{{redis_url}}",
+             "ISOLATE_RUN_ID": "{{run_id}}"}},
+        ready_timeout=20, stop_timeout=5,
+    )
+"""
+
+HELPERS = '''
+import json, urllib.request
+
+def post(url, payload):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+'''
+
+
+def run_id_of(result: pytest.RunResult) -> str:
+    match = re.search(r"isolate: run ([0-9a-f]{10})", result.stdout.str())
+    assert match, result.stdout.str()
+    return match.group(1)
+
+
+def leftovers(run_id: str) -> list[str]:
+    """Processes, run dirs and containers of a run that still exist."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (run_id.encode() in cmdline or f"ISOLATE_RUN_ID={run_id}".encode() in environ):
+            readable = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
+            found.append(f"pid {proc.name}: {readable}")
+    found += [str(p) for p in Path(tempfile.gettempdir()).glob(f"isolate-run-{run_id}")]
+    return found
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(helpers=HELPERS)
+    return pytester
+
+
+ISOLATION_TEST = '''
+import os, time
+from pathlib import Path
+from tenacity import Retrying, stop_after_delay, wait_fixed
+from helpers import get, post
+
+BARRIER = Path(os.environ["BARRIER_DIR"])
+WORKERS = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+
+def wait_for(predicate, timeout=60):
+    for attempt in Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.02), reraise=True):
+        with attempt:
+            assert predicate()
+
+def test_one_worker_disrupts_while_the_others_work(isolate_service, isolate_worker):
+    me = isolate_worker.worker_id
+    if me == "gw0":
+        # the disruptor: wait until every other worker is mid-traffic
+        wait_for(lambda: len(list(BARRIER.glob("writing-*"))) == WORKERS - 1)
+        for action in ("stop", "kill", "restart", "stop"):
+            if action == "stop":
+                assert isolate_service.stop(timeout=5) == 0
+                isolate_service.start()
+            elif action == "kill":
+                isolate_service.kill()
+                isolate_service.start()
+            else:
+                isolate_service.restart()
+        (BARRIER / "disrupted").touch()
+    else:
+        (BARRIER / f"writing-{me}").touch()
+        writes = 0
+        while not (BARRIER / "disrupted").exists() or writes < 20:
+            created = post(isolate_service.url + "/items", {"value": me})
+            assert created["instance"] == isolate_service.name
+            assert get(isolate_service.url + "/items/%d" % created["id"])["value"] == me
+            writes += 1
+        (BARRIER / f"done-{me}-{writes}").touch()
+'''
+
+
+def test_stopping_one_workers_service_never_affects_the_others(
+    suite: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    barrier = tmp_path_factory.mktemp("barrier")
+    suite.makepyfile(test_isolation=ISOLATION_TEST)
+    os.environ["BARRIER_DIR"] = str(barrier)
+    try:
+        result = suite.runpytest_subprocess("-n", "4", "--dist", "each", "-p", "no:randomly")
+    finally:
+        del os.environ["BARRIER_DIR"]
+    result.assert_outcomes(passed=4)
+    done = sorted(p.name for p in barrier.glob("done-*"))
+    assert [d.split("-")[1] for d in done] == ["gw1", "gw2", "gw3"]
+    assert all(int(d.split("-")[2]) >= 20 for d in done)
+    assert leftovers(run_id_of(result)) == []
+
+
+def test_no_leftovers_after_a_failing_run_and_log_tail_in_report(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_fail="""
+        from helpers import post
+        def test_fails(isolate_service, isolate_redis_url):
+            post(isolate_service.url + "/items", {"value": "x"})
+            assert False, "boom"
+        def test_passes(isolate_service):
+            assert isolate_service.is_running
+        """
+    )
+    result = suite.runpytest_subprocess("-n", "2")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*isolate: app-test-gw* log (last 40 lines)*", "*POST /items*"])
+    assert leftovers(run_id_of(result)) == []
+
+
+def test_crashed_worker_leaks_nothing(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_crash="""
+        import os, signal
+        def test_crash_after_start(isolate_service, isolate_redis):
+            assert isolate_service.is_running
+            os.kill(os.getpid(), signal.SIGKILL)
+        def test_other_a(isolate_service):
+            assert isolate_service.is_ready()
+        def test_other_b(isolate_service):
+            assert isolate_service.is_ready()
+        """
+    )
+    result = suite.runpytest_subprocess("-n", "2", "-p", "no:randomly")
+    result.stdout.fnmatch_lines(["*crashed*"])
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed") == 1 and outcomes.get("passed") == 2
+    assert leftovers(run_id_of(result)) == []
+
+
+def test_without_xdist(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_plain="""
+        def test_plain(isolate_worker, isolate_service, isolate_database):
+            assert isolate_worker.worker_id == "main" and isolate_worker.worker_count == 1
+            assert isolate_database.schema.startswith("isolate_main_")
+        """
+    )
+    result = suite.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["isolate: run *, backend native*", "isolate: postgres PostgreSQL *"])
+    assert leftovers(run_id_of(result)) == []
+
+
+def test_two_concurrent_runs_do_not_collide(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_conc="""
+        import time
+        from helpers import post
+        def test_write(isolate_service, isolate_database):
+            for i in range(30):
+                post(isolate_service.url + "/items", {"value": str(i)})
+            with isolate_database.connect() as conn:
+                assert conn.execute("SELECT count(*) FROM items").fetchone() == (30,)
+        """
+    )
+    cmd = [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:randomly", "-p", "pytester"]
+    procs = [
+        subprocess.Popen(cmd, cwd=suite.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out
+    ids = [re.search(r"isolate: run ([0-9a-f]{10})", out).group(1) for out in outputs]  # type: ignore[union-attr]
+    assert ids[0] != ids[1]
+    assert leftovers(ids[0]) == leftovers(ids[1]) == []
+
+
+def test_bad_option_is_a_usage_error(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_x="def test_x(): pass")
+    result = suite.runpytest_subprocess("--isolate-backend=kubernetes")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*bad value for isolate option 'backend'*must be one of*"])
+
+
+def test_missing_service_spec_is_explained(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_x="def test_x(isolate_service): pass")
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*define a session-scoped fixture `isolate_service_spec`*"])
+
+
+def test_stale_run_of_a_dead_owner_is_reaped(suite: pytest.Pytester) -> None:
+    # Fake what a SIGKILLed run leaves: a run dir with a registered live process.
+    stale = Path(tempfile.gettempdir()) / "isolate-run-deadbeef00"
+    (stale / "registry").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    (stale / "owner.json").write_text(f'{{"pid": {dead.pid}, "start_ticks": 1}}')
+    (stale / "registry" / "orphan.json").write_text(
+        f'{{"name": "orphan", "pid": {orphan.pid}, "start_ticks": null, "paths": ["{stale}/data"]}}'
+    )
+    try:
+        suite.makepyfile(test_x="def test_x(): pass")
+        suite.runpytest_subprocess("-p", "no:xdist").assert_outcomes(passed=1)
+        assert orphan.wait(timeout=15) == -signal.SIGTERM
+        assert not stale.exists()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+
+
+def test_timings_json_is_written(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_x="def test_x(isolate_service): pass")
+    result = suite.runpytest_subprocess("-n", "2", "--isolate-timings-json=out/timings.json")
+    result.assert_outcomes(passed=1)
+    text = (suite.path / "out" / "timings.json").read_text()
+    for phase in ("postgres_start", "schema_migrations", "redis_start", "service_ready"):
+        assert phase in text
+    result.stdout.fnmatch_lines(["*isolate timings (seconds)*", "postgres_start *"])
+    _ = time

@@ -1,0 +1,240 @@
+"""The stack pieces, really started: shared PostgreSQL, worker schema/role, Redis, service."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from conftest import app_spec
+
+import isolate
+from isolate import IsolateRuntime, ServiceHandle, WorkerDatabase
+
+
+def post(url: str, payload: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def test_connection_lands_in_the_worker_schema_with_migrations(
+    isolate_conn: psycopg.Connection[Any], isolate_database: WorkerDatabase
+) -> None:
+    assert isolate_conn.execute("SELECT current_schema()").fetchone() == (isolate_database.schema,)
+    versions = [r[0] for r in isolate_conn.execute("SELECT version FROM schema_version ORDER BY 1")]
+    assert versions == [1, 2, 10]  # 010 ran after 002: natural order
+    assert isolate_database.tables() == ["items", "schema_version"]
+
+
+def test_postgres_is_tuned(isolate_postgres: isolate.PostgresServer, isolate_worker: Any) -> None:
+    with psycopg.connect(isolate_postgres.admin_dsn) as conn:
+        show = {
+            name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+            for name in ("fsync", "synchronous_commit", "full_page_writes", "max_connections",
+                         "listen_addresses")
+        }  # fmt: skip
+    assert show["fsync"] == show["synchronous_commit"] == show["full_page_writes"] == "off"
+    assert show["listen_addresses"] == "127.0.0.1"
+    assert int(show["max_connections"]) >= isolate_worker.worker_count * 20
+
+
+@pytest.fixture
+def other_worker_db(isolate_postgres: isolate.PostgresServer) -> Iterator[WorkerDatabase]:
+    """A second worker's schema and role, as another worker would have it."""
+    other = WorkerDatabase.create(isolate_postgres, f"other{os.getpid()}", "t")
+    other.apply_migrations(lambda conn: conn.execute("CREATE TABLE secrets (v text)"))
+    yield other
+    other.drop()
+
+
+def test_worker_role_cannot_read_or_write_another_workers_schema(
+    isolate_conn: psycopg.Connection[Any],
+    isolate_database: WorkerDatabase,
+    other_worker_db: WorkerDatabase,
+) -> None:
+    other = other_worker_db.schema
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        isolate_conn.execute(f"SELECT * FROM {other}.secrets")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        isolate_conn.execute(f"INSERT INTO {other}.secrets VALUES ('x')")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        isolate_conn.execute(f"CREATE TABLE {other}.intruder (v text)")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        isolate_conn.execute("CREATE TABLE public.intruder (v text)")
+    # ... and the other role cannot reach ours either.
+    with other_worker_db.connect(autocommit=True) as conn, pytest.raises(
+        psycopg.errors.InsufficientPrivilege
+    ):
+        conn.execute(f"SELECT * FROM {isolate_database.schema}.items")
+
+
+def test_reset_empties_tables_but_keeps_schema_version(
+    isolate_conn: psycopg.Connection[Any], isolate_database: WorkerDatabase
+) -> None:
+    isolate_conn.execute("INSERT INTO items (value, instance) VALUES ('a', 't'), ('b', 't')")
+    isolate_database.reset()
+    assert isolate_conn.execute("SELECT count(*) FROM items").fetchone() == (0,)
+    assert isolate_conn.execute("SELECT count(*) FROM schema_version").fetchone() == (3,)
+    row = isolate_conn.execute(
+        "INSERT INTO items (value, instance) VALUES ('c', 't') RETURNING id"
+    ).fetchone()
+    assert row == (1,)  # identities restarted
+
+
+def test_cut_makes_postgres_unavailable_to_this_worker_only(
+    isolate_database: WorkerDatabase, other_worker_db: WorkerDatabase
+) -> None:
+    with isolate_database.connect() as conn:
+        isolate_database.cut()
+        try:
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("SELECT 1")
+            with pytest.raises(psycopg.OperationalError):
+                isolate_database.connect()
+            with other_worker_db.connect() as other:
+                assert other.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            isolate_database.restore()
+    with isolate_database.connect() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_failed_migration_names_the_file(isolate_postgres: isolate.PostgresServer, tmp_path: Any) -> None:
+    (tmp_path / "1_ok.sql").write_text("CREATE TABLE t (v int);")
+    (tmp_path / "2_bad.sql").write_text("CREATE TABLE t (v int);")
+    db = WorkerDatabase.create(isolate_postgres, f"mig{os.getpid()}", "t")
+    try:
+        with pytest.raises(isolate.MigrationError, match=r"2_bad\.sql"):
+            db.apply_migrations(tmp_path)
+    finally:
+        db.drop()
+
+
+def test_redis_is_private_and_can_be_cut_without_losing_data(
+    isolate_redis: isolate.RedisServer, isolate_redis_client: redis.Redis
+) -> None:
+    isolate_redis_client.set("k", "v")
+    isolate_redis.cut()
+    try:
+        with pytest.raises(redis.RedisError):
+            isolate_redis.client(socket_timeout=2).get("k")
+    finally:
+        isolate_redis.restore()
+    assert isolate_redis.client().get("k") == b"v"
+
+
+def test_service_uses_its_worker_stack(
+    isolate_service: ServiceHandle, isolate_database: WorkerDatabase, isolate_worker: Any
+) -> None:
+    assert isolate_service.name == f"fixture-app-test-{isolate_worker.slug}"
+    assert isolate_service.url == f"http://127.0.0.1:{isolate_service.port}"
+    created = post(isolate_service.url + "/items", {"value": "hello"})
+    assert created["instance"] == isolate_service.name
+    assert get(f"{isolate_service.url}/items/{created['id']}")["value"] == "hello"
+    assert get(isolate_service.url + "/whoami")["schema"] == isolate_database.schema
+
+
+def test_stop_start_kill_restart_keep_port_and_url(isolate_service: ServiceHandle) -> None:
+    url, port = isolate_service.url, isolate_service.port
+    assert isolate_service.stop() == 0  # graceful: SIGTERM handled, exit 0
+    assert not isolate_service.is_running
+    with pytest.raises(OSError):
+        get(url + "/health")
+    isolate_service.start()
+    assert (isolate_service.url, isolate_service.port) == (url, port)
+    assert get(url + "/health")["instance"] == isolate_service.name
+    assert isolate_service.kill() == -signal.SIGKILL
+    assert not isolate_service.is_running
+    isolate_service.start()
+    pid = isolate_service.pid  # type: ignore[attr-defined]
+    isolate_service.restart()
+    assert isolate_service.pid != pid  # type: ignore[attr-defined]
+    assert isolate_service.is_running and isolate_service.is_ready()
+    logs = isolate_service.logs()
+    assert "SIGTERM, shutting down" in logs and "bye" in logs
+    assert logs.count("--- isolate: starting") >= 4
+
+
+def test_function_fixture_restarts_a_stopped_service(isolate_service: ServiceHandle) -> None:
+    isolate_service.stop(graceful=False)
+    isolate_service.ensure_running()
+    assert isolate_service.is_running and isolate_service.is_ready()
+
+
+STUBBORN = (
+    "import signal, socket, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "print('ignoring SIGTERM', flush=True)\n"
+    "while True: time.sleep(1)\n"
+)
+
+
+@pytest.fixture
+def runtime_service(isolate_runtime: IsolateRuntime) -> Iterator[Any]:
+    names = []
+
+    def make(spec: isolate.ServiceSpec) -> ServiceHandle:
+        names.append(spec.name)
+        return isolate_runtime.service(spec)
+
+    yield make
+    for name in names:
+        isolate_runtime.close_service(name)
+
+
+def test_graceful_stop_falls_back_to_sigkill_after_timeout(runtime_service: Any) -> None:
+    spec = isolate.ServiceSpec(
+        "stubborn", [sys.executable, "-c", STUBBORN, "{port}"],
+        health=isolate.TcpCheck(), ready_timeout=10,
+    )  # fmt: skip
+    handle = runtime_service(spec)
+    assert handle.stop(timeout=0.3) == -signal.SIGKILL
+    assert "ignoring SIGTERM" in handle.logs()
+
+
+def test_service_that_exits_at_start_reports_exit_code_and_log(runtime_service: Any) -> None:
+    with pytest.raises(isolate.ServiceExitedError) as info:
+        runtime_service(app_spec("exits-early", EXIT_AT_START="3"))
+    assert info.value.context["exit_code"] == 3
+    assert "failing on purpose" in str(info.value)
+
+
+def test_service_never_ready_times_out_with_log(runtime_service: Any) -> None:
+    spec = app_spec("never-ready", NEVER_READY="1")
+    spec = isolate.ServiceSpec(**{**spec.__dict__, "ready_timeout": 1.0})
+    with pytest.raises(isolate.ServiceNotReadyError, match=r"not ready within 1\.0s") as info:
+        runtime_service(spec)
+    assert "listening on" in str(info.value)
+
+
+def test_port_leases_are_exclusive_across_processes() -> None:
+    leases = [isolate.reserve_port() for _ in range(20)]
+    try:
+        ports = [lease.port for lease in leases]
+        assert len(set(ports)) == 20
+        probe = (
+            "import sys; from isolate._ports import _try_lock\n"
+            "sys.exit(0 if _try_lock(int(sys.argv[1])) is None else 1)\n"
+        )
+        assert subprocess.run([sys.executable, "-c", probe, str(ports[0])], check=False).returncode == 0
+        leases[0].release()
+        assert subprocess.run([sys.executable, "-c", probe, str(ports[0])], check=False).returncode == 1
+    finally:
+        for lease in leases:
+            lease.release()

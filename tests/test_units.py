@@ -1,0 +1,140 @@
+"""Pure logic: names, ordering, templates, tuning, permissions, worker identity."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from isolate import ConfigError, HttpCheck, ServiceSpec, WorkerIdentity
+from isolate._database import migration_files, schema_name
+from isolate._errors import ServiceExitedError
+from isolate._postgres import PostgresServer, tuned_settings
+from isolate._proc import can_access, is_alive, process_start_ticks
+from isolate._service import placeholders, render
+from isolate._timings import summarize
+from isolate._worker import new_run_id, worker_from_env
+
+
+def test_worker_identity_from_workerinput_and_env() -> None:
+    w = worker_from_env("abc", env={}, workerinput={"workerid": "gw3", "workercount": 4})
+    assert (w.worker_id, w.worker_count, w.index, w.is_xdist) == ("gw3", 4, 3, True)
+    w = worker_from_env("abc", env={"PYTEST_XDIST_WORKER": "gw1", "PYTEST_XDIST_WORKER_COUNT": "2"})
+    assert (w.worker_id, w.worker_count) == ("gw1", 2)
+    w = worker_from_env("abc", env={})
+    assert (w.worker_id, w.worker_count, w.is_xdist, w.slug) == ("main", 1, False, "main")
+
+
+def test_run_ids_are_distinct() -> None:
+    ids = {new_run_id() for _ in range(1000)}
+    assert len(ids) == 1000
+
+
+def test_schema_names_unique_per_worker_and_run() -> None:
+    assert schema_name("gw0", "abc123") == "isolate_gw0_abc123"
+    assert schema_name("gw0", "abc123") != schema_name("gw1", "abc123")
+    assert schema_name("gw0", "abc123") != schema_name("gw0", "def456")
+    with pytest.raises(ConfigError):
+        schema_name("gw0", "x" * 80)
+
+
+def test_migration_files_in_natural_order(tmp_path: Path) -> None:
+    for name in ("10_c.sql", "2_b.sql", "1_a.sql", "notes.txt"):
+        (tmp_path / name).write_text("SELECT 1;")
+    assert [p.name for p in migration_files(tmp_path)] == ["1_a.sql", "2_b.sql", "10_c.sql"]
+
+
+def test_migration_dir_errors_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="isolate-migrations"):
+        migration_files(tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"no \.sql files"):
+        migration_files(tmp_path)
+
+
+def test_tuned_settings_scale_with_workers_and_accept_overrides() -> None:
+    s1 = tuned_settings(1, 20)
+    s8 = tuned_settings(8, 20, {"fsync": "on", "work_mem": "8MB"})
+    assert int(s8["max_connections"]) > int(s1["max_connections"])
+    assert int(s8["max_connections"]) >= 8 * 20
+    assert s1["fsync"] == "off" and s1["synchronous_commit"] == "off"
+    assert s1["full_page_writes"] == "off" and s1["listen_addresses"] == "127.0.0.1"
+    assert s8["fsync"] == "on" and s8["work_mem"] == "8MB"
+
+
+def test_dsn_quotes_and_bakes_search_path() -> None:
+    server = PostgresServer("127.0.0.1", 5999, "admin", "p@ss/word", "db", "PostgreSQL 18")
+    dsn = server.dsn(user="r", password="x y", search_path="isolate_gw0_abc")
+    assert dsn == "postgresql://r:x%20y@127.0.0.1:5999/db?options=-csearch_path%3Disolate_gw0_abc"
+    assert "p%40ss%2Fword" in server.admin_dsn
+
+
+def test_templates() -> None:
+    assert placeholders("--port={port} {dsn}") == {"port", "dsn"}
+    assert render("{{literal}} {port}", {"port": 5}) == "{literal} 5"
+    with pytest.raises(ConfigError, match="needs"):
+        render("{dsn}", {})
+
+
+def test_service_spec_validation() -> None:
+    spec = ServiceSpec("api", ["run", "--port", "{port}"], env={"DB": "{dsn}"})
+    assert spec.uses() == {"port", "dsn"}
+    with pytest.raises(ConfigError, match="unknown placeholder"):
+        ServiceSpec("api", ["run", "{prot}"])
+    with pytest.raises(ConfigError, match="is not valid"):
+        ServiceSpec("Bad Name!", ["run"])
+    with pytest.raises(ConfigError, match="list of arguments"):
+        ServiceSpec("api", "run --port {port}")  # type: ignore[arg-type]
+
+
+def test_http_check_is_false_when_nothing_listens() -> None:
+    assert HttpCheck("/health")("127.0.0.1", 1) is False
+
+
+def test_error_renders_context_log_tail_and_hint() -> None:
+    err = ServiceExitedError("service x exited", log_tail="line1\nline2", exit_code=3)
+    text = str(err)
+    assert "exit_code=3" in text and "    line2" in text and "fix:" in text
+
+
+def test_can_access_follows_every_parent() -> None:
+    # Not tmp_path: pytest's base temp dir is 0700 itself, which is the very case checked.
+    tmp_path = Path(tempfile.mkdtemp(prefix="isolate-test-"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    target = locked / "bin"
+    target.write_text("#!/bin/sh\n")
+    os.chmod(target, 0o755)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(locked, 0o700)
+    other_uid, other_gid = 65534, 65534
+    assert not can_access(target, other_uid, other_gid, execute=True)
+    os.chmod(locked, 0o711)
+    assert can_access(target, other_uid, other_gid, execute=True)
+    os.chmod(target, stat.S_IRWXU)
+    assert not can_access(target, other_uid, other_gid, execute=True)
+    shutil.rmtree(tmp_path)
+
+
+def test_is_alive_checks_pid_reuse() -> None:
+    ticks = process_start_ticks(os.getpid())
+    assert is_alive(os.getpid(), ticks)
+    assert not is_alive(os.getpid(), (ticks or 0) + 1)
+    assert not is_alive(2**22 + 1)
+
+
+def test_timing_summary() -> None:
+    events = [{"phase": "redis_start", "seconds": s, "worker": "gw0"} for s in (0.1, 0.3, 0.2)]
+    events.append({"phase": "postgres_start", "seconds": 1.0, "worker": "gw0"})
+    summary = summarize(events)  # type: ignore[arg-type]
+    assert list(summary) == ["postgres_start", "redis_start"]
+    assert summary["redis_start"]["median"] == pytest.approx(0.2)
+    assert summary["redis_start"]["count"] == 3
+
+
+def test_worker_slug_is_sql_safe() -> None:
+    assert WorkerIdentity("gw12", 16, "r").slug == "gw12"
+    assert WorkerIdentity("GW-1", 2, "r").slug == "gw_1"
