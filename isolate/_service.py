@@ -20,6 +20,7 @@ from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponenti
 from ._errors import ConfigError, ServiceExitedError, ServiceNotReadyError
 from ._ports import PortLease
 from ._proc import ManagedProcess, ProcessRecord, tail
+from ._timings import Timings
 
 __all__ = [
     "HttpCheck",
@@ -166,6 +167,8 @@ class ServiceHandle(abc.ABC):
         self.starts = 0
         #: Called after every launch (the runtime registers the new pid for the reaper).
         self.on_start: Callable[[ServiceHandle], None] | None = None
+        #: Where restart durations are recorded (set by the runtime).
+        self.timings: Timings | None = None
 
     @property
     def port(self) -> int:
@@ -234,8 +237,11 @@ class ServiceHandle(abc.ABC):
 
     def restart(self, graceful: bool = True, timeout: float | None = None) -> None:
         """Stop (gracefully by default) and start again on the same port."""
+        started = time.perf_counter()
         self.stop(graceful=graceful, timeout=timeout)
         self.start()
+        if self.timings is not None:
+            self.timings.add("service_restart", time.perf_counter() - started)
 
     def wait_exit(self, timeout: float | None = None) -> int | None:
         """Wait for the service to exit by itself; its exit code, or None on timeout."""
@@ -282,7 +288,10 @@ class ServiceHandle(abc.ABC):
         """Start it if a previous test stopped or killed it."""
         if not self.is_running:
             logger.info("restarting %s, stopped by an earlier test", self.name)
+            started = time.perf_counter()
             self.start()
+            if self.timings is not None:
+                self.timings.add("service_restart", time.perf_counter() - started)
 
     def close(self) -> None:
         """Stop for good and give the port back."""
