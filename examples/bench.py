@@ -1,0 +1,267 @@
+"""Benchmark: the example suite at 1/2/4/8 workers, isolate vs the shared stack.
+
+    python examples/bench.py [--workers 1,2,4,8] [--repeats 3] [--backends native,docker]
+                             [--setups isolate,shared] [--out docs]
+
+Runs ``examples/datastorage``'s suite as a user would (``pytest tests -n N``, random order
+with a fresh seed per repetition), and writes ``docs/benchmarks.md`` (tables),
+``docs/benchmarks.json`` (raw records) and ``docs/benchmarks.png`` (time and pass rate vs
+workers). isolate's own overhead comes from the timings the library records about itself
+(``--isolate-timings-json``). Targets are checked here, never by a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "datastorage"
+DOCKER_ARGS = [
+    "--isolate-backend=docker",
+    "--isolate-pg-image=isolate-local/postgres:15",
+    "--isolate-redis-image=isolate-local/redis:7",
+]
+
+
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    done = subprocess.run(["docker", "info"], capture_output=True, check=False, timeout=20)
+    return done.returncode == 0
+
+
+def run_suite(setup: str, backend: str, workers: int, seed: int) -> dict[str, Any]:
+    """One run of the suite; its wall time, outcome counts, test durations and timings."""
+    with tempfile.TemporaryDirectory(prefix="isolate-bench-") as tmp:
+        junit = Path(tmp) / "junit.xml"
+        timings = Path(tmp) / "timings.json"
+        cmd = [
+            sys.executable, "-m", "pytest", "tests", "-q", "-n", str(workers),
+            "-p", "randomly", f"--randomly-seed={seed}", f"--junitxml={junit}",
+            f"--isolate-timings-json={timings}", "-o", "junit_family=xunit1",
+        ]  # fmt: skip
+        if backend == "docker":
+            cmd += DOCKER_ARGS
+        env = dict(os.environ)
+        if setup == "shared":
+            env["DATASTORAGE_SHARED_STACK"] = "1"
+        start = time.perf_counter()
+        done = subprocess.run(cmd, cwd=EXAMPLE, env=env, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - start
+        durations: list[float] = []
+        passed = failed = total = 0
+        if junit.exists():
+            for case in ET.parse(junit).getroot().iter("testcase"):
+                total += 1
+                durations.append(float(case.get("time", "0")))
+                if case.find("failure") is not None or case.find("error") is not None:
+                    failed += 1
+                elif case.find("skipped") is None:
+                    passed += 1
+        phases = json.loads(timings.read_text()) if timings.exists() else {}
+    if total == 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+        raise SystemExit(f"bench: the suite did not run ({setup}/{backend}/{workers}):\n{tail}")
+    return {
+        "setup": setup, "backend": backend, "workers": workers, "seed": seed,
+        "wall_s": round(wall, 3), "passed": passed, "failed": failed, "total": total,
+        "test_durations": durations, "timings": phases, "exit_code": done.returncode,
+    }  # fmt: skip
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    keys = sorted({(r["setup"], r["backend"], r["workers"]) for r in records})
+    for setup, backend, workers in keys:
+        runs = [
+            r for r in records if (r["setup"], r["backend"], r["workers"]) == (setup, backend, workers)
+        ]
+        walls = [r["wall_s"] for r in runs]
+        rows.append({
+            "setup": setup, "backend": backend, "workers": workers, "runs": len(runs),
+            "wall_min": min(walls), "wall_median": median(walls),
+            "passed": sum(r["passed"] for r in runs), "failed": sum(r["failed"] for r in runs),
+            "total": sum(r["total"] for r in runs),
+        })  # fmt: skip
+    for row in rows:
+        base = next(
+            (b for b in rows if (b["setup"], b["backend"], b["workers"]) == ("isolate", row["backend"], 1)),
+            None,
+        )
+        row["speedup"] = base["wall_median"] / row["wall_median"] if base else float("nan")
+        row["efficiency"] = row["speedup"] / row["workers"]
+        row["pass_rate"] = row["passed"] / row["total"] if row["total"] else 0.0
+    return rows
+
+
+def phase_median(records: list[dict[str, Any]], phase: str) -> float:
+    values = [r["timings"][phase]["median"] for r in records if phase in r.get("timings", {})]
+    return median(values)
+
+
+def ideal_bound(records: list[dict[str, Any]], backend: str, workers: int) -> float:
+    """Sum of per-test durations at 1 worker / workers, floored by the longest test,
+    plus the measured stack start-up."""
+    ones = [r for r in records if (r["setup"], r["backend"], r["workers"]) == ("isolate", backend, 1)]
+    if not ones:
+        return float("nan")
+    durations = min(ones, key=lambda r: r["wall_s"])["test_durations"]
+    same = [r for r in records if (r["setup"], r["backend"], r["workers"]) == ("isolate", backend, workers)]
+    startup = phase_median(same, "postgres_wait") + phase_median(same, "worker_stack_ready")
+    return max(sum(durations) / workers, max(durations)) + (0 if startup != startup else startup)
+
+
+def check_targets(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[str]:
+    lines = []
+
+    def verdict(ok: bool, text: str) -> None:
+        lines.append(f"- {'met' if ok else 'MISSED'}: {text}")
+
+    for row in rows:
+        if row["setup"] == "isolate":
+            verdict(row["failed"] == 0, f"isolate/{row['backend']} at {row['workers']} workers: "
+                    f"{row['passed']}/{row['total']} passed")  # fmt: skip
+    for backend in sorted({r["backend"] for r in rows}):
+        by_w = {r["workers"]: r for r in rows if (r["setup"], r["backend"]) == ("isolate", backend)}
+        if 1 in by_w and 4 in by_w:
+            verdict(by_w[4]["speedup"] >= 3.0, f"{backend}: 4 workers {by_w[4]['speedup']:.2f}x "
+                    "faster than 1 (target >= 3.0x)")  # fmt: skip
+        if 4 in by_w and 8 in by_w:
+            verdict(by_w[8]["wall_median"] < by_w[4]["wall_median"], f"{backend}: 8 workers "
+                    f"{by_w[8]['wall_median']:.1f}s vs 4 workers {by_w[4]['wall_median']:.1f}s")  # fmt: skip
+        iso = [r for r in records if (r["setup"], r["backend"]) == ("isolate", backend)]
+        stack = phase_median(iso, "worker_stack_ready")
+        limit = 1.0 if backend == "native" else 3.0
+        verdict(stack < limit, f"{backend}: per-worker stack ready median {stack:.2f}s (target < {limit}s)")
+        if backend == "native":
+            pg = phase_median(iso, "postgres_start")
+            verdict(pg < 1.5, f"native: shared PostgreSQL up in {pg:.2f}s (target < 1.5s)")
+    return lines
+
+
+def write_chart(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_pass) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for setup, backend in sorted({(r["setup"], r["backend"]) for r in rows}):
+        series = sorted((r for r in rows if (r["setup"], r["backend"]) == (setup, backend)),
+                        key=lambda r: r["workers"])  # fmt: skip
+        xs = [r["workers"] for r in series]
+        label = f"{setup} ({backend})"
+        style = "-o" if setup == "isolate" else "--s"
+        ax_time.plot(xs, [r["wall_median"] for r in series], style, label=label)
+        ax_pass.plot(xs, [100 * r["pass_rate"] for r in series], style, label=label)
+    for ax in (ax_time, ax_pass):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+        ax.set_xlabel("xdist workers")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    ax_time.set_ylabel("wall time, median (s)")
+    ax_time.set_title("Example suite wall time")
+    ax_pass.set_ylabel("tests passed (%)")
+    ax_pass.set_ylim(0, 105)
+    ax_pass.set_title("Pass rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_markdown(rows: list[dict[str, Any]], records: list[dict[str, Any]], path: Path) -> None:
+    today = dt.date.today().isoformat()
+    out = [
+        "# Benchmarks",
+        "",
+        f"Measured {today} on {os.cpu_count()} cores ({platform.machine()}, Python "
+        f"{platform.python_version()}) by `nox -s bench` (`python examples/bench.py`): the "
+        f"example suite (`examples/datastorage`, {records[0]['total']} tests), random order, "
+        f"a new seed per repetition. Raw records: `benchmarks.json`.",
+        "",
+        "![wall time and pass rate vs workers](benchmarks.png)",
+        "",
+        "| setup | backend | workers | runs | wall min (s) | wall median (s) | passed/total | speedup vs isolate@1 | efficiency | ideal bound (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        bound = ideal_bound(records, r["backend"], r["workers"]) if r["setup"] == "isolate" else float("nan")
+        out.append(
+            f"| {r['setup']} | {r['backend']} | {r['workers']} | {r['runs']} | {r['wall_min']:.1f} | "
+            f"{r['wall_median']:.1f} | {r['passed']}/{r['total']} ({100 * r['pass_rate']:.0f}%) | "
+            f"{r['speedup']:.2f}x | {100 * r['efficiency']:.0f}% | "
+            f"{'' if bound != bound else f'{bound:.1f}'} |"
+        )
+    out += ["", "## isolate's own overhead (medians over runs, seconds)", "",
+            "| backend | phase | median |", "|---|---|---|"]  # fmt: skip
+    phases = ["postgres_start", "postgres_wait", "schema_migrations", "redis_start", "service_ready",
+              "service_restart", "worker_stack_ready", "worker_teardown", "run_teardown"]  # fmt: skip
+    for backend in sorted({r["backend"] for r in records}):
+        iso = [r for r in records if (r["setup"], r["backend"]) == ("isolate", backend)]
+        for phase in phases:
+            value = phase_median(iso, phase)
+            if value == value:
+                out.append(f"| {backend} | {phase} | {value:.3f} |")
+    out += ["", "## Targets", "", *check_targets(rows, records), ""]
+    path.write_text("\n".join(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", default="1,2,4,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backends", default="native,docker",
+                        help="docker is dropped when no engine answers")  # fmt: skip
+    parser.add_argument("--setups", default="isolate,shared")
+    parser.add_argument("--shared-workers", default="2,4", help="worker counts for the shared stack")
+    parser.add_argument("--out", default=str(ROOT / "docs"))
+    args = parser.parse_args(argv)
+    workers = [int(w) for w in args.workers.split(",")]
+    backends = [b for b in args.backends.split(",") if b != "docker" or docker_available()]
+    setups = args.setups.split(",")
+    records: list[dict[str, Any]] = []
+    plan = [
+        (setup, backend, w)
+        for setup in setups
+        for backend in backends
+        for w in (workers if setup == "isolate" else [int(x) for x in args.shared_workers.split(",")])
+        if setup == "isolate" or backend == "native"
+    ]
+    for repeat in range(args.repeats):
+        for setup, backend, w in plan:
+            seed = 1000 + repeat
+            record = run_suite(setup, backend, w, seed)
+            record["repeat"] = repeat
+            records.append(record)
+            print(f"{setup:8} {backend:7} workers={w} repeat={repeat} wall={record['wall_s']:7.2f}s "
+                  f"passed={record['passed']}/{record['total']}", flush=True)  # fmt: skip
+    rows = summarize(records)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slim = [{k: v for k, v in r.items() if k != "test_durations"} for r in records]
+    (out / "benchmarks.json").write_text(json.dumps(slim, indent=1) + "\n")
+    write_markdown(rows, records, out / "benchmarks.md")
+    write_chart(rows, out / "benchmarks.png")
+    print((out / "benchmarks.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
