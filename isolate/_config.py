@@ -24,6 +24,22 @@ RedisMode = Literal["per-worker", "shared"]
 DockerNetwork = Literal["host", "mapped", "auto"]
 
 
+def default_base_dir() -> str:
+    """``/dev/shm`` when it is a writable tmpfs with room, else the system temp dir.
+
+    Test data needs no durability: in memory, copying a cluster template takes
+    ~0.05 s instead of ~0.6 s on disk.
+    """
+    shm = "/dev/shm"  # noqa: S108 - each run makes its own 0711 dir in it
+    try:
+        st = os.statvfs(shm)
+        if os.access(shm, os.W_OK | os.X_OK) and st.f_bavail * st.f_frsize > 1 << 30:
+            return shm
+    except OSError:
+        pass
+    return tempfile.gettempdir()
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -138,7 +154,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("timings_json", "write isolate's own start-up/teardown timings to this JSON file",
            "", _optional_str),
     Option("base_dir", "directory for run dirs, data dirs and logs (must be reachable by "
-           "the run_as user); default: the system temp dir", "", _optional_str),
+           "the run_as user); default: /dev/shm if it is a writable tmpfs, else the system "
+           "temp dir", "", _optional_str),
     Option("reap_stale", "remove processes, containers and dirs left by runs whose owner "
            "is gone, at session start", "true", _bool),
 )
@@ -172,8 +189,8 @@ class Settings:
 
     @property
     def base_path(self) -> str:
-        """Where run dirs live."""
-        return self.base_dir or tempfile.gettempdir()
+        """Where run dirs (data dirs, logs) live."""
+        return self.base_dir or default_base_dir()
 
     def source_of(self, name: str) -> str:
         """Human description of where an option's value came from."""

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -539,8 +539,8 @@ class _DockerServer:
                     image=self.image,
                 ) from None
             checks = [0]
-            poll_until(lambda: self._ready(container, port, checks), self.start_timeout,
-                       initial=0.01, maximum=0.2)  # fmt: skip
+            poll_until(lambda c=container, p=port, n=checks: self._ready(c, p, n),  # type: ignore[misc]
+                       self.start_timeout, initial=0.01, maximum=0.2)  # fmt: skip
             state = _state(container)
             if state.get("Running") and self._probe(port):
                 break
@@ -684,7 +684,9 @@ class DockerRedisRunner(_DockerServer):
 
     def _create_kwargs(self, port: int, image: Any) -> dict[str, Any]:
         if self.mode == "mapped":
-            net = ["--port", str(self.container_port), "--bind", "0.0.0.0", "--protected-mode", "no"]
+            # inside its own network namespace; published on 127.0.0.1 only
+            net = ["--port", str(self.container_port), "--bind", "0.0.0.0",  # noqa: S104
+                   "--protected-mode", "no"]  # fmt: skip
         else:
             net = ["--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes"]
         return {
@@ -772,19 +774,17 @@ class DockerService(ServiceHandle):
         if self.mode != "mapped":
             return values
         values["port"] = self.spec.container_port
-        values["host"] = "0.0.0.0"
-        published: dict[int, tuple[str, int]] | None = None
-        for key in ("dsn", "redis_url"):
-            if key not in values:
-                continue
-            if published is None:
-                published = _published_ports(self.client, self.worker.run_id)
-            mapping = published
+        values["host"] = "0.0.0.0"  # noqa: S104 - the container's interface; published on 127.0.0.1
+        keys = [key for key in ("dsn", "redis_url") if key in values]
+        if not keys:
+            return values
+        published = _published_ports(self.client, self.worker.run_id)
 
-            def swap(match: re.Match[str]) -> str:
-                target = mapping.get(int(match.group(1)))
-                return f"{target[0]}:{target[1]}" if target else match.group(0)
+        def swap(match: re.Match[str]) -> str:
+            target = published.get(int(match.group(1)))
+            return f"{target[0]}:{target[1]}" if target else match.group(0)
 
+        for key in keys:
             values[key] = _URL_HOSTPORT.sub(swap, str(values[key]))
         return values
 
@@ -927,13 +927,17 @@ class DockerService(ServiceHandle):
 # -- reaping --------------------------------------------------------------------
 
 
+def _remover(obj: Any, **kwargs: Any) -> Callable[[], None]:
+    return lambda: obj.remove(**kwargs)
+
+
 def _orphans(client: Any, kind: str) -> list[tuple[str, Callable[[], None]]]:
     """(name, remove) of every isolate resource of ``kind`` whose owner is gone."""
     found: list[tuple[str, Callable[[], None]]] = []
     if kind == "container":
         for container in client.containers.list(all=True, filters=MANAGED_FILTER):
             if owner_gone(container.labels):
-                found.append((container.name, lambda c=container: c.remove(force=True, v=True)))
+                found.append((container.name, _remover(container, force=True, v=True)))
     elif kind == "network":
         for network in client.networks.list(filters=MANAGED_FILTER):
             if owner_gone(network.attrs.get("Labels") or {}):
@@ -941,7 +945,7 @@ def _orphans(client: Any, kind: str) -> list[tuple[str, Callable[[], None]]]:
     else:
         for volume in client.volumes.list(filters=MANAGED_FILTER):
             if owner_gone(volume.attrs.get("Labels") or {}):
-                found.append((volume.name, lambda v=volume: v.remove(force=True)))
+                found.append((volume.name, _remover(volume, force=True)))
     return found
 
 

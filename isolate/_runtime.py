@@ -123,6 +123,11 @@ class IsolateRuntime:
         """
         start = time.perf_counter()
         reaped = self.registry.reap(self.settings.stop_timeout)
+        if self.backend == "docker":
+            from ._docker import network_mode, remove_run_network
+
+            if network_mode(self.settings) == "mapped":
+                reaped += remove_run_network(self.worker.run_id)
         if reaped:
             logger.info("isolate reaped %s", ", ".join(reaped))
         self.timings.add("run_teardown", time.perf_counter() - start)
@@ -220,7 +225,7 @@ class IsolateRuntime:
             finally:
                 # Registered even if start failed half-way: the reaper cleans up.
                 self.registry.register(runner.record())
-            server = runner.server  # type: ignore[attr-defined]
+            server = runner.server
             assert isinstance(server, PostgresServer)
             return server.to_json()
 
@@ -276,7 +281,7 @@ class IsolateRuntime:
                 self.registry.register(runner.record())
             if own:
                 self._redis_runner = runner
-            server = runner.server  # type: ignore[attr-defined]
+            server = runner.server
             assert isinstance(server, RedisServer)
             return server
 

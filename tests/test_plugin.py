@@ -7,11 +7,12 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from isolate._config import default_base_dir
 
 HERE = Path(__file__).parent
 
@@ -70,7 +71,7 @@ def leftovers(run_id: str) -> list[str]:
         if state != "Z" and (run_id.encode() in cmdline or f"ISOLATE_RUN_ID={run_id}".encode() in environ):
             readable = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
             found.append(f"pid {proc.name}: {readable}")
-    found += [str(p) for p in Path(tempfile.gettempdir()).glob(f"isolate-run-{run_id}")]
+    found += [str(p) for p in Path(default_base_dir()).glob(f"isolate-run-{run_id}")]
     return found
 
 
@@ -231,7 +232,7 @@ def test_missing_service_spec_is_explained(pytester: pytest.Pytester) -> None:
 
 def test_stale_run_of_a_dead_owner_is_reaped(suite: pytest.Pytester) -> None:
     # Fake what a SIGKILLed run leaves: a run dir with a registered live process.
-    stale = Path(tempfile.gettempdir()) / "isolate-run-deadbeef00"
+    stale = Path(default_base_dir()) / "isolate-run-deadbeef00"
     (stale / "registry").mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
