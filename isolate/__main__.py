@@ -12,11 +12,12 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from ._config import resolve_settings
+from ._config import default_base_dir, resolve_settings
 from ._errors import IsolateError
 from ._proc import is_alive
 
@@ -39,18 +40,19 @@ def _stale_run_dirs(base: Path) -> list[Path]:
     return stale
 
 
-def cleanup(base: Path, dry_run: bool) -> int:
+def cleanup(bases: Sequence[Path], dry_run: bool) -> int:
     verb = "would remove" if dry_run else "removed"
     found = 0
-    if dry_run:
-        runs = _stale_run_dirs(base)
-    else:
-        from ._runtime import reap_stale_runs
+    for base in bases:
+        if dry_run:
+            runs = _stale_run_dirs(base)
+        else:
+            from ._runtime import reap_stale_runs
 
-        runs = reap_stale_runs(base)
-    for run_dir in runs:
-        print(f"{verb} run dir {run_dir}")
-        found += 1
+            runs = reap_stale_runs(base)
+        for run_dir in runs:
+            print(f"{verb} run dir {run_dir}")
+            found += 1
 
     from ._docker import engine_available, reap_orphan_containers
 
@@ -87,16 +89,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     clean.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     clean.add_argument(
         "--base-dir",
-        help="where run dirs live (default: ISOLATE_BASE_DIR, else the system temp dir)",
+        help="where run dirs live (default: ISOLATE_BASE_DIR, else both /dev/shm and the "
+        "system temp dir)",
     )
     args = parser.parse_args(argv)
     if args.command == "cleanup":
         try:
-            base = Path(args.base_dir or resolve_settings(env=os.environ).base_path)
+            base = args.base_dir or resolve_settings(env=os.environ).base_dir
         except IsolateError as exc:
             print(f"isolate: {exc}", file=sys.stderr)
             return 2
-        return cleanup(base, args.dry_run)
+        # default: both places a run may have used (/dev/shm when it had room, else /tmp)
+        bases = [base] if base else list(dict.fromkeys([default_base_dir(), tempfile.gettempdir()]))
+        return cleanup([Path(b) for b in bases], args.dry_run)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

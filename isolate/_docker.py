@@ -136,8 +136,9 @@ def _engine() -> Any:
         client = _clients.get(pid)
         if client is None:
             try:
-                client = _new_client(_API_TIMEOUT)
+                client = _new_client(10)  # fail fast if nothing answers...
                 client.ping()
+                client.api.timeout = _API_TIMEOUT  # ...but let slow operations finish
             except Exception as exc:
                 raise DockerUnavailableError(
                     f"no Docker engine answers: {_reason(exc)}",
@@ -168,9 +169,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _is_docker_error(exc: BaseException, *names: str) -> bool:
-    return type(exc).__name__ in names or any(
-        cls.__name__ in names for cls in type(exc).__mro__
-    )
+    return type(exc).__name__ in names or any(cls.__name__ in names for cls in type(exc).__mro__)
 
 
 def network_mode(settings: Settings) -> str:
@@ -213,7 +212,10 @@ def _owner(settings: Settings, run_id: str) -> tuple[int, int | None]:
 
 
 def make_labels(
-    settings: Settings, worker: WorkerIdentity, role: str, owner: tuple[int, int | None] | None = None
+    settings: Settings,
+    worker: WorkerIdentity,
+    role: str,
+    owner: tuple[int, int | None] | None = None,
 ) -> dict[str, str]:
     """The ``isolate.*`` labels of a container/volume/network of this run."""
     pid, ticks = owner or _owner(settings, worker.run_id)
@@ -263,7 +265,9 @@ def ensure_image(client: Any, image: str, *, hint: str) -> Any:
         return client.images.get(image)
     except Exception as exc:
         if not _is_docker_error(exc, "ImageNotFound", "NotFound"):
-            raise DockerUnavailableError(f"docker could not inspect image {image!r}: {_reason(exc)}") from None
+            raise DockerUnavailableError(
+                f"docker could not inspect image {image!r}: {_reason(exc)}"
+            ) from None
     from docker.utils import parse_repository_tag
 
     repository, tag = parse_repository_tag(image)
@@ -299,7 +303,8 @@ def context_digest(context: Path) -> str:
     def ignored(rel: str) -> bool:
         parts = rel.split("/")
         return any(
-            fnmatch.fnmatch(rel, pat) or any(fnmatch.fnmatch(p, pat) for p in parts) for pat in ignore
+            fnmatch.fnmatch(rel, pat) or any(fnmatch.fnmatch(p, pat) for p in parts)
+            for pat in ignore
         )
 
     digest = hashlib.sha256()
@@ -507,7 +512,11 @@ class _DockerServer:
     def start(self) -> None:
         client = _engine()
         image = ensure_image(client, self.image, hint=self.image_hint)
-        network = ensure_run_network(client, self.settings, self.worker) if self.mode == "mapped" else None
+        network = (
+            ensure_run_network(client, self.settings, self.worker)
+            if self.mode == "mapped"
+            else None
+        )
         labels = make_labels(self.settings, self.worker, self.role)
         for attempt in range(5):
             self.lease = reserve_port()
@@ -521,10 +530,18 @@ class _DockerServer:
                     ports={f"{self.container_port}/tcp": ("127.0.0.1", port)},
                 )
             _remove_stale(client, self.container_name, self.worker.run_id)
-            container = client.containers.create(
-                self.image, name=self.container_name, labels=labels,
-                mounts=_volume_mounts(image, labels), detach=True, **kwargs,
-            )  # fmt: skip
+            try:
+                container = client.containers.create(
+                    self.image, name=self.container_name, labels=labels,
+                    mounts=_volume_mounts(image, labels), detach=True, **kwargs,
+                )  # fmt: skip
+            except Exception as exc:
+                self.lease.release()
+                raise ServerStartError(
+                    f"docker could not create the {self.kind} container "
+                    f"{self.container_name}: {_reason(exc)}",
+                    image=self.image,
+                ) from None
             self.container = container
             try:
                 container.start()
@@ -540,7 +557,7 @@ class _DockerServer:
                 ) from None
             checks = [0]
             poll_until(lambda c=container, p=port, n=checks: self._ready(c, p, n),  # type: ignore[misc]
-                       self.start_timeout, initial=0.01, maximum=0.2)  # fmt: skip
+                       self.start_timeout, initial=0.01, maximum=0.1)  # fmt: skip
             state = _state(container)
             if state.get("Running") and self._probe(port):
                 break
@@ -708,7 +725,9 @@ class DockerRedisRunner(_DockerServer):
     def start(self) -> None:
         super().start()
         assert self.lease is not None
-        self.server = RedisServer("127.0.0.1", self.lease.port, 0, self.admin_password, backend="docker")
+        self.server = RedisServer(
+            "127.0.0.1", self.lease.port, 0, self.admin_password, backend="docker"
+        )
 
 
 # -- the service under test -------------------------------------------------------
@@ -722,6 +741,9 @@ class DockerService(ServiceHandle):
     The container is created once and then stopped and started in place, so it
     keeps its port (and :attr:`url`), its logs and its id across restarts.
     Exit codes are Docker's: 128+N when killed by signal N (137 after SIGKILL).
+    The image's ``WORKDIR`` and environment apply: ``ServiceSpec.cwd`` and
+    ``inherit_env`` describe the host and are ignored; ``spec.env`` (rendered)
+    and ``ISOLATE_INSTANCE_NAME`` are set on top.
     """
 
     def __init__(self, spec: ServiceSpec, lease: PortLease, instance_name: str,
@@ -803,14 +825,18 @@ class DockerService(ServiceHandle):
             )
         else:
             kwargs["network_mode"] = "host"
-        if self.spec.cwd is not None:
-            kwargs["working_dir"] = str(self.spec.cwd)
         _remove_stale(self.client, self.container_name, self.worker.run_id)
-        image = self.client.images.get(self.image)
-        return self.client.containers.create(
-            self.image, command=command, environment=env, name=self.container_name,
-            labels=labels, mounts=_volume_mounts(image, labels), detach=True, **kwargs,
-        )  # fmt: skip
+        try:
+            image = self.client.images.get(self.image)
+            return self.client.containers.create(
+                self.image, command=command, environment=env, name=self.container_name,
+                labels=labels, mounts=_volume_mounts(image, labels), detach=True, **kwargs,
+            )  # fmt: skip
+        except Exception as exc:
+            raise ServiceError(
+                f"docker could not create container {self.container_name}: {_reason(exc)}",
+                image=self.image,
+            ) from None
 
     def _new_port(self) -> None:
         """Lease another port (first start only) and forget the container made for the old one."""
@@ -836,7 +862,8 @@ class DockerService(ServiceHandle):
                     continue
                 raise ServiceError(
                     f"container {self.container_name} did not start: {_reason(exc)}",
-                    image=self.image, port=self.port,
+                    image=self.image,
+                    port=self.port,
                 ) from None
 
     def start(self, wait: bool = True) -> None:

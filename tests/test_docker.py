@@ -1,0 +1,750 @@
+"""The Docker backend, against a real engine (no mocks).
+
+CI runs these with ``-n 4 --isolate-backend=docker --isolate-pg-image=isolate-local/postgres:15
+--isolate-redis-image=isolate-local/redis:7``; the images come from ``.ci/docker-setup.sh``
+and the fixture app's image is built by isolate from ``tests/fixture_app/Dockerfile``.
+Without an engine these tests skip, except with ``CI=true``, where they fail.
+
+Nothing here needs a bridge network: everything uses host networking on
+127.0.0.1. Mapped mode is checked on the ``none`` network (port bindings, URL,
+container-side template values); the end-to-end mapped test needs a
+user-defined bridge network: it is marked ``docker_bridge``, deselected by default
+(``pytest -m docker_bridge`` runs it where bridges are allowed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from filelock import FileLock
+
+import isolate
+from isolate._config import Settings, resolve_settings
+from isolate._docker import (
+    LABEL,
+    DockerPostgresRunner,
+    DockerRedisRunner,
+    DockerService,
+    engine_available,
+    make_labels,
+    reap_orphan_containers,
+)
+from isolate._postgres import PostgresConfig, tuned_settings
+from isolate._proc import process_start_ticks
+from isolate._redis import RedisConfig
+from isolate._worker import WorkerIdentity, new_run_id
+
+pytestmark = pytest.mark.docker
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+APP_CONTEXT = HERE / "fixture_app"
+MIGRATIONS = APP_CONTEXT / "migrations"
+IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+# -- fixtures -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def docker_engine() -> Any:
+    ok, why = engine_available()
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"CI=true and the docker tests need a Docker engine: {why}", pytrace=False)
+        pytest.skip(f"no Docker engine ({why})")
+    import docker
+
+    client = docker.from_env()
+    yield client
+    client.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Images:
+    postgres: str
+    redis: str
+    python: str
+
+
+@pytest.fixture(scope="session")
+def images(isolate_runtime: isolate.IsolateRuntime) -> Images:
+    """The run's --isolate-pg-image/--isolate-redis-image, else the local CI images."""
+    s = isolate_runtime.settings
+    return Images(
+        postgres=s.pg_image
+        if s.source_of("pg_image") != "default"
+        else "isolate-local/postgres:15",
+        redis=s.redis_image if s.source_of("redis_image") != "default" else "isolate-local/redis:7",
+        python=os.environ.get("ISOLATE_TEST_PYTHON_IMAGE", "isolate-local/python:3"),
+    )
+
+
+@pytest.fixture
+def settings(isolate_runtime: isolate.IsolateRuntime, images: Images) -> Settings:
+    return resolve_settings(
+        {
+            "backend": "docker",
+            "docker_network": "host",
+            "pg_image": images.postgres,
+            "redis_image": images.redis,
+            "base_dir": isolate_runtime.settings.base_dir,
+        },
+        {},
+        {},
+    )
+
+
+@pytest.fixture
+def worker(isolate_runtime: isolate.IsolateRuntime) -> WorkerIdentity:
+    """A run id of the test's own: its containers are labelled with this process as owner."""
+    return WorkerIdentity(isolate_runtime.worker.worker_id, 1, "t" + new_run_id())
+
+
+@pytest.fixture
+def reaper_lock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Serialises the tests that make orphans or reap (a reaper reaps everyone's orphans)."""
+    root = tmp_path_factory.getbasetemp().parent
+    with FileLock(str(root / "isolate-docker-reaper.lock")):
+        yield
+
+
+@pytest.fixture
+def make_service(
+    isolate_runtime: isolate.IsolateRuntime, settings: Settings, worker: WorkerIdentity
+) -> Iterator[Any]:
+    """Build DockerService handles the way the runtime does; closed after the test."""
+    handles: list[DockerService] = []
+
+    def make(
+        spec: isolate.ServiceSpec, settings: Settings = settings, **extra: object
+    ) -> DockerService:
+        lease = isolate.reserve_port()
+        instance = f"{spec.name}-test-{worker.slug}"
+        values: dict[str, object] = {
+            "port": lease.port, "host": "127.0.0.1", "url": f"http://127.0.0.1:{lease.port}",
+            "name": instance, "worker": worker.worker_id, "run_id": worker.run_id, **extra,
+        }  # fmt: skip
+        try:
+            handle = DockerService(
+                spec, lease, instance, values, 30.0, 5.0,
+                settings=settings, worker=worker, rootdir=ROOT,
+            )  # fmt: skip
+        except Exception:
+            lease.release()
+            raise
+        handle.on_start = lambda h: isolate_runtime.registry.register(h.record())
+        handles.append(handle)
+        return handle
+
+    yield make
+    for handle in handles:
+        with contextlib.suppress(Exception):
+            handle.close()
+        isolate_runtime.registry.unregister(handle.record().name)
+
+
+def app_spec(name: str, **env: str) -> isolate.ServiceSpec:
+    """The fixture app, built from tests/fixture_app (host networking, no DB needed)."""
+    return isolate.ServiceSpec(
+        name=name,
+        build_context="tests/fixture_app",
+        env={"PORT": "{port}", **env},
+        health=isolate.HttpCheck("/health"),
+        ready_timeout=30,
+        stop_timeout=5,
+    )
+
+
+def containers_of(client: Any, run_id: str) -> list[Any]:
+    return list(client.containers.list(all=True, filters={"label": f"{LABEL.RUN_ID}={run_id}"}))
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def dead_owner() -> tuple[int, int | None]:
+    """(pid, start ticks) of a process that has exited."""
+    proc = subprocess.Popen(["sleep", "30"])
+    ticks = process_start_ticks(proc.pid)
+    proc.kill()
+    proc.wait()
+    return proc.pid, ticks
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """Environment for a nested pytest: nothing of the outer xdist worker or isolate run."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("PYTEST_XDIST", "ISOLATE_", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))
+    }  # fmt: skip
+    env.update(extra)
+    return env
+
+
+# -- the stack and its isolation at -n 4 ------------------------------------------
+
+INNER_CONFTEST = """
+import pytest
+from pathlib import Path
+
+import isolate
+
+CONTEXT = Path({context!r})
+
+
+@pytest.fixture(scope="session")
+def isolate_migrations():
+    return CONTEXT / "migrations"
+
+
+@pytest.fixture(scope="session")
+def isolate_service_spec():
+    # The image is built from tests/fixture_app/Dockerfile; its CMD runs app.py.
+    return isolate.ServiceSpec(
+        name="fixture-app",
+        build_context=str(CONTEXT),
+        env={{"PORT": "{{port}}", "DATABASE_URL": "{{dsn}}", "REDIS_URL": "{{redis_url}}"}},
+        health=isolate.HttpCheck("/health"),
+        ready_timeout=30,
+        stop_timeout=5,
+    )
+"""
+
+INNER_ISOLATION = """
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import docker
+
+WORKERS = 4
+BARRIER = Path(os.environ["ISO_BARRIER"])
+
+
+def call(url, value=None):
+    data = None if value is None else json.dumps({"value": value}).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def wait_for(path_glob, count, timeout=180):
+    deadline = time.monotonic() + timeout
+    while len(list(BARRIER.glob(path_glob))) < count:
+        assert time.monotonic() < deadline, f"timed out waiting for {count} x {path_glob}"
+        time.sleep(0.05)
+
+
+def test_isolation(isolate_service, isolate_worker, isolate_database, isolate_postgres):
+    me, slug = isolate_worker.worker_id, isolate_worker.slug
+    svc = isolate_service
+    url = svc.url
+    instance = f"fixture-app-test-{slug}"
+    client = docker.from_env()
+
+    # labels: this worker's service, Redis and the shared PostgreSQL
+    owner = str(os.getppid())  # the xdist controller owns the run
+    labels = client.containers.get(svc.container_name).labels
+    assert labels["isolate.run_id"] == isolate_worker.run_id
+    assert labels["isolate.worker"] == me
+    assert labels["isolate.managed"] == "true"
+    assert labels["isolate.owner_pid"] == owner
+    assert labels["isolate.owner_start_ticks"].isdigit()
+    assert int(labels["isolate.created"]) <= time.time()
+    for name in (f"isolate-pg-{isolate_worker.run_id}", f"isolate-redis-{slug}-{isolate_worker.run_id}"):
+        other = client.containers.get(name).labels
+        assert other["isolate.owner_pid"] == owner and other["isolate.managed"] == "true"
+    assert isolate_postgres.backend == "docker"
+
+    (BARRIER / f"ready-{me}").write_text(url)
+    wait_for("ready-*", WORKERS)
+
+    if me == "gw0":
+        before = call(url + "/items", "before")
+        assert before["hits"] == 1  # its own Redis
+        (BARRIER / "disrupting").write_text("")
+        wait_for("writing-*", WORKERS - 1)  # the others are mid-stream
+        assert svc.stop() == 0  # graceful: SIGTERM, the app exits 0
+        assert not svc.is_running
+        time.sleep(0.5)  # the others keep going meanwhile
+        svc.start()
+        assert svc.url == url
+        assert call(f"{url}/items/{before['id']}")["value"] == "before"
+        assert svc.kill() == 137  # SIGKILL
+        time.sleep(0.5)
+        svc.start()
+        svc.restart()  # graceful stop + start + health probe
+        assert svc.url == url and svc.starts == 4
+        assert call(url + "/items", "after")["hits"] == 2
+        assert svc.logs().count("listening on") == 4  # logs of every start
+        (BARRIER / "disrupted").write_text("")
+        mine = 2
+    else:
+        written = during = 0
+        deadline = time.monotonic() + 180
+        while not (BARRIER / "disrupted").exists():
+            disrupting = (BARRIER / "disrupting").exists()
+            body = call(url + "/items", f"{me}-{written}")
+            assert body["instance"] == instance
+            assert body["hits"] == written + 1  # nobody else writes to this Redis
+            assert call(f"{url}/items/{body['id']}")["value"] == f"{me}-{written}"
+            written += 1
+            if disrupting:
+                during += 1
+                if during == 3:
+                    (BARRIER / f"writing-{me}").write_text("")
+            assert time.monotonic() < deadline
+        assert during >= 3, "no overlap with gw0's stop/kill/restart"
+        mine = written
+        print(f"{me} wrote {written} rows, {during} while gw0 was disrupted")
+
+    with isolate_database.connect() as conn:
+        rows = conn.execute("SELECT instance, count(*) FROM items GROUP BY instance").fetchall()
+    assert rows == [(instance, mine)]
+"""
+
+
+def test_isolation_on_docker_at_n4(
+    pytester: pytest.Pytester, images: Images, docker_engine: Any
+) -> None:
+    """Four workers, each its own container stack; gw0 stops, kills and restarts its
+    service while gw1-gw3 keep writing and reading through theirs."""
+    barrier = pytester.mkdir("barrier")
+    pytester.makeconftest(INNER_CONFTEST.format(context=str(APP_CONTEXT)))
+    pytester.makepyfile(test_inner=INNER_ISOLATION)
+    env = clean_env(ISO_BARRIER=str(barrier))
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key not in env:
+                mp.delenv(key)
+        mp.setenv("ISO_BARRIER", str(barrier))
+        result = pytester.runpytest_subprocess(
+            "-n", "4", "--dist", "each", "-p", "no:cacheprovider", "-s",
+            "--isolate-backend=auto", "--isolate-reap-stale=false",
+            f"--isolate-pg-image={images.postgres}", f"--isolate-redis-image={images.redis}",
+            timeout=240,
+        )  # fmt: skip
+    out = result.stdout.str()
+    print(out)  # the inner run's timings table (shown with -s / -rP)
+    assert result.ret == 0, out + result.stderr.str()
+    result.assert_outcomes(passed=4)
+    # backend auto picked docker because the engine answered
+    result.stdout.fnmatch_lines(["isolate: run *, backend docker (auto: docker engine answered*"])
+    result.stdout.fnmatch_lines(
+        ["*isolate timings (seconds)*", "postgres_start *", "*worker_stack_ready *"]
+    )
+    run_id = next(
+        line.split()[2].rstrip(",") for line in out.splitlines() if line.startswith("isolate: run ")
+    )
+    assert containers_of(docker_engine, run_id) == []  # the run removed its containers
+
+
+# -- the service handle --------------------------------------------------------------
+
+
+def test_url_stable_and_graceful_stop_host_mode(make_service: Any, docker_engine: Any) -> None:
+    svc = make_service(app_spec("dk-stable"))
+    url, port = svc.url, svc.port
+    svc.start()
+    assert get_json(url + "/health")["instance"] == svc.name
+    container_id = svc.container_id
+    labels = docker_engine.containers.get(container_id).labels
+    assert labels[LABEL.MANAGED] == "true"
+    assert labels[LABEL.RUN_ID] == svc.worker.run_id
+    assert labels[LABEL.WORKER] == svc.worker.worker_id
+    assert labels[LABEL.OWNER_PID] == str(os.getpid())
+    assert labels[LABEL.OWNER_START_TICKS] == str(process_start_ticks(os.getpid()))
+    assert svc.container_name == f"dk-stable-test-{svc.worker.slug}-{svc.worker.run_id}"
+    assert svc.record().container == container_id
+
+    assert svc.stop() == 0  # docker stop: SIGTERM, the app finishes and exits 0
+    assert not svc.is_running and svc.last_exit_code == 0
+    svc.start()  # same container, same port: readiness re-probed through the host port
+    assert (svc.url, svc.port, svc.container_id) == (url, port, container_id)
+    assert get_json(url + "/health")["instance"] == svc.name
+
+    assert svc.kill() == 137  # docker kill: SIGKILL
+    svc.start()
+    svc.signal(signal.SIGTERM)  # no wait...
+    assert svc.wait_exit(10) == 0
+    svc.restart()
+    assert svc.is_running and svc.url == url and svc.starts == 4
+    assert svc.logs().count("listening on") == 4  # logs cover every start
+    assert "SIGTERM, shutting down" in svc.logs()
+    svc.close()
+    with pytest.raises(Exception, match=r"No such container|404"):
+        docker_engine.containers.get(container_id)
+
+
+def test_stop_kills_a_container_ignoring_sigterm_after_the_timeout(
+    make_service: Any, images: Images
+) -> None:
+    code = (
+        "import http.server, os, signal, sys\n"
+        "signal.signal(signal.SIGTERM, lambda *a: print('ignoring SIGTERM', flush=True))\n"
+        "srv = http.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), http.server.SimpleHTTPRequestHandler)\n"
+        "print('serving', flush=True)\n"
+        "srv.serve_forever()\n"
+    )
+    spec = isolate.ServiceSpec(
+        name="dk-stubborn", image=images.python, command=["python3", "-c", code],
+        env={"PORT": "{port}"}, health=isolate.TcpCheck(), stop_timeout=1,
+    )  # fmt: skip
+    svc = make_service(spec)
+    svc.start()
+    started = time.monotonic()
+    assert svc.stop(timeout=2) == 137  # SIGTERM ignored -> SIGKILL after 2s
+    elapsed = time.monotonic() - started
+    assert 1.9 <= elapsed < 8, elapsed
+    assert "ignoring SIGTERM" in svc.logs()
+    assert not svc.is_running
+
+
+def test_port_taken_before_the_first_start_gets_a_new_port(make_service: Any) -> None:
+    import socket
+
+    svc = make_service(app_spec("dk-porttaken"))
+    taken = svc.port
+    with socket.socket() as squatter:  # someone outside isolate's leases grabs the port
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        svc.start()
+        assert svc.port != taken and svc.url == f"http://127.0.0.1:{svc.port}"
+        assert get_json(svc.url + "/health")["instance"] == svc.name
+        assert svc.starts == 1
+
+
+def test_mapped_mode_port_binding_and_url_stable(
+    make_service: Any, settings: Settings, images: Images, docker_engine: Any
+) -> None:
+    """Mapped mode on the ``none`` network (no bridge here): the published port is
+    127.0.0.1:<picked> -> container_port, templates see the container port, and the
+    binding, container and URL survive stop/start."""
+    mapped = dataclasses.replace(settings, docker_network="mapped", docker_network_name="none")
+    web = isolate.ServiceSpec(
+        name="dk-mapped", image=images.python,
+        command=["python3", "-m", "http.server", "{port}", "--bind", "{host}"],
+        env={"LISTEN": "{host}:{port}", "PUBLIC": "{url}"}, container_port=8000,
+        health=isolate.TcpCheck(), stop_timeout=2,
+    )  # fmt: skip
+    with pytest.raises(isolate.ConfigError, match="container_port"):
+        make_service(dataclasses.replace(web, name="dk-noport", container_port=None), mapped)
+
+    svc = make_service(web, mapped)
+    url, port = svc.url, svc.port
+    svc.start(wait=False)  # nothing can reach it on the none network
+
+    def config() -> tuple[Any, ...]:
+        attrs = docker_engine.containers.get(svc.container_id).attrs
+        return (
+            attrs["Id"],
+            attrs["HostConfig"]["PortBindings"],
+            attrs["Config"]["Cmd"],
+            attrs["Config"]["Env"],
+        )
+
+    first = config()
+    _, bindings, cmd, env = first
+    assert bindings == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
+    assert cmd == ["python3", "-m", "http.server", "8000", "--bind", "0.0.0.0"]
+    assert "LISTEN=0.0.0.0:8000" in env and f"PUBLIC=http://127.0.0.1:{port}" in env
+    assert svc.is_running
+    svc.stop()
+    assert not svc.is_running
+    svc.start(wait=False)
+    assert svc.is_running and svc.url == url and config() == first
+
+
+@pytest.mark.docker_bridge
+def test_mapped_mode_end_to_end(
+    make_service: Any, settings: Settings, worker: WorkerIdentity, images: Images
+) -> None:
+    from isolate._database import WorkerDatabase
+    from isolate._docker import remove_run_network
+
+    mapped = dataclasses.replace(settings, docker_network="mapped")
+    pg = DockerPostgresRunner(PostgresConfig(tuned_settings(1, 10)), mapped, worker)
+    rd = DockerRedisRunner(RedisConfig(), mapped, worker, "redis-main")
+    svc = None
+    try:
+        pg.start()
+        rd.start()
+        assert pg.server is not None and rd.server is not None
+        db = WorkerDatabase.create(pg.server, worker.slug, worker.run_id)
+        db.apply_migrations(MIGRATIONS)
+        code = (
+            "import http.server, os, psycopg, redis\n"
+            "psycopg.connect(os.environ['DATABASE_URL']).close()\n"
+            "redis.Redis.from_url(os.environ['REDIS_URL']).ping()\n"
+            "http.server.HTTPServer((os.environ['HOST'], int(os.environ['PORT'])),"
+            " http.server.SimpleHTTPRequestHandler).serve_forever()\n"
+        )
+        spec = isolate.ServiceSpec(
+            name="dk-mapped-e2e", image=images.python, command=["python3", "-c", code],
+            env={"HOST": "{host}", "PORT": "{port}", "DATABASE_URL": "{dsn}", "REDIS_URL": "{redis_url}"},
+            container_port=8080, health=isolate.TcpCheck(), stop_timeout=2,
+        )  # fmt: skip
+        svc = make_service(spec, mapped, dsn=db.dsn, redis_url=rd.server.url)
+        values = svc.container_values()
+        assert f"@isolate-pg-{worker.run_id}:5432/" in str(values["dsn"])
+        assert f"isolate-redis-{worker.slug}-{worker.run_id}:6379" in str(values["redis_url"])
+        svc.start()  # healthy only if it reached PostgreSQL and Redis over the run network
+        url = svc.url
+        svc.stop()
+        svc.start()
+        assert svc.url == url and svc.is_ready()
+    finally:
+        if svc is not None:
+            svc.close()  # detach everything before the network goes
+        rd.stop()
+        pg.stop()
+        remove_run_network(worker.run_id)
+
+
+# -- backing servers --------------------------------------------------------------
+
+
+def test_postgres_and_redis_containers(
+    settings: Settings,
+    worker: WorkerIdentity,
+    docker_engine: Any,
+    isolate_runtime: isolate.IsolateRuntime,
+) -> None:
+    pg = DockerPostgresRunner(
+        PostgresConfig(tuned_settings(2, 10, {"work_mem": "12MB"})), settings, worker
+    )
+    rd = DockerRedisRunner(RedisConfig(databases=20), settings, worker, f"redis-{worker.slug}-1")
+    try:
+        pg.start()
+        isolate_runtime.registry.register(pg.record())
+        rd.start()
+        isolate_runtime.registry.register(rd.record())
+        assert pg.server is not None and rd.server is not None
+        assert pg.server.backend == "docker" and pg.server.version
+        import psycopg
+
+        with psycopg.connect(pg.server.admin_dsn) as conn:
+            assert conn.execute("SHOW work_mem").fetchone() == ("12MB",)
+            assert conn.execute("SHOW fsync").fetchone() == ("off",)
+            assert conn.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)
+        container = docker_engine.containers.get(pg.record().container)
+        assert container.name == f"isolate-pg-{worker.run_id}"
+        assert container.attrs["HostConfig"]["NetworkMode"] == "host"
+        assert container.labels[LABEL.ROLE] == "postgres"
+        assert container.labels[LABEL.OWNER_PID] == str(os.getpid())
+
+        assert rd.server.backend == "docker"
+        client = rd.server.client()
+        assert client.ping() and client.config_get("databases") == {"databases": "20"}
+        assert client.config_get("bind") == {"bind": "127.0.0.1"}
+        rd.server.cut()
+        with pytest.raises(Exception):  # noqa: B017 - the default user is disabled
+            rd.server.client(socket_timeout=2).ping()
+        rd.server.restore()
+        assert rd.server.client().ping()
+        redis_container = docker_engine.containers.get(rd.record().container)
+        assert redis_container.name == f"isolate-redis-{worker.slug}-{worker.run_id}"
+        assert redis_container.labels[LABEL.ROLE] == "redis"
+    finally:
+        for runner in (rd, pg):
+            runner.stop()
+            isolate_runtime.registry.unregister(runner.name)
+    assert containers_of(docker_engine, worker.run_id) == []
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+def test_missing_image_errors(
+    settings: Settings, worker: WorkerIdentity, make_service: Any
+) -> None:
+    bad = dataclasses.replace(settings, pg_image="isolate-local/no-such-postgres:1")
+    started = time.monotonic()
+    with pytest.raises(isolate.ImageNotFoundError) as err:
+        DockerPostgresRunner(PostgresConfig(tuned_settings(1, 10)), bad, worker).start()
+    assert "isolate-local/no-such-postgres:1" in str(err.value)
+    assert "--isolate-pg-image" in err.value.hint
+    assert time.monotonic() - started < 60
+
+    spec = isolate.ServiceSpec(name="dk-noimage", image="isolate-local/no-such-service:1")
+    with pytest.raises(isolate.ImageNotFoundError) as err:
+        make_service(spec)
+    assert "ServiceSpec.image" in err.value.hint and "docker build" in err.value.hint
+
+
+def test_container_exiting_at_start_reports_code_and_log_tail(make_service: Any) -> None:
+    svc = make_service(app_spec("dk-exits", EXIT_AT_START="3"))
+    with pytest.raises(isolate.ServiceExitedError) as err:
+        svc.start()
+    assert err.value.context["exit_code"] == 3
+    assert "fixture app: failing on purpose" in (err.value.log_tail or "")
+    assert "exited with code 3" in str(err.value)
+
+
+# -- reaping ------------------------------------------------------------------------------
+
+
+def _orphan_candidate(client: Any, image: str, settings: Settings, owner: tuple[int, int | None],
+                      name: str) -> Any:  # fmt: skip
+    worker = WorkerIdentity("gw9", 1, "t" + new_run_id())
+    return client.containers.run(
+        image, ["sleep", "300"], name=name, detach=True, network_mode="host",
+        labels=make_labels(settings, worker, "test", owner=owner),
+    )  # fmt: skip
+
+
+@pytest.mark.usefixtures("reaper_lock")
+def test_reaper_removes_dead_owners_and_keeps_live_ones(
+    settings: Settings, images: Images, docker_engine: Any
+) -> None:
+    suffix = new_run_id()
+    dead = _orphan_candidate(
+        docker_engine, images.python, settings, dead_owner(), f"dk-dead-{suffix}"
+    )
+    me = (os.getpid(), process_start_ticks(os.getpid()))
+    live = _orphan_candidate(docker_engine, images.python, settings, me, f"dk-live-{suffix}")
+    worker = WorkerIdentity("gw9", 1, "t" + new_run_id())
+    volume = docker_engine.volumes.create(
+        labels=make_labels(settings, worker, "test", owner=dead_owner())
+    )
+    try:
+        assert f"container dk-dead-{suffix}" in reap_orphan_containers(dry_run=True)
+        assert docker_engine.containers.get(dead.id)  # dry run removed nothing
+        removed = reap_orphan_containers()
+        assert f"container dk-dead-{suffix}" in removed
+        assert f"volume {volume.name}" in removed
+        assert f"container dk-live-{suffix}" not in removed
+        assert docker_engine.containers.get(live.id).status == "running"
+        with pytest.raises(Exception, match=r"No such container|404"):
+            docker_engine.containers.get(dead.id)
+    finally:
+        for container in (dead, live):
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
+        with contextlib.suppress(Exception):
+            volume.remove(force=True)
+
+
+@pytest.mark.usefixtures("reaper_lock")
+def test_cleanup_command(
+    tmp_path: Path, settings: Settings, images: Images, docker_engine: Any
+) -> None:
+    base = tmp_path / "base"
+    stale = base / "isolate-run-stale1"
+    alive = base / "isolate-run-alive1"
+    for run_dir, (pid, ticks) in ((stale, dead_owner()), (alive, (os.getpid(), None))):
+        (run_dir / "registry").mkdir(parents=True)
+        (run_dir / "owner.json").write_text(json.dumps({"pid": pid, "start_ticks": ticks}))
+    suffix = new_run_id()
+    dead = _orphan_candidate(
+        docker_engine, images.python, settings, dead_owner(), f"dk-dead-{suffix}"
+    )
+    me = (os.getpid(), process_start_ticks(os.getpid()))
+    live = _orphan_candidate(docker_engine, images.python, settings, me, f"dk-live-{suffix}")
+    cmd = [sys.executable, "-m", "isolate", "cleanup", "--base-dir", str(base)]
+    try:
+        dry = subprocess.run(
+            [*cmd, "--dry-run"], capture_output=True, text=True, timeout=60, env=clean_env()
+        )
+        assert dry.returncode == 0, dry.stderr
+        assert f"would remove run dir {stale}" in dry.stdout
+        assert f"would remove container dk-dead-{suffix}" in dry.stdout
+        assert str(alive) not in dry.stdout and f"dk-live-{suffix}" not in dry.stdout
+        assert stale.exists() and docker_engine.containers.get(dead.id)
+
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=clean_env())
+        assert done.returncode == 0, done.stderr
+        assert f"removed run dir {stale}" in done.stdout
+        assert f"removed container dk-dead-{suffix}" in done.stdout
+        assert not stale.exists() and alive.exists()
+        assert docker_engine.containers.get(live.id).status == "running"
+        with pytest.raises(Exception, match=r"No such container|404"):
+            docker_engine.containers.get(dead.id)
+    finally:
+        for container in (dead, live):
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
+
+
+INNER_HANG = """
+import os
+import time
+from pathlib import Path
+
+
+def test_hang(isolate_service, isolate_redis):
+    Path(os.environ["ISO_MARKER"]).write_text(isolate_service.url)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.usefixtures("reaper_lock")
+def test_sigkilled_run_leaves_nothing_after_the_next_run(
+    tmp_path: Path, images: Images, docker_engine: Any
+) -> None:
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text(
+        textwrap.dedent(INNER_CONFTEST.format(context=str(APP_CONTEXT)))
+    )
+    (suite / "test_hang.py").write_text(INNER_HANG)
+    (suite / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+    base = tmp_path / "base"
+    base.mkdir()
+    marker = tmp_path / "started"
+    run_id = "k" + new_run_id()
+    args = [
+        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--isolate-backend=docker",
+        f"--isolate-pg-image={images.postgres}", f"--isolate-redis-image={images.redis}",
+        f"--isolate-base-dir={base}",
+    ]  # fmt: skip
+    env = clean_env(ISO_MARKER=str(marker), ISOLATE_RUN_ID=run_id)
+    proc = subprocess.Popen(
+        [*args, "test_hang.py"],
+        cwd=suite,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            assert time.monotonic() < deadline, "the run never got its stack up"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    left = {c.name for c in containers_of(docker_engine, run_id)}
+    assert left == {
+        f"isolate-pg-{run_id}",
+        f"isolate-redis-main-{run_id}",
+        f"fixture-app-test-main-{run_id}",
+    }
+    assert (base / f"isolate-run-{run_id}").exists()
+
+    nxt = subprocess.run(
+        [*args, "test_nothing.py"], cwd=suite, env=clean_env(), capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert nxt.returncode == 0, nxt.stdout + nxt.stderr
+    assert containers_of(docker_engine, run_id) == []
+    assert not (base / f"isolate-run-{run_id}").exists()
