@@ -78,3 +78,11 @@ def test_pg_settings_parsing() -> None:
         "jit": "on",
     }
     assert parse_pg_settings("") == {}
+
+
+def test_docs_list_every_option() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "options.md").read_text()
+    for opt in OPTIONS:
+        assert f"| `{opt.name}` | `{opt.cli}` | `{opt.ini}` | `{opt.env}` |" in text, opt.name
