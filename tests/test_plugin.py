@@ -260,3 +260,26 @@ def test_timings_json_is_written(suite: pytest.Pytester) -> None:
         assert phase in text
     result.stdout.fnmatch_lines(["*isolate timings (seconds)*", "postgres_start *"])
     _ = time
+
+
+def test_shared_redis_mode_gives_each_worker_its_own_db(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_redis="""
+        import pytest
+        import isolate
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_db(n, isolate_redis, isolate_redis_client, isolate_worker):
+            assert isolate_redis.shared
+            assert isolate_redis.db == isolate_worker.index + 1
+            isolate_redis_client.set(f"k{n}", isolate_worker.worker_id)
+            # only this worker's keys are visible in its DB
+            for key in isolate_redis_client.keys():
+                assert isolate_redis_client.get(key) == isolate_worker.worker_id.encode()
+            with pytest.raises(isolate.FaultInjectionError, match="per-worker"):
+                isolate_redis.cut()
+        """
+    )
+    result = suite.runpytest_subprocess("-n", "2", "--isolate-redis-mode=shared", "-p", "no:randomly")
+    result.assert_outcomes(passed=4)
+    assert leftovers(run_id_of(result)) == []
