@@ -37,7 +37,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff and mypy --strict."""
     session.install(".[embedded]", "ruff==0.17.5", "mypy==2.4.1")
-    session.run("ruff", "check", "isolate", "tests", "noxfile.py")
+    session.run("ruff", "check", "isolate", "tests", "examples", "noxfile.py")
     session.run("mypy", "--strict", "isolate")
 
 
