@@ -15,11 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
-
 from ._errors import ConfigError, ServiceExitedError, ServiceNotReadyError
 from ._ports import PortLease
-from ._proc import ManagedProcess, ProcessRecord, tail
+from ._proc import ManagedProcess, ProcessRecord, poll_until, tail
 from ._timings import Timings
 
 __all__ = [
@@ -264,12 +262,9 @@ class ServiceHandle(abc.ABC):
                 return True
             return self.is_ready()
 
-        done = Retrying(
-            retry=retry_if_result(lambda ok: not ok),
-            wait=wait_exponential(multiplier=0.005, max=0.1),
-            stop=stop_after_delay(limit),
-            retry_error_callback=lambda state: False,
-        )(probe)
+        # Short back-off cap: each probe is a cheap loopback request, and readiness
+        # latency adds straight to every worker's stack start-up and every restart.
+        done = poll_until(probe, limit, maximum=0.03)
         code = self._exit_code()
         if code is not None:
             self.last_exit_code = code
