@@ -104,14 +104,11 @@ def test_shutting_down_takes_precedence_over_database_unavailable(api, outage, i
     assert isolate_service.wait_exit() == 0
 
 
-# -- configuration: the service binary itself (native only: it runs python -m datastorage) --
+# -- configuration: the service binary itself, run as a plain process on any backend --
 
 
 @pytest.fixture
-def run_service(isolate_runtime):
-    if isolate_runtime.backend != "native":
-        pytest.skip("runs the service binary directly")
-
+def run_service():
     def run(env: dict[str, str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
         full = {k: v for k, v in os.environ.items() if k not in {"PORT", "DATABASE_URL", "REDIS_URL"}}
         full.update(env)
