@@ -246,9 +246,6 @@ class ManagedProcess:
                 os.killpg(self._popen.pid, signal.SIGKILL)
         return self._popen.wait()
 
-    def log_tail(self, lines: int = 30) -> str:
-        return tail(self.log_path, lines)
-
 
 def tail(path: Path, lines: int = 30, max_bytes: int = 64 * 1024) -> str:
     """Last ``lines`` lines of a text file (empty if missing)."""

@@ -29,7 +29,6 @@ from ._errors import ConfigError
 from ._ports import reserve_port
 from ._postgres import NativePostgresRunner, PostgresConfig, PostgresServer, tuned_settings
 from ._proc import (
-    ProcessRecord,
     ProcessRegistry,
     RunAs,
     is_alive,
@@ -362,6 +361,3 @@ class IsolateRuntime:
                 self.close_service(name)
             self.stop_redis()
             self.drop_database()
-
-    def service_records(self) -> list[ProcessRecord]:
-        return [h.record() for h in self._services.values()]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ._errors import ConfigError, ServiceExitedError, ServiceNotReadyError
 from ._ports import PortLease
-from ._proc import ManagedProcess, ProcessRecord, poll_until, tail
+from ._proc import ManagedProcess, ProcessRecord, poll_until
 from ._timings import Timings
 
 __all__ = [
@@ -356,9 +356,6 @@ class NativeService(ServiceHandle):
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        return tail(self.log_path, lines)
 
     def record(self) -> ProcessRecord:
         return ProcessRecord(

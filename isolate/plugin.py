@@ -16,13 +16,13 @@ import psycopg
 import pytest
 import redis
 
-from ._config import OPTIONS, resolve_settings
+from ._config import OPTIONS, Settings, resolve_settings
 from ._database import Migrations, WorkerDatabase
 from ._errors import ConfigError, IsolateError
 from ._postgres import PostgresServer
 from ._redis import RedisServer
 from ._runtime import IsolateRuntime
-from ._service import ServiceHandle, ServiceSpec
+from ._service import ServiceHandle, ServiceSpec, tail_text
 from ._worker import WorkerIdentity, new_run_id, worker_from_env
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(opt.ini, help=help_text, default="")
 
 
-def _settings(config: pytest.Config) -> Any:
+def _settings(config: pytest.Config) -> Settings:
     cli = {opt.name: config.getoption(f"isolate_{opt.name}") for opt in OPTIONS}
     ini = {opt.name: str(config.getini(opt.ini) or "") for opt in OPTIONS}
     try:
@@ -145,18 +145,14 @@ def pytest_runtest_makereport(
     if report.failed and "isolate_service" in getattr(item, "fixturenames", ()):
         runtime = item.config.stash.get(RUNTIME_KEY, None)
         for handle in runtime.running_services() if runtime else ():
-            tail = "\n".join(handle.logs().splitlines()[-40:])
-            report.sections.append((f"isolate: {handle.name} log (last 40 lines)", tail))
+            report.sections.append(
+                (f"isolate: {handle.name} log (last 40 lines)", tail_text(handle.logs(), 40))
+            )
     return report
 
 
 def _runtime(config: pytest.Config) -> IsolateRuntime:
     return config.stash[RUNTIME_KEY]
-
-
-def _raise_usage(exc: IsolateError) -> None:
-    if isinstance(exc, ConfigError):
-        raise pytest.UsageError(str(exc)) from None
 
 
 # -- fixtures -----------------------------------------------------------------
