@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._errors import ConfigError, ServiceExitedError, ServiceNotReadyError
-from ._ports import PortLease
+from ._ports import PortLease, reserve_port
 from ._proc import ManagedProcess, ProcessRecord, poll_until
 from ._timings import Timings
 
@@ -301,6 +301,10 @@ def tail_text(text: str, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+_BIND_ATTEMPTS = 3
+_BIND_FAILURES = ("address already in use", "eaddrinuse", "errno 98")
+
+
 class NativeService(ServiceHandle):
     """The service as a native process group (``<name>-test-<worker>``)."""
 
@@ -312,15 +316,44 @@ class NativeService(ServiceHandle):
                 f"service {self.spec.name!r} has no command",
                 hint="set ServiceSpec(command=[...]) to run it natively",
             )
+        self._proc = self._process()
+
+    def _process(self) -> ManagedProcess:
         env = dict(os.environ) if self.spec.inherit_env else {}
         env.update({k: render(v, self.values) for k, v in self.spec.env.items()})
         env["ISOLATE_INSTANCE_NAME"] = self.name
-        self._proc = ManagedProcess(
+        return ManagedProcess(
             [render(arg, self.values) for arg in self.spec.command],
-            log_path=log_path,
+            log_path=self.log_path,
             env=env,
             cwd=self.spec.cwd,
         )
+
+    def start(self, wait: bool = True) -> None:
+        """Start it; if the very first start loses its port to another process
+        (the service logs "address already in use"), move to a new port and retry.
+        Later starts keep the port, so the URL a test holds stays valid.
+        """
+        for attempt in range(_BIND_ATTEMPTS):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                super().start(wait)
+                return
+            except ServiceExitedError:
+                if self.starts > 1 or attempt == _BIND_ATTEMPTS - 1 or not self._bind_failed(offset):
+                    raise
+            logger.info("%s could not bind port %d; retrying on a new port", self.name, self.port)
+            self.lease.release()
+            self.lease = reserve_port()
+            self.values.update(port=self.port, url=self.url)
+            self._proc = self._process()
+            self.starts = 0
+
+    def _bind_failed(self, offset: int) -> bool:
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            text = log.read().decode("utf-8", "replace").lower()
+        return any(marker in text for marker in _BIND_FAILURES)
 
     @property
     def pid(self) -> int | None:

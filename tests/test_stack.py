@@ -238,3 +238,32 @@ def test_port_leases_are_exclusive_across_processes() -> None:
     finally:
         for lease in leases:
             lease.release()
+
+
+LOSES_FIRST_BIND = (
+    "import pathlib, sys\n"
+    "marker = pathlib.Path(sys.argv[2])\n"
+    "if not marker.exists():\n"
+    "    marker.write_text(sys.argv[1])\n"
+    "    sys.exit('OSError: [Errno 98] Address already in use')\n"
+    "import http.server\n"
+    "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), http.server.SimpleHTTPRequestHandler)"
+    ".serve_forever()\n"
+)
+
+
+def test_first_start_that_loses_its_port_moves_to_a_new_one(runtime_service: Any, tmp_path: Any) -> None:
+    marker = tmp_path / "first-port"
+    spec = isolate.ServiceSpec(
+        "loses-bind", [sys.executable, "-c", LOSES_FIRST_BIND, "{port}", str(marker)],
+        health=isolate.HttpCheck("/"), ready_timeout=10,
+    )  # fmt: skip
+    handle = runtime_service(spec)
+    assert handle.is_ready()
+    assert handle.port != int(marker.read_text())
+    assert handle.url == f"http://127.0.0.1:{handle.port}"
+    # Later starts keep the (new) port.
+    port = handle.port
+    handle.restart()
+    assert handle.port == port
+
