@@ -195,18 +195,25 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> None:
 NOTES = """## Reading the numbers
 
 - *ideal bound*: the sum of per-test durations at 1 worker divided by the worker count,
-  floored by the longest test, plus the measured stack start-up. It assumes a core per
-  worker. *CPU floor*: the run's total CPU time (pytest, its workers and the services
-  they started) divided by the cores it can use; no schedule can beat it.
-- On a 2-core machine the CPU floor, not isolate, bounds the speed-up: past 2 workers
-  only the waiting part of the suite (graceful-shutdown delays, DLQ drains, service
-  restarts) still parallelises, while every extra worker adds its own interpreter,
-  collection and service process. The 3.0x target for 4 workers assumes more cores.
-- isolate's own share is small: per-worker stack ready and a restart cost a fraction of a
-  second; a py-spy profile of a 4-worker run attributes about 8% of the CPU samples to
-  isolate frames, mostly its one-off imports and the health-check polling during
-  restarts. The shared-stack baseline is both slower (its tests wait on a service other
-  workers keep stopping) and wrong (90-95% pass).
+  floored by the longest test, plus the measured stack start-up; it assumes a core per
+  worker. *CPU floor*: the run's CPU time (pytest, its workers and the native processes
+  they started and reaped) divided by the cores it can use. Docker containers run under
+  dockerd, so their CPU is not in the docker rows.
+- On a 2-core machine the cores, not isolate, bound the speed-up past 2 workers. At 4
+  native workers: CPU floor ~14 s; pytest + xdist boot before the first test ~2.6 s
+  (per-test timeline); per-test time summed over workers rises from ~57 s at 1 worker to
+  ~65-69 s at 4 (the services and the tests compete for 2 cores); the slowest worker
+  finishes ~1 s after the fastest. Only the waiting part of the suite (graceful-shutdown
+  delays, DLQ drains, restarts) still parallelises, while every extra worker adds an
+  interpreter, a collection pass and a service process. The 3.0x target for 4 workers
+  assumes a core per worker.
+- isolate's own share is small: a worker's native stack is ready in ~0.6 s (most of it the
+  service's own start-up) and a py-spy profile of a 4-worker run attributes ~8% of CPU
+  samples to isolate frames, mostly one-off imports and health-check polling during
+  restarts. Shared PostgreSQL start went from 0.75-1.1 s (initdb on every run) to ~0.14 s
+  (a cached initdb template copied to tmpfs).
+- The shared-stack baseline is both slower and wrong: its tests wait on a service other
+  workers keep stopping, and 4-10% of them fail.
 """
 
 
