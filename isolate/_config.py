@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,13 @@ def _positive_int(raw: str) -> int:
 
 def _optional_str(raw: str) -> str | None:
     value = raw.strip()
+    return value or None
+
+
+def _optional_run_id(raw: str) -> str | None:
+    value = raw.strip().lower()
+    if value and not re.fullmatch(r"[a-z0-9]{4,16}", value):
+        raise ValueError(f"must be 4-16 lower-case letters or digits, got {raw!r}")
     return value or None
 
 
@@ -156,6 +164,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("base_dir", "directory for run dirs, data dirs and logs (must be reachable by "
            "the run_as user); default: /dev/shm if it is a writable tmpfs, else the system "
            "temp dir", "", _optional_str),
+    Option("run_id", "id shared by every worker of the run (names schemas, containers, "
+           "dirs); default: a new random id per run. Two concurrent runs must not share one",
+           "", _optional_run_id),
     Option("reap_stale", "remove processes, containers and dirs left by runs whose owner "
            "is gone, at session start", "true", _bool),
 )
@@ -184,6 +195,7 @@ class Settings:
     docker_network_name: str | None = None
     timings_json: str | None = None
     base_dir: str | None = None
+    run_id: str | None = None
     reap_stale: bool = True
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 

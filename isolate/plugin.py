@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 RUNTIME_KEY = pytest.StashKey[IsolateRuntime]()
 RUN_ID_KEY = "isolate_run_id"
+_SUMMARY_KEY = pytest.StashKey[dict[str, dict[str, float]]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -67,7 +68,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if not run_id:
             raise pytest.UsageError("isolate: the xdist controller did not pass a run id")
     else:
-        run_id = os.environ.get("ISOLATE_RUN_ID") or new_run_id()
+        run_id = settings.run_id or new_run_id()
     # Not an xdist worker: "main", whatever PYTEST_XDIST_* an outer run left in the env.
     worker = worker_from_env(run_id, env={} if workerinput is None else None, workerinput=workerinput)
     runtime = IsolateRuntime(settings, worker, config.rootpath, controller=workerinput is None)
@@ -97,9 +98,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
                 target = session.config.rootpath / target
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(summary, indent=2) + "\n")
-
-
-_SUMMARY_KEY = pytest.StashKey[dict[str, dict[str, float]]]()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -86,3 +86,10 @@ def test_docs_list_every_option() -> None:
     text = (Path(__file__).parent.parent / "docs" / "options.md").read_text()
     for opt in OPTIONS:
         assert f"| `{opt.name}` | `{opt.cli}` | `{opt.ini}` | `{opt.env}` |" in text, opt.name
+
+
+def test_run_id_is_validated() -> None:
+    assert resolve_settings({}, {}, {"ISOLATE_RUN_ID": "abc123"}).run_id == "abc123"
+    assert resolve_settings({}, {}, {}).run_id is None
+    with pytest.raises(ConfigError, match="lower-case letters or digits"):
+        resolve_settings({"run_id": "../etc"})

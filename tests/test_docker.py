@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 from filelock import FileLock
+from tenacity import Retrying, stop_after_delay, wait_fixed
 
 import isolate
 from isolate._config import Settings, resolve_settings
@@ -234,6 +235,7 @@ import urllib.request
 from pathlib import Path
 
 import docker
+from tenacity import Retrying, stop_after_delay, wait_fixed
 
 WORKERS = 4
 BARRIER = Path(os.environ["ISO_BARRIER"])
@@ -246,10 +248,9 @@ def call(url, value=None):
 
 
 def wait_for(path_glob, count, timeout=180):
-    deadline = time.monotonic() + timeout
-    while len(list(BARRIER.glob(path_glob))) < count:
-        assert time.monotonic() < deadline, f"timed out waiting for {count} x {path_glob}"
-        time.sleep(0.05)
+    for attempt in Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.05), reraise=True):
+        with attempt:
+            assert len(list(BARRIER.glob(path_glob))) >= count, f"waiting for {count} x {path_glob}"
 
 
 def test_isolation(isolate_service, isolate_worker, isolate_database, isolate_postgres):
@@ -283,7 +284,7 @@ def test_isolation(isolate_service, isolate_worker, isolate_database, isolate_po
         wait_for("writing-*", WORKERS - 1)  # the others are mid-stream
         assert svc.stop() == 0  # graceful: SIGTERM, the app exits 0
         assert not svc.is_running
-        time.sleep(0.5)  # the others keep going meanwhile
+        time.sleep(0.5)  # a dwell, not a wait: the others keep writing while it is down
         svc.start()
         assert svc.url == url
         assert call(f"{url}/items/{before['id']}")["value"] == "before"
@@ -725,11 +726,10 @@ def test_sigkilled_run_leaves_nothing_after_the_next_run(
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, proc.communicate()[0].decode()
-            assert time.monotonic() < deadline, "the run never got its stack up"
-            time.sleep(0.1)
+        for attempt in Retrying(stop=stop_after_delay(120), wait=wait_fixed(0.1), reraise=True):
+            with attempt:
+                assert proc.poll() is None, proc.communicate()[0].decode()
+                assert marker.exists(), "the run never got its stack up"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
