@@ -962,7 +962,10 @@ def _orphans(client: Any, kind: str) -> list[tuple[str, Callable[[], None]]]:
     """(name, remove) of every isolate resource of ``kind`` whose owner is gone."""
     found: list[tuple[str, Callable[[], None]]] = []
     if kind == "container":
-        for container in client.containers.list(all=True, filters=MANAGED_FILTER):
+        # ignore_removed: another run may remove its own containers while we list.
+        for container in client.containers.list(
+            all=True, filters=MANAGED_FILTER, ignore_removed=True
+        ):
             if owner_gone(container.labels):
                 found.append((container.name, _remover(container, force=True, v=True)))
     elif kind == "network":

@@ -89,6 +89,7 @@ class IsolateRuntime:
         self._run_as: RunAs | bool | None = False  # False: not resolved yet
         self._postgres: PostgresServer | None = None
         self._database: WorkerDatabase | None = None
+        self._migrations: Migrations = None
         self._redis: RedisServer | None = None
         self._redis_runner: Runner | None = None
         self._services: dict[str, ServiceHandle] = {}
@@ -231,13 +232,27 @@ class IsolateRuntime:
     # -- per-worker resources -------------------------------------------------
 
     def database(self, migrations: Migrations = None) -> WorkerDatabase:
-        """The worker's schema and role, migrations applied (created on first call)."""
+        """The worker's schema and role, migrations applied (created on first call).
+
+        A schema first created without migrations gets them on the first call that
+        names some; naming different migrations later is an error, never a silent skip.
+        """
         if self._database is None:
             server = self.postgres()
             with self.timings.measure("schema_migrations"):
-                db = WorkerDatabase.create(server, self.worker.slug, self.worker.run_id)
-                self._database = db
-                db.apply_migrations(migrations)
+                self._database = WorkerDatabase.create(server, self.worker.slug, self.worker.run_id)
+                self._database.apply_migrations(migrations)
+            self._migrations = migrations
+        elif migrations is not None and migrations != self._migrations:
+            if self._migrations is not None:
+                raise ConfigError(
+                    f"worker schema {self._database.schema} already has migrations "
+                    f"{self._migrations!r}; asked again with {migrations!r}",
+                    hint="use one isolate_migrations fixture/option per run",
+                )
+            with self.timings.measure("schema_migrations"):
+                self._database.apply_migrations(migrations)
+            self._migrations = migrations
         return self._database
 
     def drop_database(self) -> None:
@@ -247,6 +262,7 @@ class IsolateRuntime:
             except Exception as exc:  # server already gone: nothing left to drop
                 logger.debug("dropping %s failed: %s", self._database.schema, exc)
             self._database = None
+            self._migrations = None
 
     def redis(self) -> RedisServer:
         """The worker's Redis (own server, or own DB on the shared one)."""

@@ -171,7 +171,11 @@ def app_spec(name: str, **env: str) -> isolate.ServiceSpec:
 
 
 def containers_of(client: Any, run_id: str) -> list[Any]:
-    return list(client.containers.list(all=True, filters={"label": f"{LABEL.RUN_ID}={run_id}"}))
+    return list(
+        client.containers.list(
+            all=True, filters={"label": f"{LABEL.RUN_ID}={run_id}"}, ignore_removed=True
+        )
+    )
 
 
 def get_json(url: str) -> Any:

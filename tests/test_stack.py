@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from conftest import app_spec
+from conftest import MIGRATIONS, app_spec
 
 import isolate
 from isolate import IsolateRuntime, ServiceHandle, WorkerDatabase
@@ -186,12 +186,17 @@ STUBBORN = (
 
 
 @pytest.fixture
-def runtime_service(isolate_runtime: IsolateRuntime) -> Iterator[Any]:
+def runtime_service(
+    isolate_runtime: IsolateRuntime, isolate_database: WorkerDatabase, isolate_redis_url: str
+) -> Iterator[Any]:
+    """Extra services on this worker, built the way the plugin builds its own."""
     names = []
+    values = {"dsn": isolate_database.dsn, "schema": isolate_database.schema,
+              "role": isolate_database.role, "redis_url": isolate_redis_url}  # fmt: skip
 
     def make(spec: isolate.ServiceSpec) -> ServiceHandle:
         names.append(spec.name)
-        return isolate_runtime.service(spec)
+        return isolate_runtime.service(spec, values.__getitem__)
 
     yield make
     for name in names:
@@ -271,3 +276,11 @@ def test_first_start_that_loses_its_port_moves_to_a_new_one(runtime_service: Any
     handle.restart()
     assert handle.port == port
 
+
+
+def test_migrations_are_never_silently_skipped(isolate_runtime: IsolateRuntime, tmp_path: Any) -> None:
+    # The worker schema exists with the suite's migrations; asking for other ones is an error.
+    (tmp_path / "1.sql").write_text("CREATE TABLE other (v int);")
+    isolate_runtime.database(MIGRATIONS)
+    with pytest.raises(isolate.ConfigError, match="already has migrations"):
+        isolate_runtime.database(tmp_path)
