@@ -55,7 +55,6 @@ if "TESTCONTAINERS_RYUK_DISABLED" not in os.environ:
     os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
 
 import psycopg
-import redis
 from filelock import FileLock
 
 from ._config import Settings
@@ -70,7 +69,7 @@ from ._errors import (
 from ._ports import PortLease, reserve_port
 from ._postgres import PostgresConfig, PostgresServer, prepare_database
 from ._proc import ProcessRecord, is_alive, poll_until, process_start_ticks
-from ._redis import ADMIN_USER, RedisConfig, RedisServer
+from ._redis import RedisConfig, RedisServer, acl_users, answers_ping
 from ._service import ServiceHandle, ServiceSpec, render, tail_text
 from ._worker import WorkerIdentity
 
@@ -710,17 +709,12 @@ class DockerRedisRunner(_DockerServer):
             "command": [
                 *net, "--save", "", "--appendonly", "no",
                 "--databases", str(self.config.databases),
-                "--user", ADMIN_USER, "on", f">{self.admin_password}", "~*", "&*", "+@all",
-                "--user", "default", "on", "nopass", "~*", "&*", "+@all",
+                *(arg for user in acl_users(self.admin_password) for arg in ("--user", *user)),
             ],
         }  # fmt: skip
 
     def _probe(self, port: int) -> bool:
-        try:
-            with redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
+        return answers_ping(port)
 
     def start(self) -> None:
         super().start()

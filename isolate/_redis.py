@@ -26,6 +26,24 @@ logger = logging.getLogger(__name__)
 ADMIN_USER = "isolate-admin"
 
 
+def acl_users(admin_password: str) -> list[list[str]]:
+    """The ACL users every isolate Redis gets: an admin (for cut/restore and flush)
+    and the passwordless ``default`` user the worker's clients use."""
+    return [
+        [ADMIN_USER, "on", f">{admin_password}", "~*", "&*", "+@all"],
+        ["default", "on", "nopass", "~*", "&*", "+@all"],
+    ]
+
+
+def answers_ping(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a Redis server on ``port`` answers PING."""
+    try:
+        with redis.Redis(host=host, port=port, socket_timeout=0.5) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
 @dataclass(frozen=True)
 class RedisConfig:
     """How to start a Redis-compatible server."""
@@ -127,8 +145,7 @@ class NativeRedisRunner:
                     "daemonize no",
                     'logfile ""',
                     f"databases {self.config.databases}",
-                    f"user {ADMIN_USER} on >{self.admin_password} ~* &* +@all",
-                    "user default on nopass ~* &* +@all",
+                    *(f"user {' '.join(user)}" for user in acl_users(self.admin_password)),
                     "",
                 ]
             )
@@ -137,13 +154,7 @@ class NativeRedisRunner:
         return conf
 
     def _ready(self, proc: ManagedProcess, port: int) -> bool:
-        if not proc.running:
-            return True
-        try:
-            with redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
+        return not proc.running or answers_ping(port)
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
