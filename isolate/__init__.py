@@ -8,6 +8,7 @@ no other worker notices.
 
 from __future__ import annotations
 
+from ._backends import Backend, Runner
 from ._config import OPTIONS, Settings, resolve_settings
 from ._database import Migrations, WorkerDatabase
 from ._errors import (
@@ -24,16 +25,17 @@ from ._errors import (
     ServiceExitedError,
     ServiceNotReadyError,
 )
+from ._identity import WorkerIdentity
 from ._ports import PortLease, reserve_port
 from ._postgres import PostgresServer
 from ._redis import RedisServer
-from ._runner import Runner
-from ._runtime import IsolateRuntime
+from ._retry import poll_until
 from ._service import HttpCheck, ServiceHandle, ServiceSpec, TcpCheck
-from ._worker import WorkerIdentity
+from ._stack import WorkerStack
 
 __all__ = [
     "OPTIONS",
+    "Backend",
     "BinaryNotFoundError",
     "ConfigError",
     "DockerUnavailableError",
@@ -41,7 +43,6 @@ __all__ = [
     "HttpCheck",
     "ImageNotFoundError",
     "IsolateError",
-    "IsolateRuntime",
     "MigrationError",
     "Migrations",
     "PortLease",
@@ -59,6 +60,8 @@ __all__ = [
     "TcpCheck",
     "WorkerDatabase",
     "WorkerIdentity",
+    "WorkerStack",
+    "poll_until",
     "reserve_port",
     "resolve_settings",
 ]

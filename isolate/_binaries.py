@@ -27,7 +27,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from ._errors import BinaryNotFoundError
-from ._proc import RunAs
+from ._process import RunAs
 
 __all__ = ["Binary", "find_postgres", "find_redis", "reachable_copy"]
 

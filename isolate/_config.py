@@ -51,24 +51,23 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"must be greater than 0, got {raw!r}")
-    return value
+def _positive(kind: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    """A parser of numbers of type ``kind`` greater than 0 (``what`` names the unit)."""
+
+    def parse(raw: str) -> Any:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ValueError(f"must be {what}, got {raw!r}") from None
+        if value <= 0:
+            raise ValueError(f"must be greater than 0, got {raw!r}")
+        return value
+
+    return parse
 
 
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"must be a whole number, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"must be greater than 0, got {raw!r}")
-    return value
+_positive_float = _positive(float, "a number of seconds")
+_positive_int = _positive(int, "a whole number")
 
 
 def _optional_str(raw: str) -> str | None:

@@ -34,19 +34,17 @@ from tenacity import Retrying, stop_after_delay, wait_fixed
 
 import isolate
 from isolate._config import Settings, resolve_settings
-from isolate._docker import (
-    LABEL,
-    DockerPostgresRunner,
-    DockerRedisRunner,
-    DockerService,
-    engine_available,
-    make_labels,
-    reap_orphan_containers,
-)
+from isolate._docker.containers import reap_orphans, reap_run
+from isolate._docker.context import LABEL, DockerRun
+from isolate._docker.engine import engine_available
+from isolate._identity import WorkerIdentity, new_run_id
+from isolate._ports import PortLease, _try_lock
 from isolate._postgres import PostgresConfig, tuned_settings
-from isolate._proc import process_start_ticks
+from isolate._postgres.docker import DockerPostgresRunner
 from isolate._redis import RedisConfig
-from isolate._worker import WorkerIdentity, new_run_id
+from isolate._redis.docker import DockerRedisRunner
+from isolate._run.liveness import Owner, process_start_ticks
+from isolate._service.docker import ContainerLauncher
 
 pytestmark = pytest.mark.docker
 
@@ -82,9 +80,9 @@ class Images:
 
 
 @pytest.fixture(scope="session")
-def images(isolate_runtime: isolate.IsolateRuntime) -> Images:
+def images(isolate_stack: isolate.WorkerStack) -> Images:
     """The run's --isolate-pg-image/--isolate-redis-image, else the local CI images."""
-    s = isolate_runtime.settings
+    s = isolate_stack.settings
     return Images(
         postgres=s.pg_image
         if s.source_of("pg_image") != "default"
@@ -95,14 +93,14 @@ def images(isolate_runtime: isolate.IsolateRuntime) -> Images:
 
 
 @pytest.fixture
-def settings(isolate_runtime: isolate.IsolateRuntime, images: Images) -> Settings:
+def settings(isolate_stack: isolate.WorkerStack, images: Images) -> Settings:
     return resolve_settings(
         {
             "backend": "docker",
             "docker_network": "host",
             "pg_image": images.postgres,
             "redis_image": images.redis,
-            "base_dir": isolate_runtime.settings.base_dir,
+            "base_dir": isolate_stack.settings.base_dir,
         },
         {},
         {},
@@ -110,9 +108,9 @@ def settings(isolate_runtime: isolate.IsolateRuntime, images: Images) -> Setting
 
 
 @pytest.fixture
-def worker(isolate_runtime: isolate.IsolateRuntime) -> WorkerIdentity:
+def worker(isolate_stack: isolate.WorkerStack) -> WorkerIdentity:
     """A run id of the test's own: its containers are labelled with this process as owner."""
-    return WorkerIdentity(isolate_runtime.worker.worker_id, 1, "t" + new_run_id())
+    return WorkerIdentity(isolate_stack.worker.worker_id, 1, "t" + new_run_id())
 
 
 @pytest.fixture
@@ -124,30 +122,29 @@ def reaper_lock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 @pytest.fixture
-def make_service(
-    isolate_runtime: isolate.IsolateRuntime, settings: Settings, worker: WorkerIdentity
-) -> Iterator[Any]:
-    """Build DockerService handles the way the runtime does; closed after the test."""
-    handles: list[DockerService] = []
+def ctx(isolate_stack: isolate.WorkerStack, settings: Settings, worker: WorkerIdentity) -> DockerRun:
+    """The test's own run on the engine; its containers name this process as owner."""
+    return DockerRun(settings, worker, isolate_stack.run, Owner.current)
+
+
+@pytest.fixture
+def make_service(ctx: DockerRun) -> Iterator[Any]:
+    """Build service handles on containers the way the worker stack does; closed after."""
+    handles: list[isolate.ServiceHandle] = []
 
     def make(
-        spec: isolate.ServiceSpec, settings: Settings = settings, **extra: object
-    ) -> DockerService:
-        lease = isolate.reserve_port()
-        instance = f"{spec.name}-test-{worker.slug}"
+        spec: isolate.ServiceSpec, settings: Settings | None = None, **extra: object
+    ) -> isolate.ServiceHandle:
+        run = ctx if settings is None else dataclasses.replace(ctx, settings=settings)
+        instance = f"{spec.name}-test-{run.worker.slug}"
         values: dict[str, object] = {
-            "port": lease.port, "host": "127.0.0.1", "url": f"http://127.0.0.1:{lease.port}",
-            "name": instance, "worker": worker.worker_id, "run_id": worker.run_id, **extra,
+            "host": "127.0.0.1", "name": instance, "worker": run.worker.worker_id,
+            "run_id": run.worker.run_id, **extra,
         }  # fmt: skip
-        try:
-            handle = DockerService(
-                spec, lease, instance, values, 30.0, 5.0,
-                settings=settings, worker=worker, rootdir=ROOT,
-            )  # fmt: skip
-        except Exception:
-            lease.release()
-            raise
-        handle.on_start = lambda h: isolate_runtime.registry.register(h.record())
+        launcher = ContainerLauncher(run, spec, instance, ROOT)
+        handle = isolate.ServiceHandle(
+            spec, instance, values, launcher, ready_timeout=30.0, stop_timeout=5.0
+        )
         handles.append(handle)
         return handle
 
@@ -155,7 +152,7 @@ def make_service(
     for handle in handles:
         with contextlib.suppress(Exception):
             handle.close()
-        isolate_runtime.registry.unregister(handle.record().name)
+    reap_run(ctx.worker.run_id)
 
 
 def app_spec(name: str, **env: str) -> isolate.ServiceSpec:
@@ -183,13 +180,13 @@ def get_json(url: str) -> Any:
         return json.loads(resp.read())
 
 
-def dead_owner() -> tuple[int, int | None]:
-    """(pid, start ticks) of a process that has exited."""
+def dead_owner() -> Owner:
+    """A process of this machine that has exited."""
     proc = subprocess.Popen(["sleep", "30"])
     ticks = process_start_ticks(proc.pid)
     proc.kill()
     proc.wait()
-    return proc.pid, ticks
+    return dataclasses.replace(Owner.current(), pid=proc.pid, start_ticks=ticks)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -266,7 +263,7 @@ def test_isolation(isolate_service, isolate_worker, isolate_database, isolate_po
 
     # labels: this worker's service, Redis and the shared PostgreSQL
     owner = str(os.getppid())  # the xdist controller owns the run
-    labels = client.containers.get(svc.container_name).labels
+    labels = client.containers.get(svc.launcher.container_name).labels
     assert labels["isolate.run_id"] == isolate_worker.run_id
     assert labels["isolate.worker"] == me
     assert labels["isolate.managed"] == "true"
@@ -364,25 +361,29 @@ def test_isolation_on_docker_at_n4(
 # -- the service handle --------------------------------------------------------------
 
 
-def test_url_stable_and_graceful_stop_host_mode(make_service: Any, docker_engine: Any) -> None:
+def test_url_stable_and_graceful_stop_host_mode(
+    make_service: Any, docker_engine: Any, worker: WorkerIdentity
+) -> None:
     svc = make_service(app_spec("dk-stable"))
-    url, port = svc.url, svc.port
     svc.start()
+    url, port = svc.url, svc.port
     assert get_json(url + "/health")["instance"] == svc.name
-    container_id = svc.container_id
-    labels = docker_engine.containers.get(container_id).labels
+    container_id = svc.launcher.container_id
+    container = docker_engine.containers.get(container_id)
+    labels = container.labels
     assert labels[LABEL.MANAGED] == "true"
-    assert labels[LABEL.RUN_ID] == svc.worker.run_id
-    assert labels[LABEL.WORKER] == svc.worker.worker_id
-    assert labels[LABEL.OWNER_PID] == str(os.getpid())
-    assert labels[LABEL.OWNER_START_TICKS] == str(process_start_ticks(os.getpid()))
-    assert svc.container_name == f"dk-stable-test-{svc.worker.slug}-{svc.worker.run_id}"
-    assert svc.record().container == container_id
+    assert labels[LABEL.RUN_ID] == worker.run_id
+    assert labels[LABEL.WORKER] == worker.worker_id
+    assert labels[LABEL.OWNER + "pid"] == str(os.getpid())
+    assert labels[LABEL.OWNER + "start_ticks"] == str(process_start_ticks(os.getpid()))
+    assert container.name == f"dk-stable-test-{worker.slug}-{worker.run_id}"
+    assert svc.pid == container.attrs["State"]["Pid"]
+    assert svc.record() is None  # containers are reaped by their run label
 
     assert svc.stop() == 0  # docker stop: SIGTERM, the app finishes and exits 0
     assert not svc.is_running and svc.last_exit_code == 0
     svc.start()  # same container, same port: readiness re-probed through the host port
-    assert (svc.url, svc.port, svc.container_id) == (url, port, container_id)
+    assert (svc.url, svc.port, svc.launcher.container_id) == (url, port, container_id)
     assert get_json(url + "/health")["instance"] == svc.name
 
     assert svc.kill() == 137  # docker kill: SIGKILL
@@ -422,15 +423,23 @@ def test_stop_kills_a_container_ignoring_sigterm_after_the_timeout(
     assert not svc.is_running
 
 
-def test_port_taken_before_the_first_start_gets_a_new_port(make_service: Any) -> None:
+def test_port_taken_before_the_first_start_gets_a_new_port(
+    make_service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import socket
 
     svc = make_service(app_spec("dk-porttaken"))
-    taken = svc.port
-    with socket.socket() as squatter:  # someone outside isolate's leases grabs the port
+    with socket.socket() as squatter:  # someone outside isolate's leases holds a port...
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", taken))
+        squatter.bind(("127.0.0.1", 0))
         squatter.listen()
+        taken = squatter.getsockname()[1]
+        fd = _try_lock(taken)
+        assert fd is not None
+        # ...and the port picker hands it out first (it was free when it looked).
+        leases = iter([PortLease(taken, fd)])
+        real = isolate.reserve_port
+        monkeypatch.setattr("isolate._retry.reserve_port", lambda: next(leases, None) or real())
         svc.start()
         assert svc.port != taken and svc.url == f"http://127.0.0.1:{svc.port}"
         assert get_json(svc.url + "/health")["instance"] == svc.name
@@ -454,11 +463,11 @@ def test_mapped_mode_port_binding_and_url_stable(
         make_service(dataclasses.replace(web, name="dk-noport", container_port=None), mapped)
 
     svc = make_service(web, mapped)
-    url, port = svc.url, svc.port
     svc.start(wait=False)  # nothing can reach it on the none network
+    url, port = svc.url, svc.port
 
     def config() -> tuple[Any, ...]:
-        attrs = docker_engine.containers.get(svc.container_id).attrs
+        attrs = docker_engine.containers.get(svc.launcher.container_id).attrs
         return (
             attrs["Id"],
             attrs["HostConfig"]["PortBindings"],
@@ -480,14 +489,14 @@ def test_mapped_mode_port_binding_and_url_stable(
 
 @pytest.mark.docker_bridge
 def test_mapped_mode_end_to_end(
-    make_service: Any, settings: Settings, worker: WorkerIdentity, images: Images
+    make_service: Any, ctx: DockerRun, settings: Settings, worker: WorkerIdentity, images: Images
 ) -> None:
     from isolate._database import WorkerDatabase
-    from isolate._docker import remove_run_network
 
     mapped = dataclasses.replace(settings, docker_network="mapped")
-    pg = DockerPostgresRunner(PostgresConfig(tuned_settings(1, 10)), mapped, worker)
-    rd = DockerRedisRunner(RedisConfig(), mapped, worker, "redis-main")
+    run = dataclasses.replace(ctx, settings=mapped)
+    pg = DockerPostgresRunner(run, PostgresConfig(tuned_settings(1, 10)))
+    rd = DockerRedisRunner(run, RedisConfig(), "redis-main", shared=False)
     svc = None
     try:
         pg.start()
@@ -508,7 +517,7 @@ def test_mapped_mode_end_to_end(
             container_port=8080, health=isolate.TcpCheck(), stop_timeout=2,
         )  # fmt: skip
         svc = make_service(spec, mapped, dsn=db.dsn, redis_url=rd.server.url)
-        values = svc.container_values()
+        values = svc.launcher.container_values(svc.values)
         assert f"@isolate-pg-{worker.run_id}:5432/" in str(values["dsn"])
         assert f"isolate-redis-{worker.slug}-{worker.run_id}:6379" in str(values["redis_url"])
         svc.start()  # healthy only if it reached PostgreSQL and Redis over the run network
@@ -521,27 +530,20 @@ def test_mapped_mode_end_to_end(
             svc.close()  # detach everything before the network goes
         rd.stop()
         pg.stop()
-        remove_run_network(worker.run_id)
+        reap_run(worker.run_id)
 
 
 # -- backing servers --------------------------------------------------------------
 
 
 def test_postgres_and_redis_containers(
-    settings: Settings,
-    worker: WorkerIdentity,
-    docker_engine: Any,
-    isolate_runtime: isolate.IsolateRuntime,
+    ctx: DockerRun, worker: WorkerIdentity, docker_engine: Any
 ) -> None:
-    pg = DockerPostgresRunner(
-        PostgresConfig(tuned_settings(2, 10, {"work_mem": "12MB"})), settings, worker
-    )
-    rd = DockerRedisRunner(RedisConfig(databases=20), settings, worker, f"redis-{worker.slug}-1")
+    pg = DockerPostgresRunner(ctx, PostgresConfig(tuned_settings(2, 10, {"work_mem": "12MB"})))
+    rd = DockerRedisRunner(ctx, RedisConfig(databases=20), f"redis-{worker.slug}-1", shared=False)
     try:
         pg.start()
-        isolate_runtime.registry.register(pg.record())
         rd.start()
-        isolate_runtime.registry.register(rd.record())
         assert pg.server is not None and rd.server is not None
         assert pg.server.backend == "docker" and pg.server.version
         import psycopg
@@ -550,11 +552,11 @@ def test_postgres_and_redis_containers(
             assert conn.execute("SHOW work_mem").fetchone() == ("12MB",)
             assert conn.execute("SHOW fsync").fetchone() == ("off",)
             assert conn.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)
-        container = docker_engine.containers.get(pg.record().container)
+        container = docker_engine.containers.get(pg.container.id)
         assert container.name == f"isolate-pg-{worker.run_id}"
         assert container.attrs["HostConfig"]["NetworkMode"] == "host"
         assert container.labels[LABEL.ROLE] == "postgres"
-        assert container.labels[LABEL.OWNER_PID] == str(os.getpid())
+        assert container.labels[LABEL.OWNER + "pid"] == str(os.getpid())
 
         assert rd.server.backend == "docker"
         client = rd.server.client()
@@ -565,26 +567,23 @@ def test_postgres_and_redis_containers(
             rd.server.client(socket_timeout=2).ping()
         rd.server.restore()
         assert rd.server.client().ping()
-        redis_container = docker_engine.containers.get(rd.record().container)
+        redis_container = docker_engine.containers.get(rd.container.id)
         assert redis_container.name == f"isolate-redis-{worker.slug}-{worker.run_id}"
         assert redis_container.labels[LABEL.ROLE] == "redis"
     finally:
         for runner in (rd, pg):
             runner.stop()
-            isolate_runtime.registry.unregister(runner.name)
     assert containers_of(docker_engine, worker.run_id) == []
 
 
 # -- errors -----------------------------------------------------------------------------
 
 
-def test_missing_image_errors(
-    settings: Settings, worker: WorkerIdentity, make_service: Any
-) -> None:
-    bad = dataclasses.replace(settings, pg_image="isolate-local/no-such-postgres:1")
+def test_missing_image_errors(ctx: DockerRun, settings: Settings, make_service: Any) -> None:
+    bad = dataclasses.replace(ctx, settings=dataclasses.replace(settings, pg_image="isolate-local/no-such-postgres:1"))
     started = time.monotonic()
     with pytest.raises(isolate.ImageNotFoundError) as err:
-        DockerPostgresRunner(PostgresConfig(tuned_settings(1, 10)), bad, worker).start()
+        DockerPostgresRunner(bad, PostgresConfig(tuned_settings(1, 10))).start()
     assert "isolate-local/no-such-postgres:1" in str(err.value)
     assert "--isolate-pg-image" in err.value.hint
     assert time.monotonic() - started < 60
@@ -607,33 +606,31 @@ def test_container_exiting_at_start_reports_code_and_log_tail(make_service: Any)
 # -- reaping ------------------------------------------------------------------------------
 
 
-def _orphan_candidate(client: Any, image: str, settings: Settings, owner: tuple[int, int | None],
-                      name: str) -> Any:  # fmt: skip
+def labels_of(ctx: DockerRun, owner: Owner) -> dict[str, str]:
+    """Labels of another run (``gw9`` of a new run id) owned by ``owner``."""
     worker = WorkerIdentity("gw9", 1, "t" + new_run_id())
+    return dataclasses.replace(ctx, worker=worker, find_owner=lambda: owner).labels("test")
+
+
+def _orphan_candidate(client: Any, image: str, ctx: DockerRun, owner: Owner, name: str) -> Any:
     return client.containers.run(
         image, ["sleep", "300"], name=name, detach=True, network_mode="host",
-        labels=make_labels(settings, worker, "test", owner=owner),
+        labels=labels_of(ctx, owner),
     )  # fmt: skip
 
 
 @pytest.mark.usefixtures("reaper_lock")
 def test_reaper_removes_dead_owners_and_keeps_live_ones(
-    settings: Settings, images: Images, docker_engine: Any
+    ctx: DockerRun, images: Images, docker_engine: Any
 ) -> None:
     suffix = new_run_id()
-    dead = _orphan_candidate(
-        docker_engine, images.python, settings, dead_owner(), f"dk-dead-{suffix}"
-    )
-    me = (os.getpid(), process_start_ticks(os.getpid()))
-    live = _orphan_candidate(docker_engine, images.python, settings, me, f"dk-live-{suffix}")
-    worker = WorkerIdentity("gw9", 1, "t" + new_run_id())
-    volume = docker_engine.volumes.create(
-        labels=make_labels(settings, worker, "test", owner=dead_owner())
-    )
+    dead = _orphan_candidate(docker_engine, images.python, ctx, dead_owner(), f"dk-dead-{suffix}")
+    live = _orphan_candidate(docker_engine, images.python, ctx, Owner.current(), f"dk-live-{suffix}")
+    volume = docker_engine.volumes.create(labels=labels_of(ctx, dead_owner()))
     try:
-        assert f"container dk-dead-{suffix}" in reap_orphan_containers(dry_run=True)
+        assert f"container dk-dead-{suffix}" in reap_orphans(dry_run=True)
         assert docker_engine.containers.get(dead.id)  # dry run removed nothing
-        removed = reap_orphan_containers()
+        removed = reap_orphans()
         assert f"container dk-dead-{suffix}" in removed
         assert f"volume {volume.name}" in removed
         assert f"container dk-live-{suffix}" not in removed
@@ -649,21 +646,17 @@ def test_reaper_removes_dead_owners_and_keeps_live_ones(
 
 
 @pytest.mark.usefixtures("reaper_lock")
-def test_cleanup_command(
-    tmp_path: Path, settings: Settings, images: Images, docker_engine: Any
-) -> None:
+def test_cleanup_command(tmp_path: Path, ctx: DockerRun, images: Images, docker_engine: Any) -> None:
     base = tmp_path / "base"
     stale = base / "isolate-run-stale1"
     alive = base / "isolate-run-alive1"
-    for run_dir, (pid, ticks) in ((stale, dead_owner()), (alive, (os.getpid(), None))):
+    gone = dead_owner()
+    for run_dir, (pid, ticks) in ((stale, (gone.pid, gone.start_ticks)), (alive, (os.getpid(), None))):
         (run_dir / "registry").mkdir(parents=True)
         (run_dir / "owner.json").write_text(json.dumps({"pid": pid, "start_ticks": ticks}))
     suffix = new_run_id()
-    dead = _orphan_candidate(
-        docker_engine, images.python, settings, dead_owner(), f"dk-dead-{suffix}"
-    )
-    me = (os.getpid(), process_start_ticks(os.getpid()))
-    live = _orphan_candidate(docker_engine, images.python, settings, me, f"dk-live-{suffix}")
+    dead = _orphan_candidate(docker_engine, images.python, ctx, dead_owner(), f"dk-dead-{suffix}")
+    live = _orphan_candidate(docker_engine, images.python, ctx, Owner.current(), f"dk-live-{suffix}")
     cmd = [sys.executable, "-m", "isolate", "cleanup", "--base-dir", str(base)]
     try:
         dry = subprocess.run(
@@ -752,3 +745,83 @@ def test_sigkilled_run_leaves_nothing_after_the_next_run(
     assert nxt.returncode == 0, nxt.stdout + nxt.stderr
     assert containers_of(docker_engine, run_id) == []
     assert not (base / f"isolate-run-{run_id}").exists()
+
+
+# -- service images ------------------------------------------------------------------
+
+STALE_DOCKERFILE = """
+FROM {image}
+WORKDIR /app
+COPY pkg/ /app/pkg/
+CMD ["python3", "-m", "pkg"]
+"""
+
+STALE_APP = """
+import http.server, os
+VERSION = {version!r}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = VERSION.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"""
+
+
+def _write_context(context: Path, image: str, version: str) -> None:
+    (context / "pkg").mkdir(parents=True, exist_ok=True)
+    (context / "Dockerfile").write_text(STALE_DOCKERFILE.format(image=image))
+    # The same shape as examples/datastorage/.dockerignore: ignore all, re-include some.
+    (context / ".dockerignore").write_text("*\n!pkg/\n**/__pycache__\n")
+    (context / "notes.txt").write_text(f"not sent to the engine {new_run_id()}")
+    (context / "pkg" / "__main__.py").write_text(STALE_APP.format(version=version))
+
+
+def test_context_digest_follows_dockerignore_reincludes(tmp_path: Path, images: Images) -> None:
+    from isolate._docker.images import context_digest
+
+    _write_context(tmp_path, images.python, "v1")
+    first = context_digest(tmp_path)
+    assert first != "e3b0c44298fc"  # not the digest of nothing
+    (tmp_path / "notes.txt").write_text("ignored by .dockerignore")
+    assert context_digest(tmp_path) == first
+    (tmp_path / "pkg" / "__main__.py").write_text(STALE_APP.format(version="v2"))
+    assert context_digest(tmp_path) != first
+
+
+def test_edited_build_context_runs_the_new_code(
+    tmp_path: Path, images: Images, make_service: Any, docker_engine: Any
+) -> None:
+    """Two runs of the same service: a file of its build context edited in between
+    (re-included by a ``!`` line of .dockerignore) must reach the second run."""
+    context = tmp_path / "svc"
+    built: set[str] = set()
+
+    def run_once(version: str) -> str:
+        _write_context(context, images.python, version)
+        spec = isolate.ServiceSpec(
+            name="dk-stale", build_context=context, env={"PORT": "{port}"},
+            health=isolate.HttpCheck("/"), stop_timeout=2,
+        )  # fmt: skip
+        svc = make_service(spec)
+        svc.start()
+        built.add(svc.launcher.image)
+        with urllib.request.urlopen(svc.url, timeout=5) as resp:
+            body = resp.read().decode()
+        svc.close()
+        return body
+
+    try:
+        assert run_once("v1") == "v1"
+        assert run_once("v2") == "v2"
+        assert len(built) == 2
+    finally:
+        for tag in built:
+            with contextlib.suppress(Exception):
+                docker_engine.images.remove(tag, force=True)

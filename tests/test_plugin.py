@@ -283,3 +283,24 @@ def test_shared_redis_mode_gives_each_worker_its_own_db(suite: pytest.Pytester) 
     result = suite.runpytest_subprocess("-n", "2", "--isolate-redis-mode=shared", "-p", "no:randomly")
     result.assert_outcomes(passed=4)
     assert leftovers(run_id_of(result)) == []
+
+
+def test_native_run_imports_no_docker(suite: pytest.Pytester) -> None:
+    """The docker extra is for the docker backend only: a native run never loads it."""
+    suite.makepyfile(
+        test_mods="""
+        import sys
+
+        def test_stack(isolate_service, isolate_redis, isolate_database):
+            pass
+
+        def test_no_docker_modules_after_a_stack_started(isolate_service):
+            loaded = sorted(
+                m for m in sys.modules if m.split(".")[0] in {"docker", "testcontainers"}
+            )
+            assert loaded == []
+        """
+    )
+    result = suite.runpytest_subprocess("-n", "2", "-p", "no:randomly", "--isolate-backend=native")
+    result.assert_outcomes(passed=2)
+

@@ -17,7 +17,7 @@ import redis
 from conftest import MIGRATIONS, app_spec
 
 import isolate
-from isolate import IsolateRuntime, ServiceHandle, WorkerDatabase
+from isolate import ServiceHandle, WorkerDatabase, WorkerStack
 
 
 def post(url: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -160,9 +160,9 @@ def test_stop_start_kill_restart_keep_port_and_url(isolate_service: ServiceHandl
     assert isolate_service.kill() == -signal.SIGKILL
     assert not isolate_service.is_running
     isolate_service.start()
-    pid = isolate_service.pid  # type: ignore[attr-defined]
+    pid = isolate_service.pid
     isolate_service.restart()
-    assert isolate_service.pid != pid  # type: ignore[attr-defined]
+    assert pid is not None and isolate_service.pid not in (None, pid)
     assert isolate_service.is_running and isolate_service.is_ready()
     logs = isolate_service.logs()
     assert "SIGTERM, shutting down" in logs and "bye" in logs
@@ -187,7 +187,7 @@ STUBBORN = (
 
 @pytest.fixture
 def runtime_service(
-    isolate_runtime: IsolateRuntime, isolate_database: WorkerDatabase, isolate_redis_url: str
+    isolate_stack: WorkerStack, isolate_database: WorkerDatabase, isolate_redis_url: str
 ) -> Iterator[Any]:
     """Extra services on this worker, built the way the plugin builds its own."""
     names = []
@@ -196,11 +196,11 @@ def runtime_service(
 
     def make(spec: isolate.ServiceSpec) -> ServiceHandle:
         names.append(spec.name)
-        return isolate_runtime.service(spec, values.__getitem__)
+        return isolate_stack.service(spec, values.__getitem__)
 
     yield make
     for name in names:
-        isolate_runtime.close_service(name)
+        isolate_stack.close_service(name)
 
 
 def test_graceful_stop_falls_back_to_sigkill_after_timeout(runtime_service: Any) -> None:
@@ -278,9 +278,9 @@ def test_first_start_that_loses_its_port_moves_to_a_new_one(runtime_service: Any
 
 
 
-def test_migrations_are_never_silently_skipped(isolate_runtime: IsolateRuntime, tmp_path: Any) -> None:
+def test_migrations_are_never_silently_skipped(isolate_stack: WorkerStack, tmp_path: Any) -> None:
     # The worker schema exists with the suite's migrations; asking for other ones is an error.
     (tmp_path / "1.sql").write_text("CREATE TABLE other (v int);")
-    isolate_runtime.database(MIGRATIONS)
+    isolate_stack.database(MIGRATIONS)
     with pytest.raises(isolate.ConfigError, match="already has migrations"):
-        isolate_runtime.database(tmp_path)
+        isolate_stack.database(tmp_path)

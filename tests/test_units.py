@@ -13,11 +13,12 @@ import pytest
 from isolate import ConfigError, HttpCheck, ServiceSpec, WorkerIdentity
 from isolate._database import migration_files, schema_name
 from isolate._errors import ServiceExitedError
+from isolate._identity import new_run_id, worker_from_env
 from isolate._postgres import PostgresServer, tuned_settings
-from isolate._proc import can_access, is_alive, process_start_ticks
-from isolate._service import placeholders, render
+from isolate._process import can_access
+from isolate._run.liveness import is_alive, process_start_ticks
+from isolate._service.spec import placeholders, render
 from isolate._timings import summarize
-from isolate._worker import new_run_id, worker_from_env
 
 
 def test_worker_identity_from_workerinput_and_env() -> None:

@@ -16,8 +16,7 @@ tests do not change. It is expected to fail wherever a test stops "the" service,
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
+import dataclasses
 import os
 import signal
 import subprocess
@@ -28,11 +27,10 @@ from typing import Any
 
 import httpx
 import pytest
+from filelock import FileLock
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 import isolate
-from isolate._proc import ProcessRecord, is_alive, process_start_ticks
-from isolate._redis import NativeRedisRunner, RedisConfig
 
 EXAMPLE_DIR = Path(__file__).resolve().parent
 MIGRATIONS_DIR = EXAMPLE_DIR / "migrations"
@@ -71,6 +69,14 @@ def shared_stack_enabled(config: pytest.Config) -> bool:
     ).strip().lower() in {"1", "true", "yes", "on"}
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """The baseline's one Redis is isolate's shared Redis server (same as
+    ``--isolate-redis-mode=shared``); every worker then uses its DB 0."""
+    if shared_stack_enabled(config):
+        config.option.isolate_redis_mode = "shared"
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     mode = "SHARED stack (baseline)" if shared_stack_enabled(config) else "isolated per-worker stacks"
     return f"datastorage: {mode}"
@@ -101,45 +107,45 @@ def _service_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def isolate_service_spec(isolate_runtime: isolate.IsolateRuntime) -> isolate.ServiceSpec:
-    docker = isolate_runtime.backend == "docker"
+def isolate_service_spec() -> isolate.ServiceSpec:
     return isolate.ServiceSpec(
         name="datastorage",
-        # In the container the image's CMD (python3 -m datastorage) runs.
-        command=() if docker else [sys.executable, "-m", "datastorage"],
+        command=[sys.executable, "-m", "datastorage"],  # native backend
         cwd=EXAMPLE_DIR,
         env=_service_env(),
         health=isolate.HttpCheck("/health/ready"),
         ready_timeout=30,
         stop_timeout=15,
-        build_context=EXAMPLE_DIR if docker else None,
+        # docker backend: the image built from the Dockerfile here runs its own CMD.
+        build_context=EXAMPLE_DIR,
+        container_command=(),
     )
 
 
 @pytest.fixture(scope="session")
 def isolate_database(
     request: pytest.FixtureRequest,
-    isolate_runtime: isolate.IsolateRuntime,
+    isolate_stack: isolate.WorkerStack,
     isolate_migrations: Path,
 ) -> Iterator[isolate.WorkerDatabase]:
     """This worker's schema and role (or, with --shared-stack, the one shared schema)."""
     if shared_stack_enabled(request.config):
         yield request.getfixturevalue("_shared_stack").database
         return
-    yield isolate_runtime.database(isolate_migrations)
-    isolate_runtime.drop_database()
+    yield isolate_stack.database(isolate_migrations)
+    isolate_stack.drop_database()
 
 
 @pytest.fixture(scope="session")
 def isolate_redis(
-    request: pytest.FixtureRequest, isolate_runtime: isolate.IsolateRuntime
+    request: pytest.FixtureRequest, isolate_stack: isolate.WorkerStack
 ) -> Iterator[isolate.RedisServer]:
     """This worker's Redis (or, with --shared-stack, the one shared Redis)."""
     if shared_stack_enabled(request.config):
         yield request.getfixturevalue("_shared_stack").redis
         return
-    yield isolate_runtime.redis()
-    isolate_runtime.stop_redis()
+    yield isolate_stack.redis()
+    isolate_stack.stop_redis()
 
 
 @pytest.fixture
@@ -194,14 +200,12 @@ os.replace(rc_path + ".tmp", rc_path)
 """
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _poll(predicate: Any, timeout: float) -> bool:
@@ -225,11 +229,11 @@ class SharedService:
     name = "datastorage-shared"
     host = "127.0.0.1"
 
-    def __init__(self, directory: Path, port: int, env: dict[str, str], registry: Any) -> None:
+    def __init__(self, directory: Path, port: int, env: dict[str, str], stack: isolate.WorkerStack) -> None:
         self.directory = directory
         self.port = port
         self.env = env
-        self.registry = registry
+        self.stack = stack
         self.ready_timeout = 30.0
         self.stop_timeout = 15.0
         self.log_path = directory / "service.log"
@@ -264,10 +268,10 @@ class SharedService:
     @property
     def is_running(self) -> bool:
         pid = self.pid
-        return pid is not None and is_alive(pid) and self._exit_code() is None
+        return pid is not None and _alive(pid) and self._exit_code() is None
 
     def start(self, wait: bool = True) -> None:
-        with _locked(self.directory / "service.lock"):
+        with FileLock(str(self.directory / "service.lock")):
             if not self.is_running:
                 gen = os.urandom(4).hex()
                 env = {**os.environ, **self.env}
@@ -278,11 +282,9 @@ class SharedService:
                     cwd=EXAMPLE_DIR, env=env, start_new_session=True,
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
-                # One record per process: the controller's reaper stops every one left.
-                self.registry.register(
-                    ProcessRecord(name=f"datastorage-shared-service-{wrapper.pid}", pid=wrapper.pid,
-                                  start_ticks=process_start_ticks(wrapper.pid))
-                )  # fmt: skip
+                # The run stops every one left when it ends (SIGTERM to the group: the
+                # service shuts down gracefully, the wrapper records its exit code).
+                self.stack.adopt_process(wrapper.pid, f"datastorage-shared-service-{wrapper.pid}")
                 _poll(lambda: (self.directory / f"service-{gen}.pid").exists(), 10)
                 tmp = self.directory / "current.tmp"
                 tmp.write_text(gen)
@@ -356,64 +358,34 @@ class SharedStack:
 
 @pytest.fixture(scope="session")
 def _shared_stack(
-    isolate_runtime: isolate.IsolateRuntime,
+    isolate_stack: isolate.WorkerStack,
     isolate_postgres: isolate.PostgresServer,
     isolate_migrations: Path,
 ) -> SharedStack:
     """Start (first worker) or join (the others) the one shared stack of this run."""
-    if isolate_runtime.backend != "native":
-        raise pytest.UsageError("--shared-stack is implemented for the native backend only")
-    directory = isolate_runtime.run_dir / "datastorage-shared-stack"
+    directory = isolate_stack.run_dir / "datastorage-shared-stack"
     directory.mkdir(exist_ok=True)
-    state_path = directory / "state.json"
-    with _locked(directory / "stack.lock"):
-        if not state_path.exists():
-            db = isolate.WorkerDatabase.create(isolate_postgres, "shared", isolate_runtime.worker.run_id)
-            db.apply_migrations(isolate_migrations)
-            runner = NativeRedisRunner(
-                isolate_runtime.redis_binary(), RedisConfig(), directory / "redis", "datastorage-shared-redis"
-            )
-            runner.start()
-            isolate_runtime.registry.register(runner.record())
-            assert runner.server is not None
-            lease = isolate.reserve_port()
-            # The lease is dropped when this worker exits; the service keeps the port bound.
-            state = {
-                "schema": db.schema, "role": db.role, "password": db.password,
-                "redis": runner.server.to_json(), "port": lease.port,
-            }  # fmt: skip
-            tmp = state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state))
-            tmp.replace(state_path)
-        state = json.loads(state_path.read_text())
-    database = isolate.WorkerDatabase(isolate_postgres, state["schema"], state["role"], state["password"])
-    redis_server = isolate.RedisServer.from_json(state["redis"])
+
+    def start() -> dict[str, object]:
+        db = isolate.WorkerDatabase.create(isolate_postgres, "shared", isolate_stack.worker.run_id)
+        db.apply_migrations(isolate_migrations)
+        # The lease ends with this worker; the service keeps the port bound meanwhile.
+        port = isolate.reserve_port().port
+        return {"schema": db.schema, "role": db.role, "password": db.password, "port": port}
+
+    state = isolate_stack.shared("datastorage-shared-stack", start)
+    database = isolate.WorkerDatabase(
+        isolate_postgres, str(state["schema"]), str(state["role"]), str(state["password"])
+    )
+    # isolate's shared Redis server (--isolate-redis-mode=shared), DB 0 for every worker.
+    redis_server = dataclasses.replace(isolate_stack.redis(), db=0)
     env = {
         **SERVICE_CONFIG, "PORT": str(state["port"]), "DATABASE_URL": database.dsn,
         "REDIS_URL": redis_server.url, "PYTHONUNBUFFERED": "1",
     }  # fmt: skip
-    service = SharedService(directory, int(state["port"]), env, isolate_runtime.registry)
+    service = SharedService(directory, int(str(state["port"])), env, isolate_stack)
     service.ensure_running()
     return SharedStack(database, redis_server, service)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Controller: stop the shared service before isolate reaps the rest."""
-    if not shared_stack_enabled(session.config) or hasattr(session.config, "workerinput"):
-        return
-    from isolate.plugin import RUNTIME_KEY
-
-    runtime = session.config.stash.get(RUNTIME_KEY, None)
-    if runtime is None:
-        return
-    directory = runtime.run_dir / "datastorage-shared-stack"
-    for pid_file in directory.glob("service-*.pid"):
-        with contextlib.suppress(OSError, ValueError, ProcessLookupError):
-            pid = int(pid_file.read_text())
-            if is_alive(pid):
-                os.kill(pid, signal.SIGTERM)
-                _poll(lambda pid=pid: not is_alive(pid), 10)
 
 
 # --------------------------------------------------------------------------- fault injection

@@ -1,56 +1,56 @@
-"""Native processes: starting (as an unprivileged user when root), stopping,
-and a registry that lets the run's owner reap whatever a crashed worker left.
+"""Native processes: started in their own session (as an unprivileged user when
+isolate runs as root), waited on until ready, stopped as a whole process group.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import stat
 import subprocess
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
+from ._errors import ConfigError, ServerStartError
+from ._ports import PortLease
+from ._retry import poll_until
+from ._run.liveness import process_start_ticks
+from ._run.registry import ProcessRecord
 
-from ._errors import ConfigError
+if TYPE_CHECKING:
+    from ._binaries import Binary
 
 __all__ = [
     "ManagedProcess",
-    "ProcessRecord",
-    "ProcessRegistry",
+    "NativeServer",
     "RunAs",
-    "is_alive",
-    "poll_until",
-    "process_start_ticks",
+    "can_access",
     "resolve_run_as",
-    "stop_process_group",
+    "tail",
+    "wait_started",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-def poll_until(
-    predicate: Callable[[], object], timeout: float, *, initial: float = 0.005, maximum: float = 0.1
-) -> bool:
-    """Poll ``predicate()`` with exponential back-off until true or ``timeout``.
-
-    Returns whether it became true, so callers decide what a timeout means.
-    """
-    retrying = Retrying(
-        retry=retry_if_result(lambda ok: not ok),
-        wait=wait_exponential(multiplier=initial, max=maximum),
-        stop=stop_after_delay(timeout),
-        retry_error_callback=lambda state: False,
-        reraise=False,
-    )
-    return bool(retrying(predicate))
+def tail(path: Path, lines: int = 30, max_bytes: int = 64 * 1024) -> str:
+    """Last ``lines`` lines of a text file (empty if missing)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
 @dataclass(frozen=True)
@@ -107,50 +107,6 @@ def resolve_run_as(name: str) -> RunAs | None:
             hint="set --isolate-run-as to an unprivileged user such as nobody",
         )
     return RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (guards against pid reuse)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return int(fields[19])
-
-
-def _state(pid: int) -> str | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()[0]
-
-
-def is_alive(pid: int, start_ticks: int | None = None) -> bool:
-    """True if ``pid`` runs (not a zombie) and, when given, started at ``start_ticks``."""
-    state = _state(pid)
-    if state is None or state in {"Z", "X"}:
-        return False
-    return start_ticks is None or process_start_ticks(pid) == start_ticks
-
-
-def stop_process_group(pid: int, start_ticks: int | None, sig: int, timeout: float) -> bool:
-    """Send ``sig`` to the process group led by ``pid``, SIGKILL it after ``timeout``.
-
-    Returns True if it stopped gracefully.
-    """
-    if not is_alive(pid, start_ticks):
-        return True
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-    if poll_until(lambda: not is_alive(pid, start_ticks), timeout):
-        return True
-    logger.warning("process group %d ignored signal %d for %.1fs; killing", pid, sig, timeout)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    poll_until(lambda: not is_alive(pid, start_ticks), 5.0)
-    return False
 
 
 class ManagedProcess:
@@ -247,69 +203,66 @@ class ManagedProcess:
         return self._popen.wait()
 
 
-def tail(path: Path, lines: int = 30, max_bytes: int = 64 * 1024) -> str:
-    """Last ``lines`` lines of a text file (empty if missing)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
-    except OSError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+def wait_started(
+    proc: ManagedProcess, ready: Callable[[], bool], timeout: float, *, what: str, hint: str
+) -> None:
+    """Poll ``ready()`` until it passes; if ``proc`` exits or time runs out, raise
+    :class:`ServerStartError` with its log tail (a bind failure in it makes the start
+    policy retry on another port). A process that never got ready is killed.
+    """
+    poll_until(lambda: not proc.running or ready(), timeout)
+    if proc.running and ready():
+        return
+    log = tail(proc.log_path, 20)
+    if proc.running:
+        proc.kill()
+        raise ServerStartError(
+            f"{what} did not get ready within {timeout:.0f}s", log_tail=log,
+            hint="raise the start timeout or read the log lines above",
+        )  # fmt: skip
+    raise ServerStartError(
+        f"{what} exited during start-up", log_tail=log, exit_code=proc.returncode, hint=hint
+    )
 
 
-@dataclass
-class ProcessRecord:
-    """What the reaper needs to stop a process nobody else will stop."""
+class NativeServer:
+    """What the native server runners share: one process on a leased port, one dir.
 
-    name: str
-    pid: int | None = None
-    start_ticks: int | None = None
+    Subclasses start ``_proc`` on ``lease`` and set ``server`` once it is ready.
+    """
+
     stop_signal: int = signal.SIGTERM
-    container: str | None = None
-    paths: list[str] = field(default_factory=list)
-    owner_pid: int = field(default_factory=os.getpid)
 
-
-class ProcessRegistry:
-    """Records of live processes/containers/dirs in a run dir, for the reaper."""
-
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, name: str, binary: Binary, directory: Path, log_name: str) -> None:
+        self.name = name
+        self.binary = binary
         self.directory = directory
+        self.log_path = directory / log_name
+        #: The server's admin (superuser) password, new for every server.
+        self.password = secrets.token_urlsafe(18)
+        self.lease: PortLease | None = None
+        self._proc: ManagedProcess | None = None
 
-    def _file(self, name: str) -> Path:
-        return self.directory / f"{name}.json"
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.running
 
-    def register(self, record: ProcessRecord) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self._file(record.name).with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(record)))
-        tmp.replace(self._file(record.name))
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop (its stop signal, then SIGKILL), give the port back, remove its dir."""
+        code = self._proc.stop(self.stop_signal, timeout or 10.0) if self._proc else None
+        if self.lease is not None:
+            self.lease.release()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return code
 
-    def unregister(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._file(name).unlink()
+    def logs(self) -> str:
+        return tail(self.log_path, 200)
 
-    def records(self) -> Iterator[ProcessRecord]:
-        for path in sorted(self.directory.glob("*.json")):
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                yield ProcessRecord(**json.loads(path.read_text()))
-
-    def reap(self, timeout: float = 10.0) -> list[str]:
-        """Stop every recorded process and container, remove their paths; names reaped."""
-        from ._docker_reap import remove_container  # local: only needs docker when used
-
-        reaped = []
-        for record in self.records():
-            if record.pid is not None and is_alive(record.pid, record.start_ticks):
-                stop_process_group(record.pid, record.start_ticks, record.stop_signal, timeout)
-                reaped.append(record.name)
-            if record.container is not None and remove_container(record.container):
-                reaped.append(record.name)
-            for raw in record.paths:
-                shutil.rmtree(raw, ignore_errors=True)
-            self.unregister(record.name)
-        return reaped
-
+    def record(self) -> ProcessRecord:
+        return ProcessRecord(
+            name=self.name,
+            pid=self._proc.pid if self._proc else None,
+            start_ticks=self._proc.start_ticks if self._proc else None,
+            stop_signal=self.stop_signal,
+            paths=[str(self.directory)],
+        )

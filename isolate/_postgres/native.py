@@ -1,8 +1,7 @@
-"""The shared, tuned PostgreSQL server of a run (native backend)."""
+"""The shared PostgreSQL as native processes: a cached initdb template, copied and started."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -10,126 +9,32 @@ import secrets
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import psycopg
 from filelock import FileLock
 from psycopg import sql
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
-from ._binaries import Binary, reachable_copy
-from ._errors import ServerStartError
-from ._ports import PortLease, reserve_port
-from ._proc import ManagedProcess, ProcessRecord, RunAs, poll_until, tail
+from .._binaries import Binary, reachable_copy
+from .._errors import ServerStartError
+from .._ports import PortLease
+from .._process import ManagedProcess, NativeServer, RunAs, wait_started
+from .._retry import poll_until, start_on_free_port
+from .server import PostgresConfig, PostgresServer
 
-__all__ = ["NativePostgresRunner", "PostgresConfig", "PostgresServer", "tuned_settings"]
+__all__ = ["NativePostgresRunner"]
 
 logger = logging.getLogger(__name__)
 
 #: Bump when the initdb arguments change, so cached templates are rebuilt.
 _INITDB_RECIPE = 2
-_BIND_FAILURE = ("could not bind", "Address already in use", "could not create any TCP/IP")
 
 
-def tuned_settings(
-    worker_count: int, conn_per_worker: int, overrides: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """Server settings for a throwaway test database, sized for ``worker_count``.
-
-    Durability is traded for speed (nothing here must survive a crash);
-    ``overrides`` win over every default.
-    """
-    settings = {
-        "fsync": "off",
-        "synchronous_commit": "off",
-        "full_page_writes": "off",
-        "wal_level": "minimal",
-        "max_wal_senders": "0",
-        "max_wal_size": "1GB",
-        "checkpoint_timeout": "30min",
-        "max_connections": str(max(worker_count, 1) * conn_per_worker + 10),
-        "shared_buffers": "128MB",
-        "jit": "off",
-        "listen_addresses": "127.0.0.1",
-        "log_min_messages": "warning",
-        "log_min_error_statement": "panic",
-        "log_checkpoints": "off",
-        "timezone": "UTC",
-    }
-    settings.update(overrides or {})
-    return settings
-
-
-@dataclass(frozen=True)
-class PostgresConfig:
-    """How to start the shared server."""
-
-    settings: Mapping[str, str]
-    start_timeout: float = 60.0
-    superuser: str = "isolate"
-    database: str = "isolate"
-
-
-@dataclass(frozen=True)
-class PostgresServer:
-    """Connection facts of a running server (JSON-serialisable, shared by workers)."""
-
-    host: str
-    port: int
-    user: str
-    password: str
-    database: str
-    version: str
-    backend: str = "native"
-    settings: Mapping[str, str] = field(default_factory=dict)
-
-    def dsn(
-        self,
-        user: str | None = None,
-        password: str | None = None,
-        database: str | None = None,
-        search_path: str | None = None,
-    ) -> str:
-        """A ``postgresql://`` URL, by default the superuser's."""
-        user = user or self.user
-        password = self.password if password is None else password
-        url = (
-            f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}"
-            f"@{self.host}:{self.port}/{quote(database or self.database, safe='')}"
-        )
-        if search_path:
-            url += "?options=" + quote(f"-csearch_path={search_path}", safe="")
-        return url
-
-    @property
-    def admin_dsn(self) -> str:
-        return self.dsn()
-
-    def to_json(self) -> dict[str, object]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, object]) -> PostgresServer:
-        return cls(**data)  # type: ignore[arg-type]
-
-
-def prepare_database(server: PostgresServer) -> None:
-    """Create the run's database and lock its ``public`` schema down."""
-    with psycopg.connect(server.dsn(database="postgres"), autocommit=True) as conn:
-        exists = conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (server.database,)
-        ).fetchone()
-        if not exists:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(server.database)))
-    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-        conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
-
-
-class NativePostgresRunner:
+class NativePostgresRunner(NativeServer):
     """initdb + postgres as native processes, demoted to ``run_as`` when root."""
+
+    stop_signal = signal.SIGINT  # fast shutdown
 
     def __init__(
         self,
@@ -139,27 +44,12 @@ class NativePostgresRunner:
         run_as: RunAs | None,
         name: str = "postgres",
     ) -> None:
-        self.name = name
-        self.binary = binary
+        super().__init__(name, binary, directory, "postgres.log")
         self.config = config
-        self.directory = directory
         self.run_as = run_as
-        self.password = secrets.token_urlsafe(18)
-        self.lease: PortLease | None = None
-        self._proc: ManagedProcess | None = None
+        self.data_dir = directory / "data"
+        self.socket_dir = directory / "sock"
         self.server: PostgresServer | None = None
-
-    @property
-    def data_dir(self) -> Path:
-        return self.directory / "data"
-
-    @property
-    def socket_dir(self) -> Path:
-        return self.directory / "sock"
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "postgres.log"
 
     def _bin(self, name: str) -> str:
         return str(reachable_copy(self.binary, self.run_as) / name)
@@ -265,9 +155,16 @@ class NativePostgresRunner:
                 hint="check that the run_as user can write to --isolate-base-dir",
             )
 
-    def _launch(self, port: int) -> ManagedProcess:
+    def _ready(self) -> bool:
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        return len(lines) >= 8 and lines[7].strip() == "ready"
+
+    def _launch(self, lease: PortLease) -> ManagedProcess:
         settings = dict(self.config.settings)
-        settings.update(port=str(port), unix_socket_directories=str(self.socket_dir))
+        settings.update(port=str(lease.port), unix_socket_directories=str(self.socket_dir))
         argv = [self._bin("postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
             argv += ["-c", f"{key}={value}"]
@@ -275,45 +172,18 @@ class NativePostgresRunner:
             argv, log_path=self.log_path, env=self._env(), cwd=self.directory, run_as=self.run_as
         )
         proc.start()
+        self._proc, self.lease = proc, lease  # registered before it is ready
+        wait_started(
+            proc, self._ready, self.config.start_timeout, what="PostgreSQL",
+            hint="read the log lines above; a bad --isolate-pg-settings value is a common cause",
+        )  # fmt: skip
         return proc
 
-    def _ready(self, proc: ManagedProcess) -> bool:
-        if not proc.running:
-            return True  # stop polling; the caller looks at the exit
-        try:
-            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
-        except OSError:
-            return False
-        return len(lines) >= 8 and lines[7].strip() == "ready"
-
     def start(self) -> None:
-        """initdb, start on a leased port (retrying bind failures), wait until ready."""
+        """initdb (template copy), start on a free port, wait until ready."""
         self._prepare_dirs()
         self._initdb()
-        for attempt in range(5):
-            self.lease = reserve_port()
-            proc = self._launch(self.lease.port)
-            poll_until(functools.partial(self._ready, proc), self.config.start_timeout)
-            if proc.running and self._ready(proc):
-                self._proc = proc
-                break
-            log = tail(self.log_path, 20)
-            self.lease.release()
-            if proc.running:
-                proc.kill()
-                raise ServerStartError(
-                    f"PostgreSQL did not get ready within {self.config.start_timeout:.0f}s",
-                    log_tail=log, data_dir=self.data_dir,
-                    hint="raise --isolate-pg-start-timeout or look at the server log",
-                )  # fmt: skip
-            if any(marker in log for marker in _BIND_FAILURE) and attempt < 4:
-                logger.info("postgres could not bind port %d; retrying", self.lease.port)
-                continue
-            raise ServerStartError(
-                "PostgreSQL exited during start-up",
-                log_tail=log, exit_code=proc.returncode, data_dir=self.data_dir,
-                hint="read the log lines above; a bad --isolate-pg-settings value is a common cause",
-            )  # fmt: skip
+        start_on_free_port(self._launch, what="PostgreSQL")
         assert self.lease is not None
         with psycopg.connect(
             host=str(self.socket_dir), port=self.lease.port, user=self.config.superuser,
@@ -332,30 +202,4 @@ class NativePostgresRunner:
             database=self.config.database,
             version=self.binary.version,
             settings=dict(self.config.settings),
-        )
-
-    @property
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.running
-
-    def stop(self, timeout: float | None = None) -> int | None:
-        """Fast shutdown (SIGINT), then remove the data dir."""
-        code = None
-        if self._proc is not None:
-            code = self._proc.stop(signal.SIGINT, timeout or 10.0)
-        if self.lease is not None:
-            self.lease.release()
-        shutil.rmtree(self.directory, ignore_errors=True)
-        return code
-
-    def logs(self) -> str:
-        return tail(self.log_path, 200)
-
-    def record(self) -> ProcessRecord:
-        return ProcessRecord(
-            name=self.name,
-            pid=self._proc.pid if self._proc else None,
-            start_ticks=self._proc.start_ticks if self._proc else None,
-            stop_signal=signal.SIGINT,
-            paths=[str(self.directory)],
         )

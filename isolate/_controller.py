@@ -1,0 +1,76 @@
+"""The controller's side of a run: run id, base dir, run dir, backend choice, teardown.
+
+The controller is the xdist controller, or the only pytest process without xdist. It
+opens the run before any worker starts and closes it after every worker is done
+(crashed ones included): whatever is still registered, or labelled with the run id, is
+reaped, and the run dir is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from ._backends import Backend, decide_backend, make_backend
+from ._config import Settings
+from ._identity import WorkerIdentity
+from ._run.liveness import Owner
+from ._run.rundir import RunDir, reap_stale_runs
+from ._timings import Timings, read, summarize
+
+__all__ = ["WORKERINPUT_KEYS", "RunController"]
+
+logger = logging.getLogger(__name__)
+
+#: What the controller hands every xdist worker, so that all agree on the run.
+WORKERINPUT_KEYS = ("isolate_run_id", "isolate_backend", "isolate_base_dir")
+
+
+class RunController:
+    """Opens and closes one run."""
+
+    def __init__(self, settings: Settings, run_id: str, rootdir: Path) -> None:
+        self.settings = settings
+        self.run = RunDir(Path(settings.base_path), run_id)
+        self.backend_name, self.backend_reason = decide_backend(settings)
+        self.identity = WorkerIdentity("main", 1, run_id)
+        self.backend: Backend = make_backend(self.backend_name, settings, self.identity, self.run, rootdir)
+        self.timings = Timings(self.run.timings_path, "controller")
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    def workerinput(self) -> dict[str, str]:
+        """The run's facts for a worker (``workerinput``)."""
+        values = (self.run_id, self.backend_name, str(self.run.base))
+        return dict(zip(WORKERINPUT_KEYS, values, strict=True))
+
+    def open(self) -> None:
+        """Reap what dead runs left (if asked), then create the run dir."""
+        if self.settings.reap_stale:
+            reap_stale_runs(self.run.base)
+            with contextlib.suppress(Exception):  # a missing engine is not this run's problem
+                self.backend.reap_orphans()
+        self.run.create(Owner.current())
+
+    def close(self) -> dict[str, dict[str, float]]:
+        """Reap everything the run still holds and remove its dir; the timing summary."""
+        start = time.perf_counter()
+        reaped = self.run.registry.reap(self.settings.stop_timeout)
+        try:
+            reaped += self.backend.reap_run()
+        except Exception as exc:
+            logger.warning("isolate could not reap run %s: %s", self.run_id, exc)
+        if reaped:
+            logger.info("isolate reaped %s", ", ".join(reaped))
+        self.timings.add("run_teardown", time.perf_counter() - start)
+        summary = summarize(read(self.timings.path))
+        self.run.reap()
+        return summary
+
+    def header(self) -> list[str]:
+        lines = [f"run {self.run_id}, backend {self.backend_name} ({self.backend_reason})"]
+        return lines + self.backend.describe()

@@ -1,0 +1,62 @@
+"""The Docker backend: the same stack as the native one, in containers.
+
+* one shared PostgreSQL container per run (``isolate-pg-<run id>``);
+* one Redis container per worker (``isolate-redis-<worker>-<run id>``);
+* each worker's own container of the service under test
+  (``<service>-test-<worker>-<run id>``), created once, then stopped and started in
+  place so its URL never changes.
+
+Containers are created with the Docker SDK client testcontainers locates; isolate does
+not use testcontainers' container classes or its Ryuk reaper: Ryuk removes a session's
+containers when the *process* that started them exits, but the shared PostgreSQL must
+outlive the worker that started it. isolate reaps its own containers by label.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .._config import Settings
+from .._identity import WorkerIdentity
+from .._postgres import PostgresConfig
+from .._postgres.docker import DockerPostgresRunner
+from .._redis import RedisConfig
+from .._redis.docker import DockerRedisRunner
+from .._run.liveness import Owner
+from .._run.rundir import RunDir
+from .._service import ServiceSpec
+from .._service.docker import ContainerLauncher
+from .containers import reap_orphans, reap_run
+from .context import DockerRun
+
+__all__ = ["DockerBackend"]
+
+
+class DockerBackend:
+    """Containers on the local (or ``DOCKER_HOST``) engine."""
+
+    name = "docker"
+
+    def __init__(self, settings: Settings, worker: WorkerIdentity, run: RunDir, rootdir: Path) -> None:
+        self.ctx = DockerRun(settings, worker, run, lambda: run.owner() or Owner.current())
+        self.rootdir = rootdir
+
+    def postgres(self, config: PostgresConfig, directory: Path) -> DockerPostgresRunner:
+        return DockerPostgresRunner(self.ctx, config)
+
+    def redis(self, config: RedisConfig, directory: Path, name: str, *, shared: bool,
+              ) -> DockerRedisRunner:  # fmt: skip
+        return DockerRedisRunner(self.ctx, config, name, shared=shared)
+
+    def service(self, spec: ServiceSpec, instance: str, log_path: Path) -> ContainerLauncher:
+        return ContainerLauncher(self.ctx, spec, instance, self.rootdir)
+
+    def reap_run(self) -> list[str]:
+        return reap_run(self.ctx.worker.run_id)
+
+    def reap_orphans(self) -> list[str]:
+        return reap_orphans()
+
+    def describe(self) -> list[str]:
+        s = self.ctx.settings
+        return [f"postgres image {s.pg_image}, redis image {s.redis_image}, network {self.ctx.mode}"]

@@ -1,0 +1,230 @@
+"""Containers: the generic server container on a free port, and the reapers."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+from .._config import OPTIONS
+from .._errors import ServerStartError
+from .._ports import PortLease
+from .._retry import poll_until, start_on_free_port
+from .._service.spec import tail_text
+from .context import LABEL, MANAGED_FILTER, DockerRun, owner_of
+from .engine import engine, is_docker_error, reason
+from .images import ensure_image, volume_mounts
+
+__all__ = [
+    "ContainerServer",
+    "container_logs",
+    "container_state",
+    "reap_orphans",
+    "reap_run",
+    "remove_container",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def remove_container(container: Any) -> None:
+    """Force-remove a container and its anonymous volumes (gone already is fine)."""
+    with contextlib.suppress(Exception):
+        container.remove(force=True, v=True)
+
+
+def container_state(container: Any) -> dict[str, Any]:
+    """Fresh ``State`` of a container (``{}`` if it no longer exists)."""
+    try:
+        container.reload()
+    except Exception:
+        return {}
+    return dict(container.attrs.get("State") or {})
+
+
+def container_logs(container: Any, tail: int | str = "all") -> str:
+    try:
+        raw = container.logs(stdout=True, stderr=True, tail=tail)
+    except Exception:
+        return ""
+    return bytes(raw).decode("utf-8", "replace")
+
+
+class ContainerServer:
+    """A backing server container (PostgreSQL, Redis) on a free port.
+
+    Subclasses give the create kwargs, a readiness probe and the connection facts.
+    """
+
+    kind = "server"
+    role = "server"
+    container_port = 0
+
+    #: The option naming its image (``pg_image``, ``redis_image``).
+    image_option = ""
+
+    def __init__(self, ctx: DockerRun, name: str, container_name: str, start_timeout: float) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.container_name = container_name
+        self.image = str(getattr(ctx.settings, self.image_option))
+        option = next(opt for opt in OPTIONS if opt.name == self.image_option)
+        self.image_hint = (
+            f"build or load it locally (docker images), or set {option.cli} / ini "
+            f"{option.ini} / env {option.env} to a {self.kind} image that exists "
+            f"(official {self.kind.lower()} image contract)"
+        )
+        self.start_timeout = start_timeout
+        self.lease: PortLease | None = None
+        self.container: Any = None
+
+    # subclass hooks
+    def _create_kwargs(self, port: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _probe(self, port: int) -> bool:
+        raise NotImplementedError
+
+    def _connected(self, port: int) -> None:
+        """Record the connection facts once it is ready (sets ``self.server``)."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Create and start the container on a free port; block until it is ready."""
+        image = ensure_image(self.ctx.client, self.image, hint=self.image_hint)
+        lease = start_on_free_port(functools.partial(self._launch, image), what=self.kind)
+        self._connected(lease.port)
+
+    def _launch(self, image: Any, lease: PortLease) -> PortLease:
+        self.lease, port = lease, lease.port
+        labels = self.ctx.labels(self.role)
+        kwargs = {**self._create_kwargs(port), **self.ctx.networking(self.container_port, port)}
+        self.ctx.remove_stale(self.container_name)
+        try:
+            self.container = self.ctx.client.containers.create(
+                self.image, name=self.container_name, labels=labels,
+                mounts=volume_mounts(image, labels), detach=True, **kwargs,
+            )  # fmt: skip
+            self.container.start()
+        except Exception as exc:
+            if self.container is not None:
+                remove_container(self.container)
+            raise ServerStartError(
+                f"{self.kind} container {self.container_name} did not start: {reason(exc)}",
+                image=self.image,
+            ) from None
+        checks = [0]
+
+        def ready() -> bool:
+            checks[0] += 1
+            if checks[0] % 5 == 0 and not container_state(self.container).get("Running"):
+                return True  # exited: stop polling, look at the state below
+            return self._probe(port)
+
+        poll_until(ready, self.start_timeout, initial=0.01, maximum=0.1)
+        state = container_state(self.container)
+        if state.get("Running") and self._probe(port):
+            return lease
+        log = tail_text(container_logs(self.container, 200), 25)
+        remove_container(self.container)
+        if state.get("Running"):
+            raise ServerStartError(
+                f"{self.kind} container {self.container_name} was not ready within "
+                f"{self.start_timeout:.0f}s",
+                log_tail=log, image=self.image, port=port,
+                hint="raise --isolate-pg-start-timeout, or read the container log above",
+            )  # fmt: skip
+        raise ServerStartError(
+            f"{self.kind} container {self.container_name} exited during start-up",
+            log_tail=log, exit_code=state.get("ExitCode"), image=self.image,
+            hint=f"read the log lines above; check that {self.image} follows the "
+            f"official {self.kind} image's contract",
+        )  # fmt: skip
+
+    @property
+    def is_running(self) -> bool:
+        return self.container is not None and bool(container_state(self.container).get("Running"))
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop (the image's stop signal, then SIGKILL) and remove with its volumes."""
+        code = None
+        if self.container is not None:
+            with contextlib.suppress(Exception):
+                self.container.stop(timeout=math.ceil(timeout or 10.0))
+                code = container_state(self.container).get("ExitCode")
+            remove_container(self.container)
+        if self.lease is not None:
+            self.lease.release()
+        return code
+
+    def logs(self) -> str:
+        return container_logs(self.container, 200) if self.container is not None else ""
+
+    def record(self) -> None:
+        """Containers are reaped by their run label, not through the registry."""
+        return None
+
+
+# -- reaping --------------------------------------------------------------------
+
+
+def _remove_all(found: list[tuple[str, str, Callable[[], None]]], dry_run: bool) -> list[str]:
+    removed = []
+    for kind, name, remove in found:
+        if not dry_run:
+            try:
+                remove()
+            except Exception as exc:
+                if not is_docker_error(exc, "NotFound"):
+                    logger.warning("could not remove %s %s: %s", kind, name, reason(exc))
+                continue  # gone already (e.g. a volume removed with its container)
+        removed.append(f"{kind} {name}")
+    return removed
+
+
+def _find(client: Any, filters: dict[str, str], keep: Callable[[dict[str, str]], bool],
+          ) -> list[tuple[str, str, Callable[[], None]]]:  # fmt: skip
+    """(kind, name, remove) of every labelled resource ``keep(labels)`` selects.
+
+    Containers first: removing them frees their networks and anonymous volumes.
+    """
+    found: list[tuple[str, str, Callable[[], None]]] = []
+    # ignore_removed: another run may remove its own containers while we list.
+    for c in client.containers.list(all=True, filters=filters, ignore_removed=True):
+        if keep(c.labels):
+            found.append(("container", c.name, functools.partial(c.remove, force=True, v=True)))
+    for net in client.networks.list(filters=filters):
+        if keep(net.attrs.get("Labels") or {}):
+            found.append(("network", net.name, net.remove))
+    for vol in client.volumes.list(filters=filters):
+        if keep(vol.attrs.get("Labels") or {}):
+            found.append(("volume", vol.name, functools.partial(vol.remove, force=True)))
+    return found
+
+
+def reap_run(run_id: str) -> list[str]:
+    """Remove every container, network and volume of ``run_id`` (its run is over)."""
+    filters = {"label": f"{LABEL.RUN_ID}={run_id}"}
+    return _remove_all(_find(engine(), filters, lambda labels: True), dry_run=False)
+
+
+def reap_orphans(dry_run: bool = False) -> list[str]:
+    """Remove containers (then networks and volumes) labelled ``isolate.managed=true``
+    whose owner is gone; never those of a live run.
+
+    Returns what was removed (or would be, with ``dry_run``): ``"container NAME"``,
+    ``"network NAME"``, ``"volume NAME"``. Raises :class:`DockerUnavailableError` if no
+    engine answers.
+    """
+
+    def orphaned(labels: dict[str, str]) -> bool:
+        owner = owner_of(labels)
+        return owner is not None and owner.gone()
+
+    found = _remove_all(_find(engine(), MANAGED_FILTER, orphaned), dry_run)
+    for item in found:
+        logger.info("reaped orphaned %s", item)
+    return found

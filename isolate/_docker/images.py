@@ -1,0 +1,131 @@
+"""Images: the servers' (present or pulled) and the service's (built from its context)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .._errors import ConfigError, DockerUnavailableError, ImageNotFoundError
+from .._service.spec import tail_text
+from .engine import is_docker_error, reason
+
+__all__ = ["build_image", "context_digest", "ensure_image", "volume_mounts"]
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_image(client: Any, image: str, *, hint: str) -> Any:
+    """The local image ``image``, pulled if missing; :class:`ImageNotFoundError` if neither."""
+    try:
+        return client.images.get(image)
+    except Exception as exc:
+        if not is_docker_error(exc, "ImageNotFound", "NotFound"):
+            raise DockerUnavailableError(
+                f"docker could not inspect image {image!r}: {reason(exc)}"
+            ) from None
+    from docker.utils import parse_repository_tag
+
+    repository, tag = parse_repository_tag(image)
+    started = time.monotonic()
+    try:
+        if tag is not None and tag.startswith("sha256:"):
+            pulled = client.images.pull(f"{repository}@{tag}")
+        else:
+            pulled = client.images.pull(repository, tag=tag or "latest")
+    except Exception as exc:
+        raise ImageNotFoundError(
+            f"image {image!r} is not present locally and could not be pulled: {reason(exc)}",
+            hint=hint, image=image, pull_seconds=f"{time.monotonic() - started:.1f}",
+        ) from None  # fmt: skip
+    logger.info("pulled %s in %.1fs", image, time.monotonic() - started)
+    return pulled
+
+
+def _dockerignore(context: Path) -> list[str]:
+    """The patterns of ``context/.dockerignore``, read as the Docker SDK's build does."""
+    try:
+        lines = (context / ".dockerignore").read_text().splitlines()
+    except OSError:
+        return []
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def context_digest(context: Path) -> str:
+    """Hash of what a build of ``context`` sends: each file's path, mode and content.
+
+    The file list is the Docker SDK's own (``.dockerignore`` semantics, ``!`` lines
+    included), so an edit to any file the image can see changes the digest.
+    """
+    from docker.utils.build import exclude_paths
+
+    digest = hashlib.sha256()
+    for rel in sorted(exclude_paths(str(context), _dockerignore(context))):
+        path = context / rel
+        if path.is_file() and not path.is_symlink():
+            digest.update(f"{rel}\0{path.stat().st_mode & 0o111}\0".encode())
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
+    return digest.hexdigest()[:12]
+
+
+def build_image(client: Any, name: str, context: Path) -> str:
+    """Build ``context`` as ``isolate-build/<name>:<hash of the context>`` (reused if present)."""
+    if not (context / "Dockerfile").is_file():
+        raise ConfigError(
+            f"build context {context} has no Dockerfile",
+            hint="point ServiceSpec.build_context at a directory with a Dockerfile "
+            "(relative paths are relative to the pytest rootdir)",
+        )
+    repo = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("._-") or "service"
+    tag = f"isolate-build/{repo}:{context_digest(context)}"
+    with contextlib.suppress(Exception):
+        client.images.get(tag)
+        return tag
+    lock_dir = Path(tempfile.gettempdir()) / "isolate-build-locks"
+    lock_dir.mkdir(exist_ok=True)
+    with FileLock(str(lock_dir / f"{tag.replace('/', '_').replace(':', '_')}.lock")):
+        with contextlib.suppress(Exception):
+            client.images.get(tag)
+            return tag  # another worker built it while we waited
+        started = time.monotonic()
+        try:
+            client.images.build(
+                path=str(context), tag=tag, rm=True, forcerm=True, pull=False,
+                network_mode="host", labels={"isolate.build_context": str(context)},
+            )  # fmt: skip
+        except Exception as exc:
+            build_log = getattr(exc, "build_log", None) or []
+            text = "".join(
+                str(chunk.get("stream") or chunk.get("error") or "")
+                for chunk in build_log
+                if isinstance(chunk, dict)
+            )
+            raise ImageNotFoundError(
+                f"building image {tag} from {context} failed: {reason(exc)}",
+                log_tail=tail_text(text, 20) or None,
+                hint="fix the Dockerfile (base images must exist locally or be pullable), "
+                "or set ServiceSpec.image to an image that exists",
+                context=context,
+            ) from None
+        logger.info("built %s in %.1fs", tag, time.monotonic() - started)
+    return tag
+
+
+def volume_mounts(image: Any, labels: Mapping[str, str]) -> list[Any]:
+    """Labelled anonymous volumes for the image's ``VOLUME``s (instead of unlabelled ones)."""
+    from docker.types import Mount
+
+    volumes = (image.attrs.get("Config") or {}).get("Volumes") or {}
+    return [
+        Mount(target=target, source=None, type="volume", labels=dict(labels))
+        for target in sorted(volumes)
+    ]

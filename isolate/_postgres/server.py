@@ -1,0 +1,106 @@
+"""PostgreSQL facts shared by both backends: tuning, config, connection facts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from urllib.parse import quote
+
+import psycopg
+from psycopg import sql
+
+__all__ = ["PostgresConfig", "PostgresServer", "prepare_database", "tuned_settings"]
+
+
+def tuned_settings(
+    worker_count: int, conn_per_worker: int, overrides: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Server settings for a throwaway test database, sized for ``worker_count``.
+
+    Durability is traded for speed (nothing here must survive a crash);
+    ``overrides`` win over every default.
+    """
+    settings = {
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "full_page_writes": "off",
+        "wal_level": "minimal",
+        "max_wal_senders": "0",
+        "max_wal_size": "1GB",
+        "checkpoint_timeout": "30min",
+        "max_connections": str(max(worker_count, 1) * conn_per_worker + 10),
+        "shared_buffers": "128MB",
+        "jit": "off",
+        "listen_addresses": "127.0.0.1",
+        "log_min_messages": "warning",
+        "log_min_error_statement": "panic",
+        "log_checkpoints": "off",
+        "timezone": "UTC",
+    }
+    settings.update(overrides or {})
+    return settings
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    """How to start the shared server."""
+
+    settings: Mapping[str, str]
+    start_timeout: float = 60.0
+    superuser: str = "isolate"
+    database: str = "isolate"
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """Connection facts of a running server (JSON-serialisable, shared by workers)."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+    version: str
+    backend: str = "native"
+    settings: Mapping[str, str] = field(default_factory=dict)
+
+    def dsn(
+        self,
+        user: str | None = None,
+        password: str | None = None,
+        database: str | None = None,
+        search_path: str | None = None,
+    ) -> str:
+        """A ``postgresql://`` URL, by default the superuser's."""
+        user = user or self.user
+        password = self.password if password is None else password
+        url = (
+            f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}"
+            f"@{self.host}:{self.port}/{quote(database or self.database, safe='')}"
+        )
+        if search_path:
+            url += "?options=" + quote(f"-csearch_path={search_path}", safe="")
+        return url
+
+    @property
+    def admin_dsn(self) -> str:
+        return self.dsn()
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> PostgresServer:
+        return cls(**data)  # type: ignore[arg-type]
+
+
+def prepare_database(server: PostgresServer) -> None:
+    """Create the run's database and lock its ``public`` schema down."""
+    with psycopg.connect(server.dsn(database="postgres"), autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (server.database,)
+        ).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(server.database)))
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")

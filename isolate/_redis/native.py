@@ -1,0 +1,69 @@
+"""A worker's Redis/Valkey as a native process on a free port."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .._binaries import Binary
+from .._ports import PortLease
+from .._process import ManagedProcess, NativeServer, wait_started
+from .._retry import start_on_free_port
+from .server import RedisConfig, RedisServer, acl_users, answers_ping
+
+__all__ = ["NativeRedisRunner"]
+
+logger = logging.getLogger(__name__)
+
+
+class NativeRedisRunner(NativeServer):
+    """A valkey-server/redis-server process on a leased port."""
+
+    def __init__(
+        self, binary: Binary, config: RedisConfig, directory: Path, name: str = "redis"
+    ) -> None:
+        super().__init__(name, binary, directory, "redis.log")
+        self.config = config
+        self.server: RedisServer | None = None
+
+    def _write_config(self, port: int) -> Path:
+        conf = self.directory / "redis.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"port {port}",
+                    "bind 127.0.0.1",
+                    "protected-mode yes",
+                    'save ""',
+                    "appendonly no",
+                    f"dir {self.directory}",
+                    "daemonize no",
+                    'logfile ""',
+                    f"databases {self.config.databases}",
+                    *(f"user {' '.join(user)}" for user in acl_users(self.password)),
+                    "",
+                ]
+            )
+        )
+        conf.chmod(0o600)
+        return conf
+
+    def _launch(self, lease: PortLease) -> ManagedProcess:
+        conf = self._write_config(lease.port)
+        proc = ManagedProcess(
+            [str(self.binary.path), str(conf)], log_path=self.log_path, cwd=self.directory
+        )
+        proc.start()
+        self._proc, self.lease = proc, lease
+        wait_started(
+            proc, lambda: answers_ping(lease.port), self.config.start_timeout, what="Redis",
+            hint="read the log lines above; check --isolate-redis-bin points at a server",
+        )  # fmt: skip
+        return proc
+
+    def start(self) -> None:
+        """Start on a free port and wait until it answers PING."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        start_on_free_port(self._launch, what="Redis")
+        assert self.lease is not None
+        self.server = RedisServer("127.0.0.1", self.lease.port, 0, self.password)

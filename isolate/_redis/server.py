@@ -1,0 +1,98 @@
+"""Redis/Valkey facts shared by both backends: config, connection facts, ACL users."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+
+from .._errors import FaultInjectionError
+
+__all__ = ["ADMIN_USER", "RedisConfig", "RedisServer", "acl_users", "answers_ping"]
+
+ADMIN_USER = "isolate-admin"
+
+
+def acl_users(admin_password: str) -> list[list[str]]:
+    """The ACL users every isolate Redis gets: an admin (for cut/restore and flush)
+    and the passwordless ``default`` user the worker's clients use."""
+    return [
+        [ADMIN_USER, "on", f">{admin_password}", "~*", "&*", "+@all"],
+        ["default", "on", "nopass", "~*", "&*", "+@all"],
+    ]
+
+
+def answers_ping(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a Redis server on ``port`` answers PING."""
+    try:
+        with redis.Redis(host=host, port=port, socket_timeout=0.5) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """How to start a Redis-compatible server."""
+
+    databases: int = 16
+    start_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    """Where a worker's Redis is (JSON-serialisable)."""
+
+    host: str
+    port: int
+    db: int
+    admin_password: str
+    shared: bool = False
+    backend: str = "native"
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/<db>`` for the worker."""
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A redis-py client on the worker's DB."""
+        return redis.Redis.from_url(self.url, **kwargs)
+
+    def admin(self) -> redis.Redis:
+        return redis.Redis(
+            host=self.host, port=self.port, db=self.db, username=ADMIN_USER,
+            password=self.admin_password, socket_timeout=5,
+        )  # fmt: skip
+
+    def flush(self) -> None:
+        """Empty the worker's DB."""
+        with self.admin() as client:
+            client.flushdb()
+
+    # -- fault injection ----------------------------------------------------
+
+    def cut(self) -> None:
+        """Make this worker's Redis refuse it (data kept); :meth:`restore` undoes it."""
+        if self.shared:
+            raise FaultInjectionError(
+                "cannot cut Redis for one worker when workers share a server",
+                hint="use --isolate-redis-mode=per-worker for Redis fault injection",
+            )
+        with self.admin() as client:
+            client.acl_setuser("default", enabled=False, reset_passwords=False)
+            client.execute_command("CLIENT", "KILL", "USER", "default")
+
+    def restore(self) -> None:
+        """Undo :meth:`cut`."""
+        with self.admin() as client:
+            client.acl_setuser("default", enabled=True, nopass=True)
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RedisServer:
+        return cls(**data)

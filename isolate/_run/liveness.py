@@ -1,0 +1,106 @@
+"""One liveness policy for everything a run leaves: is its owner still running?
+
+A run's *owner* is the process that opened it (the xdist controller, or the only
+pytest process). Its run dir records the owner (``owner.json``) and so do the
+labels of its containers; both are judged by :meth:`Owner.gone`, so a run dir and
+a container of the same run are always judged alike.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Owner", "is_alive", "process_start_ticks"]
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (guards against pid reuse)."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def is_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, when given, started at ``start_ticks``."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in {"Z", "X"}:
+        return False
+    return start_ticks is None or int(fields[19]) == start_ticks
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pidns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process a run belongs to, and where it runs."""
+
+    pid: int
+    start_ticks: int | None
+    host: str = ""
+    boot_id: str = ""
+    pidns: str = ""
+
+    @classmethod
+    def current(cls) -> Owner:
+        """This process."""
+        pid = os.getpid()
+        return cls(pid, process_start_ticks(pid), socket.gethostname(),
+                   _read("/proc/sys/kernel/random/boot_id"), _pidns())  # fmt: skip
+
+    @classmethod
+    def parse(cls, data: Any) -> Owner | None:
+        """An owner from its JSON or labels form, ``None`` if it is not one."""
+        if not isinstance(data, dict):
+            return None
+        try:
+            pid = int(data["pid"])
+            raw_ticks = data.get("start_ticks")
+            ticks = int(raw_ticks) if raw_ticks not in (None, "") else None
+        except (KeyError, TypeError, ValueError):
+            return None
+        text = {k: str(data.get(k) or "") for k in ("host", "boot_id", "pidns")}
+        return cls(pid, ticks, **text) if pid > 0 else None
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    def to_strings(self) -> dict[str, str]:
+        """Every field as a string (container labels)."""
+        return {k: "" if v is None else str(v) for k, v in asdict(self).items()}
+
+    def gone(self) -> bool:
+        """Whether the owner has certainly ended.
+
+        Judged only for owners on this machine and in this PID namespace (another
+        CI job sharing a Docker engine has pids we cannot see): gone if the machine
+        rebooted since, or its pid is dead or reused.
+        """
+        here = Owner.current()
+        if self.boot_id and self.boot_id != here.boot_id:
+            return self.host == here.host  # rebooted since (else: another machine)
+        if self.pidns and self.pidns != here.pidns:
+            return False
+        return not is_alive(self.pid, self.start_ticks)

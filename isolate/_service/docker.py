@@ -1,0 +1,190 @@
+"""The service under test as a container: ``<name>-test-<worker>-<run id>``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .._docker.containers import container_logs, container_state, remove_container
+from .._docker.context import DockerRun
+from .._docker.engine import reason
+from .._docker.images import build_image, ensure_image, volume_mounts
+from .._errors import ConfigError, ServiceError
+from .._retry import poll_until
+from .spec import ServiceSpec, render
+
+__all__ = ["ContainerLauncher"]
+
+_URL_HOSTPORT = re.compile(r"(?<=[@/])(?:127\.0\.0\.1|localhost):(\d+)")
+
+
+class ContainerLauncher:
+    """Runs the service's image; created on the first start, then stopped and started
+    in place, so it keeps its port, its logs and its id across restarts.
+
+    Exit codes are Docker's: 128+N when killed by signal N (137 after SIGKILL). The
+    image's ``WORKDIR`` and environment apply (``ServiceSpec.cwd`` and ``inherit_env``
+    describe the host and are ignored); ``spec.env`` (rendered) and
+    ``ISOLATE_INSTANCE_NAME`` are set on top. The command is
+    ``spec.container_command``, else ``spec.command``, else the image's ``CMD``.
+    """
+
+    def __init__(self, ctx: DockerRun, spec: ServiceSpec, instance_name: str, rootdir: Path) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.name = instance_name
+        self.container_name = f"{spec.name}-test-{ctx.worker.slug}-{ctx.worker.run_id}"
+        if ctx.mode == "mapped" and spec.container_port is None:
+            raise ConfigError(
+                f"service {spec.name!r}: docker network mode 'mapped' needs ServiceSpec.container_port",
+                hint="set ServiceSpec(container_port=<port the service listens on in its "
+                "container>), or use --isolate-docker-network=host",
+            )
+        self.image = self._resolve_image(Path(rootdir))
+        self.container: Any = None
+        self._final_logs = ""
+
+    def _resolve_image(self, rootdir: Path) -> str:
+        spec = self.spec
+        if spec.image:
+            ensure_image(
+                self.ctx.client, spec.image,
+                hint=f"build it (docker build -t {spec.image} ...), set ServiceSpec.image to "
+                "an image that exists locally, or set ServiceSpec.build_context to its "
+                "Dockerfile's directory",
+            )  # fmt: skip
+            return spec.image
+        if spec.build_context:
+            context = Path(spec.build_context)
+            return build_image(self.ctx.client, spec.name, context if context.is_absolute() else rootdir / context)
+        raise ConfigError(
+            f"service {spec.name!r} has neither an image nor a build context",
+            hint="set ServiceSpec(image=...) or ServiceSpec(build_context=...) for the docker backend",
+        )
+
+    @property
+    def container_id(self) -> str | None:
+        return self.container.id if self.container is not None else None
+
+    def container_values(self, values: Mapping[str, object]) -> dict[str, object]:
+        """Template values as seen from inside the container (differ in mapped mode):
+        ``{port}`` is ``container_port``, ``{host}`` is ``0.0.0.0`` and ``{dsn}`` /
+        ``{redis_url}`` name the PostgreSQL/Redis containers on the run's network."""
+        inside = dict(values)
+        if self.ctx.mode != "mapped":
+            return inside
+        inside["port"] = self.spec.container_port
+        inside["host"] = "0.0.0.0"  # noqa: S104 - the container's interface; published on 127.0.0.1
+        keys = [key for key in ("dsn", "redis_url") if key in inside]
+        published = self.ctx.published_ports() if keys else {}
+
+        def swap(match: re.Match[str]) -> str:
+            target = published.get(int(match.group(1)))
+            return f"{target[0]}:{target[1]}" if target else match.group(0)
+
+        for key in keys:
+            inside[key] = _URL_HOSTPORT.sub(swap, str(inside[key]))
+        return inside
+
+    def prepare(self, values: Mapping[str, object]) -> None:
+        """Create the container for these values (replacing one made for another port)."""
+        self.close()
+        self._final_logs = ""
+        inside = self.container_values(values)
+        env = {k: render(v, inside) for k, v in self.spec.env.items()}
+        env["ISOLATE_INSTANCE_NAME"] = self.name
+        argv = self.spec.container_command
+        argv = self.spec.command if argv is None else argv
+        labels = {**self.ctx.labels("service"), "isolate.service": self.spec.name}
+        self.ctx.remove_stale(self.container_name)
+        try:
+            image = self.ctx.client.images.get(self.image)
+            self.container = self.ctx.client.containers.create(
+                self.image, command=[render(arg, inside) for arg in argv] or None,
+                environment=env, name=self.container_name, labels=labels,
+                mounts=volume_mounts(image, labels), detach=True,
+                **self.ctx.networking(self.spec.container_port, int(str(values["port"]))),
+            )  # fmt: skip
+        except Exception as exc:
+            raise ServiceError(
+                f"docker could not create container {self.container_name}: {reason(exc)}",
+                image=self.image,
+            ) from None
+
+    def launch(self) -> None:
+        try:
+            self.container.start()
+        except Exception as exc:  # a port taken meanwhile says so: the start policy retries
+            raise ServiceError(
+                f"container {self.container_name} did not start: {reason(exc)}", image=self.image
+            ) from None
+
+    def _state(self) -> dict[str, Any]:
+        return container_state(self.container) if self.container is not None else {}
+
+    def exit_code(self) -> int | None:
+        state = self._state()
+        if not state or state.get("Running") or state.get("Status") == "created":
+            return None
+        return int(state.get("ExitCode", 0))
+
+    def wait_exit(self, timeout: float) -> int | None:
+        if self.container is None:
+            return None
+        poll_until(lambda: not self._state().get("Running"), timeout, initial=0.01, maximum=0.1)
+        return self.exit_code()
+
+    def stop(self, sig: int, timeout: float) -> int | None:
+        if not self._state().get("Running"):
+            return self.exit_code()
+        if sig == signal.SIGTERM:
+            # docker stop -t: the image's stop signal (SIGTERM by default), then SIGKILL.
+            # Docker counts whole seconds.
+            self.container.stop(timeout=max(0, math.ceil(timeout)))
+        else:
+            self.signal(sig)
+            if self.wait_exit(timeout) is None:
+                return self.kill()
+        self.wait_exit(5.0)
+        return self.exit_code()
+
+    def kill(self) -> int | None:
+        if self._state().get("Running"):
+            with contextlib.suppress(Exception):  # it may exit between the check and the kill
+                self.container.kill()
+            self.wait_exit(10.0)
+        return self.exit_code()
+
+    def signal(self, sig: int) -> None:
+        if self._state().get("Running"):
+            with contextlib.suppress(Exception):
+                self.container.kill(signal=int(sig))
+
+    @property
+    def is_running(self) -> bool:
+        return bool(self._state().get("Running"))
+
+    @property
+    def pid(self) -> int | None:
+        return int(self._state().get("Pid") or 0) or None
+
+    def logs(self) -> str:
+        if self.container is None:
+            return self._final_logs
+        return container_logs(self.container) or self._final_logs
+
+    def record(self) -> None:
+        """Containers are reaped by their run label, not through the registry."""
+        return None
+
+    def close(self) -> None:
+        """Remove the container (and its volumes), keeping its logs."""
+        if self.container is not None:
+            self._final_logs = container_logs(self.container)
+            remove_container(self.container)
+            self.container = None

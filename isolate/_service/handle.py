@@ -1,0 +1,249 @@
+"""One worker's instance of the service under test, whatever runs it.
+
+:class:`ServiceHandle` holds everything backend-neutral (the port lease, health
+checks, stop/kill/restart semantics, timings); a thin :class:`Launcher` (a native
+process group, or a container) does the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from .._errors import ServiceExitedError, ServiceNotReadyError
+from .._ports import PortLease
+from .._retry import poll_until, start_on_free_port
+from .._run.registry import ProcessRecord
+from .._timings import Timings
+from .spec import ServiceSpec, tail_text
+
+__all__ = ["Launcher", "ServiceHandle"]
+
+logger = logging.getLogger(__name__)
+
+
+class Launcher(Protocol):
+    """Runs one service instance: a native process group or a container."""
+
+    def prepare(self, values: Mapping[str, object]) -> None:
+        """(Re)configure for these template values; forgets an earlier configuration."""
+
+    def launch(self) -> None:
+        """Start it (not waiting for readiness)."""
+
+    def exit_code(self) -> int | None:
+        """Its exit code if it has exited, else ``None``."""
+
+    def stop(self, sig: int, timeout: float) -> int | None:
+        """Send ``sig``, wait up to ``timeout``, then SIGKILL; the exit code."""
+
+    def kill(self) -> int | None:
+        """SIGKILL at once; the exit code."""
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` without waiting."""
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` for it to exit by itself; the exit code or ``None``."""
+
+    @property
+    def is_running(self) -> bool:
+        """Whether it is up."""
+
+    @property
+    def pid(self) -> int | None:
+        """Its main process id on this machine, while it runs."""
+
+    def logs(self) -> str:
+        """Everything it logged so far (all starts)."""
+
+    def record(self) -> ProcessRecord | None:
+        """What the reaper needs if its worker dies (``None``: found another way)."""
+
+    def close(self) -> None:
+        """Release what :meth:`prepare` created (a container); it is stopped already."""
+
+
+class ServiceHandle:
+    """One worker's instance of the service under test.
+
+    The first start picks a free port (and moves to another if the service loses
+    it to another process); after that the port, and so :attr:`url`, is fixed for
+    the handle's life: stop, start and restart keep it, so a test can hold the
+    handle across them.
+    """
+
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        instance_name: str,
+        values: Mapping[str, object],
+        launcher: Launcher,
+        *,
+        ready_timeout: float,
+        stop_timeout: float,
+        on_start: Callable[[ServiceHandle], None] | None = None,
+        timings: Timings | None = None,
+    ) -> None:
+        self.spec = spec
+        self.name = instance_name
+        self.host = "127.0.0.1"
+        self.values = dict(values)
+        self.launcher = launcher
+        self.ready_timeout = spec.ready_timeout or ready_timeout
+        self.stop_timeout = spec.stop_timeout or stop_timeout
+        self.on_start = on_start
+        self.timings = timings
+        self.lease: PortLease | None = None
+        self.last_exit_code: int | None = None
+        self.starts = 0
+        self._log_mark = 0
+
+    @property
+    def port(self) -> int:
+        if self.lease is None:
+            raise RuntimeError(f"{self.name} has no port before its first start")
+        return self.lease.port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def is_running(self) -> bool:
+        return self.launcher.is_running
+
+    @property
+    def pid(self) -> int | None:
+        """The main process id of the running instance (a container's too), else None."""
+        return self.launcher.pid if self.is_running else None
+
+    def logs(self) -> str:
+        """Everything the service logged so far (all starts)."""
+        return self.launcher.logs()
+
+    def record(self) -> ProcessRecord | None:
+        return self.launcher.record()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self, wait: bool = True) -> None:
+        """Start it on its port; by default block until healthy."""
+        if self.is_running:
+            raise RuntimeError(f"{self.name} is already running")
+        if self.lease is not None:
+            self._start(wait)
+            return
+
+        def first_start(lease: PortLease) -> None:
+            self.lease = lease
+            self.values.update(port=lease.port, url=self.url)
+            try:
+                self.launcher.prepare(self.values)
+                self._start(wait)
+            except BaseException:
+                self.lease = None
+                self.starts = 0
+                raise
+
+        start_on_free_port(first_start, what=self.name, attempts=3)
+
+    def _start(self, wait: bool) -> None:
+        self._log_mark = len(self.logs())
+        self.launcher.launch()
+        self.starts += 1
+        if self.on_start is not None:
+            self.on_start(self)
+        if wait:
+            self.wait_ready()
+
+    def stop(self, graceful: bool = True, timeout: float | None = None) -> int | None:
+        """SIGTERM, wait up to ``timeout`` (default: the stop timeout), then SIGKILL.
+
+        ``graceful=False`` is :meth:`kill`. Returns the exit code.
+        """
+        if not graceful:
+            return self.kill()
+        limit = self.stop_timeout if timeout is None else timeout
+        self.last_exit_code = self.launcher.stop(signal.SIGTERM, limit)
+        return self.last_exit_code
+
+    def kill(self) -> int | None:
+        """SIGKILL at once; returns the exit code."""
+        self.last_exit_code = self.launcher.kill()
+        return self.last_exit_code
+
+    def signal(self, sig: int) -> None:
+        """Send a signal without waiting (e.g. SIGTERM to watch a graceful shutdown)."""
+        self.launcher.signal(sig)
+
+    def restart(self, graceful: bool = True, timeout: float | None = None) -> None:
+        """Stop (gracefully by default) and start again on the same port."""
+        started = time.perf_counter()
+        self.stop(graceful=graceful, timeout=timeout)
+        self.start()
+        self._timed_restart(started)
+
+    def ensure_running(self) -> None:
+        """Start it if a previous test stopped or killed it."""
+        if not self.is_running:
+            logger.info("restarting %s, stopped by an earlier test", self.name)
+            started = time.perf_counter()
+            self.start()
+            self._timed_restart(started)
+
+    def _timed_restart(self, started: float) -> None:
+        if self.timings is not None:
+            self.timings.add("service_restart", time.perf_counter() - started)
+
+    def wait_exit(self, timeout: float | None = None) -> int | None:
+        """Wait for the service to exit by itself; its exit code, or None on timeout."""
+        code = self.launcher.wait_exit(self.stop_timeout if timeout is None else timeout)
+        if code is not None:
+            self.last_exit_code = code
+        return code
+
+    def is_ready(self) -> bool:
+        """One health-check probe."""
+        return self.spec.health(self.host, self.port)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Poll the health check until it passes; raise if it exits or times out."""
+        limit = self.ready_timeout if timeout is None else timeout
+        started = time.monotonic()
+        # Short back-off cap: each probe is a cheap loopback request, and readiness
+        # latency adds straight to every worker's stack start-up and every restart.
+        done = poll_until(
+            lambda: self.launcher.exit_code() is not None or self.is_ready(), limit, maximum=0.03
+        )
+        code = self.launcher.exit_code()
+        log_tail = tail_text(self.logs()[self._log_mark :])
+        if code is not None:
+            self.last_exit_code = code
+            raise ServiceExitedError(
+                f"service {self.name} exited with code {code} before it was ready",
+                log_tail=log_tail, exit_code=code, port=self.port,
+            )  # fmt: skip
+        if not done:
+            raise ServiceNotReadyError(
+                f"service {self.name} was not ready within {limit:.1f}s",
+                log_tail=log_tail, port=self.port, url=self.url,
+                waited=f"{time.monotonic() - started:.1f}s",
+            )  # fmt: skip
+
+    def close(self) -> None:
+        """Stop for good, release what runs it and give the port back."""
+        try:
+            if self.is_running:
+                self.stop(graceful=True)
+        finally:
+            self.launcher.close()
+            if self.lease is not None:
+                self.lease.release()
+
+    def __repr__(self) -> str:
+        where = self.url if self.lease is not None else "not started"
+        return f"<ServiceHandle {self.name} {where} running={self.is_running}>"

@@ -1,0 +1,148 @@
+"""The service under test, declared once: its spec, templates and health checks."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import string
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._errors import ConfigError
+
+__all__ = [
+    "TEMPLATE_FIELDS",
+    "HealthCheck",
+    "HttpCheck",
+    "ServiceSpec",
+    "TcpCheck",
+    "placeholders",
+    "render",
+    "tail_text",
+]
+
+#: Placeholders a command or env template may use.
+TEMPLATE_FIELDS = (
+    "port", "host", "url", "name", "worker", "run_id",
+    "dsn", "schema", "role", "redis_url",
+)  # fmt: skip
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,40}$")
+
+
+@dataclass(frozen=True)
+class HttpCheck:
+    """Ready when ``GET path`` answers with a status in ``statuses``."""
+
+    path: str = "/health"
+    statuses: tuple[int, ...] = (200, 204)
+
+    def __call__(self, host: str, port: int) -> bool:
+        conn = http.client.HTTPConnection(host, port, timeout=1.0)
+        try:
+            conn.request("GET", self.path)
+            return conn.getresponse().status in self.statuses
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+
+@dataclass(frozen=True)
+class TcpCheck:
+    """Ready when the port accepts a TCP connection."""
+
+    def __call__(self, host: str, port: int) -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+
+HealthCheck = HttpCheck | TcpCheck | Callable[[str, int], bool]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """How to run the service under test; each worker gets its own instance.
+
+    ``command`` (native backend), ``container_command`` (docker backend) and ``env``
+    are templates: ``{port}``, ``{host}``, ``{url}``,
+    ``{name}`` (the instance name ``<name>-test-<worker>``), ``{worker}``,
+    ``{run_id}``, ``{dsn}``, ``{schema}``, ``{role}`` and ``{redis_url}`` are
+    filled in per worker. Using ``{dsn}`` or ``{redis_url}`` is what makes the
+    worker's PostgreSQL schema or Redis start.
+    """
+
+    name: str
+    command: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    health: HealthCheck = field(default_factory=HttpCheck)
+    ready_timeout: float | None = None
+    stop_timeout: float | None = None
+    cwd: str | Path | None = None
+    inherit_env: bool = True
+    #: Docker backend: the image to run (or build from ``build_context``).
+    image: str | None = None
+    build_context: str | Path | None = None
+    #: Docker port-mapped mode: the port the service listens on inside the container.
+    container_port: int | None = None
+    #: Docker backend: the command run in the container (templates allowed). ``None``
+    #: (the default) runs ``command``; ``()`` runs the image's own ``CMD``.
+    container_command: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ConfigError(
+                f"service name {self.name!r} is not valid",
+                hint="use 1-41 lower-case letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit (it becomes part of process and container names)",
+            )
+        for label, value in (("command", self.command), ("container_command", self.container_command)):
+            if isinstance(value, str):
+                raise ConfigError(
+                    f"ServiceSpec.{label} for {self.name!r} is a string",
+                    hint="pass a list of arguments, e.g. ['python', '-m', 'app', '--port', '{port}']",
+                )
+        for template in self._templates():
+            used = placeholders(template)
+            unknown = used - set(TEMPLATE_FIELDS)
+            if unknown:
+                raise ConfigError(
+                    f"service {self.name!r} template {template!r} uses unknown "
+                    f"placeholder(s) {', '.join(sorted(unknown))}",
+                    hint=f"use only {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}; "
+                    "write {{ and }} for literal braces",
+                )
+
+    def uses(self) -> set[str]:
+        """The placeholders its templates use."""
+        used: set[str] = set()
+        for template in self._templates():
+            used |= placeholders(template)
+        return used
+
+    def _templates(self) -> list[str]:
+        return [*self.command, *(self.container_command or ()), *self.env.values()]
+
+
+def placeholders(template: str) -> set[str]:
+    """Field names used in a ``str.format`` template."""
+    try:
+        return {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(template) if name}
+    except ValueError as exc:
+        raise ConfigError(f"bad template {template!r}: {exc}") from None
+
+
+def render(template: str, values: Mapping[str, object]) -> str:
+    """Fill a template; missing values raise :class:`ConfigError`."""
+    try:
+        return template.format_map(values)
+    except KeyError as exc:
+        raise ConfigError(f"template {template!r} needs {exc} which is not available") from None
+
+
+def tail_text(text: str, lines: int = 30) -> str:
+    return "\n".join(text.splitlines()[-lines:])

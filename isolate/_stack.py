@@ -1,0 +1,254 @@
+"""A worker's side of a run: its stack, started on demand, torn down at its end.
+
+Pure Python (no pytest): the plugin creates one :class:`WorkerStack` per pytest process
+and its fixtures ask it for pieces. Shared servers are started once per run by the
+first worker that needs one (:meth:`WorkerStack.shared`); per-worker pieces belong to
+this process and are stopped by :meth:`WorkerStack.close` (or, if the worker dies, by
+the controller's reaper).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from ._backends import Backend, Runner, make_backend
+from ._config import Settings
+from ._database import Migrations, WorkerDatabase
+from ._errors import ConfigError
+from ._identity import WorkerIdentity
+from ._postgres import PostgresConfig, PostgresServer, tuned_settings
+from ._redis import RedisConfig, RedisServer
+from ._run.liveness import process_start_ticks
+from ._run.registry import ProcessRecord
+from ._run.rundir import RunDir
+from ._service import ServiceHandle, ServiceSpec
+from ._timings import Timings
+
+__all__ = ["WorkerStack"]
+
+logger = logging.getLogger(__name__)
+
+S = TypeVar("S")
+
+
+class WorkerStack:
+    """Everything one worker process gets: PostgreSQL schema, Redis, service instances.
+
+    Get it from the ``isolate_stack`` fixture. Pieces start on first use.
+    """
+
+    def __init__(
+        self, settings: Settings, worker: WorkerIdentity, run: RunDir, backend: str, rootdir: Path
+    ) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.run = run
+        self.rootdir = rootdir
+        self.backend: Backend = make_backend(backend, settings, worker, run, rootdir)
+        self.timings = Timings(run.timings_path, worker.worker_id)
+        self._postgres: PostgresServer | None = None
+        self._database: WorkerDatabase | None = None
+        self._migrations: Migrations = None
+        self._redis: RedisServer | None = None
+        self._redis_runner: Runner[RedisServer] | None = None
+        self._services: dict[str, ServiceHandle] = {}
+
+    # -- the run, for users who add pieces of their own ------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        """A directory of this run, shared by its workers, removed when the run ends."""
+        self.run.require()
+        return self.run.path
+
+    def shared(self, name: str, start: Callable[[], Mapping[str, object]]) -> dict[str, object]:
+        """Call ``start`` once per run, whichever worker asks first; everyone gets its
+        JSON-serialisable result. Concurrent callers wait while the first one starts."""
+        return self.run.shared(name, start)
+
+    def adopt_process(self, pid: int, name: str, stop_signal: int = signal.SIGTERM) -> None:
+        """Have the run stop process group ``pid`` when it ends, even if this worker dies.
+
+        The process should lead its own group (``start_new_session=True``); it gets
+        ``stop_signal``, then SIGKILL after the stop timeout.
+        """
+        self.run.registry.register(
+            ProcessRecord(name=name, pid=pid, start_ticks=process_start_ticks(pid),
+                          stop_signal=int(stop_signal))
+        )  # fmt: skip
+
+    def _start(self, runner: Runner[S]) -> S:
+        try:
+            runner.start()
+        finally:
+            # Registered even if the start failed half-way: the reaper cleans up.
+            record = runner.record()
+            if record is not None:
+                self.run.registry.register(record)
+        assert runner.server is not None
+        return runner.server
+
+    # -- PostgreSQL ------------------------------------------------------------
+
+    def postgres(self) -> PostgresServer:
+        """The run's shared PostgreSQL (started now if nobody has yet)."""
+        if self._postgres is None:
+            waited = time.perf_counter()
+            state = self.shared("postgres", self._start_postgres)
+            self.timings.add("postgres_wait", time.perf_counter() - waited)
+            self._postgres = PostgresServer.from_json(state)
+        return self._postgres
+
+    def _start_postgres(self) -> dict[str, object]:
+        with self.timings.measure("postgres_start"):
+            config = PostgresConfig(
+                settings=tuned_settings(
+                    self.worker.worker_count, self.settings.pg_conn_per_worker,
+                    self.settings.pg_settings,
+                ),
+                start_timeout=self.settings.pg_start_timeout,
+            )  # fmt: skip
+            return self._start(self.backend.postgres(config, self.run.path / "postgres")).to_json()
+
+    def database(self, migrations: Migrations = None) -> WorkerDatabase:
+        """The worker's schema and role, migrations applied (created on first call).
+
+        A schema first created without migrations gets them on the first call that
+        names some; naming different migrations later is an error, never a silent skip.
+        """
+        if self._database is None:
+            server = self.postgres()
+            with self.timings.measure("schema_migrations"):
+                self._database = WorkerDatabase.create(server, self.worker.slug, self.worker.run_id)
+                self._database.apply_migrations(migrations)
+            self._migrations = migrations
+        elif migrations is not None and migrations != self._migrations:
+            if self._migrations is not None:
+                raise ConfigError(
+                    f"worker schema {self._database.schema} already has migrations "
+                    f"{self._migrations!r}; asked again with {migrations!r}",
+                    hint="use one isolate_migrations fixture/option per run",
+                )
+            with self.timings.measure("schema_migrations"):
+                self._database.apply_migrations(migrations)
+            self._migrations = migrations
+        return self._database
+
+    def drop_database(self) -> None:
+        """Drop the worker's schema and role (idempotent)."""
+        if self._database is not None:
+            try:
+                self._database.drop()
+            except Exception as exc:  # server already gone: nothing left to drop
+                logger.debug("dropping %s failed: %s", self._database.schema, exc)
+            self._database = None
+            self._migrations = None
+
+    # -- Redis -----------------------------------------------------------------
+
+    def redis(self) -> RedisServer:
+        """The worker's Redis (own server, or own DB on the shared one)."""
+        if self._redis is None:
+            if self.settings.redis_mode == "shared":
+                state = self.shared("redis", lambda: self._start_redis("redis-shared", shared=True).to_json())
+                server = RedisServer.from_json(state)
+                self._redis = RedisServer(
+                    server.host, server.port, self.worker.index + 1, server.admin_password,
+                    shared=True, backend=server.backend,
+                )  # fmt: skip
+            else:
+                self._redis = self._start_redis(f"redis-{self.worker.slug}-{os.getpid()}", shared=False)
+        return self._redis
+
+    def _start_redis(self, name: str, *, shared: bool) -> RedisServer:
+        with self.timings.measure("redis_start"):
+            config = RedisConfig(databases=max(16, self.worker.worker_count + 2))
+            runner = self.backend.redis(config, self.run.path / name, name, shared=shared)
+            server = self._start(runner)
+            if not shared:
+                self._redis_runner = runner
+            return server
+
+    def stop_redis(self) -> None:
+        """Stop the worker's own Redis server (idempotent)."""
+        if self._redis_runner is not None:
+            self._redis_runner.stop()
+            self.run.registry.unregister(self._redis_runner.name)
+            self._redis_runner = None
+        self._redis = None
+
+    # -- the service under test --------------------------------------------------
+
+    def service(
+        self, spec: ServiceSpec, resolve: Callable[[str], object] | None = None
+    ) -> ServiceHandle:
+        """The worker's running instance of ``spec`` (created and started on first call).
+
+        ``resolve(field)`` supplies ``dsn``/``schema``/``role``/``redis_url`` on demand,
+        so only what the templates use gets started.
+        """
+        handle = self._services.get(spec.name)
+        if handle is not None:
+            return handle
+        started = time.perf_counter()
+        instance = f"{spec.name}-test-{self.worker.slug}"
+        values: dict[str, object] = {
+            "host": "127.0.0.1", "name": instance, "worker": self.worker.worker_id,
+            "run_id": self.worker.run_id,
+        }  # fmt: skip
+        resolve = resolve or self._resolve_field
+        for field_name in sorted(spec.uses() - set(values) - {"port", "url"}):
+            values[field_name] = resolve(field_name)
+        launcher = self.backend.service(spec, instance, self.run.worker_dir(self.worker.slug) / f"{instance}.log")
+        handle = ServiceHandle(
+            spec, instance, values, launcher, ready_timeout=self.settings.ready_timeout,
+            stop_timeout=self.settings.stop_timeout, on_start=self._register_service,
+            timings=self.timings,
+        )  # fmt: skip
+        self._services[spec.name] = handle
+        try:
+            with self.timings.measure("service_ready"):
+                handle.start()
+        except BaseException:
+            self.close_service(spec.name)
+            raise
+        self.timings.add("worker_stack_ready", time.perf_counter() - started)
+        return handle
+
+    def _register_service(self, handle: ServiceHandle) -> None:
+        record = handle.record()
+        if record is not None:
+            self.run.registry.register(record)
+
+    def _resolve_field(self, name: str) -> object:
+        if name in ("dsn", "schema", "role"):
+            db = self.database()
+            return {"dsn": db.dsn, "schema": db.schema, "role": db.role}[name]
+        if name == "redis_url":
+            return self.redis().url
+        raise ConfigError(f"unknown template field {name!r}")
+
+    def running_services(self) -> list[ServiceHandle]:
+        """This worker's service handles."""
+        return list(self._services.values())
+
+    def close_service(self, name: str) -> None:
+        """Stop a service for good and remove what runs it."""
+        handle = self._services.pop(name, None)
+        if handle is not None:
+            handle.close()
+            self.run.registry.unregister(f"service-{handle.name}")
+
+    def close(self) -> None:
+        """Stop this worker's services and Redis, drop its schema (idempotent)."""
+        with self.timings.measure("worker_teardown"):
+            for name in list(self._services):
+                self.close_service(name)
+            self.stop_redis()
+            self.drop_database()

@@ -1,0 +1,54 @@
+"""isolate's pytest plugin (the ``pytest11`` entry point ``isolate``).
+
+Only this package imports pytest. ``_hooks`` declares the options and drives the run
+(controller and worker), ``_xdist`` holds the hooks that exist only with pytest-xdist,
+``_fixtures`` the default fixtures.
+"""
+
+from ._fixtures import (
+    isolate_conn,
+    isolate_database,
+    isolate_dsn,
+    isolate_migrations,
+    isolate_postgres,
+    isolate_redis,
+    isolate_redis_client,
+    isolate_redis_url,
+    isolate_service,
+    isolate_service_session,
+    isolate_service_spec,
+    isolate_stack,
+    isolate_worker,
+)
+from ._hooks import (
+    pytest_addoption,
+    pytest_configure,
+    pytest_report_header,
+    pytest_runtest_makereport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+    pytest_unconfigure,
+)
+
+__all__ = [
+    "isolate_conn",
+    "isolate_database",
+    "isolate_dsn",
+    "isolate_migrations",
+    "isolate_postgres",
+    "isolate_redis",
+    "isolate_redis_client",
+    "isolate_redis_url",
+    "isolate_service",
+    "isolate_service_session",
+    "isolate_service_spec",
+    "isolate_stack",
+    "isolate_worker",
+    "pytest_addoption",
+    "pytest_configure",
+    "pytest_report_header",
+    "pytest_runtest_makereport",
+    "pytest_sessionfinish",
+    "pytest_terminal_summary",
+    "pytest_unconfigure",
+]

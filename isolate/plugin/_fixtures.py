@@ -1,0 +1,133 @@
+"""isolate's default fixtures. Override ``isolate_service_spec`` (and, if you have
+some, ``isolate_migrations``) in your conftest.py; use the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from .._database import Migrations, WorkerDatabase
+from .._identity import WorkerIdentity
+from .._postgres import PostgresServer
+from .._redis import RedisServer
+from .._service import ServiceHandle, ServiceSpec
+from .._stack import WorkerStack
+from ._hooks import STACK_KEY
+
+
+@pytest.fixture(scope="session")
+def isolate_stack(pytestconfig: pytest.Config) -> WorkerStack:
+    """This worker's :class:`~isolate.WorkerStack`: every piece, the run dir, start-once."""
+    return pytestconfig.stash[STACK_KEY]
+
+
+@pytest.fixture(scope="session")
+def isolate_worker(isolate_stack: WorkerStack) -> WorkerIdentity:
+    """Worker id (``gw0``... or ``main``), worker count and run id."""
+    return isolate_stack.worker
+
+
+@pytest.fixture(scope="session")
+def isolate_postgres(isolate_stack: WorkerStack) -> PostgresServer:
+    """The run's shared, tuned PostgreSQL server (superuser connection facts)."""
+    return isolate_stack.postgres()
+
+
+@pytest.fixture(scope="session")
+def isolate_migrations(pytestconfig: pytest.Config, isolate_stack: WorkerStack) -> Migrations:
+    """Migrations for each worker's schema: override to return a path or a callable.
+
+    Default: ``--isolate-migrations`` (relative to the rootdir), or none.
+    """
+    path = isolate_stack.settings.migrations
+    if not path:
+        return None
+    resolved = Path(path)
+    return resolved if resolved.is_absolute() else pytestconfig.rootpath / resolved
+
+
+@pytest.fixture(scope="session")
+def isolate_database(
+    isolate_stack: WorkerStack, isolate_migrations: Migrations
+) -> Iterator[WorkerDatabase]:
+    """This worker's schema and role, with migrations applied."""
+    yield isolate_stack.database(isolate_migrations)
+    isolate_stack.drop_database()
+
+
+@pytest.fixture(scope="session")
+def isolate_dsn(isolate_database: WorkerDatabase) -> str:
+    """DSN of this worker's role; its ``search_path`` is the worker's schema."""
+    return isolate_database.dsn
+
+
+@pytest.fixture
+def isolate_conn(isolate_database: WorkerDatabase) -> Iterator[psycopg.Connection[Any]]:
+    """A psycopg connection (autocommit) as this worker's role, closed after the test."""
+    with isolate_database.connect(autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="session")
+def isolate_redis(isolate_stack: WorkerStack) -> Iterator[RedisServer]:
+    """This worker's Redis: its own server, or its own DB on a shared one."""
+    yield isolate_stack.redis()
+    isolate_stack.stop_redis()
+
+
+@pytest.fixture(scope="session")
+def isolate_redis_url(isolate_redis: RedisServer) -> str:
+    """``redis://`` URL of this worker's Redis."""
+    return isolate_redis.url
+
+
+@pytest.fixture
+def isolate_redis_client(isolate_redis: RedisServer) -> Iterator[redis.Redis]:
+    """A redis-py client on this worker's Redis, closed after the test."""
+    client = isolate_redis.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def isolate_service_spec() -> ServiceSpec:
+    """The service under test. Override in your conftest.py to return a ServiceSpec."""
+    raise pytest.UsageError(
+        "the isolate_service fixture needs to know your service: define a session-scoped "
+        "fixture `isolate_service_spec` in conftest.py returning isolate.ServiceSpec(...)"
+    )
+
+
+@pytest.fixture(scope="session")
+def isolate_service_session(
+    request: pytest.FixtureRequest, isolate_stack: WorkerStack, isolate_service_spec: ServiceSpec
+) -> Iterator[ServiceHandle]:
+    """This worker's instance of the service, started once per worker.
+
+    Its ``{dsn}``/``{schema}``/``{role}`` come from the ``isolate_database`` fixture and
+    ``{redis_url}`` from ``isolate_redis_url``, so overriding those changes what it uses.
+    """
+
+    def resolve(field: str) -> object:
+        if field in ("dsn", "schema", "role"):
+            db: WorkerDatabase = request.getfixturevalue("isolate_database")
+            return {"dsn": db.dsn, "schema": db.schema, "role": db.role}[field]
+        if field == "redis_url":
+            return request.getfixturevalue("isolate_redis_url")
+        raise pytest.UsageError(f"isolate: unknown template field {field!r}")
+
+    handle = isolate_stack.service(isolate_service_spec, resolve)
+    yield handle
+    isolate_stack.close_service(isolate_service_spec.name)
+
+
+@pytest.fixture
+def isolate_service(isolate_service_session: ServiceHandle) -> ServiceHandle:
+    """This worker's service, guaranteed running when the test starts."""
+    isolate_service_session.ensure_running()
+    return isolate_service_session

@@ -1,0 +1,132 @@
+"""Options and the run's hooks: the controller opens and closes the run, every process
+gets its worker stack."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Generator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .._config import OPTIONS, Settings, resolve_settings
+from .._controller import WORKERINPUT_KEYS, RunController
+from .._errors import ConfigError, IsolateError
+from .._identity import new_run_id, worker_from_env
+from .._run.rundir import RunDir
+from .._service import tail_text
+from .._stack import WorkerStack
+from ._xdist import XdistHooks
+
+STACK_KEY = pytest.StashKey[WorkerStack]()
+CONTROLLER_KEY = pytest.StashKey[RunController]()
+_SUMMARY_KEY = pytest.StashKey[dict[str, dict[str, float]]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("isolate", "isolate: per-worker stacks for integration tests")
+    for opt in OPTIONS:
+        help_text = f"{opt.help} (ini {opt.ini}, env {opt.env}, default: {opt.default or 'unset'})"
+        group.addoption(opt.cli, dest=f"isolate_{opt.name}", default=None, help=help_text)
+        parser.addini(opt.ini, help=help_text, default="")
+
+
+def _settings(config: pytest.Config) -> Settings:
+    cli = {opt.name: config.getoption(f"isolate_{opt.name}") for opt in OPTIONS}
+    ini = {opt.name: str(config.getini(opt.ini) or "") for opt in OPTIONS}
+    try:
+        return resolve_settings(cli, ini, os.environ)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _from_controller(workerinput: Mapping[str, Any]) -> tuple[str, str, Path]:
+    facts = [str(workerinput.get(key) or "") for key in WORKERINPUT_KEYS]
+    if not all(facts):
+        raise pytest.UsageError(
+            "isolate: the xdist controller did not pass the run's facts; the isolate "
+            "plugin must be active in the controller too"
+        )
+    return facts[0], facts[1], Path(facts[2])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    settings = _settings(config)
+    workerinput = getattr(config, "workerinput", None)
+    try:
+        if workerinput is not None:
+            run_id, backend, base = _from_controller(workerinput)
+            run = RunDir(base, run_id)
+        else:
+            controller = RunController(settings, settings.run_id or new_run_id(), config.rootpath)
+            controller.open()
+            config.stash[CONTROLLER_KEY] = controller
+            if config.pluginmanager.hasplugin("xdist"):
+                config.pluginmanager.register(XdistHooks(controller), "isolate-xdist")
+            run_id, backend, run = controller.run_id, controller.backend_name, controller.run
+        # Not an xdist worker: "main", whatever PYTEST_XDIST_* an outer run left in the env.
+        worker = worker_from_env(
+            run_id, env={} if workerinput is None else None, workerinput=workerinput
+        )
+        config.stash[STACK_KEY] = WorkerStack(settings, worker, run, backend, config.rootpath)
+    except IsolateError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    stack = config.stash.get(STACK_KEY, None)
+    if stack is not None:
+        stack.close()
+    controller = config.stash.get(CONTROLLER_KEY, None)
+    if controller is None:
+        return
+    summary = controller.close()
+    config.stash[_SUMMARY_KEY] = summary
+    path = controller.settings.timings_json
+    if path:
+        target = Path(path)
+        if not target.is_absolute():
+            target = config.rootpath / target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    controller = config.stash.get(CONTROLLER_KEY, None)
+    if controller is not None and controller.run.exists():
+        controller.close()  # sessionfinish did not run (internal error)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    controller = config.stash.get(CONTROLLER_KEY, None)
+    return [f"isolate: {line}" for line in controller.header()] if controller else []
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    summary = config.stash.get(_SUMMARY_KEY, None)
+    if not summary or not set(summary) - {"worker_teardown", "run_teardown"}:
+        return
+    terminalreporter.section("isolate timings (seconds)")
+    terminalreporter.write_line(f"{'phase':<22}{'count':>6}{'min':>9}{'median':>9}{'max':>9}")
+    for phase, row in summary.items():
+        terminalreporter.write_line(
+            f"{phase:<22}{int(row['count']):>6}{row['min']:>9.3f}{row['median']:>9.3f}{row['max']:>9.3f}"
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and "isolate_service" in getattr(item, "fixturenames", ()):
+        stack = item.config.stash.get(STACK_KEY, None)
+        for handle in stack.running_services() if stack else ():
+            report.sections.append(
+                (f"isolate: {handle.name} log (last 40 lines)", tail_text(handle.logs(), 40))
+            )
+    return report
