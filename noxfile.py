@@ -43,8 +43,8 @@ def lint(session: nox.Session) -> None:
 
 #: A native-only install must not bring the container stack (``isolate[docker]``).
 NO_DOCKER = (
-    "import importlib.util, sys; "
-    "found = [m for m in ('docker', 'testcontainers') if importlib.util.find_spec(m)]; "
+    "import importlib.metadata as m, sys; "
+    "found = sorted({d.metadata['Name'].lower() for d in m.distributions()} & {'docker', 'testcontainers'}); "
     "sys.exit(f'the embedded install brought {found}' if found else 0)"
 )
 

@@ -5,7 +5,7 @@ instances run. Two implementations, chosen once per run by :func:`make_backend`:
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -133,7 +133,14 @@ class NativeBackend:
 
 
 def _docker_installed() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("docker", "testcontainers"))
+    """Whether the ``docker`` extra is installed (distributions, not whatever directory
+    named ``docker`` happens to be on ``sys.path``)."""
+    for dist in ("docker", "testcontainers"):
+        try:
+            importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+    return True
 
 
 def decide_backend(settings: Settings) -> tuple[str, str]:

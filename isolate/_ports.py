@@ -2,7 +2,7 @@
 
 portpicker finds a port that is free right now; a lease makes the choice stick
 across processes: each port has a lock file in a machine-wide directory, held
-with ``flock`` for as long as the port is owned. Another worker, or another run
+(filelock, an ``flock`` underneath) for as long as the port is owned. Another worker, or another run
 on the same machine, skips a port whose lock it cannot take. The kernel drops
 the lock when the owner dies, so a crashed worker leaks nothing.
 """
@@ -10,13 +10,13 @@ the lock when the owner dies, so a crashed worker leaks nothing.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import tempfile
 from pathlib import Path
 
 import portpicker
+from filelock import FileLock, Timeout
 
 from ._errors import PortUnavailableError
 
@@ -37,33 +37,32 @@ def _lock_dir() -> Path:
 class PortLease:
     """Exclusive ownership of a TCP port on 127.0.0.1 until :meth:`release`."""
 
-    def __init__(self, port: int, fd: int) -> None:
+    def __init__(self, port: int, lock: FileLock) -> None:
         self.port = port
-        self._fd: int | None = fd
+        self._lock: FileLock | None = lock
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._lock is not None
 
     def release(self) -> None:
         """Give the port back (idempotent)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._lock is not None:
+            self._lock.release(force=True)
+            self._lock = None
 
     def __repr__(self) -> str:
         return f"PortLease(port={self.port}, held={self.held})"
 
 
-def _try_lock(port: int) -> int | None:
-    path = _lock_dir() / f"{port}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+def _try_lock(port: int) -> FileLock | None:
+    """The port's lock, held, or ``None`` if another lease holds it."""
+    lock = FileLock(str(_lock_dir() / f"{port}.lock"), mode=0o666, thread_local=False)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
+        lock.acquire(timeout=0)
+    except (Timeout, PermissionError):
         return None
-    return fd
+    return lock
 
 
 def reserve_port(attempts: int = 100) -> PortLease:
@@ -73,14 +72,14 @@ def reserve_port(attempts: int = 100) -> PortLease:
             port = portpicker.pick_unused_port()
         except portpicker.NoFreePortFoundError:
             continue
-        fd = _try_lock(port)
-        if fd is None:
+        lock = _try_lock(port)
+        if lock is None:
             continue
         # Re-check under the lease: the port may have been taken between the
         # pick and the lock by a process that does not use leases.
         if not portpicker.is_port_free(port):
-            os.close(fd)
+            lock.release(force=True)
             continue
         logger.debug("reserved port %d", port)
-        return PortLease(port, fd)
+        return PortLease(port, lock)
     raise PortUnavailableError(f"no free port found after {attempts} attempts")

@@ -434,10 +434,10 @@ def test_port_taken_before_the_first_start_gets_a_new_port(
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        fd = _try_lock(taken)
-        assert fd is not None
+        lock = _try_lock(taken)
+        assert lock is not None
         # ...and the port picker hands it out first (it was free when it looked).
-        leases = iter([PortLease(taken, fd)])
+        leases = iter([PortLease(taken, lock)])
         real = isolate.reserve_port
         monkeypatch.setattr("isolate._retry.reserve_port", lambda: next(leases, None) or real())
         svc.start()

@@ -139,3 +139,33 @@ def test_timing_summary() -> None:
 def test_worker_slug_is_sql_safe() -> None:
     assert WorkerIdentity("gw12", 16, "r").slug == "gw12"
     assert WorkerIdentity("GW-1", 2, "r").slug == "gw_1"
+
+
+def test_docker_backend_without_the_extra_names_the_install_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import isolate._backends as backends
+    from isolate import resolve_settings
+    from isolate._run.rundir import RunDir
+
+    monkeypatch.setattr(backends, "_docker_installed", lambda: False)
+    settings = resolve_settings({"backend": "docker"}, {}, {})
+    with pytest.raises(ConfigError) as err:
+        backends.make_backend("docker", settings, WorkerIdentity("main", 1, "abcd"),
+                              RunDir(tmp_path, "abcd"), tmp_path)  # fmt: skip
+    assert "pip install 'isolate[docker]'" in str(err.value)
+    auto = resolve_settings({"backend": "auto"}, {}, {})
+    assert backends.decide_backend(auto) == ("native", "auto: the docker extra is not installed")
+
+
+def test_a_directory_named_docker_is_not_the_docker_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.metadata
+
+    import isolate._backends as backends
+
+    (tmp_path / "docker").mkdir()  # like this repository's own docker/ (Dockerfiles)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    installed = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
+    assert backends._docker_installed() is ({"docker", "testcontainers"} <= installed)
