@@ -162,10 +162,20 @@ def test_a_directory_named_docker_is_not_the_docker_extra(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import importlib.metadata
+    import importlib.util
 
     import isolate._backends as backends
 
     (tmp_path / "docker").mkdir()  # like this repository's own docker/ (Dockerfiles)
+    (tmp_path / "testcontainers").mkdir()
     monkeypatch.syspath_prepend(str(tmp_path))
-    installed = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
-    assert backends._docker_installed() is ({"docker", "testcontainers"} <= installed)
+    assert importlib.util.find_spec("docker") is not None  # what an import check would see
+    real = importlib.metadata.version
+
+    def not_installed(dist: str) -> str:
+        if dist in ("docker", "testcontainers"):
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert backends._docker_installed() is False
