@@ -25,6 +25,7 @@ from ._errors import (
     ServiceExitedError,
     ServiceNotReadyError,
 )
+from ._fault import Fault
 from ._identity import WorkerIdentity
 from ._ports import PortLease, reserve_port
 from ._postgres import PostgresServer
@@ -39,6 +40,7 @@ __all__ = [
     "BinaryNotFoundError",
     "ConfigError",
     "DockerUnavailableError",
+    "Fault",
     "FaultInjectionError",
     "HttpCheck",
     "ImageNotFoundError",

@@ -6,6 +6,7 @@ instances run. Two implementations, chosen once per run by :func:`make_backend`:
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -36,6 +37,8 @@ class Runner(Protocol[S_co]):
     """
 
     name: str
+    #: Called with its record the moment a process is spawned (native runners).
+    on_spawn: Callable[[ProcessRecord], None] | None
 
     @property
     def server(self) -> S_co | None:
@@ -88,8 +91,9 @@ class NativeBackend:
 
     name = "native"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, rootdir: Path) -> None:
         self.settings = settings
+        self.rootdir = rootdir
         self._run_as: RunAs | bool | None = False  # False: not resolved yet
 
     @property
@@ -111,10 +115,10 @@ class NativeBackend:
 
     def redis(self, config: RedisConfig, directory: Path, name: str, *, shared: bool,
               ) -> NativeRedisRunner:  # fmt: skip
-        return NativeRedisRunner(self.redis_binary(), config, directory, name)
+        return NativeRedisRunner(self.redis_binary(), config, directory, name, self.run_as)
 
     def service(self, spec: ServiceSpec, instance: str, log_path: Path) -> ProcessLauncher:
-        return ProcessLauncher(spec, instance, log_path)
+        return ProcessLauncher(spec, instance, log_path, self.rootdir)
 
     def reap_run(self) -> list[str]:
         return []  # every process is in the registry
@@ -168,4 +172,4 @@ def make_backend(
         from ._docker.backend import DockerBackend
 
         return DockerBackend(settings, worker, run, rootdir)
-    return NativeBackend(settings)
+    return NativeBackend(settings, rootdir)

@@ -27,6 +27,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from ._errors import BinaryNotFoundError
+from ._fs import own_dir
 from ._process import RunAs
 
 __all__ = ["Binary", "find_postgres", "find_redis", "reachable_copy"]
@@ -165,9 +166,8 @@ def reachable_copy(binary: Binary, run_as: RunAs | None) -> Path:
     key = hashlib.sha256(
         f"{binary.path}:{binary.path.stat().st_mtime_ns}:{binary.version}".encode()
     ).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / "isolate-bin-cache"
-    cache.mkdir(mode=0o755, exist_ok=True)
-    os.chmod(cache, 0o755)
+    # This user's own cache (others may read and run, never write, what is in it).
+    cache = own_dir(Path(tempfile.gettempdir()) / f"isolate-bin-cache-{os.geteuid()}", 0o755)
     target = cache / f"{binary.path.name}-{key}"
     with FileLock(str(cache / f"{target.name}.lock")):
         if not target.exists():

@@ -1,6 +1,8 @@
 """The command line: ``python -m isolate`` (also the ``isolate`` console script).
 
-``isolate cleanup [--dry-run] [--base-dir DIR]`` removes what runs whose owner
+``isolate status [--base-dir DIR]`` lists the runs on this machine.
+
+``isolate cleanup [--dry-run] [--caches] [--base-dir DIR]`` removes what runs whose owner
 process is gone left behind: their run dirs (with the processes registered
 there) and every container, network and volume labelled
 ``isolate.managed=true`` whose owner is dead. Live runs are never touched.
@@ -10,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from ._config import default_base_dir, resolve_settings
 from ._errors import IsolateError
-from ._run.rundir import reap_stale_runs, stale_runs
+from ._fs import owned_by_me
+from ._run.rundir import RUN_PREFIX, RunDir, reap_stale_runs, stale_runs
 
 __all__ = ["main"]
 
@@ -61,6 +66,63 @@ def cleanup(bases: Sequence[Path], dry_run: bool) -> int:
     return 0
 
 
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def status(bases: Sequence[Path]) -> int:
+    """List the runs on this machine: id, state, owner, backend, age, dir."""
+    rows = []
+    for base in bases:
+        for path in sorted(base.glob(RUN_PREFIX + "*")):
+            run = RunDir(base, path.name[len(RUN_PREFIX) :])
+            owner, facts = run.owner(), run.facts()
+            if owner is None:
+                state = "foreign" if not owned_by_me(path) else "unknown"
+                rows.append((run.run_id, state, "-", "-", "-", str(path)))
+                continue
+            age = _age(time.time() - float(str(facts.get("created") or time.time())))
+            rows.append((run.run_id, "stale" if owner.gone() else "alive", str(owner.pid),
+                         str(facts.get("backend") or "?"), age, str(path)))  # fmt: skip
+    if not rows:
+        print("no isolate runs")
+        return 0
+    header = ("RUN", "STATE", "OWNER", "BACKEND", "AGE", "DIR")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def clean_caches(bases: Sequence[Path], dry_run: bool) -> list[str]:
+    """This user's caches: initdb templates, binary copies, build locks and, with the
+    docker extra and an engine, the built service images. (Port lock files stay: removing
+    one while another process opens it could hand a port out twice.)"""
+    verb = "would remove" if dry_run else "removed"
+    uid = os.geteuid()
+    tmp = Path(tempfile.gettempdir())
+    found = [p for p in (*(b / f"isolate-cache-{uid}" for b in bases),
+                         tmp / f"isolate-bin-cache-{uid}", tmp / f"isolate-build-locks-{uid}")
+             if owned_by_me(p)]  # fmt: skip
+    done = []
+    for path in found:
+        if not dry_run:
+            shutil.rmtree(path, ignore_errors=True)
+        done.append(f"{verb} {path}")
+    from ._backends import _docker_installed
+
+    if _docker_installed():
+        from ._docker.engine import engine_available
+        from ._docker.images import remove_built_images
+
+        if engine_available()[0]:
+            done += [f"{verb} {item}" for item in remove_built_images(dry_run)]
+    return done
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="isolate", description="isolate: per-worker integration-test stacks for pytest-xdist"
@@ -76,18 +138,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     clean.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     clean.add_argument(
-        "--base-dir",
-        help="where run dirs live (default: ISOLATE_BASE_DIR, else both /dev/shm and the "
-        "system temp dir)",
+        "--caches", action="store_true",
+        help="also remove this user's caches: initdb templates, binary copies, build locks "
+        "and built service images",
+    )  # fmt: skip
+    stat = commands.add_parser(
+        "status", help="list the isolate runs on this machine (owner, alive or stale, backend, age)"
     )
+    for sub in (clean, stat):
+        sub.add_argument(
+            "--base-dir",
+            help="where run dirs live (default: ISOLATE_BASE_DIR, else both /dev/shm and the "
+            "system temp dir)",
+        )
     args = parser.parse_args(argv)
-    if args.command == "cleanup":
-        try:
-            base = args.base_dir or resolve_settings(env=os.environ).base_dir
-        except IsolateError as exc:
-            print(f"isolate: {exc}", file=sys.stderr)
-            return 2
-        # default: both places a run may have used (/dev/shm when it had room, else /tmp)
-        bases = [base] if base else list(dict.fromkeys([default_base_dir(), tempfile.gettempdir()]))
-        return cleanup([Path(b) for b in bases], args.dry_run)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    try:
+        base = args.base_dir or resolve_settings(env=os.environ).base_dir
+    except IsolateError as exc:
+        print(f"isolate: {exc}", file=sys.stderr)
+        return 2
+    # default: both places a run may have used (/dev/shm when it had room, else /tmp)
+    bases = [Path(b) for b in ([base] if base else dict.fromkeys([default_base_dir(), tempfile.gettempdir()]))]
+    if args.command == "status":
+        return status(bases)
+    code = cleanup(bases, args.dry_run)
+    if args.caches:
+        for line in clean_caches(bases, args.dry_run):
+            print(line)
+    return code

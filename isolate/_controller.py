@@ -19,6 +19,7 @@ from ._identity import WorkerIdentity
 from ._run.liveness import Owner
 from ._run.rundir import RunDir, reap_stale_runs
 from ._timings import Timings, read, summarize
+from ._watchdog import Watchdog
 
 __all__ = ["WORKERINPUT_KEYS", "RunController"]
 
@@ -38,6 +39,7 @@ class RunController:
         self.identity = WorkerIdentity("main", 1, run_id)
         self.backend: Backend = make_backend(self.backend_name, settings, self.identity, self.run, rootdir)
         self.timings = Timings(self.run.timings_path, "controller")
+        self.watchdog: Watchdog | None = None
 
     @property
     def run_id(self) -> str:
@@ -49,12 +51,13 @@ class RunController:
         return dict(zip(WORKERINPUT_KEYS, values, strict=True))
 
     def open(self) -> None:
-        """Reap what dead runs left (if asked), then create the run dir."""
+        """Reap what dead runs left (if asked), create the run dir, start the watchdog."""
         if self.settings.reap_stale:
             reap_stale_runs(self.run.base)
             with contextlib.suppress(Exception):  # a missing engine is not this run's problem
                 self.backend.reap_orphans()
-        self.run.create(Owner.current())
+        self.run.create(Owner.current(), backend=self.backend_name)
+        self.watchdog = Watchdog(self.run.path, self.backend_name, self.settings.stop_timeout)
 
     def close(self) -> dict[str, dict[str, float]]:
         """Reap everything the run still holds and remove its dir; the timing summary."""
@@ -69,6 +72,9 @@ class RunController:
         self.timings.add("run_teardown", time.perf_counter() - start)
         summary = summarize(read(self.timings.path))
         self.run.reap()
+        if self.watchdog is not None:
+            self.watchdog.dismiss()
+            self.watchdog = None
         return summary
 
     def header(self) -> list[str]:

@@ -6,13 +6,14 @@ import logging
 import re
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
 from ._errors import ConfigError, FaultInjectionError, MigrationError
+from ._fault import Fault
 from ._postgres import PostgresServer
 
 __all__ = ["Migrations", "WorkerDatabase", "migration_files", "schema_name"]
@@ -60,6 +61,8 @@ class WorkerDatabase:
     schema: str
     role: str
     password: str
+    #: Whether :meth:`cut` is in effect.
+    is_cut: bool = field(default=False, compare=False, repr=False)
 
     @classmethod
     def create(cls, server: PostgresServer, worker_slug: str, run_id: str) -> WorkerDatabase:
@@ -131,13 +134,15 @@ class WorkerDatabase:
 
     # -- fault injection ----------------------------------------------------
 
-    def cut(self) -> None:
+    def cut(self) -> Fault:
         """Make PostgreSQL unavailable to this worker only.
 
         The role loses LOGIN and its sessions are terminated; other workers'
-        roles are untouched. :meth:`restore` undoes it.
+        roles are untouched. :meth:`restore`, or leaving ``with db.cut():``, undoes
+        it; the plugin restores it after the test in any case.
         """
         ident = sql.Identifier(self.role)
+        self.is_cut = True
         try:
             with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
                 conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(ident))
@@ -147,11 +152,13 @@ class WorkerDatabase:
                 )
         except psycopg.Error as exc:
             raise FaultInjectionError(f"could not cut {self.role}: {exc}") from exc
+        return Fault(f"PostgreSQL cut for {self.role}", self.restore)
 
     def restore(self) -> None:
-        """Undo :meth:`cut`."""
+        """Undo :meth:`cut` (idempotent)."""
         with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(self.role)))
+        self.is_cut = False
 
     def drop(self) -> None:
         """Drop the schema and the role (terminating the role's sessions first)."""

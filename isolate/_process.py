@@ -8,28 +8,19 @@ import contextlib
 import logging
 import os
 import pwd
-import secrets
-import shutil
 import signal
 import stat
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ._errors import ConfigError, ServerStartError
-from ._ports import PortLease
 from ._retry import poll_until
 from ._run.liveness import process_start_ticks
-from ._run.registry import ProcessRecord
-
-if TYPE_CHECKING:
-    from ._binaries import Binary
 
 __all__ = [
     "ManagedProcess",
-    "NativeServer",
     "RunAs",
     "can_access",
     "resolve_run_as",
@@ -223,46 +214,3 @@ def wait_started(
     raise ServerStartError(
         f"{what} exited during start-up", log_tail=log, exit_code=proc.returncode, hint=hint
     )
-
-
-class NativeServer:
-    """What the native server runners share: one process on a leased port, one dir.
-
-    Subclasses start ``_proc`` on ``lease`` and set ``server`` once it is ready.
-    """
-
-    stop_signal: int = signal.SIGTERM
-
-    def __init__(self, name: str, binary: Binary, directory: Path, log_name: str) -> None:
-        self.name = name
-        self.binary = binary
-        self.directory = directory
-        self.log_path = directory / log_name
-        #: The server's admin (superuser) password, new for every server.
-        self.password = secrets.token_urlsafe(18)
-        self.lease: PortLease | None = None
-        self._proc: ManagedProcess | None = None
-
-    @property
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.running
-
-    def stop(self, timeout: float | None = None) -> int | None:
-        """Stop (its stop signal, then SIGKILL), give the port back, remove its dir."""
-        code = self._proc.stop(self.stop_signal, timeout or 10.0) if self._proc else None
-        if self.lease is not None:
-            self.lease.release()
-        shutil.rmtree(self.directory, ignore_errors=True)
-        return code
-
-    def logs(self) -> str:
-        return tail(self.log_path, 200)
-
-    def record(self) -> ProcessRecord:
-        return ProcessRecord(
-            name=self.name,
-            pid=self._proc.pid if self._proc else None,
-            start_ticks=self._proc.start_ticks if self._proc else None,
-            stop_signal=self.stop_signal,
-            paths=[str(self.directory)],
-        )

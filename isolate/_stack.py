@@ -72,25 +72,38 @@ class WorkerStack:
         JSON-serialisable result. Concurrent callers wait while the first one starts."""
         return self.run.shared(name, start)
 
-    def adopt_process(self, pid: int, name: str, stop_signal: int = signal.SIGTERM) -> None:
-        """Have the run stop process group ``pid`` when it ends, even if this worker dies.
+    def adopt_process(
+        self, pid: int, name: str, stop_signal: int = signal.SIGTERM, *, group: bool = True
+    ) -> None:
+        """Have the run stop process ``pid`` when it ends, even if this worker dies.
 
-        The process should lead its own group (``start_new_session=True``); it gets
-        ``stop_signal``, then SIGKILL after the stop timeout.
+        With ``group`` (the default) the process should lead its own process group
+        (``start_new_session=True``) and the whole group is signalled. It gets
+        ``stop_signal``, then SIGKILL after the stop timeout. ``name`` must be unique
+        in the run; :meth:`release_process` forgets it.
         """
+        ticks = process_start_ticks(pid)
+        if ticks is None:
+            raise ConfigError(f"cannot adopt pid {pid}: no such process", hint="adopt it while it runs")
         self.run.registry.register(
-            ProcessRecord(name=name, pid=pid, start_ticks=process_start_ticks(pid),
-                          stop_signal=int(stop_signal))
+            ProcessRecord(name=name, pid=pid, start_ticks=ticks, stop_signal=int(stop_signal),
+                          group=group)
         )  # fmt: skip
 
+    def release_process(self, name: str) -> None:
+        """Forget a process adopted under ``name`` (it has ended, or is stopped elsewhere)."""
+        self.run.registry.unregister(name)
+
     def _start(self, runner: Runner[S]) -> S:
+        """Start ``runner``; its processes are registered as they are spawned, and a
+        failed start leaves nothing behind."""
+        runner.on_spawn = self.run.registry.register
         try:
             runner.start()
-        finally:
-            # Registered even if the start failed half-way: the reaper cleans up.
-            record = runner.record()
-            if record is not None:
-                self.run.registry.register(record)
+        except BaseException:
+            runner.stop()
+            self.run.registry.unregister(runner.name)
+            raise
         assert runner.server is not None
         return runner.server
 
@@ -121,7 +134,10 @@ class WorkerStack:
 
         A schema first created without migrations gets them on the first call that
         names some; naming different migrations later is an error, never a silent skip.
+        A relative migrations path is relative to the pytest rootdir.
         """
+        if isinstance(migrations, str | Path) and not Path(migrations).is_absolute():
+            migrations = self.rootdir / migrations
         if self._database is None:
             server = self.postgres()
             with self.timings.measure("schema_migrations"):
@@ -244,6 +260,17 @@ class WorkerStack:
         if handle is not None:
             handle.close()
             self.run.registry.unregister(f"service-{handle.name}")
+
+    def heal(self) -> list[str]:
+        """Restore this worker's PostgreSQL and Redis if a test left them cut; what was."""
+        healed = []
+        if self._database is not None and self._database.is_cut:
+            self._database.restore()
+            healed.append("postgres")
+        if self._redis is not None and self._redis.is_cut:
+            self._redis.restore()
+            healed.append("redis")
+        return healed
 
     def close(self) -> None:
         """Stop this worker's services and Redis, drop its schema (idempotent)."""

@@ -11,68 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from suite_support import CONFTEST, HELPERS, leftovers, run_id_of
 
 from isolate._config import default_base_dir
-
-HERE = Path(__file__).parent
-
-CONFTEST = f"""
-import sys
-import pytest
-import isolate
-
-@pytest.fixture(scope="session")
-def isolate_migrations():
-    return {str(HERE / "fixture_app" / "migrations")!r}
-
-@pytest.fixture(scope="session")
-def isolate_service_spec():
-    return isolate.ServiceSpec(
-        name="app",
-        command=[sys.executable, {str(HERE / "fixture_app" / "app.py")!r}],
-        env={{"PORT": "{{port}}", "DATABASE_URL": "{{dsn}}", "REDIS_URL": "{{redis_url}}",
-             "ISOLATE_RUN_ID": "{{run_id}}"}},
-        ready_timeout=20, stop_timeout=5,
-    )
-"""
-
-HELPERS = '''
-import json, urllib.request
-
-def post(url, payload):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read())
-
-def get(url):
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
-'''
-
-
-def run_id_of(result: pytest.RunResult) -> str:
-    match = re.search(r"isolate: run ([0-9a-f]{10})", result.stdout.str())
-    assert match, result.stdout.str()
-    return match.group(1)
-
-
-def leftovers(run_id: str) -> list[str]:
-    """Processes, run dirs and containers of a run that still exist."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            environ = (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and (run_id.encode() in cmdline or f"ISOLATE_RUN_ID={run_id}".encode() in environ):
-            readable = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
-            found.append(f"pid {proc.name}: {readable}")
-    found += [str(p) for p in Path(default_base_dir()).glob(f"isolate-run-{run_id}")]
-    return found
+from isolate._run.liveness import process_start_ticks
 
 
 @pytest.fixture
@@ -237,9 +179,10 @@ def test_stale_run_of_a_dead_owner_is_reaped(suite: pytest.Pytester) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    ticks = process_start_ticks(orphan.pid)
     (stale / "owner.json").write_text(f'{{"pid": {dead.pid}, "start_ticks": 1}}')
     (stale / "registry" / "orphan.json").write_text(
-        f'{{"name": "orphan", "pid": {orphan.pid}, "start_ticks": null, "paths": ["{stale}/data"]}}'
+        f'{{"name": "orphan", "pid": {orphan.pid}, "start_ticks": {ticks}, "paths": ["{stale}/data"]}}'
     )
     try:
         suite.makepyfile(test_x="def test_x(): pass")

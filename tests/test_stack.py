@@ -157,7 +157,7 @@ def test_stop_start_kill_restart_keep_port_and_url(isolate_service: ServiceHandl
     isolate_service.start()
     assert (isolate_service.url, isolate_service.port) == (url, port)
     assert get(url + "/health")["instance"] == isolate_service.name
-    assert isolate_service.kill() == -signal.SIGKILL
+    assert isolate_service.kill() == 128 + signal.SIGKILL
     assert not isolate_service.is_running
     isolate_service.start()
     pid = isolate_service.pid
@@ -209,7 +209,7 @@ def test_graceful_stop_falls_back_to_sigkill_after_timeout(runtime_service: Any)
         health=isolate.TcpCheck(), ready_timeout=10,
     )  # fmt: skip
     handle = runtime_service(spec)
-    assert handle.stop(timeout=0.3) == -signal.SIGKILL
+    assert handle.stop(timeout=0.3) == 128 + signal.SIGKILL
     assert "ignoring SIGTERM" in handle.logs()
 
 

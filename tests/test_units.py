@@ -179,3 +179,31 @@ def test_a_directory_named_docker_is_not_the_docker_extra(
 
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
     assert backends._docker_installed() is False
+
+
+def test_ports_are_picked_outside_the_ephemeral_range(tmp_path: Path) -> None:
+    from isolate._ports import candidate_ports, ephemeral_range
+
+    assert candidate_ports((32768, 60999)) == [range(15000, 32768), range(61000, 65536)]
+    assert candidate_ports((1024, 65535)) == []  # no room: the kernel chooses
+    (tmp_path / "range").write_text("40000\t50000\n")
+    assert ephemeral_range(tmp_path / "range") == (40000, 50000)
+    assert ephemeral_range(tmp_path / "missing") == (49152, 65535)
+    import isolate
+
+    low, high = ephemeral_range()
+    leases = [isolate.reserve_port() for _ in range(20)]
+    try:
+        assert all(not low <= lease.port <= high for lease in leases)
+    finally:
+        for lease in leases:
+            lease.release()
+
+
+@pytest.mark.parametrize(
+    "data", [{}, [], "x", {"pid": "nan"}, {"pid": -1}, {"pid": 1, "start_ticks": "soon"}]
+)
+def test_malformed_owner_records_are_not_owners(data: object) -> None:
+    from isolate._run.liveness import Owner
+
+    assert Owner.parse(data) is None

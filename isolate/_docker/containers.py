@@ -13,6 +13,7 @@ from .._config import OPTIONS
 from .._errors import ServerStartError
 from .._ports import PortLease
 from .._retry import poll_until, start_on_free_port
+from .._run.registry import ProcessRecord
 from .._service.spec import tail_text
 from .context import LABEL, MANAGED_FILTER, DockerRun, owner_of
 from .engine import engine, is_docker_error, reason
@@ -80,6 +81,7 @@ class ContainerServer:
         self.start_timeout = start_timeout
         self.lease: PortLease | None = None
         self.container: Any = None
+        self.on_spawn: Callable[[ProcessRecord], None] | None = None  # containers have labels
 
     # subclass hooks
     def _create_kwargs(self, port: int) -> dict[str, Any]:

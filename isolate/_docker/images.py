@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import tempfile
 import time
@@ -15,10 +16,11 @@ from typing import Any
 from filelock import FileLock
 
 from .._errors import ConfigError, DockerUnavailableError, ImageNotFoundError
+from .._fs import own_dir
 from .._service.spec import tail_text
 from .engine import is_docker_error, reason
 
-__all__ = ["build_image", "context_digest", "ensure_image", "volume_mounts"]
+__all__ = ["build_image", "context_digest", "ensure_image", "remove_built_images", "volume_mounts"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +92,7 @@ def build_image(client: Any, name: str, context: Path) -> str:
     with contextlib.suppress(Exception):
         client.images.get(tag)
         return tag
-    lock_dir = Path(tempfile.gettempdir()) / "isolate-build-locks"
-    lock_dir.mkdir(exist_ok=True)
+    lock_dir = own_dir(Path(tempfile.gettempdir()) / f"isolate-build-locks-{os.geteuid()}")
     with FileLock(str(lock_dir / f"{tag.replace('/', '_').replace(':', '_')}.lock")):
         with contextlib.suppress(Exception):
             client.images.get(tag)
@@ -129,3 +130,18 @@ def volume_mounts(image: Any, labels: Mapping[str, str]) -> list[Any]:
         Mount(target=target, source=None, type="volume", labels=dict(labels))
         for target in sorted(volumes)
     ]
+
+
+def remove_built_images(dry_run: bool = False) -> list[str]:
+    """Remove the service images isolate built (``isolate-build/*``)."""
+    from .engine import engine
+
+    client = engine()
+    removed = []
+    for image in client.images.list(filters={"label": "isolate.build_context"}):
+        for tag in image.tags or [image.id]:
+            if not dry_run:
+                with contextlib.suppress(Exception):
+                    client.images.remove(tag, force=True)
+            removed.append(f"image {tag}")
+    return removed

@@ -16,11 +16,13 @@ from filelock import FileLock
 from psycopg import sql
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
-from .._binaries import Binary, reachable_copy
+from .._binaries import Binary
 from .._errors import ServerStartError
+from .._fs import own_dir
 from .._ports import PortLease
-from .._process import ManagedProcess, NativeServer, RunAs, wait_started
+from .._process import ManagedProcess, RunAs, wait_started
 from .._retry import poll_until, start_on_free_port
+from .._server import NativeServer
 from .server import PostgresConfig, PostgresServer
 
 __all__ = ["NativePostgresRunner"]
@@ -44,15 +46,11 @@ class NativePostgresRunner(NativeServer):
         run_as: RunAs | None,
         name: str = "postgres",
     ) -> None:
-        super().__init__(name, binary, directory, "postgres.log")
+        super().__init__(name, binary, directory, "postgres.log", run_as)
         self.config = config
-        self.run_as = run_as
         self.data_dir = directory / "data"
         self.socket_dir = directory / "sock"
         self.server: PostgresServer | None = None
-
-    def _bin(self, name: str) -> str:
-        return str(reachable_copy(self.binary, self.run_as) / name)
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -62,9 +60,7 @@ class NativePostgresRunner(NativeServer):
     def _prepare_dirs(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(mode=0o700, exist_ok=True)
-        if self.run_as is not None:
-            for path in (self.directory, self.socket_dir):
-                self.run_as.chown(path)
+        self._own(self.directory, self.socket_dir)
 
     def _initdb(self) -> None:
         """Copy a pristine cluster made once by initdb for this binary and user.
@@ -85,8 +81,9 @@ class NativePostgresRunner(NativeServer):
             f"{_INITDB_RECIPE}:{self.binary.path}:{self.binary.version}:"
             f"{self.config.superuser}:{uid}".encode()
         ).hexdigest()[:16]
-        cache = self.directory.parent.parent / "isolate-cache"
-        cache.mkdir(mode=0o755, exist_ok=True)
+        # This user's own cache; the run-as user may traverse it (to bake a new
+        # template) but owns nothing in it: a finished template belongs to us.
+        cache = own_dir(self.directory.parent.parent / f"isolate-cache-{os.geteuid()}", 0o711)
         template = cache / f"pgdata-{key}"
         with FileLock(str(cache / f"pgdata-{key}.lock")):
             if not (template / "PG_VERSION").exists():
@@ -94,6 +91,9 @@ class NativePostgresRunner(NativeServer):
                 shutil.rmtree(staging, ignore_errors=True)
                 self._run_initdb(staging)
                 self._bake(staging)
+                if self.run_as is not None:
+                    for path in [staging, *staging.rglob("*")]:
+                        os.lchown(path, os.geteuid(), os.getegid())
                 shutil.rmtree(template, ignore_errors=True)
                 staging.rename(template)
         return template
@@ -102,8 +102,7 @@ class NativePostgresRunner(NativeServer):
         """Create the run database in the template, so runs only copy it."""
         socket_dir = self.directory / "sock-template"
         socket_dir.mkdir(mode=0o700, exist_ok=True)
-        if self.run_as is not None:
-            self.run_as.chown(socket_dir)
+        self._own(socket_dir)
         proc = ManagedProcess(
             [self._bin("postgres"), "-D", str(data_dir), "-c", "listen_addresses=",
              "-c", f"unix_socket_directories={socket_dir}", "-c", "fsync=off"],
@@ -127,13 +126,11 @@ class NativePostgresRunner(NativeServer):
 
     def _run_initdb(self, target: Path) -> None:
         target.mkdir(mode=0o700)
-        if self.run_as is not None:
-            self.run_as.chown(target)
+        self._own(target)
         pwfile = self.directory / "pwfile"
         pwfile.write_text(secrets.token_urlsafe(18) + "\n")
         pwfile.chmod(0o600)
-        if self.run_as is not None:
-            self.run_as.chown(pwfile)
+        self._own(pwfile)
         argv = [
             self._bin("initdb"), "-D", str(target), "-U", self.config.superuser,
             f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
@@ -172,7 +169,7 @@ class NativePostgresRunner(NativeServer):
             argv, log_path=self.log_path, env=self._env(), cwd=self.directory, run_as=self.run_as
         )
         proc.start()
-        self._proc, self.lease = proc, lease  # registered before it is ready
+        self._spawned(proc, lease)
         wait_started(
             proc, self._ready, self.config.start_timeout, what="PostgreSQL",
             hint="read the log lines above; a bad --isolate-pg-settings value is a common cause",

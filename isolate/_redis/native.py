@@ -7,8 +7,9 @@ from pathlib import Path
 
 from .._binaries import Binary
 from .._ports import PortLease
-from .._process import ManagedProcess, NativeServer, wait_started
+from .._process import ManagedProcess, RunAs, wait_started
 from .._retry import start_on_free_port
+from .._server import NativeServer
 from .server import RedisConfig, RedisServer, acl_users, answers_ping
 
 __all__ = ["NativeRedisRunner"]
@@ -17,12 +18,12 @@ logger = logging.getLogger(__name__)
 
 
 class NativeRedisRunner(NativeServer):
-    """A valkey-server/redis-server process on a leased port."""
+    """A valkey-server/redis-server process on a leased port, demoted to ``run_as`` when
+    isolate runs as root."""
 
-    def __init__(
-        self, binary: Binary, config: RedisConfig, directory: Path, name: str = "redis"
-    ) -> None:
-        super().__init__(name, binary, directory, "redis.log")
+    def __init__(self, binary: Binary, config: RedisConfig, directory: Path, name: str = "redis",
+                 run_as: RunAs | None = None) -> None:  # fmt: skip
+        super().__init__(name, binary, directory, "redis.log", run_as)
         self.config = config
         self.server: RedisServer | None = None
 
@@ -46,15 +47,17 @@ class NativeRedisRunner(NativeServer):
             )
         )
         conf.chmod(0o600)
+        self._own(conf)
         return conf
 
     def _launch(self, lease: PortLease) -> ManagedProcess:
         conf = self._write_config(lease.port)
         proc = ManagedProcess(
-            [str(self.binary.path), str(conf)], log_path=self.log_path, cwd=self.directory
-        )
+            [self._bin(self.binary.path.name), str(conf)], log_path=self.log_path,
+            cwd=self.directory, run_as=self.run_as,
+        )  # fmt: skip
         proc.start()
-        self._proc, self.lease = proc, lease
+        self._spawned(proc, lease)
         wait_started(
             proc, lambda: answers_ping(lease.port), self.config.start_timeout, what="Redis",
             hint="read the log lines above; check --isolate-redis-bin points at a server",
@@ -63,7 +66,8 @@ class NativeRedisRunner(NativeServer):
 
     def start(self) -> None:
         """Start on a free port and wait until it answers PING."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._own(self.directory)
         start_on_free_port(self._launch, what="Redis")
         assert self.lease is not None
         self.server = RedisServer("127.0.0.1", self.lease.port, 0, self.password)

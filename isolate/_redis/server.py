@@ -9,8 +9,12 @@ from typing import Any
 import redis
 
 from .._errors import FaultInjectionError
+from .._fault import Fault
 
 __all__ = ["ADMIN_USER", "RedisConfig", "RedisServer", "acl_users", "answers_ping"]
+
+#: (host, port, db) of the servers this process has cut.
+_CUT: set[tuple[str, int, int]] = set()
 
 ADMIN_USER = "isolate-admin"
 
@@ -74,21 +78,30 @@ class RedisServer:
 
     # -- fault injection ----------------------------------------------------
 
-    def cut(self) -> None:
-        """Make this worker's Redis refuse it (data kept); :meth:`restore` undoes it."""
+    @property
+    def is_cut(self) -> bool:
+        """Whether :meth:`cut` is in effect (as far as this process cut it)."""
+        return (self.host, self.port, self.db) in _CUT
+
+    def cut(self) -> Fault:
+        """Make this worker's Redis refuse it (data kept). :meth:`restore`, or leaving
+        ``with redis.cut():``, undoes it; the plugin restores it after the test anyway."""
         if self.shared:
             raise FaultInjectionError(
                 "cannot cut Redis for one worker when workers share a server",
                 hint="use --isolate-redis-mode=per-worker for Redis fault injection",
             )
+        _CUT.add((self.host, self.port, self.db))
         with self.admin() as client:
             client.acl_setuser("default", enabled=False, reset_passwords=False)
             client.execute_command("CLIENT", "KILL", "USER", "default")
+        return Fault(f"Redis cut on port {self.port}", self.restore)
 
     def restore(self) -> None:
-        """Undo :meth:`cut`."""
+        """Undo :meth:`cut` (idempotent)."""
         with self.admin() as client:
             client.acl_setuser("default", enabled=True, nopass=True)
+        _CUT.discard((self.host, self.port, self.db))
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)

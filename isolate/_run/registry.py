@@ -1,9 +1,13 @@
 """The run's registry: every process isolate starts, so the controller can reap it.
 
-A record is written when a process starts; the controller, which outlives every
-worker, stops whatever is still registered when the run ends (crashed workers
-included). Containers are not recorded here: the Docker backend finds them by
-their run label.
+A record is written the moment a process is spawned; the controller (or, if it died,
+the run's watchdog) stops whatever is still registered when the run ends, crashed
+workers' leftovers included. Containers are not recorded here: the Docker backend
+finds them by their run label.
+
+The reaper trusts only what this user wrote: record files owned by the current user
+and writable by nobody else, processes whose start time matches the record (no kill of
+a reused pid), and paths inside the run dir. Anything else is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .._fs import owned_by_me
 from .._retry import poll_until
 from .liveness import is_alive
 
@@ -54,21 +59,38 @@ class ProcessRecord:
     stop_signal: int = signal.SIGTERM
     paths: list[str] = field(default_factory=list)
     owner_pid: int = field(default_factory=os.getpid)
+    #: The pid leads its own process group (signal the group), else only the process.
+    group: bool = True
+
+
+def _stop(record: ProcessRecord, timeout: float) -> None:
+    assert record.pid is not None
+    if record.group:
+        stop_process_group(record.pid, record.start_ticks, record.stop_signal, timeout)
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(record.pid, record.stop_signal)
+    if not poll_until(lambda: not is_alive(record.pid, record.start_ticks), timeout):  # type: ignore[arg-type]
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(record.pid, signal.SIGKILL)
 
 
 class ProcessRegistry:
-    """Records of live processes and dirs in a run dir, for the reaper."""
+    """Records of live processes and dirs in a run dir (``root``), for the reaper."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, root: Path | None = None) -> None:
         self.directory = directory
+        self.root = root or directory.parent
 
     def _file(self, name: str) -> Path:
         return self.directory / f"{name}.json"
 
     def register(self, record: ProcessRecord) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self._file(record.name).with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(record)))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(asdict(record)))
         tmp.replace(self._file(record.name))
 
     def unregister(self, name: str) -> None:
@@ -76,18 +98,42 @@ class ProcessRegistry:
             self._file(name).unlink()
 
     def records(self) -> Iterator[ProcessRecord]:
+        """Every record this user wrote (others are skipped with a warning)."""
+        if not owned_by_me(self.directory):
+            if self.directory.exists():
+                logger.warning("not reaping %s: not this user's, or writable by others", self.directory)
+            return
         for path in sorted(self.directory.glob("*.json")):
-            with contextlib.suppress(OSError, ValueError, TypeError):
+            if not owned_by_me(path):
+                logger.warning("skipping registry record %s: not this user's", path)
+                continue
+            try:
                 yield ProcessRecord(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                logger.warning("skipping malformed registry record %s: %s", path, exc)
+
+    def _inside(self, raw: str) -> Path | None:
+        path = Path(os.path.normpath(raw))
+        root = Path(os.path.normpath(self.root))
+        return path if path.is_absolute() and path.is_relative_to(root) and path != root else None
 
     def reap(self, timeout: float = 10.0) -> list[str]:
-        """Stop every recorded process group and remove its paths; the names reaped."""
+        """Stop every recorded process (workers first, PostgreSQL last) and remove its
+        paths; the names reaped. A process is only signalled if its start time matches."""
         reaped = []
-        for record in self.records():
-            if record.pid is not None and is_alive(record.pid, record.start_ticks):
-                stop_process_group(record.pid, record.start_ticks, record.stop_signal, timeout)
-                reaped.append(record.name)
+        order = sorted(self.records(), key=lambda r: (r.group, r.name == "postgres", r.name))
+        for record in order:
+            if record.pid is not None and record.start_ticks is not None:
+                if is_alive(record.pid, record.start_ticks):
+                    _stop(record, timeout)
+                    reaped.append(record.name)
+            elif record.pid is not None:
+                logger.warning("not stopping pid %s of %s: no start time to verify it", record.pid, record.name)
             for raw in record.paths:
-                shutil.rmtree(raw, ignore_errors=True)
+                inside = self._inside(raw)
+                if inside is None:
+                    logger.warning("not removing %s of %s: outside the run dir", raw, record.name)
+                else:
+                    shutil.rmtree(inside, ignore_errors=True)  # never follows a symlink
             self.unregister(record.name)
         return reaped

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .._errors import ConfigError
+from .._errors import ConfigError, ServerStartError
+from .._fs import owned_by_me
 from .liveness import Owner
 from .registry import ProcessRegistry
 
@@ -30,9 +31,11 @@ RUN_PREFIX = "isolate-run-"
 
 
 def write_json(path: Path, data: Mapping[str, object]) -> None:
-    """Write ``data`` atomically (readers never see half a file)."""
+    """Write ``data`` atomically (readers never see half a file), readable by this user only."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data))
     tmp.replace(path)
 
 
@@ -43,24 +46,48 @@ class RunDir:
         self.base = base
         self.run_id = run_id
         self.path = base / f"{RUN_PREFIX}{run_id}"
-        self.registry = ProcessRegistry(self.path / "registry")
+        self.registry = ProcessRegistry(self.path / "registry", self.path)
         self.timings_path = self.path / "timings.jsonl"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
-    def create(self, owner: Owner) -> None:
-        """Make the dir (0711) and record its owner (controller only)."""
-        self.path.mkdir(mode=0o711, parents=True, exist_ok=True)
+    def create(self, owner: Owner, **facts: str) -> None:
+        """Make the dir (0711) and record its owner (controller only).
+
+        A dir of that name that this user did not make (planted by someone else in a
+        shared base dir) is an error, never adopted.
+        """
+        self.base.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(mode=0o711)
+        except FileExistsError:
+            if not owned_by_me(self.path):
+                raise ConfigError(
+                    f"run dir {self.path} exists and is not this user's",
+                    hint="use another --isolate-run-id, or another --isolate-base-dir",
+                ) from None
         os.chmod(self.path, 0o711)
-        write_json(self.path / "owner.json", {**owner.to_json(), "created": time.time()})
+        write_json(self.path / "owner.json", {**owner.to_json(), **facts, "created": time.time()})
 
     def owner(self) -> Owner | None:
-        """The recorded owner, ``None`` if unreadable or malformed."""
+        """The recorded owner; ``None`` if unreadable, malformed, or not written by this
+        user in a dir of this user's (a run dir planted by someone else is never ours)."""
+        owner_file = self.path / "owner.json"
+        if not (owned_by_me(self.path) and owned_by_me(owner_file)):
+            return None
         try:
-            return Owner.parse(json.loads((self.path / "owner.json").read_text()))
+            return Owner.parse(json.loads(owner_file.read_text()))
         except (OSError, ValueError):
             return None
+
+    def facts(self) -> dict[str, object]:
+        """What the controller recorded besides the owner (backend, creation time)."""
+        try:
+            data = json.loads((self.path / "owner.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) and owned_by_me(self.path / "owner.json") else {}
 
     def exists(self) -> bool:
         return self.path.is_dir()
@@ -85,13 +112,31 @@ class RunDir:
 
         The state (JSON-serialisable) is kept in ``<name>.json``; concurrent callers
         wait on ``<name>.lock`` while the first one starts it.
+        A failed start is recorded: every later caller gets the same error, with the
+        first one's message and log tail, instead of trying again.
         """
         self.require()
         state_file = self.path / f"{name}.json"
+        failed_file = self.path / f"{name}.failed.json"
         with FileLock(str(self.path / f"{name}.lock")):
             if state_file.exists():
                 return dict(json.loads(state_file.read_text()))
-            state = dict(start())
+            if failed_file.exists():
+                failure = json.loads(failed_file.read_text())
+                raise ServerStartError(
+                    f"{name} failed to start in worker {failure['worker']}: {failure['message']}",
+                    log_tail=failure.get("log_tail"), hint=failure.get("hint") or None,
+                )
+            try:
+                state = dict(start())
+            except Exception as exc:
+                write_json(failed_file, {
+                    "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+                    "message": getattr(exc, "message", str(exc)),
+                    "log_tail": getattr(exc, "log_tail", None),
+                    "hint": getattr(exc, "hint", None),
+                })  # fmt: skip
+                raise
             write_json(state_file, state)
             return state
 
@@ -103,7 +148,8 @@ class RunDir:
 
 
 def stale_runs(base: Path) -> list[RunDir]:
-    """Run dirs under ``base`` whose owner has ended (unreadable owners are left alone)."""
+    """This user's run dirs under ``base`` whose owner has ended (run dirs of other
+    users, and unreadable or malformed owner records, are left alone)."""
     found = []
     for path in sorted(base.glob(RUN_PREFIX + "*")):
         run = RunDir(base, path.name[len(RUN_PREFIX) :])

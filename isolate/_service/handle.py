@@ -15,7 +15,7 @@ from typing import Protocol
 
 from .._errors import ServiceExitedError, ServiceNotReadyError
 from .._ports import PortLease
-from .._retry import poll_until, start_on_free_port
+from .._retry import is_bind_failure, poll_until, start_on_free_port
 from .._run.registry import ProcessRecord
 from .._timings import Timings
 from .spec import ServiceSpec, tail_text
@@ -163,7 +163,8 @@ class ServiceHandle:
     def stop(self, graceful: bool = True, timeout: float | None = None) -> int | None:
         """SIGTERM, wait up to ``timeout`` (default: the stop timeout), then SIGKILL.
 
-        ``graceful=False`` is :meth:`kill`. Returns the exit code.
+        ``graceful=False`` is :meth:`kill`. Returns the exit code; on both backends a
+        process killed by signal N reports 128+N (137 after SIGKILL), as a shell does.
         """
         if not graceful:
             return self.kill()
@@ -195,6 +196,16 @@ class ServiceHandle:
             self.start()
             self._timed_restart(started)
 
+    def ensure_ready(self, grace: float = 1.0) -> None:
+        """Make it running *and* healthy: start it if it is down; if it runs but does
+        not pass its health check within ``grace`` seconds (an earlier test left it
+        shutting down, or cut off), restart it."""
+        self.ensure_running()
+        if self.is_ready() or poll_until(self.is_ready, grace, maximum=0.03):
+            return
+        logger.info("restarting %s: running but not ready (left so by an earlier test)", self.name)
+        self.restart()
+
     def _timed_restart(self, started: float) -> None:
         if self.timings is not None:
             self.timings.add("service_restart", time.perf_counter() - started)
@@ -223,14 +234,19 @@ class ServiceHandle:
         log_tail = tail_text(self.logs()[self._log_mark :])
         if code is not None:
             self.last_exit_code = code
+            hint = None
+            if is_bind_failure(log_tail):
+                hint = (f"another process holds port {self.port}; the service must listen on "
+                        "the {port} it is given (and isolate retries a first start elsewhere)")  # fmt: skip
             raise ServiceExitedError(
                 f"service {self.name} exited with code {code} before it was ready",
-                log_tail=log_tail, exit_code=code, port=self.port,
+                log_tail=log_tail, exit_code=code, port=self.port, hint=hint,
             )  # fmt: skip
         if not done:
+            self.stop(graceful=False)  # never hand a later test a half-started service
             raise ServiceNotReadyError(
                 f"service {self.name} was not ready within {limit:.1f}s",
-                log_tail=log_tail, port=self.port, url=self.url,
+                log_tail=log_tail, port=self.port, url=self.url, health=self.spec.health,
                 waited=f"{time.monotonic() - started:.1f}s",
             )  # fmt: skip
 

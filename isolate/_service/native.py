@@ -11,13 +11,20 @@ from .._process import ManagedProcess
 from .._run.registry import ProcessRecord
 from .spec import ServiceSpec, render
 
-__all__ = ["ProcessLauncher"]
+__all__ = ["ProcessLauncher", "shell_exit_code"]
+
+
+def shell_exit_code(code: int | None) -> int | None:
+    """A process's exit status as a shell (and Docker) reports it: killed by signal N
+    is 128+N (137 after SIGKILL), not Python's -N."""
+    return 128 - code if code is not None and code < 0 else code
 
 
 class ProcessLauncher:
-    """Runs ``spec.command`` in its own session, output appended to ``log_path``."""
+    """Runs ``spec.command`` in its own session, output appended to ``log_path``, in
+    ``spec.cwd`` (relative paths and the default are the pytest rootdir)."""
 
-    def __init__(self, spec: ServiceSpec, instance_name: str, log_path: Path) -> None:
+    def __init__(self, spec: ServiceSpec, instance_name: str, log_path: Path, rootdir: Path) -> None:
         if not spec.command:
             raise ConfigError(
                 f"service {spec.name!r} has no command",
@@ -26,6 +33,8 @@ class ProcessLauncher:
         self.spec = spec
         self.name = instance_name
         self.log_path = log_path
+        #: ``spec.cwd``, relative to the rootdir; the rootdir by default.
+        self.cwd = rootdir / spec.cwd if spec.cwd is not None else rootdir
         self.port: object = None
         self._proc: ManagedProcess | None = None
 
@@ -46,7 +55,7 @@ class ProcessLauncher:
         self.port = values["port"]
         self._proc = ManagedProcess(
             [render(arg, values) for arg in self.spec.command],
-            log_path=self.log_path, env=env, cwd=self.spec.cwd,
+            log_path=self.log_path, env=env, cwd=self.cwd,
         )  # fmt: skip
 
     def launch(self) -> None:
@@ -56,20 +65,20 @@ class ProcessLauncher:
         self.proc.start()
 
     def exit_code(self) -> int | None:
-        return self._proc.returncode if self._proc else None
+        return shell_exit_code(self._proc.returncode) if self._proc else None
 
     def stop(self, sig: int, timeout: float) -> int | None:
-        return self._proc.stop(sig, timeout) if self._proc else None
+        return shell_exit_code(self._proc.stop(sig, timeout)) if self._proc else None
 
     def kill(self) -> int | None:
-        return self._proc.kill() if self._proc else None
+        return shell_exit_code(self._proc.kill()) if self._proc else None
 
     def signal(self, sig: int) -> None:
         if self._proc is not None:
             self._proc.send_signal(sig)
 
     def wait_exit(self, timeout: float) -> int | None:
-        return self._proc.wait(timeout) if self._proc else None
+        return shell_exit_code(self._proc.wait(timeout)) if self._proc else None
 
     @property
     def is_running(self) -> bool:

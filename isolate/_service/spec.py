@@ -82,6 +82,8 @@ class ServiceSpec:
     health: HealthCheck = field(default_factory=HttpCheck)
     ready_timeout: float | None = None
     stop_timeout: float | None = None
+    #: Native backend: the working directory, relative to the pytest rootdir (default:
+    #: the rootdir), so ``command`` and relative paths work wherever pytest is started.
     cwd: str | Path | None = None
     inherit_env: bool = True
     #: Docker backend: the image to run (or build from ``build_context``).

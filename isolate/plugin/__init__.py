@@ -6,6 +6,7 @@ Only this package imports pytest. ``_hooks`` declares the options and drives the
 """
 
 from ._fixtures import (
+    _isolate_restore_faults,
     isolate_conn,
     isolate_database,
     isolate_dsn,
@@ -31,6 +32,7 @@ from ._hooks import (
 )
 
 __all__ = [
+    "_isolate_restore_faults",
     "isolate_conn",
     "isolate_database",
     "isolate_dsn",

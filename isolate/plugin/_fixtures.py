@@ -26,6 +26,15 @@ def isolate_stack(pytestconfig: pytest.Config) -> WorkerStack:
     return pytestconfig.stash[STACK_KEY]
 
 
+@pytest.fixture(autouse=True)
+def _isolate_restore_faults(pytestconfig: pytest.Config) -> Iterator[None]:
+    """After every test, undo a ``cut()`` it left in effect (whatever happened)."""
+    yield
+    stack = pytestconfig.stash.get(STACK_KEY, None)
+    if stack is not None:
+        stack.heal()
+
+
 @pytest.fixture(scope="session")
 def isolate_worker(isolate_stack: WorkerStack) -> WorkerIdentity:
     """Worker id (``gw0``... or ``main``), worker count and run id."""
@@ -128,6 +137,7 @@ def isolate_service_session(
 
 @pytest.fixture
 def isolate_service(isolate_service_session: ServiceHandle) -> ServiceHandle:
-    """This worker's service, guaranteed running when the test starts."""
-    isolate_service_session.ensure_running()
+    """This worker's service, running and healthy when the test starts (started, or
+    restarted, if an earlier test left it stopped or not ready)."""
+    isolate_service_session.ensure_ready()
     return isolate_service_session

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,11 @@ from .._service import tail_text
 from .._stack import WorkerStack
 from ._xdist import XdistHooks
 
+#: Signals that end a run like Ctrl-C does (CI cancel, a closed terminal).
+INTERRUPTS = (signal.SIGTERM, signal.SIGHUP)
+
 STACK_KEY = pytest.StashKey[WorkerStack]()
+_SIGNALS_KEY = pytest.StashKey[dict[int, object]]()
 CONTROLLER_KEY = pytest.StashKey[RunController]()
 _SUMMARY_KEY = pytest.StashKey[dict[str, dict[str, float]]]()
 
@@ -70,9 +75,36 @@ def pytest_configure(config: pytest.Config) -> None:
         worker = worker_from_env(
             run_id, env={} if workerinput is None else None, workerinput=workerinput
         )
-        config.stash[STACK_KEY] = WorkerStack(settings, worker, run, backend, config.rootpath)
+        stack = WorkerStack(settings, worker, run, backend, config.rootpath)
+        config.stash[STACK_KEY] = stack
+        if workerinput is not None:
+            # If the controller dies, its watchdog stops this worker too.
+            stack.adopt_process(os.getpid(), _worker_record(worker.worker_id), group=False)
     except IsolateError as exc:
         raise pytest.UsageError(str(exc)) from None
+    if workerinput is None:
+        config.stash[_SIGNALS_KEY] = _catch_interrupts()
+
+
+def _worker_record(worker_id: str) -> str:
+    return f"worker-{worker_id}-{os.getpid()}"
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"isolate: {signal.Signals(signum).name} received")
+
+
+def _catch_interrupts() -> dict[int, object]:
+    """SIGTERM and SIGHUP end the run as Ctrl-C does: pytest stops, the session
+    finishes and the run is reaped. A handler set by someone else is kept."""
+    previous: dict[int, object] = {}
+    for sig in INTERRUPTS:
+        try:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, _interrupted)
+        except ValueError:  # not the main thread
+            break
+    return previous
 
 
 @pytest.hookimpl(trylast=True)
@@ -96,9 +128,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    stack = config.stash.get(STACK_KEY, None)
+    if stack is not None and hasattr(config, "workerinput"):
+        stack.release_process(_worker_record(stack.worker.worker_id))
     controller = config.stash.get(CONTROLLER_KEY, None)
     if controller is not None and controller.run.exists():
         controller.close()  # sessionfinish did not run (internal error)
+    for sig, handler in config.stash.get(_SIGNALS_KEY, {}).items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -1,0 +1,87 @@
+"""What the whole-run tests share: a small suite on the fixture app, and a detector
+of everything a run can leave behind (not a test module)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from isolate._config import default_base_dir
+
+HERE = Path(__file__).parent
+
+CONFTEST = f"""
+import sys
+import pytest
+import isolate
+
+@pytest.fixture(scope="session")
+def isolate_migrations():
+    return {str(HERE / "fixture_app" / "migrations")!r}
+
+@pytest.fixture(scope="session")
+def isolate_service_spec():
+    return isolate.ServiceSpec(
+        name="app",
+        command=[sys.executable, {str(HERE / "fixture_app" / "app.py")!r}],
+        env={{"PORT": "{{port}}", "DATABASE_URL": "{{dsn}}", "REDIS_URL": "{{redis_url}}",
+             "ISOLATE_RUN_ID": "{{run_id}}"}},
+        ready_timeout=20, stop_timeout=5,
+    )
+"""
+
+HELPERS = '''
+import json, urllib.request
+
+def post(url, payload):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+'''
+
+
+def run_id_of(result: pytest.RunResult) -> str:
+    match = re.search(r"isolate: run ([0-9a-f]{10})", result.stdout.str())
+    assert match, result.stdout.str()
+    return match.group(1)
+
+
+def leftovers(run_id: str, mark: str | None = None, base: str | None = None) -> list[str]:
+    """Processes and the run dir of a run that still exist.
+
+    A process belongs to the run if its command line or environment names the run id
+    (the watchdog, services), its environment carries ``ISOLATE_TEST_MARK=<mark>``
+    (every process the run's pytest started: workers, Valkey, services), or its working
+    directory is inside the run dir (PostgreSQL, which rewrites its title and environ
+    area, and Valkey). Titles are never trusted: Valkey and PostgreSQL rewrite them.
+    """
+    run_dir = f"{base or default_base_dir()}/isolate-run-{run_id}"
+    needles = [run_id.encode(), f"ISOLATE_RUN_ID={run_id}".encode()]
+    if mark:
+        needles.append(f"ISOLATE_TEST_MARK={mark}".encode())
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if state == "Z":
+            continue
+        if any(n in cmdline or n in environ for n in needles) or cwd.startswith(run_dir):
+            readable = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
+            found.append(f"pid {proc.name} (cwd {cwd}): {readable}")
+    if Path(run_dir).exists():
+        found.append(run_dir)
+    return found

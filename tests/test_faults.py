@@ -1,0 +1,266 @@
+"""Every way a run can end, and a machine shared with another user: nothing is left
+behind, and nothing is trusted that isolate did not make (native backend; the docker
+versions are in test_docker.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from suite_support import CONFTEST, HELPERS, leftovers
+from tenacity import Retrying, stop_after_delay, wait_fixed
+
+from isolate._config import default_base_dir
+from isolate._identity import new_run_id
+
+HANG = """
+import os, time
+from pathlib import Path
+
+def test_hang_a(isolate_service, isolate_redis, isolate_database):
+    Path(os.environ["FAULT_DIR"], "up-" + os.environ.get("PYTEST_XDIST_WORKER", "main")).touch()
+    time.sleep(300)
+
+def test_hang_b(isolate_service, isolate_redis, isolate_database):
+    Path(os.environ["FAULT_DIR"], "up-" + os.environ.get("PYTEST_XDIST_WORKER", "main")).touch()
+    time.sleep(300)
+"""
+
+
+def poll(check: object, timeout: float = 20.0) -> None:
+    for attempt in Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.1), reraise=True):
+        with attempt:
+            assert check() in ((), [], None, True), check()  # type: ignore[operator]
+
+
+class Run:
+    """A nested pytest run in a subprocess, with a marker in its environment."""
+
+    def __init__(self, path: Path, *args: str) -> None:
+        self.run_id = "f" + new_run_id()
+        self.mark = uuid.uuid4().hex
+        self.fault_dir = path / "fault"
+        self.fault_dir.mkdir(exist_ok=True)
+        env = {
+            k: v for k, v in os.environ.items()
+            if not k.startswith(("PYTEST_XDIST", "ISOLATE_", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))
+        }  # fmt: skip
+        env.update(ISOLATE_RUN_ID=self.run_id, ISOLATE_TEST_MARK=self.mark, FAULT_DIR=str(self.fault_dir))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", *args],
+            cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def wait_up(self, count: int) -> None:
+        def up() -> bool:
+            assert self.proc.poll() is None, self.proc.communicate()[0]
+            return len(list(self.fault_dir.glob("up-*"))) >= count
+
+        poll(up, 120)
+
+    def finish(self, timeout: float = 120) -> str:
+        return self.proc.communicate(timeout=timeout)[0]
+
+    def leftovers(self) -> list[str]:
+        return leftovers(self.run_id, self.mark)
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(helpers=HELPERS, test_hang=HANG)
+    return pytester
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_to_the_controller_ends_the_run_and_leaves_nothing(
+    suite: pytest.Pytester, sig: signal.Signals
+) -> None:
+    run = Run(suite.path, "-n", "2", "test_hang.py")
+    run.wait_up(2)
+    assert run.leftovers()  # the detector sees the live run
+    run.proc.send_signal(sig)
+    out = run.finish(60)
+    assert run.proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    poll(run.leftovers, 15)
+
+
+def test_a_sigkilled_controller_is_reaped_by_the_watchdog(suite: pytest.Pytester) -> None:
+    run = Run(suite.path, "-n", "2", "test_hang.py")
+    run.wait_up(2)
+    run.proc.send_signal(signal.SIGKILL)
+    run.finish(30)
+    started = time.monotonic()
+    poll(run.leftovers, 10)  # workers, services, Valkey, PostgreSQL and the run dir
+    assert time.monotonic() - started < 10
+
+
+def test_a_worker_killed_while_postgres_starts_leaves_nothing(suite: pytest.Pytester) -> None:
+    """PostgreSQL is registered when spawned, not when ready: a worker SIGKILLed in
+    between leaves nothing once the run ends."""
+    suite.makepyfile(
+        test_die="""
+        import os, signal
+        import isolate._postgres.native as native
+
+        real = native.NativePostgresRunner._spawned
+
+        def spawned_then_die(self, proc, lease):
+            real(self, proc, lease)
+            os.kill(os.getpid(), signal.SIGKILL)  # before PostgreSQL is ready
+
+        def test_die(monkeypatch, isolate_stack):
+            monkeypatch.setattr(native.NativePostgresRunner, "_spawned", spawned_then_die)
+            isolate_stack.postgres()
+        """
+    )
+    run = Run(suite.path, "-n", "1", "test_die.py")
+    out = run.finish()
+    assert "crashed" in out or "worker" in out.lower(), out
+    poll(run.leftovers, 15)
+
+
+def test_a_failed_shared_start_is_one_error_everywhere(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_db="""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_db(n, isolate_database):
+            pass
+        """
+    )
+    run = Run(suite.path, "-n", "2", "test_db.py", "--isolate-pg-settings=shared_buffers=lots")
+    out = run.finish()
+    assert run.proc.returncode == pytest.ExitCode.TESTS_FAILED, out
+    assert "4 errors" in out, out
+    assert "FileExistsError" not in out
+    # The first worker's error (PostgreSQL's own words), and the same cause in every other.
+    assert "shared_buffers" in out and "PostgreSQL exited during start-up" in out
+    assert "postgres failed to start in worker" in out
+    poll(run.leftovers, 15)
+
+
+def test_a_cut_left_by_a_failing_test_is_restored(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_cut="""
+        import psycopg, pytest, redis
+
+        def test_1_cuts_and_fails(isolate_database, isolate_redis):
+            isolate_database.cut()
+            isolate_redis.cut()
+            assert False, "fails with both cut"
+
+        def test_2_is_not_cut(isolate_database, isolate_redis):
+            with isolate_database.connect() as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert isolate_redis.client().ping()
+
+        def test_3_context_managers(isolate_database, isolate_redis):
+            with isolate_database.cut(), isolate_redis.cut():
+                with pytest.raises(psycopg.OperationalError):
+                    isolate_database.connect()
+                with pytest.raises(redis.RedisError):
+                    isolate_redis.client(socket_timeout=2).ping()
+            with isolate_database.connect() as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert isolate_redis.client().ping()
+        """
+    )
+    run = Run(suite.path, "-p", "no:xdist", "test_cut.py")
+    out = run.finish()
+    assert "1 failed, 2 passed" in out, out
+
+
+# -- a machine shared with another user ------------------------------------------------
+
+
+def as_nobody(script: str) -> None:
+    subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", script], check=True, timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="plants files as another user: needs root")
+def test_files_planted_by_another_user_are_never_trusted(suite: pytest.Pytester, tmp_path: Path) -> None:
+    base = Path(default_base_dir())
+    victim_dir = tmp_path / "root-only"
+    victim_dir.mkdir(mode=0o700)
+    (victim_dir / "keep").write_text("root's")
+    victim = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    ticks = Path(f"/proc/{victim.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tag = new_run_id()
+    planted = [base / f"isolate-run-pl{tag}", base / f"isolate-run-pm{tag}"]
+    record = {"name": "x", "pid": victim.pid, "start_ticks": int(ticks), "paths": [str(victim_dir)]}
+    try:
+        # A stale-looking run naming root's process and dir, and one with owner.json {}.
+        as_nobody(
+            f"mkdir -p {planted[0]}/registry {planted[1]} && "
+            f"echo '{json.dumps({'pid': dead.pid, 'start_ticks': 1})}' > {planted[0]}/owner.json && "
+            f"echo '{json.dumps(record)}' > {planted[0]}/registry/x.json && "
+            f"echo '{{}}' > {planted[1]}/owner.json"
+        )
+        suite.makepyfile(test_x="def test_x(isolate_service): pass")
+        result = suite.runpytest_subprocess("-p", "no:xdist", "test_x.py")
+        result.assert_outcomes(passed=1)
+        assert "INTERNALERROR" not in result.stdout.str()
+        assert victim.poll() is None  # not signalled
+        assert (victim_dir / "keep").read_text() == "root's"  # not removed
+        assert all(p.exists() for p in planted)  # not ours to remove either
+    finally:
+        victim.kill()
+        victim.wait()
+        for path in planted:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="plants files as another user: needs root")
+def test_a_lease_dir_planted_by_another_user_is_not_used() -> None:
+    """$TMPDIR/isolate-ports made by someone else (not sticky): leases go to a private dir."""
+    tmp = Path(tempfile.mkdtemp(prefix="isolate-test-tmp-", dir="/tmp"))
+    os.chmod(tmp, 0o1777)
+    request_cleanup = tmp
+    as_nobody(f"mkdir -m 0777 {tmp}/isolate-ports")
+    code = (
+        "import isolate, pathlib, tempfile\n"
+        "lease = isolate.reserve_port()\n"
+        "print(sorted(p.name for p in pathlib.Path(tempfile.gettempdir()).iterdir()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(tmp)},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    try:
+        assert done.returncode == 0, done.stderr
+        assert f"isolate-ports-{os.geteuid()}" in done.stdout
+        assert not list((tmp / "isolate-ports").iterdir())  # nothing written into the planted dir
+    finally:
+        shutil.rmtree(request_cleanup, ignore_errors=True)
+
+
+def test_status_lists_runs(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name, pid in (("alive1", os.getpid()), ("stale1", dead.pid)):
+        (base / f"isolate-run-{name}").mkdir(parents=True)
+        (base / f"isolate-run-{name}" / "owner.json").write_text(
+            json.dumps({"pid": pid, "start_ticks": None, "backend": "native", "created": time.time()})
+        )
+    done = subprocess.run(
+        [sys.executable, "-m", "isolate", "status", "--base-dir", str(base)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["RUN", "STATE", "OWNER", "BACKEND", "AGE", "DIR"]
+    assert lines[1].split()[:4] == ["alive1", "alive", str(os.getpid()), "native"]
+    assert lines[2].split()[:4] == ["stale1", "stale", str(dead.pid), "native"]
