@@ -14,8 +14,11 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
+
+from filelock import FileLock, Timeout
 
 from ._backends import Backend, Runner, make_backend
 from ._config import Settings
@@ -57,6 +60,7 @@ class WorkerStack:
         self._migrations: Migrations = None
         self._redis: RedisServer | None = None
         self._redis_runner: Runner[RedisServer] | None = None
+        self._redis_db_lock: FileLock | None = None
         self._services: dict[str, ServiceHandle] = {}
 
     # -- the run, for users who add pieces of their own ------------------------
@@ -87,17 +91,19 @@ class WorkerStack:
             raise ConfigError(f"cannot adopt pid {pid}: no such process", hint="adopt it while it runs")
         self.run.registry.register(
             ProcessRecord(name=name, pid=pid, start_ticks=ticks, stop_signal=int(stop_signal),
-                          group=group)
+                          group=group, scope="run")
         )  # fmt: skip
 
     def release_process(self, name: str) -> None:
         """Forget a process adopted under ``name`` (it has ended, or is stopped elsewhere)."""
         self.run.registry.unregister(name)
 
-    def _start(self, runner: Runner[S]) -> S:
-        """Start ``runner``; its processes are registered as they are spawned, and a
-        failed start leaves nothing behind."""
-        runner.on_spawn = self.run.registry.register
+    def _start(self, runner: Runner[S], *, shared: bool = False) -> S:
+        """Start ``runner``; its processes are registered as they are spawned (a shared
+        server with run scope: it outlives the worker that started it), and a failed
+        start leaves nothing behind."""
+        scope = "run" if shared else "worker"
+        runner.on_spawn = lambda record: self.run.registry.register(replace(record, scope=scope))
         try:
             runner.start()
         except BaseException:
@@ -127,7 +133,8 @@ class WorkerStack:
                 ),
                 start_timeout=self.settings.pg_start_timeout,
             )  # fmt: skip
-            return self._start(self.backend.postgres(config, self.run.path / "postgres")).to_json()
+            runner = self.backend.postgres(config, self.run.path / "postgres")
+            return self._start(runner, shared=True).to_json()
 
     def database(self, migrations: Migrations = None) -> WorkerDatabase:
         """The worker's schema and role, migrations applied (created on first call).
@@ -175,18 +182,38 @@ class WorkerStack:
                 state = self.shared("redis", lambda: self._start_redis("redis-shared", shared=True).to_json())
                 server = RedisServer.from_json(state)
                 self._redis = RedisServer(
-                    server.host, server.port, self.worker.index + 1, server.admin_password,
+                    server.host, server.port, self._lease_redis_db(), server.admin_password,
                     shared=True, backend=server.backend,
                 )  # fmt: skip
+                self._redis.flush()  # a crashed predecessor's keys are not this worker's
             else:
                 self._redis = self._start_redis(f"redis-{self.worker.slug}-{os.getpid()}", shared=False)
         return self._redis
 
+    def _redis_databases(self) -> int:
+        return max(16, self.worker.worker_count + 2)
+
+    def _lease_redis_db(self) -> int:
+        """The lowest logical DB no live worker holds (DB 0 is left alone). The lease is a
+        lock held for the worker's life: a crashed worker's DB goes to its successor."""
+        for db in range(1, self._redis_databases()):
+            lock = FileLock(str(self.run.path / f"redis-db-{db}.lock"), thread_local=False)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            self._redis_db_lock = lock
+            return db
+        raise ConfigError(
+            f"all {self._redis_databases() - 1} logical Redis DBs are held by live workers",
+            hint="use --isolate-redis-mode=per-worker",
+        )
+
     def _start_redis(self, name: str, *, shared: bool) -> RedisServer:
         with self.timings.measure("redis_start"):
-            config = RedisConfig(databases=max(16, self.worker.worker_count + 2))
+            config = RedisConfig(databases=self._redis_databases())
             runner = self.backend.redis(config, self.run.path / name, name, shared=shared)
-            server = self._start(runner)
+            server = self._start(runner, shared=shared)
             if not shared:
                 self._redis_runner = runner
             return server
@@ -197,6 +224,9 @@ class WorkerStack:
             self._redis_runner.stop()
             self.run.registry.unregister(self._redis_runner.name)
             self._redis_runner = None
+        if self._redis_db_lock is not None:
+            self._redis_db_lock.release(force=True)
+            self._redis_db_lock = None
         self._redis = None
 
     # -- the service under test --------------------------------------------------

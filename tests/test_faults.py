@@ -264,3 +264,56 @@ def test_status_lists_runs(tmp_path: Path) -> None:
     assert lines[0].split() == ["RUN", "STATE", "OWNER", "BACKEND", "AGE", "DIR"]
     assert lines[1].split()[:4] == ["alive1", "alive", str(os.getpid()), "native"]
     assert lines[2].split()[:4] == ["stale1", "stale", str(dead.pid), "native"]
+
+
+def test_a_bad_migration_is_shown_once_per_worker(suite: pytest.Pytester) -> None:
+    (suite.path / "bad").mkdir()
+    (suite.path / "bad" / "1.sql").write_text("CREATE TABLE broken (id serial PRIMARY KEY,);")
+    suite.makeconftest(CONFTEST.replace(str(Path(__file__).parent / "fixture_app" / "migrations"), "bad"))
+    suite.makepyfile(
+        test_db="""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(20))
+        def test_db(n, isolate_database):
+            pass
+        """
+    )
+    run = Run(suite.path, "-n", "2", "test_db.py")
+    out = run.finish()
+    assert "20 errors" in out, out
+    assert 1 <= out.count("fix: fix the SQL") <= 2  # in full once per worker...
+    assert out.count("(in full at this worker's first error)") >= 18  # ...then one line
+    assert len(out.splitlines()) < 400
+    poll(run.leftovers, 15)
+
+
+def test_replaced_workers_get_a_working_stack_and_their_predecessors_leftovers_go(
+    suite: pytest.Pytester,
+) -> None:
+    """--max-worker-restart: 17 workers crash in turn (more than the 16 logical Redis DBs
+    of the shared mode); each successor gets a Redis DB, and the dead worker's service
+    is stopped when its successor starts, not at the end of the run."""
+    suite.makepyfile(
+        test_crash="""
+        import os, signal
+        from pathlib import Path
+        import pytest
+
+        @pytest.mark.parametrize("n", range(17))
+        def test_crash(n, isolate_redis, isolate_redis_client, isolate_service):
+            pids = Path(os.environ["FAULT_DIR"], "service-pids")
+            for line in pids.read_text().split() if pids.exists() else ():
+                assert not Path(f"/proc/{line}").exists() or Path(f"/proc/{line}/stat").read_text().split(") ")[1][0] == "Z"
+            assert isolate_redis_client.dbsize() == 0  # nothing of the dead predecessor's
+            isolate_redis_client.set("mine", "1")
+            with pids.open("a") as fh:
+                fh.write(f"{isolate_service.pid}\\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    run = Run(suite.path, "-n", "1", "--max-worker-restart=20", "--isolate-redis-mode=shared", "test_crash.py")
+    out = run.finish(300)
+    assert "17 failed" in out, out  # each test crashed its worker...
+    assert "AssertionError" not in out and "out of range" not in out, out  # ...and nothing else failed
+    poll(run.leftovers, 15)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .._fs import owned_by_me
 from .._retry import poll_until
-from .liveness import is_alive
+from .liveness import is_alive, process_start_ticks
 
 __all__ = ["ProcessRecord", "ProcessRegistry", "stop_process_group"]
 
@@ -61,6 +61,10 @@ class ProcessRecord:
     owner_pid: int = field(default_factory=os.getpid)
     #: The pid leads its own process group (signal the group), else only the process.
     group: bool = True
+    #: ``worker``: dies with the worker that made it (a replaced worker's leftovers are
+    #: reaped when its successor starts); ``run``: shared, lives until the run ends.
+    scope: str = "worker"
+    owner_ticks: int | None = field(default_factory=lambda: process_start_ticks(os.getpid()))
 
 
 def _stop(record: ProcessRecord, timeout: float) -> None:
@@ -117,11 +121,23 @@ class ProcessRegistry:
         root = Path(os.path.normpath(self.root))
         return path if path.is_absolute() and path.is_relative_to(root) and path != root else None
 
+    def reap_dead_workers(self, timeout: float = 10.0) -> list[str]:
+        """Stop the worker-scoped processes whose worker has died (a crashed worker's
+        service and Redis), at once rather than at the end of the run."""
+        dead = [
+            r for r in self.records()
+            if r.scope == "worker" and not is_alive(r.owner_pid, r.owner_ticks)
+        ]  # fmt: skip
+        return self._reap(dead, timeout)
+
     def reap(self, timeout: float = 10.0) -> list[str]:
         """Stop every recorded process (workers first, PostgreSQL last) and remove its
         paths; the names reaped. A process is only signalled if its start time matches."""
+        return self._reap(list(self.records()), timeout)
+
+    def _reap(self, records: list[ProcessRecord], timeout: float) -> list[str]:
         reaped = []
-        order = sorted(self.records(), key=lambda r: (r.group, r.name == "postgres", r.name))
+        order = sorted(records, key=lambda r: (r.group, r.name == "postgres", r.name))
         for record in order:
             if record.pid is not None and record.start_ticks is not None:
                 if is_alive(record.pid, record.start_ticks):

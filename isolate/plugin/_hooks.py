@@ -28,6 +28,7 @@ STACK_KEY = pytest.StashKey[WorkerStack]()
 _SIGNALS_KEY = pytest.StashKey[dict[int, object]]()
 CONTROLLER_KEY = pytest.StashKey[RunController]()
 _SUMMARY_KEY = pytest.StashKey[dict[str, dict[str, float]]]()
+_SEEN_KEY = pytest.StashKey[set[tuple[str, str]]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,6 +65,8 @@ def pytest_configure(config: pytest.Config) -> None:
         if workerinput is not None:
             run_id, backend, base = _from_controller(workerinput)
             run = RunDir(base, run_id)
+            # A worker replacing a crashed one: release what the dead one held, now.
+            run.registry.reap_dead_workers(settings.stop_timeout)
         else:
             controller = RunController(settings, settings.run_id or new_run_id(), config.rootpath)
             controller.open()
@@ -160,6 +163,15 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    error = call.excinfo.value if call.excinfo is not None else None
+    if report.when == "setup" and report.failed and isinstance(error, IsolateError):
+        # A session fixture that failed fails every later test of the worker with the
+        # same error: show it in full once, then in one line.
+        seen = item.config.stash.setdefault(_SEEN_KEY, set())
+        key = (type(error).__name__, error.message)
+        if key in seen:
+            report.longrepr = f"{key[0]}: {error.message} (in full at this worker's first error)"
+        seen.add(key)
     if report.failed and "isolate_service" in getattr(item, "fixturenames", ()):
         stack = item.config.stash.get(STACK_KEY, None)
         for handle in stack.running_services() if stack else ():
