@@ -234,7 +234,7 @@ def create_app(service: Service) -> ASGIApp:
         errors = [
             FieldError(key, "unknown query parameter")
             for key in request.query_params
-            if key != "seconds"
+            if key not in ("seconds", "release")
         ]
         raw = request.query_params.get("seconds", "1.0")
         try:
@@ -247,7 +247,18 @@ def create_app(service: Service) -> ASGIApp:
             )
         if errors:
             raise ValidationFailed(errors, title="Invalid query parameters")
-        await asyncio.sleep(seconds)
+        release = request.query_params.get("release")
+        if release:
+            # Held until a test sets the Redis key debug:release:<name> (at most `seconds`):
+            # the test, not a timer, decides when the request ends.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + seconds
+            while loop.time() < deadline:
+                if await service.redis.exists(f"debug:release:{release}"):
+                    return _json({"released": release})
+                await asyncio.sleep(0.01)
+        else:
+            await asyncio.sleep(seconds)
         return _json({"slept": seconds})
 
     routes: list[BaseRoute] = [

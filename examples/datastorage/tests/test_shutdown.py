@@ -60,8 +60,9 @@ def read_response(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def slow_request(seconds: float) -> bytes:
-    return (f"POST /debug/slow?seconds={seconds} HTTP/1.1\r\nHost: test\r\n"
+def slow_request(seconds: float, release: str | None = None) -> bytes:
+    query = f"seconds={seconds}" + (f"&release={release}" if release else "")
+    return (f"POST /debug/slow?{query} HTTP/1.1\r\nHost: test\r\n"
             "Content-Length: 0\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
 
 
@@ -113,12 +114,16 @@ def test_in_flight_keep_alive_connection_is_closed_after_its_response(isolate_se
     assert isolate_service.wait_exit() == 0
 
 
-def test_new_connections_are_refused_after_the_delay(api, isolate_service):
-    sock = send_raw(isolate_service.port, slow_request(1.0))  # keeps the process alive meanwhile
+def test_new_connections_are_refused_after_the_delay(api, cid, isolate_service, isolate_redis_client):
+    # In flight until this test releases it (not a timer: under load a timer could end
+    # it before the refusal is seen), so the process stays up meanwhile.
+    sock = send_raw(isolate_service.port, slow_request(30.0, release=cid))
     isolate_service.signal(signal.SIGTERM)
-    wait_until(lambda: connection_refused(isolate_service.url), timeout=5, interval=0.02)
+    wait_until(lambda: connection_refused(isolate_service.url), timeout=10, interval=0.02)
     assert isolate_service.is_running  # listener closed, in-flight request still running
-    assert read_response(sock).startswith(b"HTTP/1.1 200")
+    isolate_redis_client.set(f"debug:release:{cid}", 1)
+    response = read_response(sock)
+    assert response.startswith(b"HTTP/1.1 200") and cid.encode() in response
     assert isolate_service.wait_exit() == 0
 
 
