@@ -23,6 +23,7 @@ __all__ = [
     "ManagedProcess",
     "RunAs",
     "can_access",
+    "listening_ports",
     "resolve_run_as",
     "tail",
     "wait_started",
@@ -214,3 +215,20 @@ def wait_started(
     raise ServerStartError(
         f"{what} exited during start-up", log_tail=log, exit_code=proc.returncode, hint=hint
     )
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports that ``pid`` and its descendants listen on (empty if unknown)."""
+    import psutil
+
+    ports: set[int] = set()
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                for conn in proc.net_connections(kind="tcp"):
+                    if conn.status == psutil.CONN_LISTEN and conn.laddr:
+                        ports.add(int(conn.laddr.port))
+    except psutil.Error:
+        pass
+    return ports

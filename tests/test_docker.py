@@ -695,16 +695,18 @@ def test_hang(isolate_service, isolate_redis):
 
 
 @pytest.mark.usefixtures("reaper_lock")
-def test_sigkilled_run_is_reaped_by_its_watchdog(
-    tmp_path: Path, images: Images, docker_engine: Any
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_or_cancelled_run_leaves_no_container(
+    tmp_path: Path, images: Images, docker_engine: Any, sig: signal.Signals
 ) -> None:
+    """SIGTERM (CI cancel): the controller reaps before it exits. SIGKILL: its watchdog
+    does, within seconds, without waiting for a later run."""
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "conftest.py").write_text(
         textwrap.dedent(INNER_CONFTEST.format(context=str(APP_CONTEXT)))
     )
     (suite / "test_hang.py").write_text(INNER_HANG)
-    (suite / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
     base = tmp_path / "base"
     base.mkdir()
     marker = tmp_path / "started"
@@ -727,11 +729,12 @@ def test_sigkilled_run_is_reaped_by_its_watchdog(
             with attempt:
                 assert proc.poll() is None, proc.communicate()[0].decode()
                 assert marker.exists(), "the run never got its stack up"
+        assert containers_of(docker_engine, run_id)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-    # The run's watchdog removes its containers and run dir within seconds, without
-    # waiting for a later run.
+        proc.send_signal(sig)
+        proc.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == pytest.ExitCode.INTERRUPTED
     for attempt in Retrying(stop=stop_after_delay(20), wait=wait_fixed(0.2), reraise=True):
         with attempt:
             assert containers_of(docker_engine, run_id) == []

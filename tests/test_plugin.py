@@ -214,7 +214,7 @@ def test_shared_redis_mode_gives_each_worker_its_own_db(suite: pytest.Pytester) 
         @pytest.mark.parametrize("n", range(4))
         def test_db(n, isolate_redis, isolate_redis_client, isolate_worker):
             assert isolate_redis.shared
-            assert isolate_redis.db == isolate_worker.index + 1
+            assert isolate_redis.db >= 1  # leased: DB 0 is never handed out
             isolate_redis_client.set(f"k{n}", isolate_worker.worker_id)
             # only this worker's keys are visible in its DB
             for key in isolate_redis_client.keys():

@@ -284,3 +284,18 @@ def test_migrations_are_never_silently_skipped(isolate_stack: WorkerStack, tmp_p
     isolate_stack.database(MIGRATIONS)
     with pytest.raises(isolate.ConfigError, match="already has migrations"):
         isolate_stack.database(tmp_path)
+
+
+def test_a_service_listening_on_another_port_is_told_so(runtime_service: Any) -> None:
+    other = isolate.reserve_port()
+    try:
+        spec = isolate.ServiceSpec(
+            "wrong-port", [sys.executable, "-m", "http.server", str(other.port), "--bind", "127.0.0.1"],
+            health=isolate.TcpCheck(), ready_timeout=3,
+        )  # fmt: skip
+        with pytest.raises(isolate.ServiceNotReadyError) as info:
+            runtime_service(spec)
+        assert info.value.context["listening"] == [other.port]
+        assert f"it listens on {other.port}, not on the port it was given" in str(info.value)
+    finally:
+        other.release()

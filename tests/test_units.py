@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from isolate import ConfigError, HttpCheck, ServiceSpec, WorkerIdentity
 from isolate._database import migration_files, schema_name
@@ -207,3 +208,27 @@ def test_malformed_owner_records_are_not_owners(data: object) -> None:
     from isolate._run.liveness import Owner
 
     assert Owner.parse(data) is None
+
+
+@pytest.mark.parametrize("have_proc", [True, False], ids=["linux-proc", "psutil"])
+def test_liveness_on_each_platform(monkeypatch: pytest.MonkeyPatch, have_proc: bool) -> None:
+    """The /proc reader (Linux) and psutil (macOS and others), with the platform faked."""
+    import subprocess
+    import sys
+
+    from isolate._run import liveness
+
+    monkeypatch.setattr(liveness, "HAVE_PROC", have_proc)
+    me = liveness.process_start_ticks(os.getpid())
+    assert me is not None and liveness.is_alive(os.getpid(), me)
+    assert not liveness.is_alive(os.getpid(), me + 1)  # same pid, another start: reused
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert not liveness.is_alive(dead.pid) and liveness.process_start_ticks(dead.pid) is None
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    for attempt in Retrying(stop=stop_after_delay(10), wait=wait_fixed(0.02), reraise=True):
+        with attempt:
+            assert not liveness.is_alive(zombie.pid)  # exited, not yet reaped: a zombie
+    zombie.wait()
+    owner = liveness.Owner.current()
+    assert owner.start_ticks == me and not owner.gone()

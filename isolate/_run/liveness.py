@@ -17,6 +17,11 @@ from typing import Any
 __all__ = ["Owner", "is_alive", "process_start_ticks"]
 
 
+#: Linux: read ``/proc`` directly (cheap, and what the kernel says); elsewhere (macOS,
+#: with Docker Desktop) ask psutil.
+HAVE_PROC = Path("/proc/self/stat").exists()
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
@@ -25,14 +30,33 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rfind(")") + 2 :].split()
 
 
+def _psutil_state(pid: int) -> tuple[bool, int | None]:
+    """(running and not a zombie, start time in centiseconds) from psutil."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            running = proc.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+            return running, round(proc.create_time() * 100)
+    except (psutil.Error, ValueError):
+        return False, None
+
+
 def process_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (guards against pid reuse)."""
+    """When ``pid`` started (clock ticks since boot on Linux, centiseconds since the epoch
+    elsewhere): with the pid, it names one process, so a reused pid is never mistaken."""
+    if not HAVE_PROC:
+        return _psutil_state(pid)[1]
     fields = _stat_fields(pid)
     return int(fields[19]) if fields else None
 
 
 def is_alive(pid: int, start_ticks: int | None = None) -> bool:
     """True if ``pid`` runs (not a zombie) and, when given, started at ``start_ticks``."""
+    if not HAVE_PROC:
+        running, ticks = _psutil_state(pid)
+        return running and (start_ticks is None or ticks == start_ticks)
     fields = _stat_fields(pid)
     if fields is None or fields[0] in {"Z", "X"}:
         return False

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from .._errors import ServiceExitedError, ServiceNotReadyError
 from .._ports import PortLease
+from .._process import listening_ports
 from .._retry import is_bind_failure, poll_until, start_on_free_port
 from .._run.registry import ProcessRecord
 from .._timings import Timings
@@ -243,11 +244,18 @@ class ServiceHandle:
                 log_tail=log_tail, exit_code=code, port=self.port, hint=hint,
             )  # fmt: skip
         if not done:
+            pid = self.pid
+            listening = sorted(listening_ports(pid)) if pid else []
+            hint = None
+            if listening and self.port not in listening:
+                hint = (f"it listens on {', '.join(map(str, listening))}, not on the port it was "
+                        f"given ({self.port}): pass {{port}} to it in ServiceSpec.command or env")  # fmt: skip
             self.stop(graceful=False)  # never hand a later test a half-started service
             raise ServiceNotReadyError(
                 f"service {self.name} was not ready within {limit:.1f}s",
                 log_tail=log_tail, port=self.port, url=self.url, health=self.spec.health,
-                waited=f"{time.monotonic() - started:.1f}s",
+                listening=listening or None, waited=f"{time.monotonic() - started:.1f}s",
+                hint=hint,
             )  # fmt: skip
 
     def close(self) -> None:
