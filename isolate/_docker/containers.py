@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import math
+import tarfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +26,7 @@ __all__ = [
     "ContainerServer",
     "container_logs",
     "container_state",
+    "put_file",
     "reap_orphans",
     "reap_run",
     "remove_container",
@@ -44,6 +48,18 @@ def container_state(container: Any) -> dict[str, Any]:
     except Exception:
         return {}
     return dict(container.attrs.get("State") or {})
+
+
+def put_file(container: Any, path: str, text: str, mode: int = 0o644) -> None:
+    """Copy a small file into a created (not yet started) container: how secrets reach
+    a server without showing in its command line, environment or ``docker inspect``."""
+    data = text.encode()
+    info = tarfile.TarInfo(path.rsplit("/", 1)[1])
+    info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.addfile(info, io.BytesIO(data))
+    container.put_archive(path.rsplit("/", 1)[0] or "/", buffer.getvalue())
 
 
 def container_logs(container: Any, tail: int | str = "all") -> str:
@@ -94,6 +110,10 @@ class ContainerServer:
         """Record the connection facts once it is ready (sets ``self.server``)."""
         raise NotImplementedError
 
+    def _files(self) -> dict[str, str]:
+        """Files (path: content) to put in the container before it starts: secrets."""
+        return {}
+
     def start(self) -> None:
         """Create and start the container on a free port; block until it is ready."""
         image = ensure_image(self.ctx.client, self.image, hint=self.image_hint)
@@ -110,6 +130,8 @@ class ContainerServer:
                 self.image, name=self.container_name, labels=labels,
                 mounts=volume_mounts(image, labels), detach=True, **kwargs,
             )  # fmt: skip
+            for path, text in self._files().items():
+                put_file(self.container, path, text)
             self.container.start()
         except Exception as exc:
             if self.container is not None:

@@ -13,6 +13,8 @@ from .server import PostgresConfig, PostgresServer, prepare_database
 
 __all__ = ["DockerPostgresRunner"]
 
+_SECRET_PATH = "/tmp/isolate-postgres-password"  # noqa: S105, S108 - a path in the container
+
 
 class DockerPostgresRunner(ContainerServer):
     """The run's shared PostgreSQL as ``isolate-pg-<run id>``, on a free port."""
@@ -43,12 +45,15 @@ class DockerPostgresRunner(ContainerServer):
             "command": args,
             "environment": {
                 "POSTGRES_USER": self.config.superuser,
-                "POSTGRES_PASSWORD": self.password,
+                "POSTGRES_PASSWORD_FILE": _SECRET_PATH,  # the password is not in inspect
                 "POSTGRES_DB": self.config.database,
                 "POSTGRES_INITDB_ARGS": "--no-sync",
             },
             "shm_size": "256m",  # parallel query workers use /dev/shm (64MB by default)
         }
+
+    def _files(self) -> dict[str, str]:
+        return {_SECRET_PATH: self.password}
 
     def _facts(self, port: int) -> PostgresServer:
         return PostgresServer(
