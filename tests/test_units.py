@@ -154,7 +154,7 @@ def test_docker_backend_without_the_extra_names_the_install_line(
     with pytest.raises(ConfigError) as err:
         backends.make_backend("docker", settings, WorkerIdentity("main", 1, "abcd"),
                               RunDir(tmp_path, "abcd"), tmp_path)  # fmt: skip
-    assert "pip install 'isolate[docker]'" in str(err.value)
+    assert "pip install 'pytest-isolate-stacks[docker]'" in str(err.value)
     auto = resolve_settings({"backend": "auto"}, {}, {})
     assert backends.decide_backend(auto) == ("native", "auto: the docker extra is not installed")
 

@@ -3,5 +3,5 @@
 the orphan reaper (``containers``), and the backend itself (``backend``).
 
 Only imported when the docker backend is chosen: a native run never imports the
-Docker SDK or testcontainers (``pip install 'isolate[docker]'`` brings them).
+Docker SDK or testcontainers (``pip install 'pytest-isolate-stacks[docker]'`` brings them).
 """
