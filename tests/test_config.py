@@ -93,3 +93,21 @@ def test_run_id_is_validated() -> None:
     assert resolve_settings({}, {}, {}).run_id is None
     with pytest.raises(ConfigError, match="lower-case letters or digits"):
         resolve_settings({"run_id": "../etc"})
+
+
+def test_the_module_map_in_design_md_matches_the_tree() -> None:
+    """docs/design.md opens with one line per module; keep it in step with isolate/."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    text = (root / "docs" / "design.md").read_text()
+    table = text.split("## Architecture", 1)[1].split("### The path of a run", 1)[0]
+    named = {m for row in table.splitlines() if row.startswith("| `")
+             for m in re.findall(r"`([\w/.]+\.py)`", row.split("|")[1])}  # fmt: skip
+    tree = {
+        str(p.relative_to(root / "isolate"))
+        for p in (root / "isolate").rglob("*.py")
+        if not (p.name == "__init__.py" and p.parent.name != "isolate")
+    }
+    assert named == tree

@@ -17,6 +17,7 @@ from .._controller import WORKERINPUT_KEYS, RunController
 from .._errors import ConfigError, IsolateError
 from .._identity import new_run_id, worker_from_env
 from .._run.rundir import RunDir
+from .._run.serial import SerialGate
 from .._service import tail_text
 from .._stack import WorkerStack
 from ._xdist import XdistHooks
@@ -29,6 +30,12 @@ _SIGNALS_KEY = pytest.StashKey[dict[int, object]]()
 CONTROLLER_KEY = pytest.StashKey[RunController]()
 _SUMMARY_KEY = pytest.StashKey[dict[str, dict[str, float]]]()
 _SEEN_KEY = pytest.StashKey[set[tuple[str, str]]]()
+GATE_KEY = pytest.StashKey[SerialGate]()
+
+SERIAL_MARKER = (
+    "serial: run while no other test of the run runs (isolate; in an xdist run the serial "
+    "tests are scheduled last and the other workers wait; without xdist, no effect)"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -59,6 +66,7 @@ def _from_controller(workerinput: Mapping[str, Any]) -> tuple[str, str, Path]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", SERIAL_MARKER)
     settings = _settings(config)
     workerinput = getattr(config, "workerinput", None)
     try:
@@ -83,6 +91,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if workerinput is not None:
             # If the controller dies, its watchdog stops this worker too.
             stack.adopt_process(os.getpid(), _worker_record(worker.worker_id), group=False)
+            config.stash[GATE_KEY] = SerialGate(run.path)
     except IsolateError as exc:
         raise pytest.UsageError(str(exc)) from None
     if workerinput is None:
@@ -108,6 +117,28 @@ def _catch_interrupts() -> dict[int, object]:
         except ValueError:  # not the main thread
             break
     return previous
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> Generator[None]:
+    """Serial tests go last (after any reordering by other plugins, e.g. pytest-randomly),
+    so that in an xdist run they are handed out after the parallel ones."""
+    result = yield
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("serial") is not None)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """In an xdist run, a ``serial`` test runs alone: see :mod:`isolate._run.serial`."""
+    gate = item.config.stash.get(GATE_KEY, None)
+    if gate is None:
+        return (yield)
+    with gate.exclusive() if item.get_closest_marker("serial") else gate.shared():
+        return (yield)
 
 
 @pytest.hookimpl(trylast=True)
