@@ -29,7 +29,8 @@ DOCKER_IMAGES = [
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """isolate's own suite (unit + integration, native and docker), with xdist."""
-    session.install(".[embedded,docker]")
+    # pytest-randomly: the serial-marker tests prove it works with random order.
+    session.install(".[embedded,docker]", "pytest-randomly==5.1.0")
     session.run("pytest", "tests", "-n", "4", "-p", "no:randomly", *session.posargs)
 
 

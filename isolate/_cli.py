@@ -73,6 +73,34 @@ def _age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
+def remove_run(bases: Sequence[Path], run_id: str, dry_run: bool) -> int:
+    """Remove one run of this user's (a kept one, say): processes, containers, dir."""
+    verb = "would remove" if dry_run else "removed"
+    for base in bases:
+        run = RunDir(base, run_id)
+        if not run.exists():
+            continue
+        owner = run.owner()
+        if owner is None:
+            print(f"isolate: {run.path} is not this user's run", file=sys.stderr)
+            return 1
+        if not owner.gone() and not run.is_kept():
+            print(f"isolate: run {run_id} is running (pid {owner.pid}); not removing it", file=sys.stderr)
+            return 1
+        if not dry_run:
+            run.registry.reap()
+            if run.facts().get("backend") == "docker":
+                from ._docker.containers import reap_run
+
+                for item in reap_run(run_id):
+                    print(f"{verb} {item}")
+            run.reap()
+        print(f"{verb} run {run_id} ({run.path})")
+        return 0
+    print(f"isolate: no run {run_id} under {', '.join(map(str, bases))}", file=sys.stderr)
+    return 1
+
+
 def status(bases: Sequence[Path]) -> int:
     """List the runs on this machine: id, state, owner, backend, age, dir."""
     rows = []
@@ -85,7 +113,8 @@ def status(bases: Sequence[Path]) -> int:
                 rows.append((run.run_id, state, "-", "-", "-", str(path)))
                 continue
             age = _age(time.time() - float(str(facts.get("created") or time.time())))
-            rows.append((run.run_id, "stale" if owner.gone() else "alive", str(owner.pid),
+            state = "kept" if run.is_kept() else "stale" if owner.gone() else "alive"
+            rows.append((run.run_id, state, str(owner.pid),
                          str(facts.get("backend") or "?"), age, str(path)))  # fmt: skip
     if not rows:
         print("no isolate runs")
@@ -137,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "networks and volumes labelled isolate.managed=true whose owner process is gone. "
         "Resources of live runs are kept.",
     )
+    clean.add_argument(
+        "run", nargs="?", help="remove this run (a kept one, or a stale one) instead of every stale run"
+    )
     clean.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     clean.add_argument(
         "--caches", action="store_true",
@@ -162,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bases = [Path(b) for b in ([base] if base else dict.fromkeys([default_base_dir(), tempfile.gettempdir()]))]
     if args.command == "status":
         return status(bases)
+    if args.run:
+        return remove_run(bases, args.run, args.dry_run)
     code = cleanup(bases, args.dry_run)
     if args.caches:
         for line in clean_caches(bases, args.dry_run):

@@ -23,6 +23,7 @@ __all__ = ["OPTIONS", "Option", "Settings", "resolve_settings"]
 Backend = Literal["native", "docker", "auto"]
 RedisMode = Literal["per-worker", "shared"]
 DockerNetwork = Literal["host", "mapped", "auto"]
+Keep = Literal["never", "failed", "always"]
 
 
 def default_base_dir() -> str:
@@ -166,6 +167,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("run_id", "id shared by every worker of the run (names schemas, containers, "
            "dirs); default: a new random id per run. Two concurrent runs must not share one",
            "", _optional_run_id),
+    Option("keep", "keep a worker's stack (schema, Redis, service) up after the run: never, "
+           "when the worker had a failing test, or always; the summary says how to reach "
+           "and remove it", "never", _choice("never", "failed", "always")),
     Option("reap_stale", "remove processes, containers and dirs left by runs whose owner "
            "is gone, at session start", "true", _bool),
 )
@@ -195,6 +199,7 @@ class Settings:
     timings_json: str | None = None
     base_dir: str | None = None
     run_id: str | None = None
+    keep: Keep = "never"
     reap_stale: bool = True
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 

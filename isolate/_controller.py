@@ -60,7 +60,18 @@ class RunController:
         self.watchdog = Watchdog(self.run.path, self.backend_name, self.settings.stop_timeout)
 
     def close(self) -> dict[str, dict[str, float]]:
-        """Reap everything the run still holds and remove its dir; the timing summary."""
+        """Reap everything the run still holds and remove its dir; the timing summary.
+
+        If a worker kept its stack (``--isolate-keep``), the run stays: only what dead
+        workers left is reaped, and ``python -m isolate cleanup RUN`` removes the rest.
+        """
+        if self.run.is_kept():
+            self.run.registry.reap_dead_workers(self.settings.stop_timeout)
+            summary = summarize(read(self.timings.path))
+            if self.watchdog is not None:
+                self.watchdog.dismiss()  # it sees the kept mark and leaves the run alone
+                self.watchdog = None
+            return summary
         start = time.perf_counter()
         reaped = self.run.registry.reap(self.settings.stop_timeout)
         try:

@@ -62,6 +62,8 @@ class WorkerStack:
         self._redis_runner: Runner[RedisServer] | None = None
         self._redis_db_lock: FileLock | None = None
         self._services: dict[str, ServiceHandle] = {}
+        #: Set by the plugin when a test of this worker failed (``--isolate-keep=failed``).
+        self.failed = False
 
     # -- the run, for users who add pieces of their own ------------------------
 
@@ -163,9 +165,14 @@ class WorkerStack:
             self._migrations = migrations
         return self._database
 
+    @property
+    def keeping(self) -> bool:
+        """Whether this worker's stack stays up after the run (``--isolate-keep``)."""
+        return self.settings.keep == "always" or (self.settings.keep == "failed" and self.failed)
+
     def drop_database(self) -> None:
-        """Drop the worker's schema and role (idempotent)."""
-        if self._database is not None:
+        """Drop the worker's schema and role (idempotent; kept with ``--isolate-keep``)."""
+        if self._database is not None and not self.keeping:
             try:
                 self._database.drop()
             except Exception as exc:  # server already gone: nothing left to drop
@@ -219,7 +226,9 @@ class WorkerStack:
             return server
 
     def stop_redis(self) -> None:
-        """Stop the worker's own Redis server (idempotent)."""
+        """Stop the worker's own Redis server (idempotent; kept with ``--isolate-keep``)."""
+        if self.keeping:
+            return
         if self._redis_runner is not None:
             self._redis_runner.stop()
             self.run.registry.unregister(self._redis_runner.name)
@@ -286,6 +295,8 @@ class WorkerStack:
 
     def close_service(self, name: str) -> None:
         """Stop a service for good and remove what runs it."""
+        if self.keeping:
+            return
         handle = self._services.pop(name, None)
         if handle is not None:
             handle.close()
@@ -302,8 +313,32 @@ class WorkerStack:
             healed.append("redis")
         return healed
 
+    def keep(self) -> dict[str, object]:
+        """Leave this worker's stack up after the run, recorded in the run dir for the
+        controller's summary and ``python -m isolate cleanup RUN``; what was kept."""
+        info: dict[str, object] = {"worker": self.worker.worker_id, "pid": os.getpid()}
+        if self._database is not None:
+            info.update(dsn=self._database.dsn, schema=self._database.schema)
+        if self._redis is not None:
+            info["redis_url"] = self._redis.url
+        info["services"] = [
+            {"name": h.name, "url": h.url, "running": h.is_running,
+             "log": str(getattr(h.launcher, "log_path", "") or "") or None}
+            for h in self._services.values() if h.lease is not None
+        ]  # fmt: skip
+        for record in self.run.registry.records():  # outlive this worker now
+            if record.owner_pid == os.getpid():
+                self.run.registry.register(replace(record, scope="run"))
+        self.run.mark_kept(self.worker.slug, info)
+        return info
+
     def close(self) -> None:
-        """Stop this worker's services and Redis, drop its schema (idempotent)."""
+        """Stop this worker's services and Redis, drop its schema (idempotent), or keep
+        them all (``--isolate-keep``)."""
+        if self.keeping:
+            if self._database or self._redis or self._services:
+                self.keep()
+            return
         with self.timings.measure("worker_teardown"):
             for name in list(self._services):
                 self.close_service(name)

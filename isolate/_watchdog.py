@@ -65,6 +65,8 @@ def reap(run_dir: Path, backend: str, stop_timeout: float) -> list[str]:
     if not run_dir.is_dir():
         return []  # closed by the controller
     run = RunDir(run_dir.parent, run_dir.name[len(RUN_PREFIX) :])
+    if run.is_kept():
+        return []  # --isolate-keep: left up on purpose, removed by `cleanup RUN`
     reaped = run.registry.reap(stop_timeout)
     try:
         settings = resolve_settings(env={})

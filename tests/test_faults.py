@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -317,4 +318,34 @@ def test_replaced_workers_get_a_working_stack_and_their_predecessors_leftovers_g
     out = run.finish(300)
     assert "17 failed" in out, out  # each test crashed its worker...
     assert "AssertionError" not in out and "out of range" not in out, out  # ...and nothing else failed
+    poll(run.leftovers, 15)
+
+
+def test_keep_failed_leaves_the_failing_workers_stack_up_until_cleanup(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_keep="""
+        def test_fails(isolate_service, isolate_database, isolate_redis):
+            assert False, "keep me"
+        """
+    )
+    run = Run(suite.path, "-p", "no:xdist", "--isolate-keep=failed", "test_keep.py")
+    out = run.finish()
+    assert "1 failed" in out, out
+    assert "isolate: stacks kept (--isolate-keep)" in out, out
+    url = next(line.split(": ", 1)[1].split(" ")[0] for line in out.splitlines()
+               if line.strip().startswith("service app-test-main:"))  # fmt: skip
+    assert f"python -m isolate cleanup {run.run_id}" in out
+    with urllib.request.urlopen(url + "/health", timeout=5) as resp:  # still serving
+        assert resp.status == 200
+    status = subprocess.run([sys.executable, "-m", "isolate", "status"], capture_output=True,
+                            text=True, timeout=60, check=True).stdout  # fmt: skip
+    assert any(line.split()[:2] == [run.run_id, "kept"] for line in status.splitlines()), status
+    # A later run's stale-run reaper leaves a kept run alone.
+    suite.makepyfile(test_x="def test_x(): pass")
+    later = Run(suite.path, "-p", "no:xdist", "test_x.py")
+    assert "1 passed" in later.finish()
+    assert run.leftovers()
+    done = subprocess.run([sys.executable, "-m", "isolate", "cleanup", run.run_id],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
     poll(run.leftovers, 15)

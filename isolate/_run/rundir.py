@@ -89,6 +89,26 @@ class RunDir:
             return {}
         return data if isinstance(data, dict) and owned_by_me(self.path / "owner.json") else {}
 
+    @property
+    def kept_dir(self) -> Path:
+        return self.path / "kept"
+
+    def mark_kept(self, worker: str, info: Mapping[str, object]) -> None:
+        """Record that a worker's stack stays up after the run (``--isolate-keep``)."""
+        self.kept_dir.mkdir(mode=0o700, exist_ok=True)
+        write_json(self.kept_dir / f"{worker}.json", info)
+
+    def kept(self) -> list[dict[str, object]]:
+        """What the run's workers kept; empty if nothing."""
+        found = []
+        for path in sorted(self.kept_dir.glob("*.json")) if owned_by_me(self.kept_dir) else ():
+            with contextlib.suppress(OSError, ValueError):
+                found.append(dict(json.loads(path.read_text())))
+        return found
+
+    def is_kept(self) -> bool:
+        return owned_by_me(self.kept_dir)
+
     def exists(self) -> bool:
         return self.path.is_dir()
 
@@ -154,7 +174,7 @@ def stale_runs(base: Path) -> list[RunDir]:
     for path in sorted(base.glob(RUN_PREFIX + "*")):
         run = RunDir(base, path.name[len(RUN_PREFIX) :])
         owner = run.owner()
-        if owner is not None and owner.gone():
+        if owner is not None and owner.gone() and not run.is_kept():  # kept runs stay
             found.append(run)
     return found
 

@@ -177,7 +177,27 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"isolate: {line}" for line in controller.header()] if controller else []
 
 
+def _kept_lines(controller: RunController) -> list[str]:
+    lines = []
+    for info in controller.run.kept():
+        lines.append(f"worker {info.get('worker')}:")
+        for key in ("dsn", "redis_url"):
+            if info.get(key):
+                lines.append(f"  {key}: {info[key]}")
+        for svc in info.get("services") or []:  # type: ignore[attr-defined]
+            lines.append(f"  service {svc['name']}: {svc['url']} (log: {svc['log'] or 'docker logs'})")
+    if lines:
+        lines.append(f"remove them: python -m isolate cleanup {controller.run_id}")
+    return lines
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    controller = config.stash.get(CONTROLLER_KEY, None)
+    kept = _kept_lines(controller) if controller is not None else []
+    if kept:
+        terminalreporter.section("isolate: stacks kept (--isolate-keep)")
+        for line in kept:
+            terminalreporter.write_line(line)
     summary = config.stash.get(_SUMMARY_KEY, None)
     if not summary or not set(summary) - {"worker_teardown", "run_teardown"}:
         return
@@ -194,6 +214,10 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    if report.failed:
+        stack = item.config.stash.get(STACK_KEY, None)
+        if stack is not None:
+            stack.failed = True  # --isolate-keep=failed keeps this worker's stack
     error = call.excinfo.value if call.excinfo is not None else None
     if report.when == "setup" and report.failed and isinstance(error, IsolateError):
         # A session fixture that failed fails every later test of the worker with the
