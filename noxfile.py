@@ -29,8 +29,9 @@ DOCKER_IMAGES = [
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """isolate's own suite (unit + integration, native and docker), with xdist."""
-    # pytest-randomly: the serial-marker tests prove it works with random order.
-    session.install(".[embedded,docker]", "pytest-randomly==5.1.0")
+    # pytest-randomly: the serial-marker tests prove it works with random order;
+    # pytest-timeout: a fault test proves its os._exit kill leaves nothing behind.
+    session.install(".[embedded,docker]", "pytest-randomly==5.1.0", "pytest-timeout==2.4.0")
     session.run("pytest", "tests", "-n", "4", "-p", "no:randomly", *session.posargs)
 
 

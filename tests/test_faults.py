@@ -130,6 +130,45 @@ def test_a_worker_killed_while_postgres_starts_leaves_nothing(suite: pytest.Pyte
     poll(run.leftovers, 15)
 
 
+def test_a_worker_killed_while_redis_starts_leaves_nothing(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_die="""
+        import os, signal
+        import isolate._redis.native as native
+
+        real = native.NativeRedisRunner._spawned
+
+        def spawned_then_die(self, proc, lease):
+            real(self, proc, lease)
+            os.kill(os.getpid(), signal.SIGKILL)  # before Valkey answers PING
+
+        def test_die(monkeypatch, isolate_stack):
+            monkeypatch.setattr(native.NativeRedisRunner, "_spawned", spawned_then_die)
+            isolate_stack.redis()
+        """
+    )
+    run = Run(suite.path, "-n", "1", "test_die.py")
+    out = run.finish()
+    assert "crashed" in out or "worker" in out.lower(), out
+    poll(run.leftovers, 15)
+
+
+def test_a_pytest_timeout_kill_leaves_nothing(suite: pytest.Pytester) -> None:
+    """pytest-timeout's thread method ends the worker with os._exit: no finalizer runs."""
+    suite.makepyfile(
+        test_slow="""
+        import time
+
+        def test_slow(isolate_service, isolate_redis, isolate_database):
+            time.sleep(60)
+        """
+    )
+    run = Run(suite.path, "-n", "2", "--timeout=3", "--timeout-method=thread", "test_slow.py")
+    out = run.finish()
+    assert "crashed while running 'test_slow.py::test_slow'" in out, out  # os._exit by the timeout
+    poll(run.leftovers, 15)
+
+
 def test_a_failed_shared_start_is_one_error_everywhere(suite: pytest.Pytester) -> None:
     suite.makepyfile(
         test_db="""
