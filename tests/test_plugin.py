@@ -247,3 +247,21 @@ def test_native_run_imports_no_docker(suite: pytest.Pytester) -> None:
     result = suite.runpytest_subprocess("-n", "2", "-p", "no:randomly", "--isolate-backend=native")
     result.assert_outcomes(passed=2)
 
+
+
+def test_the_chosen_backend_is_public(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_b="""
+        import os
+
+        def test_b(isolate_backend, isolate_stack):
+            assert isolate_backend == isolate_stack.backend.name
+            print("BACKEND", isolate_backend)
+        """
+    )
+    result = suite.runpytest_subprocess("-n", "1", "--isolate-backend=auto", "-p", "no:randomly",
+                                        "-rP", "test_b.py")  # fmt: skip
+    result.assert_outcomes(passed=1)
+    chosen = re.search(r"isolate: run \w+, backend (\w+) \(auto: ", result.stdout.str())
+    assert chosen, result.stdout.str()
+    result.stdout.fnmatch_lines([f"BACKEND {chosen.group(1)}"])

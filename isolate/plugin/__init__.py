@@ -7,6 +7,7 @@ Only this package imports pytest. ``_hooks`` declares the options and drives the
 
 from ._fixtures import (
     _isolate_restore_faults,
+    isolate_backend,
     isolate_conn,
     isolate_database,
     isolate_dsn,
@@ -35,6 +36,7 @@ from ._hooks import (
 
 __all__ = [
     "_isolate_restore_faults",
+    "isolate_backend",
     "isolate_conn",
     "isolate_database",
     "isolate_dsn",

@@ -36,6 +36,13 @@ def _isolate_restore_faults(pytestconfig: pytest.Config) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def isolate_backend(isolate_stack: WorkerStack) -> str:
+    """The backend this run chose (``native`` or ``docker``; ``auto`` resolved once by
+    the controller): read this rather than ``ISOLATE_BACKEND``."""
+    return isolate_stack.backend.name
+
+
+@pytest.fixture(scope="session")
 def isolate_worker(isolate_stack: WorkerStack) -> WorkerIdentity:
     """Worker id (``gw0``... or ``main``), worker count and run id."""
     return isolate_stack.worker
