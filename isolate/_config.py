@@ -24,6 +24,7 @@ Backend = Literal["native", "docker", "auto"]
 RedisMode = Literal["per-worker", "shared"]
 DockerNetwork = Literal["host", "mapped", "auto"]
 Keep = Literal["never", "failed", "always"]
+DbIsolation = Literal["schema", "database"]
 
 
 def default_base_dir() -> str:
@@ -151,6 +152,12 @@ OPTIONS: tuple[Option, ...] = (
            "root", "nobody", str),
     Option("migrations", "directory of ordered .sql files applied to each worker's schema "
            "(relative to the rootdir)", "", _optional_str),
+    Option("db_isolation", "schema: a schema and role per worker in one database; database: "
+           "a database per worker, cloned from a template migrated once per run",
+           "schema", _choice("schema", "database")),
+    Option("bootstrap", "SQL file or directory run as the superuser once per run before "
+           "the migrations (CREATE EXTENSION, roles the app expects; relative to the rootdir)",
+           "", _optional_str),
     Option("ready_timeout", "default seconds a service may take to pass its health check",
            "30", _positive_float),
     Option("stop_timeout", "default seconds a graceful stop waits before SIGKILL", "10",
@@ -192,6 +199,8 @@ class Settings:
     redis_image: str = "redis:7"
     run_as: str = "nobody"
     migrations: str | None = None
+    db_isolation: DbIsolation = "schema"
+    bootstrap: str | None = None
     ready_timeout: float = 30.0
     stop_timeout: float = 10.0
     docker_network: DockerNetwork = "auto"

@@ -16,7 +16,16 @@ from ._errors import ConfigError, FaultInjectionError, MigrationError
 from ._fault import Fault
 from ._postgres import PostgresServer
 
-__all__ = ["Migrations", "WorkerDatabase", "migration_files", "schema_name"]
+__all__ = [
+    "Migrations",
+    "WorkerDatabase",
+    "make_template",
+    "migrations_key",
+    "migration_files",
+    "run_bootstrap",
+    "run_migrations",
+    "schema_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +62,52 @@ def migration_files(source: str | Path) -> list[Path]:
     return files
 
 
+def run_migrations(conn: psycopg.Connection[tuple[object, ...]], steps: Migrations, where: str,
+                   *, what: str = "migration") -> int:  # fmt: skip
+    """Run a directory or file of ``.sql`` files, or ``callable(conn)``, on ``conn``;
+    how many steps ran. ``where`` names the target, ``what`` the steps, in errors."""
+    if steps is None:
+        return 0
+    if callable(steps):
+        try:
+            steps(conn)
+        except Exception as exc:
+            raise MigrationError(f"{what} callable failed: {exc}", target=where) from exc
+        return 1
+    files = migration_files(steps)
+    for path in files:
+        try:
+            with conn.transaction():
+                conn.execute(path.read_text())
+        except psycopg.Error as exc:
+            raise MigrationError(
+                f"{what} {path.name} failed: {exc}", target=where, file=path,
+                hint="fix the SQL; migrations must not name a schema "
+                "(they run with search_path set to the worker's schema or database)",
+            ) from exc  # fmt: skip
+    return len(files)
+
+
 @dataclass
 class WorkerDatabase:
-    """One worker's schema and login role, and what a test may do with them."""
+    """One worker's schema (or database) and login role, and what a test may do with them.
+
+    Schema mode (the default): a schema of the run's database, ``search_path`` set to it.
+    Database mode (``--isolate-db-isolation=database``): a database of its own, cloned
+    from the run's migrated template (``database`` and ``template`` are set; ``schema``
+    is ``public``).
+    """
 
     server: PostgresServer
     schema: str
     role: str
     password: str
+    #: Database mode: the worker's database, and the template it is cloned from.
+    database: str | None = None
+    template: str | None = None
+    template_owner: str | None = field(default=None, repr=False)
+    #: What :meth:`rebuild` re-applies in schema mode.
+    migrations: Migrations = field(default=None, compare=False, repr=False)
     #: Whether :meth:`cut` is in effect.
     is_cut: bool = field(default=False, compare=False, repr=False)
 
@@ -78,10 +125,43 @@ class WorkerDatabase:
             conn.execute(sql.SQL("ALTER ROLE {} SET search_path = {}").format(ident, ident))
         return db
 
+    @classmethod
+    def clone(cls, server: PostgresServer, worker_slug: str, run_id: str, template: str,
+              template_owner: str) -> WorkerDatabase:  # fmt: skip
+        """Database mode: a role and ``CREATE DATABASE ... TEMPLATE``, every object of the
+        template handed to the role, no other role allowed to connect."""
+        name = schema_name(worker_slug, run_id)
+        db = cls(server, schema="public", role=name, password=secrets.token_urlsafe(18),
+                 database=name, template=template, template_owner=template_owner)  # fmt: skip
+        with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(db.password))
+            )
+        db._clone()
+        return db
+
+    def _clone(self) -> None:
+        assert self.database is not None and self.template is not None
+        assert self.template_owner is not None
+        ident, role = sql.Identifier(self.database), sql.Identifier(self.role)
+        with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
+                ident, sql.Identifier(self.template), role))  # fmt: skip
+            conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(ident))
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(sql.Identifier(self.template_owner), role))
+            conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(role))
+
+    @property
+    def admin_dsn(self) -> str:
+        """The superuser's URL of the worker's database (the run's, in schema mode)."""
+        return self.server.dsn(database=self.database)
+
     @property
     def dsn(self) -> str:
         """Connection URL of the worker's role, ``search_path`` baked in."""
-        return self.server.dsn(user=self.role, password=self.password, search_path=self.schema)
+        return self.server.dsn(user=self.role, password=self.password, database=self.database,
+                               search_path=self.schema)  # fmt: skip
 
     def connect(self, **kwargs: object) -> psycopg.Connection[tuple[object, ...]]:
         """A new psycopg connection as the worker's role."""
@@ -92,44 +172,42 @@ class WorkerDatabase:
         if migrations is None:
             return 0
         with self.connect() as conn:
-            if callable(migrations):
-                try:
-                    migrations(conn)
-                except Exception as exc:
-                    raise MigrationError(
-                        f"migration callable failed: {exc}", schema=self.schema
-                    ) from exc
-                return 1
-            files = migration_files(migrations)
-            for path in files:
-                try:
-                    with conn.transaction():
-                        conn.execute(path.read_text())
-                except psycopg.Error as exc:
-                    raise MigrationError(
-                        f"migration {path.name} failed: {exc}",
-                        schema=self.schema,
-                        file=path,
-                        hint="fix the SQL; migrations must not name a schema "
-                        "(they run with search_path set to the worker's schema)",
-                    ) from exc
-            return len(files)
+            return run_migrations(conn, migrations, self.schema)
 
     def tables(self) -> list[str]:
-        with psycopg.connect(self.server.admin_dsn) as conn:
+        with psycopg.connect(self.admin_dsn) as conn:
             rows = conn.execute(
                 "SELECT tablename FROM pg_tables WHERE schemaname = %s ORDER BY 1",
                 (self.schema,),
             ).fetchall()
         return [str(r[0]) for r in rows]
 
+    def rebuild(self) -> None:
+        """Return to the migrated state, DDL included: re-clone the database from the
+        run's template (database mode), or drop the schema and migrate it again (schema
+        mode). The worker's sessions are ended (the service's pool reconnects)."""
+        if self.database is not None:
+            with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.database)))
+            self._clone()
+            return
+        ident, role = sql.Identifier(self.schema), sql.Identifier(self.role)
+        with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (self.role,)
+            )
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident))
+            conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(ident, role))
+        self.apply_migrations(self.migrations)
+
     def reset(self, exclude: Sequence[str] = ("schema_version",)) -> None:
-        """Empty every table of the worker's schema (identities restart)."""
+        """Empty every table of the worker's schema (identities restart); see
+        :meth:`rebuild` to undo DDL too."""
         names = [t for t in self.tables() if t not in set(exclude)]
         if not names:
             return
         targets = sql.SQL(", ").join(sql.Identifier(self.schema, t) for t in names)
-        with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(targets))
 
     # -- fault injection ----------------------------------------------------
@@ -161,7 +239,7 @@ class WorkerDatabase:
         self.is_cut = False
 
     def drop(self) -> None:
-        """Drop the schema and the role (terminating the role's sessions first)."""
+        """Drop the schema (or database) and the role, ending the role's sessions first."""
         ident = sql.Identifier(self.role)
         with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(ident))
@@ -169,5 +247,43 @@ class WorkerDatabase:
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
                 (self.role,),
             )
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
+            if self.database is not None:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.database)))
+            else:
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+
+
+def run_bootstrap(server: PostgresServer, bootstrap: Migrations) -> dict[str, object]:
+    """Schema mode: run the bootstrap as the superuser in the run's database (once)."""
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        steps = run_migrations(conn, bootstrap, server.database, what="bootstrap")
+    return {"steps": steps}
+
+
+def make_template(
+    server: PostgresServer, run_id: str, migrations: Migrations, bootstrap: Migrations
+) -> dict[str, object]:
+    """Database mode: the run's template database, bootstrapped (superuser) and migrated
+    (as a template role whose objects each clone hands to its worker's role), then closed
+    to connections so that workers can clone it at once."""
+    name, owner = f"isolate_tpl_{run_id}", f"isolate_tplown_{run_id}"
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with psycopg.connect(server.dsn(database=name), autocommit=True) as conn:
+        conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        conn.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(sql.Identifier(owner)))
+        run_migrations(conn, bootstrap, name, what="bootstrap")
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
+        run_migrations(conn, migrations, name)
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+    return {"template": name, "owner": owner, "migrations": migrations_key(migrations)}
+
+
+def migrations_key(steps: Migrations) -> str:
+    """What names a set of migrations the same way in every worker process."""
+    if callable(steps):
+        return f"{getattr(steps, '__module__', '?')}.{getattr(steps, '__qualname__', repr(steps))}"
+    return repr(None if steps is None else str(steps))

@@ -22,7 +22,7 @@ from filelock import FileLock, Timeout
 
 from ._backends import Backend, Runner, make_backend
 from ._config import Settings
-from ._database import Migrations, WorkerDatabase
+from ._database import Migrations, WorkerDatabase, make_template, migrations_key, run_bootstrap
 from ._errors import ConfigError
 from ._identity import WorkerIdentity
 from ._postgres import PostgresConfig, PostgresServer, tuned_settings
@@ -138,20 +138,29 @@ class WorkerStack:
             runner = self.backend.postgres(config, self.run.path / "postgres")
             return self._start(runner, shared=True).to_json()
 
-    def database(self, migrations: Migrations = None) -> WorkerDatabase:
-        """The worker's schema and role, migrations applied (created on first call).
+    def _rooted(self, steps: Migrations) -> Migrations:
+        """A relative migrations (or bootstrap) path is relative to the pytest rootdir."""
+        if isinstance(steps, str | Path) and not Path(steps).is_absolute():
+            return self.rootdir / steps
+        return steps
 
-        A schema first created without migrations gets them on the first call that
-        names some; naming different migrations later is an error, never a silent skip.
-        A relative migrations path is relative to the pytest rootdir.
+    def database(self, migrations: Migrations = None, bootstrap: Migrations = None) -> WorkerDatabase:
+        """The worker's schema (or database) and role, migrations applied (created on
+        first call). ``bootstrap`` (default ``--isolate-bootstrap``) runs as the superuser
+        once per run before the migrations.
+
+        Schema mode: a schema of the run's database, migrated by each worker. Database
+        mode (``--isolate-db-isolation=database``): the first worker migrates a template
+        database once per run; every worker clones it. A database first created without
+        migrations gets them on the first call that names some; naming different
+        migrations later is an error, never a silent skip.
         """
-        if isinstance(migrations, str | Path) and not Path(migrations).is_absolute():
-            migrations = self.rootdir / migrations
+        migrations = self._rooted(migrations)
+        bootstrap = self._rooted(bootstrap if bootstrap is not None else self.settings.bootstrap)
         if self._database is None:
             server = self.postgres()
             with self.timings.measure("schema_migrations"):
-                self._database = WorkerDatabase.create(server, self.worker.slug, self.worker.run_id)
-                self._database.apply_migrations(migrations)
+                self._database = self._create_database(server, migrations, bootstrap)
             self._migrations = migrations
         elif migrations is not None and migrations != self._migrations:
             if self._migrations is not None:
@@ -162,8 +171,29 @@ class WorkerStack:
                 )
             with self.timings.measure("schema_migrations"):
                 self._database.apply_migrations(migrations)
-            self._migrations = migrations
+            self._database.migrations = self._migrations = migrations
         return self._database
+
+    def _create_database(
+        self, server: PostgresServer, migrations: Migrations, bootstrap: Migrations
+    ) -> WorkerDatabase:
+        slug, run_id = self.worker.slug, self.worker.run_id
+        if self.settings.db_isolation == "database":
+            state = self.shared("pg-template", lambda: make_template(server, run_id, migrations, bootstrap))
+            if state["migrations"] != migrations_key(migrations):
+                raise ConfigError(
+                    f"the run's template database was migrated with {state['migrations']}; "
+                    f"this worker asks for {migrations_key(migrations)}",
+                    hint="use one isolate_migrations fixture/option per run",
+                )
+            db = WorkerDatabase.clone(server, slug, run_id, str(state["template"]), str(state["owner"]))
+        else:
+            if bootstrap is not None:
+                self.shared("pg-bootstrap", lambda: run_bootstrap(server, bootstrap))
+            db = WorkerDatabase.create(server, slug, run_id)
+            db.apply_migrations(migrations)
+        db.migrations = migrations
+        return db
 
     @property
     def keeping(self) -> bool:

@@ -8,9 +8,11 @@ Only this package imports pytest. ``_hooks`` declares the options and drives the
 from ._fixtures import (
     _isolate_restore_faults,
     isolate_backend,
+    isolate_bootstrap,
     isolate_conn,
     isolate_database,
     isolate_dsn,
+    isolate_fresh_database,
     isolate_migrations,
     isolate_postgres,
     isolate_redis,
@@ -37,9 +39,11 @@ from ._hooks import (
 __all__ = [
     "_isolate_restore_faults",
     "isolate_backend",
+    "isolate_bootstrap",
     "isolate_conn",
     "isolate_database",
     "isolate_dsn",
+    "isolate_fresh_database",
     "isolate_migrations",
     "isolate_postgres",
     "isolate_redis",

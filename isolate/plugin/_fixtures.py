@@ -68,12 +68,31 @@ def isolate_migrations(pytestconfig: pytest.Config, isolate_stack: WorkerStack) 
 
 
 @pytest.fixture(scope="session")
+def isolate_bootstrap(isolate_stack: WorkerStack) -> Migrations:
+    """Run as the superuser once per run before the migrations (``CREATE EXTENSION``,
+    roles the app expects): override to return a path or ``callable(conn)``.
+
+    Default: ``--isolate-bootstrap`` (relative to the rootdir), or none.
+    """
+    return isolate_stack.settings.bootstrap
+
+
+@pytest.fixture(scope="session")
 def isolate_database(
-    isolate_stack: WorkerStack, isolate_migrations: Migrations
+    isolate_stack: WorkerStack, isolate_migrations: Migrations, isolate_bootstrap: Migrations
 ) -> Iterator[WorkerDatabase]:
-    """This worker's schema and role, with migrations applied."""
-    yield isolate_stack.database(isolate_migrations)
+    """This worker's schema (or database) and role, with migrations applied."""
+    yield isolate_stack.database(isolate_migrations, isolate_bootstrap)
     isolate_stack.drop_database()
+
+
+@pytest.fixture
+def isolate_fresh_database(isolate_database: WorkerDatabase) -> WorkerDatabase:
+    """This worker's database returned to its migrated state (DDL included) before the
+    test: re-cloned from the template, or its schema dropped and migrated again. For a
+    module, write a module-scoped fixture that calls ``isolate_database.rebuild()``."""
+    isolate_database.rebuild()
+    return isolate_database
 
 
 @pytest.fixture(scope="session")

@@ -135,6 +135,10 @@ def test_received_at_defaults_to_now(isolate_conn):
     ).fetchone() == (True,)
 
 
-def test_workers_role_cannot_use_the_public_schema(isolate_conn):
+def test_workers_role_cannot_use_the_public_schema(isolate_conn, isolate_database):
+    if isolate_database.database is not None:
+        # --isolate-db-isolation=database: public is this worker's own database's.
+        assert isolate_conn.execute("SELECT current_database()").fetchone() == (isolate_database.database,)
+        return
     with pytest.raises((psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedTable)):
         isolate_conn.execute("SELECT 1 FROM public.audit_events")
