@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
@@ -287,6 +287,14 @@ class WorkerStack:
             "host": "127.0.0.1", "name": instance, "worker": self.worker.worker_id,
             "run_id": self.worker.run_id,
         }  # fmt: skip
+        missing = [dep for dep in spec.depends_on if dep not in self._services]
+        if missing:
+            raise ConfigError(
+                f"service {spec.name!r} depends on {', '.join(missing)}, not started on this worker",
+                hint="declare every service in the isolate_service_specs fixture (started in "
+                "depends_on order), or start those first",
+            )
+        values["services"] = dict(self._services)  # the handles: {services[NAME].url}
         resolve = resolve or self._resolve_field
         for field_name in sorted(spec.uses() - set(values) - {"port", "url"}):
             values[field_name] = resolve(field_name)
@@ -305,6 +313,35 @@ class WorkerStack:
             raise
         self.timings.add("worker_stack_ready", time.perf_counter() - started)
         return handle
+
+    def services(
+        self, specs: Sequence[ServiceSpec], resolve: Callable[[str], object] | None = None
+    ) -> dict[str, ServiceHandle]:
+        """The worker's running instances of ``specs``, started in ``depends_on`` order."""
+        by_name = {spec.name: spec for spec in specs}
+        if len(by_name) != len(specs):
+            raise ConfigError("two services share a name", hint="give each ServiceSpec its own name")
+        order: list[ServiceSpec] = []
+        visiting: set[str] = set()
+
+        def visit(spec: ServiceSpec) -> None:
+            if spec in order:
+                return
+            if spec.name in visiting:
+                raise ConfigError(f"services depend on each other in a cycle through {spec.name!r}",
+                                  hint="remove one depends_on of the cycle")  # fmt: skip
+            visiting.add(spec.name)
+            for dep in spec.depends_on:
+                if dep not in by_name and dep not in self._services:
+                    raise ConfigError(f"service {spec.name!r} depends on unknown service {dep!r}",
+                                      hint=f"declare it: one of {', '.join(sorted(by_name))}")  # fmt: skip
+                if dep in by_name:
+                    visit(by_name[dep])
+            order.append(spec)
+
+        for spec in specs:
+            visit(spec)
+        return {spec.name: self.service(spec, resolve) for spec in order}
 
     def _register_service(self, handle: ServiceHandle) -> None:
         record = handle.record()

@@ -110,7 +110,9 @@ def test_other_workers_database_is_out_of_reach(isolate_database, isolate_postgr
 BACKENDS = [
     pytest.param([], id="native"),
     pytest.param(
-        ["--isolate-backend=docker", "--isolate-pg-image=isolate-local/postgres:15"],
+        # no reaping at start: the reaper tests of test_docker.py own the orphans they make
+        ["--isolate-backend=docker", "--isolate-pg-image=isolate-local/postgres:15",
+         "--isolate-reap-stale=false"],
         id="docker", marks=pytest.mark.docker,
     ),
 ]

@@ -26,7 +26,7 @@ __all__ = [
 #: Placeholders a command or env template may use.
 TEMPLATE_FIELDS = (
     "port", "host", "url", "name", "worker", "run_id",
-    "dsn", "schema", "role", "redis_url",
+    "dsn", "schema", "role", "redis_url", "services",
 )  # fmt: skip
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,40}$")
 
@@ -69,7 +69,8 @@ class ServiceSpec:
     """How to run the service under test; each worker gets its own instance.
 
     ``command`` (native backend), ``container_command`` (docker backend) and ``env``
-    are templates: ``{port}``, ``{host}``, ``{url}``,
+    are templates (``{services[NAME].url}`` names another service of the worker, see
+    ``depends_on``): ``{port}``, ``{host}``, ``{url}``,
     ``{name}`` (the instance name ``<name>-test-<worker>``), ``{worker}``,
     ``{run_id}``, ``{dsn}``, ``{schema}``, ``{role}`` and ``{redis_url}`` are
     filled in per worker. Using ``{dsn}`` or ``{redis_url}`` is what makes the
@@ -94,6 +95,9 @@ class ServiceSpec:
     #: Docker backend: the command run in the container (templates allowed). ``None``
     #: (the default) runs ``command``; ``()`` runs the image's own ``CMD``.
     container_command: Sequence[str] | None = None
+    #: Services of the same worker this one needs started first; their handles are in
+    #: the ``{services}`` template field: ``{services[fake-api].url}``, ``.port``.
+    depends_on: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -108,6 +112,11 @@ class ServiceSpec:
                     f"ServiceSpec.{label} for {self.name!r} is a string",
                     hint="pass a list of arguments, e.g. ['python', '-m', 'app', '--port', '{port}']",
                 )
+        if isinstance(self.depends_on, str) or self.name in self.depends_on:
+            raise ConfigError(
+                f"ServiceSpec.depends_on of {self.name!r} must be a list of other services' names",
+                hint="e.g. depends_on=['fake-api']",
+            )
         for template in self._templates():
             used = placeholders(template)
             unknown = used - set(TEMPLATE_FIELDS)

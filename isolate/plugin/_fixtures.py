@@ -3,7 +3,7 @@ some, ``isolate_migrations``) in your conftest.py; use the rest."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +138,8 @@ def isolate_service_spec() -> ServiceSpec:
     )
 
 
-@pytest.fixture(scope="session")
-def isolate_service_session(
-    request: pytest.FixtureRequest, isolate_stack: WorkerStack, isolate_service_spec: ServiceSpec
-) -> Iterator[ServiceHandle]:
-    """This worker's instance of the service, started once per worker.
-
-    Its ``{dsn}``/``{schema}``/``{role}`` come from the ``isolate_database`` fixture and
-    ``{redis_url}`` from ``isolate_redis_url``, so overriding those changes what it uses.
-    """
+def _resolver(request: pytest.FixtureRequest) -> Callable[[str], object]:
+    """Template values from the fixtures, so overriding a fixture changes what is used."""
 
     def resolve(field: str) -> object:
         if field in ("dsn", "schema", "role"):
@@ -156,9 +149,48 @@ def isolate_service_session(
             return request.getfixturevalue("isolate_redis_url")
         raise pytest.UsageError(f"isolate: unknown template field {field!r}")
 
-    handle = isolate_stack.service(isolate_service_spec, resolve)
+    return resolve
+
+
+@pytest.fixture(scope="session")
+def isolate_service_session(
+    request: pytest.FixtureRequest, isolate_stack: WorkerStack, isolate_service_spec: ServiceSpec
+) -> Iterator[ServiceHandle]:
+    """This worker's instance of the service, started once per worker.
+
+    Its ``{dsn}``/``{schema}``/``{role}`` come from the ``isolate_database`` fixture and
+    ``{redis_url}`` from ``isolate_redis_url``, so overriding those changes what it uses.
+    """
+    handle = isolate_stack.service(isolate_service_spec, _resolver(request))
     yield handle
     isolate_stack.close_service(isolate_service_spec.name)
+
+
+@pytest.fixture(scope="session")
+def isolate_service_specs() -> list[ServiceSpec]:
+    """Several services under test (an API, a background worker, a fake of a third-party
+    API): override to return their ``ServiceSpec``s. Each worker gets its own instance of
+    each, on its own port, started in ``depends_on`` order."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def isolate_services_session(
+    request: pytest.FixtureRequest, isolate_stack: WorkerStack, isolate_service_specs: list[ServiceSpec]
+) -> Iterator[dict[str, ServiceHandle]]:
+    """This worker's instances of ``isolate_service_specs``, by name, started once."""
+    handles = isolate_stack.services(isolate_service_specs, _resolver(request))
+    yield handles
+    for name in reversed(list(handles)):  # dependants first
+        isolate_stack.close_service(name)
+
+
+@pytest.fixture
+def isolate_services(isolate_services_session: dict[str, ServiceHandle]) -> dict[str, ServiceHandle]:
+    """This worker's services by name, each running and healthy when the test starts."""
+    for handle in isolate_services_session.values():
+        handle.ensure_ready()
+    return isolate_services_session
 
 
 @pytest.fixture

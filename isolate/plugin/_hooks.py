@@ -227,7 +227,8 @@ def pytest_runtest_makereport(
         if key in seen:
             report.longrepr = f"{key[0]}: {error.message} (in full at this worker's first error)"
         seen.add(key)
-    if report.failed and "isolate_service" in getattr(item, "fixturenames", ()):
+    names = getattr(item, "fixturenames", ())
+    if report.failed and ("isolate_service" in names or "isolate_services" in names):
         stack = item.config.stash.get(STACK_KEY, None)
         for handle in stack.running_services() if stack else ():
             report.sections.append(
