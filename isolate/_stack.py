@@ -31,6 +31,7 @@ from ._run.liveness import process_start_ticks
 from ._run.registry import ProcessRecord
 from ._run.rundir import RunDir
 from ._service import ServiceHandle, ServiceSpec
+from ._service.spec import start_order
 from ._timings import Timings
 
 __all__ = ["WorkerStack"]
@@ -318,29 +319,7 @@ class WorkerStack:
         self, specs: Sequence[ServiceSpec], resolve: Callable[[str], object] | None = None
     ) -> dict[str, ServiceHandle]:
         """The worker's running instances of ``specs``, started in ``depends_on`` order."""
-        by_name = {spec.name: spec for spec in specs}
-        if len(by_name) != len(specs):
-            raise ConfigError("two services share a name", hint="give each ServiceSpec its own name")
-        order: list[ServiceSpec] = []
-        visiting: set[str] = set()
-
-        def visit(spec: ServiceSpec) -> None:
-            if spec in order:
-                return
-            if spec.name in visiting:
-                raise ConfigError(f"services depend on each other in a cycle through {spec.name!r}",
-                                  hint="remove one depends_on of the cycle")  # fmt: skip
-            visiting.add(spec.name)
-            for dep in spec.depends_on:
-                if dep not in by_name and dep not in self._services:
-                    raise ConfigError(f"service {spec.name!r} depends on unknown service {dep!r}",
-                                      hint=f"declare it: one of {', '.join(sorted(by_name))}")  # fmt: skip
-                if dep in by_name:
-                    visit(by_name[dep])
-            order.append(spec)
-
-        for spec in specs:
-            visit(spec)
+        order = start_order(specs, set(self._services))
         return {spec.name: self.service(spec, resolve) for spec in order}
 
     def _register_service(self, handle: ServiceHandle) -> None:

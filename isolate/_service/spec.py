@@ -6,7 +6,7 @@ import http.client
 import re
 import socket
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ __all__ = [
     "TcpCheck",
     "placeholders",
     "render",
+    "start_order",
     "tail_text",
 ]
 
@@ -157,3 +158,32 @@ def render(template: str, values: Mapping[str, object]) -> str:
 
 def tail_text(text: str, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
+
+
+def start_order(specs: Sequence[ServiceSpec], started: Collection[str] = ()) -> list[ServiceSpec]:
+    """``specs`` in an order where each comes after what it ``depends_on`` (services in
+    ``started`` count as there already); :class:`ConfigError` on a cycle or an unknown name."""
+    by_name = {spec.name: spec for spec in specs}
+    if len(by_name) != len(specs):
+        raise ConfigError("two services share a name", hint="give each ServiceSpec its own name")
+    order: list[ServiceSpec] = []
+    visiting: set[str] = set()
+
+    def visit(spec: ServiceSpec) -> None:
+        if any(spec is done for done in order):
+            return
+        if spec.name in visiting:
+            raise ConfigError(f"services depend on each other in a cycle through {spec.name!r}",
+                              hint="remove one depends_on of the cycle")  # fmt: skip
+        visiting.add(spec.name)
+        for dep in spec.depends_on:
+            if dep in by_name:
+                visit(by_name[dep])
+            elif dep not in started:
+                raise ConfigError(f"service {spec.name!r} depends on unknown service {dep!r}",
+                                  hint=f"declare it: one of {', '.join(sorted(by_name))}")  # fmt: skip
+        order.append(spec)
+
+    for spec in specs:
+        visit(spec)
+    return order
