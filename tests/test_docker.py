@@ -338,7 +338,7 @@ def test_isolation_on_docker_at_n4(
                 mp.delenv(key)
         mp.setenv("ISO_BARRIER", str(barrier))
         result = pytester.runpytest_subprocess(
-            "-n", "4", "--dist", "each", "-p", "no:cacheprovider", "-s",
+            "-n", "4", "--dist", "each", "-p", "no:cacheprovider", "-s", "-v",
             "--isolate-backend=auto", "--isolate-reap-stale=false",
             f"--isolate-pg-image={images.postgres}", f"--isolate-redis-image={images.redis}",
             timeout=240,

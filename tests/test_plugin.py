@@ -127,7 +127,7 @@ def test_without_xdist(suite: pytest.Pytester) -> None:
             assert isolate_database.schema.startswith("isolate_main_")
         """
     )
-    result = suite.runpytest_subprocess("-p", "no:xdist")
+    result = suite.runpytest_subprocess("-p", "no:xdist", "-v")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["isolate: run *, backend native*", "isolate: postgres PostgreSQL *"])
     assert leftovers(run_id_of(result)) == []
@@ -201,6 +201,11 @@ def test_timings_json_is_written(suite: pytest.Pytester) -> None:
     text = (suite.path / "out" / "timings.json").read_text()
     for phase in ("postgres_start", "schema_migrations", "redis_start", "service_ready"):
         assert phase in text
+    # Quiet by default: one header line, no table...
+    assert "isolate timings" not in result.stdout.str()
+    assert [line for line in result.stdout.lines if line.startswith("isolate: ")][1:] == []
+    # ...the table with -v.
+    result = suite.runpytest_subprocess("-n", "2", "-v")
     result.stdout.fnmatch_lines(["*isolate timings (seconds)*", "postgres_start *"])
     _ = time
 

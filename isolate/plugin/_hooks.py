@@ -173,8 +173,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    """One line; with ``-v``, what the backend runs (binaries or images) too."""
     controller = config.stash.get(CONTROLLER_KEY, None)
-    return [f"isolate: {line}" for line in controller.header()] if controller else []
+    if controller is None:
+        return []
+    lines = controller.header()
+    return [f"isolate: {line}" for line in (lines if config.option.verbose > 0 else lines[:1])]
 
 
 def _kept_lines(controller: RunController) -> list[str]:
@@ -199,8 +203,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         for line in kept:
             terminalreporter.write_line(line)
     summary = config.stash.get(_SUMMARY_KEY, None)
-    if not summary or not set(summary) - {"worker_teardown", "run_teardown"}:
-        return
+    if config.option.verbose <= 0 or not summary or not set(summary) - {"worker_teardown", "run_teardown"}:
+        return  # quiet unless asked: -v shows isolate's own timings
     terminalreporter.section("isolate timings (seconds)")
     terminalreporter.write_line(f"{'phase':<22}{'count':>6}{'min':>9}{'median':>9}{'max':>9}")
     for phase, row in summary.items():
