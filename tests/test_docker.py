@@ -695,7 +695,7 @@ def test_hang(isolate_service, isolate_redis):
 
 
 @pytest.mark.usefixtures("reaper_lock")
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_a_killed_or_cancelled_run_leaves_no_container(
     tmp_path: Path, images: Images, docker_engine: Any, sig: signal.Signals
 ) -> None:
@@ -733,12 +733,37 @@ def test_a_killed_or_cancelled_run_leaves_no_container(
     finally:
         proc.send_signal(sig)
         proc.communicate(timeout=60)
-    if sig == signal.SIGTERM:
+    if sig != signal.SIGKILL:
         assert proc.returncode == pytest.ExitCode.INTERRUPTED
     for attempt in Retrying(stop=stop_after_delay(20), wait=wait_fixed(0.2), reraise=True):
         with attempt:
             assert containers_of(docker_engine, run_id) == []
             assert not (base / f"isolate-run-{run_id}").exists()
+
+
+def test_a_failed_shared_start_is_one_error_and_leaves_no_container(
+    pytester: pytest.Pytester, images: Images, docker_engine: Any
+) -> None:
+    pytester.makepyfile(
+        test_db="""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_db(n, isolate_postgres):
+            pass
+        """
+    )
+    run_id = "s" + new_run_id()
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "-p", "no:randomly", "--isolate-backend=docker", "--isolate-reap-stale=false",
+        f"--isolate-pg-image={images.postgres}", "--isolate-pg-settings=shared_buffers=lots",
+        f"--isolate-run-id={run_id}", timeout=240,
+    )  # fmt: skip
+    result.assert_outcomes(errors=4)
+    out = result.stdout.str()
+    assert "exited during start-up" in out and "shared_buffers" in out
+    assert "postgres failed to start in worker" in out
+    assert containers_of(docker_engine, run_id) == []
 
 
 # -- service images ------------------------------------------------------------------
