@@ -264,8 +264,10 @@ def test_the_chosen_backend_is_public(suite: pytest.Pytester) -> None:
             print("BACKEND", isolate_backend)
         """
     )
+    # (no reaping at start: with an engine, auto is docker, and the reaper tests of
+    # test_docker.py own the orphan containers they make)
     result = suite.runpytest_subprocess("-n", "1", "--isolate-backend=auto", "-p", "no:randomly",
-                                        "-rP", "test_b.py")  # fmt: skip
+                                        "--isolate-reap-stale=false", "-rP", "test_b.py")  # fmt: skip
     result.assert_outcomes(passed=1)
     chosen = re.search(r"isolate: run \w+, backend (\w+) \(auto: ", result.stdout.str())
     assert chosen, result.stdout.str()
