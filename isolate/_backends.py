@@ -6,6 +6,7 @@ instances run. Two implementations, chosen once per run by :func:`make_backend`:
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -24,7 +25,17 @@ from ._run.rundir import RunDir
 from ._service import Launcher, ServiceSpec
 from ._service.native import ProcessLauncher
 
-__all__ = ["Backend", "NativeBackend", "Runner", "decide_backend", "make_backend"]
+__all__ = [
+    "Backend",
+    "NativeBackend",
+    "Runner",
+    "decide_backend",
+    "docker_installed",
+    "make_backend",
+    "reap_leftovers",
+]
+
+logger = logging.getLogger(__name__)
 
 S_co = TypeVar("S_co", covariant=True)
 
@@ -136,7 +147,18 @@ class NativeBackend:
         return lines
 
 
-def _docker_installed() -> bool:
+def reap_leftovers(run: RunDir, backend: Backend, timeout: float) -> list[str]:
+    """Stop every process the run registered and remove what the backend made for it
+    (containers, networks); the names reaped. The run dir itself stays."""
+    reaped = run.registry.reap(timeout)
+    try:
+        reaped += backend.reap_run()
+    except Exception as exc:  # an engine gone away: the orphan reaper gets it later
+        logger.warning("isolate could not reap run %s: %s", run.run_id, exc)
+    return reaped
+
+
+def docker_installed() -> bool:
     """Whether the ``docker`` extra is installed (distributions, not whatever directory
     named ``docker`` happens to be on ``sys.path``)."""
     for dist in ("docker", "testcontainers"):
@@ -151,7 +173,7 @@ def decide_backend(settings: Settings) -> tuple[str, str]:
     """Resolve ``auto``: the backend's name and why (done once, by the controller)."""
     if settings.backend != "auto":
         return settings.backend, f"from {settings.source_of('backend')}"
-    if not _docker_installed():
+    if not docker_installed():
         return "native", "auto: the docker extra is not installed"
     from ._docker.engine import engine_available
 
@@ -164,7 +186,7 @@ def make_backend(
 ) -> Backend:
     """The one place that picks the implementation."""
     if backend == "docker":
-        if not _docker_installed():
+        if not docker_installed():
             raise ConfigError(
                 "the docker backend needs the Docker SDK and testcontainers, which are not installed",
                 hint="pip install 'pytest-isolate-stacks[docker]', or use --isolate-backend=native",

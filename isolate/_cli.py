@@ -20,26 +20,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from ._backends import docker_installed
 from ._config import default_base_dir, resolve_settings
 from ._errors import IsolateError
 from ._fs import owned_by_me
 from ._run.rundir import RUN_PREFIX, RunDir, reap_stale_runs, stale_runs
+from ._watchdog import reap_run_dir
 
 __all__ = ["main"]
 
 
-def _docker_orphans(dry_run: bool) -> tuple[list[str], str | None]:
-    """What the Docker reaper removed (or would), or why it did not run."""
-    from ._backends import _docker_installed
-
-    if not _docker_installed():
-        return [], "skipped (the docker extra is not installed)"
-    from ._docker.containers import reap_orphans
+def _docker_unavailable() -> str | None:
+    """Why the Docker steps cannot run here, or ``None`` if they can."""
+    if not docker_installed():
+        return "the docker extra is not installed"
     from ._docker.engine import engine_available
 
     ok, why = engine_available()
-    if not ok:
+    return None if ok else why
+
+
+def _docker_orphans(dry_run: bool) -> tuple[list[str], str | None]:
+    """What the Docker reaper removed (or would), or why it did not run."""
+    why = _docker_unavailable()
+    if why is not None:
         return [], f"skipped ({why})"
+    from ._docker.containers import reap_orphans
+
     return reap_orphans(dry_run=dry_run), None
 
 
@@ -88,13 +95,9 @@ def remove_run(bases: Sequence[Path], run_id: str, dry_run: bool) -> int:
             print(f"isolate: run {run_id} is running (pid {owner.pid}); not removing it", file=sys.stderr)
             return 1
         if not dry_run:
-            run.registry.reap()
-            if run.facts().get("backend") == "docker":
-                from ._docker.containers import reap_run
-
-                for item in reap_run(run_id):
-                    print(f"{verb} {item}")
-            run.reap()
+            backend = str(run.facts().get("backend") or "native")
+            for item in reap_run_dir(run, backend, stop_timeout=10.0):
+                print(f"{verb} {item}")
         print(f"{verb} run {run_id} ({run.path})")
         return 0
     print(f"isolate: no run {run_id} under {', '.join(map(str, bases))}", file=sys.stderr)
@@ -141,14 +144,10 @@ def clean_caches(bases: Sequence[Path], dry_run: bool) -> list[str]:
         if not dry_run:
             shutil.rmtree(path, ignore_errors=True)
         done.append(f"{verb} {path}")
-    from ._backends import _docker_installed
-
-    if _docker_installed():
-        from ._docker.engine import engine_available
+    if _docker_unavailable() is None:
         from ._docker.images import remove_built_images
 
-        if engine_available()[0]:
-            done += [f"{verb} {item}" for item in remove_built_images(dry_run)]
+        done += [f"{verb} {item}" for item in remove_built_images(dry_run)]
     return done
 
 

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from ._backends import Backend, decide_backend, make_backend
+from ._backends import Backend, decide_backend, make_backend, reap_leftovers
 from ._config import Settings
 from ._identity import WorkerIdentity
 from ._run.liveness import Owner
@@ -65,26 +65,20 @@ class RunController:
         If a worker kept its stack (``--isolate-keep``), the run stays: only what dead
         workers left is reaped, and ``python -m isolate cleanup RUN`` removes the rest.
         """
-        if self.run.is_kept():
+        kept = self.run.is_kept()
+        if kept:
             self.run.registry.reap_dead_workers(self.settings.stop_timeout)
-            summary = summarize(read(self.timings.path))
-            if self.watchdog is not None:
-                self.watchdog.dismiss()  # it sees the kept mark and leaves the run alone
-                self.watchdog = None
-            return summary
-        start = time.perf_counter()
-        reaped = self.run.registry.reap(self.settings.stop_timeout)
-        try:
-            reaped += self.backend.reap_run()
-        except Exception as exc:
-            logger.warning("isolate could not reap run %s: %s", self.run_id, exc)
-        if reaped:
-            logger.info("isolate reaped %s", ", ".join(reaped))
-        self.timings.add("run_teardown", time.perf_counter() - start)
+        else:
+            start = time.perf_counter()
+            reaped = reap_leftovers(self.run, self.backend, self.settings.stop_timeout)
+            if reaped:
+                logger.info("isolate reaped %s", ", ".join(reaped))
+            self.timings.add("run_teardown", time.perf_counter() - start)
         summary = summarize(read(self.timings.path))
-        self.run.reap()
+        if not kept:
+            self.run.remove()
         if self.watchdog is not None:
-            self.watchdog.dismiss()
+            self.watchdog.dismiss()  # nothing left to reap (or kept: it leaves the run alone)
             self.watchdog = None
         return summary
 

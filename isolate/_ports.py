@@ -78,9 +78,10 @@ class PortLease:
         return f"PortLease(port={self.port}, held={self.held})"
 
 
-def _try_lock(port: int) -> FileLock | None:
-    """The port's lock, held, or ``None`` if another lease holds it."""
-    lock = FileLock(str(_lock_dir() / f"{port}.lock"), mode=0o666, thread_local=False)
+def _try_lock(port: int, directory: Path | None = None) -> FileLock | None:
+    """The port's lock (in ``directory``, the lease dir by default), held, or ``None``
+    if another lease holds it."""
+    lock = FileLock(str((directory or _lock_dir()) / f"{port}.lock"), mode=0o666, thread_local=False)
     try:
         lock.acquire(timeout=0)
     except (Timeout, OSError):  # held, or a lock file of another user's we cannot open
@@ -120,6 +121,7 @@ def reserve_port(attempts: int = 200) -> PortLease:
     """Pick a free port outside the ephemeral range and lease it;
     raise :class:`PortUnavailableError` if none."""
     ranges = candidate_ports(ephemeral_range())
+    directory = _lock_dir()  # checked once per reservation, not once per candidate
     for _ in range(attempts):
         try:
             port = _pick(ranges)
@@ -127,7 +129,7 @@ def reserve_port(attempts: int = 200) -> PortLease:
             continue
         if not portpicker.is_port_free(port):
             continue
-        lock = _try_lock(port)
+        lock = _try_lock(port, directory)
         if lock is None:
             continue
         # Re-check under the lease: the port may have been taken between the

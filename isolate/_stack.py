@@ -58,7 +58,6 @@ class WorkerStack:
         self.timings = Timings(run.timings_path, worker.worker_id)
         self._postgres: PostgresServer | None = None
         self._database: WorkerDatabase | None = None
-        self._migrations: Migrations = None
         self._redis: RedisServer | None = None
         self._redis_runner: Runner[RedisServer] | None = None
         self._redis_db_lock: FileLock | None = None
@@ -162,17 +161,16 @@ class WorkerStack:
             server = self.postgres()
             with self.timings.measure("schema_migrations"):
                 self._database = self._create_database(server, migrations, bootstrap)
-            self._migrations = migrations
-        elif migrations is not None and migrations != self._migrations:
-            if self._migrations is not None:
+        elif migrations is not None and migrations != self._database.migrations:
+            if self._database.migrations is not None:
                 raise ConfigError(
                     f"worker schema {self._database.schema} already has migrations "
-                    f"{self._migrations!r}; asked again with {migrations!r}",
+                    f"{self._database.migrations!r}; asked again with {migrations!r}",
                     hint="use one isolate_migrations fixture/option per run",
                 )
             with self.timings.measure("schema_migrations"):
                 self._database.apply_migrations(migrations)
-            self._database.migrations = self._migrations = migrations
+            self._database.migrations = migrations
         return self._database
 
     def _create_database(
@@ -209,7 +207,6 @@ class WorkerStack:
             except Exception as exc:  # server already gone: nothing left to drop
                 logger.debug("dropping %s failed: %s", self._database.schema, exc)
             self._database = None
-            self._migrations = None
 
     # -- Redis -----------------------------------------------------------------
 

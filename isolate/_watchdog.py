@@ -22,12 +22,12 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from ._backends import make_backend
+from ._backends import make_backend, reap_leftovers
 from ._config import resolve_settings
 from ._identity import WorkerIdentity
 from ._run.rundir import RUN_PREFIX, RunDir
 
-__all__ = ["Watchdog", "main"]
+__all__ = ["Watchdog", "main", "reap_run_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +36,12 @@ class Watchdog:
     """The controller's handle on its watchdog process."""
 
     def __init__(self, run_dir: Path, backend: str, stop_timeout: float) -> None:
-        self.run_dir = run_dir
         argv = [sys.executable, "-m", "isolate._watchdog", str(run_dir), backend, str(stop_timeout)]
         with open(run_dir / "watchdog.log", "ab") as log:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd="/",
             )  # fmt: skip
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
 
     def dismiss(self, timeout: float = 10.0) -> None:
         """The run is closed: let the watchdog go (it finds nothing to reap)."""
@@ -67,14 +62,16 @@ def reap(run_dir: Path, backend: str, stop_timeout: float) -> list[str]:
     run = RunDir(run_dir.parent, run_dir.name[len(RUN_PREFIX) :])
     if run.is_kept():
         return []  # --isolate-keep: left up on purpose, removed by `cleanup RUN`
-    reaped = run.registry.reap(stop_timeout)
-    try:
-        settings = resolve_settings(env={})
-        identity = WorkerIdentity("watchdog", 1, run.run_id)
-        reaped += make_backend(backend, settings, identity, run, run_dir).reap_run()
-    except Exception as exc:
-        logger.warning("watchdog: could not reap the run's containers: %s", exc)
-    reaped += run.reap(stop_timeout)
+    return reap_run_dir(run, backend, stop_timeout)
+
+
+def reap_run_dir(run: RunDir, backend: str, stop_timeout: float) -> list[str]:
+    """A run's processes, its containers (``backend`` names where they run) and its dir,
+    from outside the run (the watchdog, ``python -m isolate cleanup RUN``)."""
+    identity = WorkerIdentity("reaper", 1, run.run_id)
+    made = make_backend(backend, resolve_settings(env={}), identity, run, run.path)
+    reaped = reap_leftovers(run, made, stop_timeout)
+    run.remove()
     return reaped
 
 

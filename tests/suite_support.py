@@ -11,6 +11,25 @@ import pytest
 
 from isolate._config import default_base_dir
 
+IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+#: Tests that act as another user (``su nobody``) need root. Outside CI they skip when
+#: not root; in CI (which runs as root) nothing may pass by skipping, so they run, and
+#: fail if CI ever loses root.
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 and not IN_CI, reason="acts as another user (su nobody): needs root"
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """Environment for a nested pytest: nothing of the outer xdist worker or isolate run."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("PYTEST_XDIST", "ISOLATE_", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))
+    }  # fmt: skip
+    env.update(extra)
+    return env
+
 HERE = Path(__file__).parent
 
 CONFTEST = f"""

@@ -44,19 +44,19 @@ def isolate_bootstrap():
 """
 
 SUITE = """
-import os, time
+import os
 from pathlib import Path
 import psycopg, pytest
+from tenacity import Retrying, stop_after_delay, wait_fixed
 
 DIR = Path(os.environ["DBMODE_DIR"])
 ME = os.environ["PYTEST_XDIST_WORKER"]
 
 
-def wait_for(path, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, path
-        time.sleep(0.02)  # a barrier between two worker processes
+def wait_for(path, timeout=60):  # a barrier between the two worker processes
+    for attempt in Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.02), reraise=True):
+        with attempt:
+            assert path.exists(), path
 
 
 def test_migrated_once_per_database_and_bootstrapped(isolate_database):

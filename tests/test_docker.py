@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 from filelock import FileLock
+from suite_support import IN_CI, clean_env
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 import isolate
@@ -52,7 +53,6 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 APP_CONTEXT = HERE / "fixture_app"
 MIGRATIONS = APP_CONTEXT / "migrations"
-IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
 # -- fixtures -------------------------------------------------------------------
@@ -187,16 +187,6 @@ def dead_owner() -> Owner:
     proc.kill()
     proc.wait()
     return dataclasses.replace(Owner.current(), pid=proc.pid, start_ticks=ticks)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """Environment for a nested pytest: nothing of the outer xdist worker or isolate run."""
-    env = {
-        k: v for k, v in os.environ.items()
-        if not k.startswith(("PYTEST_XDIST", "ISOLATE_", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))
-    }  # fmt: skip
-    env.update(extra)
-    return env
 
 
 # -- the stack and its isolation at -n 4 ------------------------------------------

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from suite_support import CONFTEST, HELPERS, leftovers
+from suite_support import CONFTEST, HELPERS, clean_env, leftovers, needs_root
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from isolate._config import default_base_dir
@@ -51,11 +51,8 @@ class Run:
         self.mark = uuid.uuid4().hex
         self.fault_dir = path / "fault"
         self.fault_dir.mkdir(exist_ok=True)
-        env = {
-            k: v for k, v in os.environ.items()
-            if not k.startswith(("PYTEST_XDIST", "ISOLATE_", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))
-        }  # fmt: skip
-        env.update(ISOLATE_RUN_ID=self.run_id, ISOLATE_TEST_MARK=self.mark, FAULT_DIR=str(self.fault_dir))
+        env = clean_env(ISOLATE_RUN_ID=self.run_id, ISOLATE_TEST_MARK=self.mark,
+                        FAULT_DIR=str(self.fault_dir))  # fmt: skip
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", *args],
             cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -105,46 +102,31 @@ def test_a_sigkilled_controller_is_reaped_by_the_watchdog(suite: pytest.Pytester
     assert time.monotonic() - started < 10
 
 
-def test_a_worker_killed_while_postgres_starts_leaves_nothing(suite: pytest.Pytester) -> None:
-    """PostgreSQL is registered when spawned, not when ready: a worker SIGKILLed in
+@pytest.mark.parametrize(
+    ("module", "runner", "start"),
+    [("isolate._postgres.native", "NativePostgresRunner", "postgres"),
+     ("isolate._redis.native", "NativeRedisRunner", "redis")],
+    ids=["postgres", "valkey"],
+)  # fmt: skip
+def test_a_worker_killed_while_a_server_starts_leaves_nothing(
+    suite: pytest.Pytester, module: str, runner: str, start: str
+) -> None:
+    """Servers are registered when spawned, not when ready: a worker SIGKILLed in
     between leaves nothing once the run ends."""
     suite.makepyfile(
-        test_die="""
+        test_die=f"""
         import os, signal
-        import isolate._postgres.native as native
+        import {module} as native
 
-        real = native.NativePostgresRunner._spawned
+        real = native.{runner}._spawned
 
         def spawned_then_die(self, proc, lease):
             real(self, proc, lease)
-            os.kill(os.getpid(), signal.SIGKILL)  # before PostgreSQL is ready
+            os.kill(os.getpid(), signal.SIGKILL)  # before the server is ready
 
         def test_die(monkeypatch, isolate_stack):
-            monkeypatch.setattr(native.NativePostgresRunner, "_spawned", spawned_then_die)
-            isolate_stack.postgres()
-        """
-    )
-    run = Run(suite.path, "-n", "1", "test_die.py")
-    out = run.finish()
-    assert "crashed" in out or "worker" in out.lower(), out
-    poll(run.leftovers, 15)
-
-
-def test_a_worker_killed_while_redis_starts_leaves_nothing(suite: pytest.Pytester) -> None:
-    suite.makepyfile(
-        test_die="""
-        import os, signal
-        import isolate._redis.native as native
-
-        real = native.NativeRedisRunner._spawned
-
-        def spawned_then_die(self, proc, lease):
-            real(self, proc, lease)
-            os.kill(os.getpid(), signal.SIGKILL)  # before Valkey answers PING
-
-        def test_die(monkeypatch, isolate_stack):
-            monkeypatch.setattr(native.NativeRedisRunner, "_spawned", spawned_then_die)
-            isolate_stack.redis()
+            monkeypatch.setattr(native.{runner}, "_spawned", spawned_then_die)
+            isolate_stack.{start}()
         """
     )
     run = Run(suite.path, "-n", "1", "test_die.py")
@@ -228,7 +210,7 @@ def as_nobody(script: str) -> None:
     subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", script], check=True, timeout=30)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="plants files as another user: needs root")
+@needs_root
 def test_files_planted_by_another_user_are_never_trusted(suite: pytest.Pytester, tmp_path: Path) -> None:
     base = Path(default_base_dir())
     victim_dir = tmp_path / "root-only"
@@ -263,7 +245,7 @@ def test_files_planted_by_another_user_are_never_trusted(suite: pytest.Pytester,
             shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="plants files as another user: needs root")
+@needs_root
 def test_a_lease_dir_planted_by_another_user_is_not_used() -> None:
     """$TMPDIR/isolate-ports made by someone else (not sticky): leases go to a private dir."""
     tmp = Path(tempfile.mkdtemp(prefix="isolate-test-tmp-", dir="/tmp"))

@@ -149,7 +149,7 @@ def test_docker_backend_without_the_extra_names_the_install_line(
     from isolate import resolve_settings
     from isolate._run.rundir import RunDir
 
-    monkeypatch.setattr(backends, "_docker_installed", lambda: False)
+    monkeypatch.setattr(backends, "docker_installed", lambda: False)
     settings = resolve_settings({"backend": "docker"}, {}, {})
     with pytest.raises(ConfigError) as err:
         backends.make_backend("docker", settings, WorkerIdentity("main", 1, "abcd"),
@@ -179,7 +179,7 @@ def test_a_directory_named_docker_is_not_the_docker_extra(
         return real(dist)
 
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
-    assert backends._docker_installed() is False
+    assert backends.docker_installed() is False
 
 
 def test_ports_are_picked_outside_the_ephemeral_range(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from .._run.registry import ProcessRecord
 from .._service.spec import tail_text
 from .context import LABEL, MANAGED_FILTER, DockerRun, owner_of
 from .engine import engine, is_docker_error, reason
-from .images import ensure_image, volume_mounts
+from .images import ensure_image
 
 __all__ = [
     "ContainerServer",
@@ -116,19 +116,16 @@ class ContainerServer:
 
     def start(self) -> None:
         """Create and start the container on a free port; block until it is ready."""
-        image = ensure_image(self.ctx.client, self.image, hint=self.image_hint)
-        lease = start_on_free_port(functools.partial(self._launch, image), what=self.kind)
+        ensure_image(self.ctx.client, self.image, hint=self.image_hint)
+        lease = start_on_free_port(self._launch, what=self.kind)
         self._connected(lease.port)
 
-    def _launch(self, image: Any, lease: PortLease) -> PortLease:
+    def _launch(self, lease: PortLease) -> PortLease:
         self.lease, port = lease, lease.port
-        labels = self.ctx.labels(self.role)
-        kwargs = {**self._create_kwargs(port), **self.ctx.networking(self.container_port, port)}
-        self.ctx.remove_stale(self.container_name)
         try:
-            self.container = self.ctx.client.containers.create(
-                self.image, name=self.container_name, labels=labels,
-                mounts=volume_mounts(image, labels), detach=True, **kwargs,
+            self.container = self.ctx.create(
+                self.image, self.container_name, self.role, self.container_port, port,
+                **self._create_kwargs(port),
             )  # fmt: skip
             for path, text in self._files().items():
                 put_file(self.container, path, text)

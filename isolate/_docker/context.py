@@ -29,6 +29,7 @@ from .._identity import WorkerIdentity
 from .._run.liveness import Owner
 from .._run.rundir import RunDir
 from .engine import engine, network_mode, reason
+from .images import volume_mounts
 
 __all__ = ["LABEL", "MANAGED_FILTER", "DockerRun", "owner_of"]
 
@@ -132,6 +133,20 @@ class DockerRun:
 
     def run_filter(self) -> dict[str, str]:
         return {"label": f"{LABEL.RUN_ID}={self.worker.run_id}"}
+
+    def create(self, image: str, name: str, role: str, container_port: int | None,
+               host_port: int, *, extra_labels: Mapping[str, str] | None = None,
+               **kwargs: Any) -> Any:  # fmt: skip
+        """Create (not start) container ``name`` of this run: its labels, labelled
+        volumes for the image's ``VOLUME``s, and the run's networking on ``host_port``.
+        A container of that name left by this run (a failed earlier try) goes first."""
+        labels = {**self.labels(role), **(extra_labels or {})}
+        self.remove_stale(name)
+        mounts = volume_mounts(self.client.images.get(image), labels)
+        return self.client.containers.create(
+            image, name=name, labels=labels, mounts=mounts, detach=True,
+            **kwargs, **self.networking(container_port, host_port),
+        )  # fmt: skip
 
     def remove_stale(self, name: str) -> None:
         """Remove a container of that name left by this run (a failed earlier try)."""

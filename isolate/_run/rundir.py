@@ -70,24 +70,22 @@ class RunDir:
         os.chmod(self.path, 0o711)
         write_json(self.path / "owner.json", {**owner.to_json(), **facts, "created": time.time()})
 
-    def owner(self) -> Owner | None:
-        """The recorded owner; ``None`` if unreadable, malformed, or not written by this
-        user in a dir of this user's (a run dir planted by someone else is never ours)."""
+    def facts(self) -> dict[str, object]:
+        """What the controller recorded (owner, backend, creation time); empty if
+        unreadable, malformed, or not written by this user in a dir of this user's (a
+        run dir planted by someone else is never ours)."""
         owner_file = self.path / "owner.json"
         if not (owned_by_me(self.path) and owned_by_me(owner_file)):
-            return None
+            return {}
         try:
-            return Owner.parse(json.loads(owner_file.read_text()))
-        except (OSError, ValueError):
-            return None
-
-    def facts(self) -> dict[str, object]:
-        """What the controller recorded besides the owner (backend, creation time)."""
-        try:
-            data = json.loads((self.path / "owner.json").read_text())
+            data = json.loads(owner_file.read_text())
         except (OSError, ValueError):
             return {}
-        return data if isinstance(data, dict) and owned_by_me(self.path / "owner.json") else {}
+        return data if isinstance(data, dict) else {}
+
+    def owner(self) -> Owner | None:
+        """The recorded owner, ``None`` if there is no trustworthy record (see :meth:`facts`)."""
+        return Owner.parse(self.facts())
 
     @property
     def kept_dir(self) -> Path:
@@ -160,10 +158,14 @@ class RunDir:
             write_json(state_file, state)
             return state
 
+    def remove(self) -> None:
+        """Remove the dir (what it registered must be stopped already)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
     def reap(self, timeout: float = 10.0) -> list[str]:
         """Stop what its registry holds and remove the dir; the names reaped."""
         reaped = self.registry.reap(timeout)
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.remove()
         return reaped
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from .._docker.containers import container_logs, container_state, remove_container
 from .._docker.context import DockerRun
 from .._docker.engine import reason
-from .._docker.images import build_image, ensure_image, volume_mounts
+from .._docker.images import build_image, ensure_image
 from .._errors import ConfigError, ServiceError
 from .._retry import poll_until
 from .spec import ServiceSpec, render
@@ -100,15 +100,11 @@ class ContainerLauncher:
         env["ISOLATE_INSTANCE_NAME"] = self.name
         argv = self.spec.container_command
         argv = self.spec.command if argv is None else argv
-        labels = {**self.ctx.labels("service"), "isolate.service": self.spec.name}
-        self.ctx.remove_stale(self.container_name)
         try:
-            image = self.ctx.client.images.get(self.image)
-            self.container = self.ctx.client.containers.create(
-                self.image, command=[render(arg, inside) for arg in argv] or None,
-                environment=env, name=self.container_name, labels=labels,
-                mounts=volume_mounts(image, labels), detach=True,
-                **self.ctx.networking(self.spec.container_port, int(str(values["port"]))),
+            self.container = self.ctx.create(
+                self.image, self.container_name, "service", self.spec.container_port,
+                int(str(values["port"])), extra_labels={"isolate.service": self.spec.name},
+                command=[render(arg, inside) for arg in argv] or None, environment=env,
             )  # fmt: skip
         except Exception as exc:
             raise ServiceError(

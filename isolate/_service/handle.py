@@ -202,7 +202,7 @@ class ServiceHandle:
         not pass its health check within ``grace`` seconds (an earlier test left it
         shutting down, or cut off), restart it."""
         self.ensure_running()
-        if self.is_ready() or poll_until(self.is_ready, grace, maximum=0.03):
+        if poll_until(self.is_ready, grace, maximum=0.03):  # probes at once, then backs off
             return
         logger.info("restarting %s: running but not ready (left so by an earlier test)", self.name)
         self.restart()

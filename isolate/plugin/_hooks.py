@@ -165,6 +165,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     stack = config.stash.get(STACK_KEY, None)
     if stack is not None and hasattr(config, "workerinput"):
         stack.release_process(_worker_record(stack.worker.worker_id))
+    gate = config.stash.get(GATE_KEY, None)
+    if gate is not None:
+        gate.close()
     controller = config.stash.get(CONTROLLER_KEY, None)
     if controller is not None and controller.run.exists():
         controller.close()  # sessionfinish did not run (internal error)
