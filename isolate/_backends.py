@@ -23,7 +23,7 @@ from ._redis.native import NativeRedisRunner
 from ._run.registry import ProcessRecord
 from ._run.rundir import RunDir
 from ._service import Launcher, ServiceSpec
-from ._service.native import ProcessLauncher
+from ._service.native import ProcessLauncher, service_cwd, service_user
 
 __all__ = [
     "Backend",
@@ -129,7 +129,9 @@ class NativeBackend:
         return NativeRedisRunner(self.redis_binary(), config, directory, name, self.run_as)
 
     def service(self, spec: ServiceSpec, instance: str, log_path: Path) -> ProcessLauncher:
-        return ProcessLauncher(spec, instance, log_path, self.rootdir)
+        user = service_user(spec, service_cwd(spec, self.rootdir), self.run_as,
+                            self.settings.demote_services)  # fmt: skip
+        return ProcessLauncher(spec, instance, log_path, self.rootdir, user)
 
     def reap_run(self) -> list[str]:
         return []  # every process is in the registry

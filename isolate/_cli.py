@@ -24,6 +24,7 @@ from ._backends import docker_installed
 from ._config import default_base_dir, resolve_settings
 from ._errors import IsolateError
 from ._fs import owned_by_me
+from ._ports import lock_dir, try_lease
 from ._run.rundir import RUN_PREFIX, RunDir, reap_stale_runs, stale_runs
 from ._watchdog import reap_run_dir
 
@@ -129,10 +130,24 @@ def status(bases: Sequence[Path]) -> int:
     return 0
 
 
+def _stale_port_locks(dry_run: bool) -> list[Path]:
+    """This user's lock files in the port lease dir that no lease holds (removed by
+    taking and releasing each as a lease)."""
+    found = []
+    for path in sorted(lock_dir().glob("*.lock")):
+        if not owned_by_me(path):
+            continue
+        lease = try_lease(path)
+        if lease is not None:
+            found.append(path)
+            lease.release(unlink=not dry_run)
+    return found
+
+
 def clean_caches(bases: Sequence[Path], dry_run: bool) -> list[str]:
     """This user's caches: initdb templates, binary copies, build locks and, with the
-    docker extra and an engine, the built service images. (Port lock files stay: removing
-    one while another process opens it could hand a port out twice.)"""
+    docker extra and an engine, the built service images, and the port lock files a
+    crashed process left (each taken as a lease first, so a held one stays)."""
     verb = "would remove" if dry_run else "removed"
     uid = os.geteuid()
     tmp = Path(tempfile.gettempdir())
@@ -144,6 +159,7 @@ def clean_caches(bases: Sequence[Path], dry_run: bool) -> list[str]:
         if not dry_run:
             shutil.rmtree(path, ignore_errors=True)
         done.append(f"{verb} {path}")
+    done += [f"{verb} {path}" for path in _stale_port_locks(dry_run)]
     if _docker_unavailable() is None:
         from ._docker.images import remove_built_images
 

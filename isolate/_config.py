@@ -25,6 +25,7 @@ RedisMode = Literal["per-worker", "shared"]
 DockerNetwork = Literal["host", "mapped", "auto"]
 Keep = Literal["never", "failed", "always"]
 DbIsolation = Literal["schema", "database"]
+DemoteServices = Literal["auto", "always", "never"]
 
 
 def default_base_dir() -> str:
@@ -150,6 +151,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis_image", "docker backend: Redis image", "redis:7", str),
     Option("run_as", "unprivileged user that runs server processes when isolate runs as "
            "root", "nobody", str),
+    Option("demote_services", "when isolate runs as root, run native services as the run_as "
+           "user too: auto (when that user can reach the program and working directory, "
+           "else as root, with a warning), always (an error if it cannot), never",
+           "auto", _choice("auto", "always", "never")),
     Option("migrations", "directory of ordered .sql files applied to each worker's schema "
            "(relative to the rootdir)", "", _optional_str),
     Option("db_isolation", "schema: a schema and role per worker in one database; database: "
@@ -198,6 +203,7 @@ class Settings:
     redis_bin: str | None = None
     redis_image: str = "redis:7"
     run_as: str = "nobody"
+    demote_services: DemoteServices = "auto"
     migrations: str | None = None
     db_isolation: DbIsolation = "schema"
     bootstrap: str | None = None

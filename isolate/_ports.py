@@ -3,14 +3,19 @@
 Ports are picked outside the kernel's ephemeral range (read from the system), so an
 outgoing connection anywhere on the machine is never handed a port a stopped service
 is waiting to get back; portpicker checks it is free right now. A lease makes the
-choice stick across processes: each port has a lock file in a machine-wide directory, held
-(filelock, an ``flock`` underneath) for as long as the port is owned. Another worker, or another run
-on the same machine, skips a port whose lock it cannot take. The kernel drops
-the lock when the owner dies, so a crashed worker leaks nothing.
+choice stick across processes: each port has a lock file in a machine-wide directory,
+``flock``-ed for as long as the port is owned and unlinked (still locked) when the lease
+ends, so lock files do not pile up. Whoever locks a file checks, under the lock, that the
+name still points at the file it opened; a file its releaser unlinked in between is not a
+lease. Another worker, or another run on the same machine, skips a port whose lock it
+cannot take. The kernel drops the lock when the owner dies, so a crashed worker leaks
+nothing but its lock file, which the next lease of that port removes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import random
@@ -19,12 +24,11 @@ import tempfile
 from pathlib import Path
 
 import portpicker
-from filelock import FileLock, Timeout
 
 from ._errors import PortUnavailableError
 from ._fs import own_dir
 
-__all__ = ["PortLease", "candidate_ports", "ephemeral_range", "reserve_port"]
+__all__ = ["LeaseFile", "PortLease", "candidate_ports", "ephemeral_range", "lock_dir", "reserve_port", "try_lease"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ def _shared_lock_dir(path: Path) -> bool:
     )  # fmt: skip
 
 
-def _lock_dir() -> Path:
+def lock_dir() -> Path:
     """``$TMPDIR/isolate-ports``, shared by every user and run so leases hold across
     them; if someone else planted that name, a directory of this user's own."""
     path = Path(tempfile.gettempdir()) / "isolate-ports"
@@ -57,36 +61,88 @@ def _lock_dir() -> Path:
     return own_dir(path.with_name(f"isolate-ports-{os.geteuid()}"))
 
 
+class LeaseFile:
+    """A held lock file; :meth:`release` unlinks it, then drops the lock."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def release(self, *, unlink: bool = True) -> None:
+        """Unlink (while still locked, so nobody can take the old file for a lease) and
+        unlock; idempotent. Another user's file, which a sticky dir will not let us
+        unlink, stays for its owner to remove."""
+        if self._fd is None:
+            return
+        if unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _open_lock_file(path: Path) -> int | None:
+    """An fd of ``path`` (created 0644 if missing), never through a symlink; ``None``
+    where another user's file cannot be opened. ``flock`` needs no write access."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(3):
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return None
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue  # created by someone else in between: open theirs
+        except OSError:
+            return None
+    return None
+
+
+def try_lease(path: Path) -> LeaseFile | None:
+    """The lock file at ``path``, locked, or ``None`` if someone holds it (or its name
+    was unlinked by its releaser after we opened it, or it is not ours to open)."""
+    fd = _open_lock_file(path)
+    if fd is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+            raise FileNotFoundError(path)  # released and unlinked between our open and lock
+    except OSError:
+        os.close(fd)
+        return None
+    return LeaseFile(path, fd)
+
+
 class PortLease:
     """Exclusive ownership of a TCP port on 127.0.0.1 until :meth:`release`."""
 
-    def __init__(self, port: int, lock: FileLock) -> None:
+    def __init__(self, port: int, lock: LeaseFile) -> None:
         self.port = port
-        self._lock: FileLock | None = lock
+        self._lock: LeaseFile | None = lock
 
     @property
     def held(self) -> bool:
         return self._lock is not None
 
     def release(self) -> None:
-        """Give the port back (idempotent)."""
+        """Give the port back (idempotent); its lock file goes with it."""
         if self._lock is not None:
-            self._lock.release(force=True)
+            self._lock.release()
             self._lock = None
 
     def __repr__(self) -> str:
         return f"PortLease(port={self.port}, held={self.held})"
 
 
-def _try_lock(port: int, directory: Path | None = None) -> FileLock | None:
-    """The port's lock (in ``directory``, the lease dir by default), held, or ``None``
+def _try_lock(port: int, directory: Path | None = None) -> LeaseFile | None:
+    """The port's lease (in ``directory``, the lease dir by default), held, or ``None``
     if another lease holds it."""
-    lock = FileLock(str((directory or _lock_dir()) / f"{port}.lock"), mode=0o666, thread_local=False)
-    try:
-        lock.acquire(timeout=0)
-    except (Timeout, OSError):  # held, or a lock file of another user's we cannot open
-        return None
-    return lock
+    return try_lease((directory or lock_dir()) / f"{port}.lock")
 
 
 #: Ports below this are left to well-known and registered services.
@@ -121,7 +177,7 @@ def reserve_port(attempts: int = 200) -> PortLease:
     """Pick a free port outside the ephemeral range and lease it;
     raise :class:`PortUnavailableError` if none."""
     ranges = candidate_ports(ephemeral_range())
-    directory = _lock_dir()  # checked once per reservation, not once per candidate
+    directory = lock_dir()  # checked once per reservation, not once per candidate
     for _ in range(attempts):
         try:
             port = _pick(ranges)
@@ -135,7 +191,7 @@ def reserve_port(attempts: int = 200) -> PortLease:
         # Re-check under the lease: the port may have been taken between the
         # pick and the lock by a process that does not use leases.
         if not portpicker.is_port_free(port):
-            lock.release(force=True)
+            lock.release()
             continue
         logger.debug("reserved port %d", port)
         return PortLease(port, lock)

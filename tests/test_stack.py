@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -18,6 +19,7 @@ from conftest import MIGRATIONS, app_spec
 
 import isolate
 from isolate import ServiceHandle, WorkerDatabase, WorkerStack
+from isolate import _ports as isolate_ports
 
 
 def post(url: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -247,6 +249,62 @@ def test_port_leases_are_exclusive_across_processes() -> None:
     finally:
         for lease in leases:
             lease.release()
+
+
+LEASE_HAMMER = """
+import os, sys, time
+from pathlib import Path
+from isolate._ports import try_lease
+path, journal, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+fd = os.open(journal, os.O_WRONLY | os.O_APPEND)
+won = 0
+while won < rounds:
+    lease = try_lease(path)
+    if lease is None:
+        continue
+    os.write(fd, b"+\\n")
+    time.sleep(0.0005)  # widen the critical section: not synchronisation
+    os.write(fd, b"-\\n")
+    lease.release()
+    won += 1
+"""
+
+
+def test_lease_files_are_removed_and_never_held_twice(tmp_path: Path) -> None:
+    """Releasing unlinks the lock file, and four processes racing for one name (open,
+    lock, unlink) are never inside the lease together: the journal never shows two
+    holders."""
+    path, journal = tmp_path / "40000.lock", tmp_path / "journal"
+    journal.touch()
+    racers = [
+        subprocess.Popen([sys.executable, "-c", LEASE_HAMMER, str(path), str(journal), "150"])
+        for _ in range(4)
+    ]
+    for racer in racers:
+        assert racer.wait(timeout=60) == 0
+    marks = journal.read_text().split()
+    assert len(marks) == 4 * 150 * 2
+    assert "".join(marks) == "+-" * (4 * 150)  # every enter is followed by its own exit
+    assert not path.exists()  # the last releaser removed it
+
+
+def test_a_crashed_holders_lock_file_is_reused_and_removed(tmp_path: Path) -> None:
+    path = tmp_path / "40001.lock"
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from isolate._ports import try_lease; "
+            f"import pathlib; assert try_lease(pathlib.Path({str(path)!r}))",
+        ],
+        check=True,
+    )
+    assert path.exists()  # the holder died without releasing
+    lease = isolate_ports.try_lease(path)
+    assert lease is not None
+    assert isolate_ports.try_lease(path) is None  # flock is per open file: held
+    lease.release()
+    assert not path.exists()
 
 
 LOSES_FIRST_BIND = (

@@ -2,16 +2,61 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from .._errors import ConfigError
-from .._process import ManagedProcess
+from .._process import ManagedProcess, RunAs
 from .._run.registry import ProcessRecord
 from .spec import ServiceSpec, render
 
-__all__ = ["ProcessLauncher", "shell_exit_code"]
+__all__ = ["ProcessLauncher", "service_cwd", "service_user", "shell_exit_code"]
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def service_cwd(spec: ServiceSpec, rootdir: Path) -> Path:
+    """Where a native service runs: ``spec.cwd`` relative to the rootdir; the rootdir by default."""
+    return rootdir / spec.cwd if spec.cwd is not None else rootdir
+
+
+def service_user(
+    spec: ServiceSpec, cwd: Path, run_as: RunAs | None, mode: Literal["auto", "always", "never"]
+) -> RunAs | None:
+    """Who runs ``spec`` natively: ``run_as`` (isolate runs as root) unless ``mode`` is
+    ``never``, or, with ``auto``, that user cannot reach the program or ``cwd``."""
+    if run_as is None or mode == "never" or not spec.command:
+        return None
+    env_path = spec.env.get("PATH") or os.environ.get("PATH")
+    program = shutil.which(spec.command[0], path=env_path) if "{" not in spec.command[0] else None
+    needed = [Path(program).parent, Path(program)] if program else []
+    blocked = [str(p) for p in (*needed, cwd) if not _reaches(run_as, p)]
+    if program and not blocked:
+        return run_as
+    why = ", ".join(blocked) if program else f"{spec.command[0]!r} (not found on PATH)"
+    if mode == "always":
+        raise ConfigError(
+            f"service {spec.name!r} must run as {run_as.name} (demote_services=always), "
+            f"but {run_as.name} cannot reach {why}",
+            hint="install the service's interpreter and code where that user can read them "
+            "(not below root's 0700 home), or set --isolate-demote-services=auto",
+        )
+    if spec.name not in _warned:
+        _warned.add(spec.name)
+        logger.warning("service %r runs as root: %s cannot reach %s", spec.name, run_as.name, why)
+    return None
+
+
+def _reaches(run_as: RunAs, path: Path) -> bool:
+    try:
+        return run_as.can_reach(path, execute=True)
+    except OSError:
+        return False
 
 
 def shell_exit_code(code: int | None) -> int | None:
@@ -24,7 +69,10 @@ class ProcessLauncher:
     """Runs ``spec.command`` in its own session, output appended to ``log_path``, in
     ``spec.cwd`` (relative paths and the default are the pytest rootdir)."""
 
-    def __init__(self, spec: ServiceSpec, instance_name: str, log_path: Path, rootdir: Path) -> None:
+    def __init__(
+        self, spec: ServiceSpec, instance_name: str, log_path: Path, rootdir: Path,
+        run_as: RunAs | None = None,
+    ) -> None:  # fmt: skip
         if not spec.command:
             raise ConfigError(
                 f"service {spec.name!r} has no command",
@@ -34,8 +82,10 @@ class ProcessLauncher:
         self.name = instance_name
         self.log_path = log_path
         #: ``spec.cwd``, relative to the rootdir; the rootdir by default.
-        self.cwd = rootdir / spec.cwd if spec.cwd is not None else rootdir
+        self.cwd = service_cwd(spec, rootdir)
         self.port: object = None
+        #: The unprivileged user it runs as (see :func:`service_user`), or ``None``.
+        self.run_as = run_as
         self._proc: ManagedProcess | None = None
 
     @property
@@ -55,7 +105,7 @@ class ProcessLauncher:
         self.port = values["port"]
         self._proc = ManagedProcess(
             [render(arg, values) for arg in self.spec.command],
-            log_path=self.log_path, env=env, cwd=self.cwd,
+            log_path=self.log_path, env=env, cwd=self.cwd, run_as=self.run_as,
         )  # fmt: skip
 
     def launch(self) -> None:
