@@ -20,6 +20,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_f
 
 import isolate
 from isolate._identity import new_run_id
+from isolate._ports import lock_dir
 
 #: The system interpreter of the venv's Python version: a venv's own (or pyenv's)
 #: interpreter may sit below root's 0700 home, out of another user's reach.
@@ -128,10 +129,16 @@ def test_two_users_run_side_by_side(reachable_python: Path, pytester: pytest.Pyt
         """)  # fmt: skip
         result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly")
         result.assert_outcomes(passed=4)
+        stale = lock_dir() / "99999.lock"  # as a crashed lease of root's leaves it
+        stale.touch()
+        held = [p for p in lock_dir().glob("*.lock") if p.stat().st_uid == nobody.pw_uid]
+        assert held  # nobody's leases of its servers' and services' ports
         for args in (["cleanup"], ["cleanup", "--caches"]):
             subprocess.run([sys.executable, "-m", "isolate", *args], check=True, timeout=120,
                            env=clean_env())  # fmt: skip
         assert leftovers(run_id_of(result)) == []
+        assert not stale.exists()
+        assert all(p.exists() for p in held)
         assert len(leftovers(their_run, their_mark)) >= len(running)  # nothing of theirs touched
 
         (fault / "go").touch()
