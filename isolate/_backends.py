@@ -23,6 +23,7 @@ from ._redis.native import NativeRedisRunner
 from ._run.registry import ProcessRecord
 from ._run.rundir import RunDir
 from ._service import Launcher, ServiceSpec
+from ._service.forkserver import ForkServer, fork_unavailable
 from ._service.native import ProcessLauncher, service_cwd, service_user
 
 __all__ = [
@@ -129,9 +130,11 @@ class NativeBackend:
         return NativeRedisRunner(self.redis_binary(), config, directory, name, self.run_as)
 
     def service(self, spec: ServiceSpec, instance: str, log_path: Path) -> ProcessLauncher:
-        user = service_user(spec, service_cwd(spec, self.rootdir), self.run_as,
-                            self.settings.demote_services)  # fmt: skip
-        return ProcessLauncher(spec, instance, log_path, self.rootdir, user)
+        cwd = service_cwd(spec, self.rootdir)
+        user = service_user(spec, cwd, self.run_as, self.settings.demote_services)
+        forks = spec.entry is not None and fork_unavailable(self.name, self.settings.fork_server) is None
+        server = ForkServer(spec, instance, cwd, log_path, user) if forks else None
+        return ProcessLauncher(spec, instance, log_path, self.rootdir, user, server)
 
     def reap_run(self) -> list[str]:
         return []  # every process is in the registry

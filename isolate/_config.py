@@ -26,6 +26,7 @@ DockerNetwork = Literal["host", "mapped", "auto"]
 Keep = Literal["never", "failed", "always"]
 DbIsolation = Literal["schema", "database"]
 DemoteServices = Literal["auto", "always", "never"]
+ForkServerMode = Literal["auto", "off"]
 
 
 def default_base_dir() -> str:
@@ -155,6 +156,9 @@ OPTIONS: tuple[Option, ...] = (
            "user too: auto (when that user can reach the program and working directory, "
            "else as root, with a warning), always (an error if it cannot), never",
            "auto", _choice("auto", "always", "never")),
+    Option("fork_server", "native backend: start a service that names an entry by forking a "
+           "preloaded Python parent per worker (auto: on Linux), or always as a new process "
+           "(off)", "auto", _choice("auto", "off")),
     Option("migrations", "directory of ordered .sql files applied to each worker's schema "
            "(relative to the rootdir)", "", _optional_str),
     Option("db_isolation", "schema: a schema and role per worker in one database; database: "
@@ -204,6 +208,7 @@ class Settings:
     redis_image: str = "redis:7"
     run_as: str = "nobody"
     demote_services: DemoteServices = "auto"
+    fork_server: ForkServerMode = "auto"
     migrations: str | None = None
     db_isolation: DbIsolation = "schema"
     bootstrap: str | None = None

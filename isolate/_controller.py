@@ -18,6 +18,7 @@ from ._config import Settings
 from ._identity import WorkerIdentity
 from ._run.liveness import Owner
 from ._run.rundir import RunDir, reap_stale_runs
+from ._service.forkserver import fork_unavailable
 from ._timings import Timings, read, summarize
 from ._watchdog import Watchdog
 
@@ -84,4 +85,7 @@ class RunController:
 
     def header(self) -> list[str]:
         lines = [f"run {self.run_id}, backend {self.backend_name} ({self.backend_reason})"]
+        no_fork = fork_unavailable(self.backend_name, self.settings.fork_server)
+        if no_fork:
+            lines[0] += f"; services with an entry start as new processes ({no_fork})"
         return lines + self.backend.describe()

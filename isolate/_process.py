@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ._errors import ConfigError, ServerStartError
 from ._retry import poll_until
@@ -101,8 +102,27 @@ def resolve_run_as(name: str) -> RunAs | None:
     return RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
 
 
+class Child(Protocol):
+    """What :class:`ManagedProcess` needs of a started process (a ``Popen`` has it)."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+
+
+class Spawner(Protocol):
+    """Starts a process some other way than a new ``Popen`` (the fork server)."""
+
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log_path: Path,
+              timeout: float = ...) -> Child: ...  # fmt: skip
+
+
 class ManagedProcess:
-    """One child process in its own session, its output appended to a log file."""
+    """One child process in its own session, its output appended to a log file
+    (started by ``spawner`` instead, when one is given)."""
 
     def __init__(
         self,
@@ -112,13 +132,15 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
         run_as: RunAs | None = None,
+        spawner: Spawner | None = None,
     ) -> None:
         self.argv = list(argv)
         self.log_path = log_path
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self.run_as = run_as
-        self._popen: subprocess.Popen[bytes] | None = None
+        self.spawner = spawner
+        self._popen: Child | None = None
         self.start_ticks: int | None = None
 
     @property
@@ -130,6 +152,11 @@ class ManagedProcess:
         if self.running:
             raise RuntimeError(f"{self.argv[0]} already running (pid {self.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.spawner is not None:
+            assert self.env is not None and self.cwd is not None
+            self._popen = self.spawner.spawn(self.argv, self.env, Path(self.cwd), self.log_path)
+            self.start_ticks = process_start_ticks(self._popen.pid)
+            return
         with open(self.log_path, "ab") as log:
             if self.run_as is not None:
                 with contextlib.suppress(OSError):

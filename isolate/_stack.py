@@ -293,10 +293,14 @@ class WorkerStack:
                 "depends_on order), or start those first",
             )
         values["services"] = dict(self._services)  # the handles: {services[NAME].url}
-        resolve = resolve or self._resolve_field
-        for field_name in sorted(spec.uses() - set(values) - {"port", "url"}):
-            values[field_name] = resolve(field_name)
         launcher = self.backend.service(spec, instance, self.run.worker_dir(self.worker.slug) / f"{instance}.log")
+        launcher.warm(self.run.registry.register)  # a fork server preloads meanwhile
+        try:
+            for field_name in sorted(spec.uses() - set(values) - {"port", "url"}):
+                values[field_name] = (resolve or self._resolve_field)(field_name)
+        except BaseException:
+            launcher.close()
+            raise
         handle = ServiceHandle(
             spec, instance, values, launcher, ready_timeout=self.settings.ready_timeout,
             stop_timeout=self.settings.stop_timeout, on_start=self._register_service,
@@ -343,7 +347,8 @@ class WorkerStack:
         handle = self._services.pop(name, None)
         if handle is not None:
             handle.close()
-            self.run.registry.unregister(f"service-{handle.name}")
+            for kind in ("service", "forkserver"):
+                self.run.registry.unregister(f"{kind}-{handle.name}")
 
     def heal(self) -> list[str]:
         """Restore this worker's PostgreSQL and Redis if a test left them cut; what was."""

@@ -111,6 +111,11 @@ def isolate_service_spec() -> isolate.ServiceSpec:
     return isolate.ServiceSpec(
         name="datastorage",
         command=[sys.executable, "-m", "datastorage"],  # native backend
+        # native backend: each start forks a per-worker parent that has imported the app
+        entry="datastorage.server:main",
+        # what a start would import: the app, and what uvicorn loads lazily when it starts
+        preload=["datastorage.runner", "uvicorn.protocols.http.auto", "uvicorn.lifespan.on",
+                 "encodings.idna"],
         cwd=EXAMPLE_DIR,
         env=_service_env(),
         health=isolate.HttpCheck("/health/ready"),

@@ -6,7 +6,7 @@ import contextlib
 import math
 import re
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from .._docker.engine import reason
 from .._docker.images import build_image, ensure_image
 from .._errors import ConfigError, ServiceError
 from .._retry import poll_until
+from .._run.registry import ProcessRecord
 from .spec import ServiceSpec, render
 
 __all__ = ["ContainerLauncher"]
@@ -177,6 +178,9 @@ class ContainerLauncher:
     def record(self) -> None:
         """Containers are reaped by their run label, not through the registry."""
         return None
+
+    def warm(self, register: Callable[[ProcessRecord], None]) -> None:
+        """Nothing to start early: the image is built when the stack starts."""
 
     def close(self) -> None:
         """Remove the container (and its volumes), keeping its logs."""

@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 class Launcher(Protocol):
     """Runs one service instance: a native process group or a container."""
 
+    def warm(self, register: Callable[[ProcessRecord], None]) -> None:
+        """Begin what can start before the template values are known (the fork server's
+        preload), ``register``-ing any process it starts for the reaper."""
+
     def prepare(self, values: Mapping[str, object]) -> None:
         """(Re)configure for these template values; forgets an earlier configuration."""
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
 from .._errors import ConfigError
 from .._process import ManagedProcess, RunAs
 from .._run.registry import ProcessRecord
+from .forkserver import ForkServer
 from .spec import ServiceSpec, render
 
 __all__ = ["ProcessLauncher", "service_cwd", "service_user", "shell_exit_code"]
@@ -71,7 +72,7 @@ class ProcessLauncher:
 
     def __init__(
         self, spec: ServiceSpec, instance_name: str, log_path: Path, rootdir: Path,
-        run_as: RunAs | None = None,
+        run_as: RunAs | None = None, forkserver: ForkServer | None = None,
     ) -> None:  # fmt: skip
         if not spec.command:
             raise ConfigError(
@@ -86,6 +87,8 @@ class ProcessLauncher:
         self.port: object = None
         #: The unprivileged user it runs as (see :func:`service_user`), or ``None``.
         self.run_as = run_as
+        #: Starts it by forking a preloaded parent (``spec.entry``), or ``None``.
+        self.forkserver = forkserver
         self._proc: ManagedProcess | None = None
 
     @property
@@ -106,7 +109,16 @@ class ProcessLauncher:
         self._proc = ManagedProcess(
             [render(arg, values) for arg in self.spec.command],
             log_path=self.log_path, env=env, cwd=self.cwd, run_as=self.run_as,
+            spawner=self.forkserver,
         )  # fmt: skip
+
+    def warm(self, register: Callable[[ProcessRecord], None]) -> None:
+        """Start the fork server's preload now, while the worker prepares the rest."""
+        if self.forkserver is not None:
+            self.forkserver.start()
+            record = self.forkserver.record()
+            if record is not None:
+                register(record)
 
     def launch(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,4 +160,6 @@ class ProcessLauncher:
         )
 
     def close(self) -> None:
-        """Nothing to release: the process group is stopped already."""
+        """Stop the fork server (the service's process group is stopped already)."""
+        if self.forkserver is not None:
+            self.forkserver.close()

@@ -30,6 +30,7 @@ TEMPLATE_FIELDS = (
     "dsn", "schema", "role", "redis_url", "services",
 )  # fmt: skip
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,40}$")
+_ENTRY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,14 @@ class ServiceSpec:
     #: Services of the same worker this one needs started first; their handles are in
     #: the ``{services}`` template field: ``{services[fake-api].url}``, ``.port``.
     depends_on: Sequence[str] = ()
+    #: Native backend, Python services: ``"module:function"`` that ``command`` runs
+    #: (``"myapi.__main__:main"``). With it, each start forks a per-worker parent that has
+    #: imported ``preload`` instead of starting a new interpreter (see docs/services.md);
+    #: ``command`` stays what runs where fork is unavailable (and what sets ``sys.argv``).
+    entry: str | None = None
+    #: Modules the fork server imports once (default: the ``entry``'s module). They must
+    #: not start threads or open connections at import time.
+    preload: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -113,6 +122,19 @@ class ServiceSpec:
                     f"ServiceSpec.{label} for {self.name!r} is a string",
                     hint="pass a list of arguments, e.g. ['python', '-m', 'app', '--port', '{port}']",
                 )
+        if self.entry is not None and not _ENTRY_RE.match(self.entry):
+            raise ConfigError(
+                f"ServiceSpec.entry of {self.name!r} is {self.entry!r}",
+                hint="name the function the service's command runs as 'module:function', "
+                "e.g. entry='myapi.__main__:main'",
+            )
+        if isinstance(self.preload, str) or (self.preload and self.entry is None):
+            raise ConfigError(
+                f"ServiceSpec.preload of {self.name!r} needs a list of modules and an entry",
+                hint="e.g. entry='myapi.server:main', preload=['myapi.app']",
+            )
+        if self.entry is not None and not self.preload:
+            object.__setattr__(self, "preload", (self.entry.partition(":")[0],))
         if isinstance(self.depends_on, str) or self.name in self.depends_on:
             raise ConfigError(
                 f"ServiceSpec.depends_on of {self.name!r} must be a list of other services' names",

@@ -1,0 +1,183 @@
+"""The fork server: a service that names an ``entry`` is forked from a per-worker parent
+that preloaded it, and behaves exactly like a spawned one (native backend)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from suite_support import leftovers, run_id_of
+
+from isolate import ConfigError, ServiceSpec
+from isolate._service.forkserver import fork_unavailable, python_argv
+
+APP = '''
+import http.server, json, os, signal, sys, threading
+
+BOOT_ENV = os.environ.get("WHO")  # read at import: the fork server's, not a start's
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.startswith("/exit"):
+            threading.Timer(0.05, os._exit, [int(self.path.partition("=")[2])]).start()
+        body = json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv,
+                           "who": os.environ.get("WHO"), "boot_who": BOOT_ENV,
+                           "cwd": os.getcwd(), "pgid": os.getpgid(0)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+def main():
+    server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+    def bye(signum, frame):
+        print("graceful bye", flush=True)
+        threading.Thread(target=server.shutdown).start()
+    signal.signal(signal.SIGTERM, bye)
+    print("hello from", os.getpid(), flush=True)
+    server.serve_forever()
+    return 0
+
+if __name__ == "__main__":  # the command, run where isolate does not fork
+    sys.exit(main())
+'''
+
+CONFTEST = """
+import sys
+import pytest
+import isolate
+
+@pytest.fixture(scope="session")
+def isolate_service_spec():
+    return isolate.ServiceSpec(
+        name="forked", command=[sys.executable, "forkapp.py", "{port}"], entry="forkapp:main",
+        env={"WHO": "worker {worker}"}, health=isolate.TcpCheck(), stop_timeout=5,
+    )
+"""
+
+SUITE = """
+import json, os, signal, urllib.request
+from pathlib import Path
+
+def whoami(service):
+    with urllib.request.urlopen(service.url + "/", timeout=10) as resp:
+        return json.loads(resp.read())
+
+def parent_cmdline(pid):
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().replace("\\0", " ")
+
+def test_forked(isolate_service, isolate_worker):
+    me = whoami(isolate_service)
+    assert me["pid"] == isolate_service.pid == me["pgid"]  # its own session and group
+    assert ("_preloader.py" in parent_cmdline(me["ppid"])) == FORKED
+    assert me["argv"] == ["forkapp.py", str(isolate_service.port)]
+    assert me["who"] == f"worker {isolate_worker.worker_id}"
+    assert me["cwd"] == os.getcwd()
+
+def test_lifecycle(isolate_service):
+    first = whoami(isolate_service)["pid"]
+    assert isolate_service.stop() == 0
+    assert "graceful bye" in isolate_service.logs()
+    isolate_service.start()
+    second = whoami(isolate_service)["pid"]
+    assert second != first
+    assert isolate_service.kill() == 137
+    isolate_service.restart()
+    port = isolate_service.port
+    urllib.request.urlopen(isolate_service.url + "/exit=3", timeout=10).read()
+    assert isolate_service.wait_exit(10) == 3
+    isolate_service.start()
+    assert isolate_service.port == port
+    isolate_service.signal(signal.SIGTERM)
+    assert isolate_service.wait_exit(10) == 0
+    assert isolate_service.logs().count("hello from") == 4
+"""
+
+
+def _suite(pytester: pytest.Pytester, forked: bool) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(forkapp=APP, test_forked=f"FORKED = {forked}\n" + SUITE)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_forked_service_behaves_like_a_spawned_one(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, workers: str
+) -> None:
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv("ISOLATE_TEST_MARK", mark)
+    _suite(pytester, forked=True)
+    result = pytester.runpytest_subprocess("-n", workers, "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    assert leftovers(run_id_of(result), mark) == []
+
+
+def test_with_the_fork_server_off_it_is_spawned_and_the_header_says_so(pytester: pytest.Pytester) -> None:
+    _suite(pytester, forked=False)
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--isolate-fork-server=off")
+    result.assert_outcomes(passed=2)
+    assert "services with an entry start as new processes (--isolate-fork-server=off)" in result.stdout.str()
+
+
+UNSAFE = {
+    "thread": "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n",
+    "socket": "import socket\nLISTENER = socket.socket()\n",
+    "broken": "raise RuntimeError('cannot import me')\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNSAFE))
+def test_a_preload_that_is_unsafe_to_fork_is_refused(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv("ISOLATE_TEST_MARK", mark)
+    pytester.makeconftest(CONFTEST.replace('entry="forkapp:main"', 'entry="forkapp:main", preload=["bad"]'))
+    pytester.makepyfile(forkapp=APP, bad=UNSAFE[kind], test_x="def test_x(isolate_service): pass")
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert "the fork server cannot serve" in out
+    expected = {"thread": "1 thread(s) running", "socket": "1 socket(s) open",
+                "broken": "RuntimeError: cannot import me"}[kind]  # fmt: skip
+    assert expected in out
+    assert "drop ServiceSpec.entry" in out
+    assert leftovers(run_id_of(result), mark) == []
+
+
+def test_a_killed_worker_leaves_no_fork_server_or_child(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv("ISOLATE_TEST_MARK", mark)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(forkapp=APP, test_die="""
+        import os, signal
+        def test_die(isolate_service):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)  # fmt: skip
+    result = pytester.runpytest_subprocess("-n", "1", "--max-worker-restart=0", "-p", "no:randomly")
+    assert "crashed" in result.stdout.str() or "worker 'gw0' crashed" in result.stdout.str()
+    assert leftovers(run_id_of(result), mark) == []
+
+
+def test_entry_and_preload_are_checked() -> None:
+    spec = ServiceSpec("a", ["python", "-m", "a"], entry="a.server:main")
+    assert tuple(spec.preload) == ("a.server",)
+    for bad in ({"entry": "a.server.main"}, {"entry": "a:"}, {"preload": ["a"]},
+                {"entry": "a:main", "preload": "a"}):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"entry|preload"):
+            ServiceSpec("a", ["python", "-m", "a"], **bad)  # type: ignore[arg-type]
+
+
+def test_argv_is_what_the_command_gives_the_program() -> None:
+    cwd = Path("/srv/app")
+    assert python_argv(["py", "-m", "api", "--port", "1"], cwd) == (["api", "--port", "1"], "/srv/app")
+    assert python_argv(["py", "bin/run.py", "1"], cwd) == (["bin/run.py", "1"], "/srv/app/bin")
+    assert fork_unavailable("native", "auto") is None
+    assert "docker backend" in str(fork_unavailable("docker", "auto"))
+    assert fork_unavailable("native", "off") == "--isolate-fork-server=off"
+
