@@ -16,6 +16,7 @@ from ._config import Settings
 from ._errors import ConfigError, IsolateError
 from ._identity import WorkerIdentity
 from ._postgres import PostgresConfig, PostgresServer
+from ._postgres.external import drop_run_objects
 from ._postgres.native import NativePostgresRunner
 from ._process import RunAs, resolve_run_as
 from ._redis import RedisConfig, RedisServer
@@ -160,6 +161,13 @@ def reap_leftovers(run: RunDir, backend: Backend, timeout: float) -> list[str]:
         reaped += backend.reap_run()
     except Exception as exc:  # an engine gone away: the orphan reaper gets it later
         logger.warning("isolate could not reap run %s: %s", run.run_id, exc)
+    postgres = run.state("postgres")
+    if postgres is not None and postgres.get("backend") == "external":
+        try:
+            reaped += drop_run_objects(PostgresServer.from_json(postgres), run.run_id)
+        except Exception as exc:  # unreachable: its lease goes stale, a later run drops them
+            logger.warning("isolate could not drop run %s's objects on the external PostgreSQL: %s",
+                           run.run_id, exc)  # fmt: skip
     return reaped
 
 

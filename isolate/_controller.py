@@ -16,6 +16,7 @@ from pathlib import Path
 from ._backends import Backend, decide_backend, make_backend, reap_leftovers
 from ._config import Settings
 from ._identity import WorkerIdentity
+from ._postgres.external import RunLease, check_server
 from ._run.liveness import Owner
 from ._run.rundir import RunDir, reap_stale_runs
 from ._service.forkserver import fork_unavailable
@@ -41,6 +42,7 @@ class RunController:
         self.backend: Backend = make_backend(self.backend_name, settings, self.identity, self.run, rootdir)
         self.timings = Timings(self.run.timings_path, "controller")
         self.watchdog: Watchdog | None = None
+        self.lease: RunLease | None = None
 
     @property
     def run_id(self) -> str:
@@ -59,6 +61,12 @@ class RunController:
                 self.backend.reap_orphans()
         self.run.create(Owner.current(), backend=self.backend_name)
         self.watchdog = Watchdog(self.run.path, self.backend_name, self.settings.stop_timeout)
+        if self.settings.pg_dsn:  # the run's lease on the external server, kept fresh
+            self.lease = RunLease(check_server(self.settings.pg_dsn), self.run_id)
+            dropped = self.lease.open(reap_stale=self.settings.reap_stale)
+            if dropped:
+                logger.info("isolate dropped what stale runs left on the external PostgreSQL: %s",
+                            ", ".join(dropped))  # fmt: skip
 
     def close(self) -> dict[str, dict[str, float]]:
         """Reap everything the run still holds and remove its dir; the timing summary.
@@ -75,6 +83,8 @@ class RunController:
             if reaped:
                 logger.info("isolate reaped %s", ", ".join(reaped))
             self.timings.add("run_teardown", time.perf_counter() - start)
+        if self.lease is not None:  # after the objects: a row goes only once they are gone
+            self.lease.close(kept=kept)
         summary = summarize(read(self.timings.path))
         if not kept:
             self.run.remove()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -15,16 +16,18 @@ from psycopg import sql
 from ._errors import ConfigError, FaultInjectionError, MigrationError
 from ._fault import Fault
 from ._postgres import PostgresServer
+from ._postgres.server import Seed
 
 __all__ = [
     "Migrations",
+    "TemplatePlan",
     "WorkerDatabase",
-    "make_template",
     "migrations_key",
     "migration_files",
     "run_bootstrap",
     "run_migrations",
     "schema_name",
+    "template_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -261,25 +264,78 @@ def run_bootstrap(server: PostgresServer, bootstrap: Migrations) -> dict[str, ob
     return {"steps": steps}
 
 
-def make_template(
-    server: PostgresServer, run_id: str, migrations: Migrations, bootstrap: Migrations
-) -> dict[str, object]:
+@dataclass(frozen=True)
+class TemplatePlan:
     """Database mode: the run's template database, bootstrapped (superuser) and migrated
     (as a template role whose objects each clone hands to its worker's role), then closed
-    to connections so that workers can clone it at once."""
-    name, owner = f"isolate_tpl_{run_id}", f"isolate_tplown_{run_id}"
-    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    with psycopg.connect(server.dsn(database=name), autocommit=True) as conn:
-        conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
-        conn.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(sql.Identifier(owner)))
-        run_migrations(conn, bootstrap, name, what="bootstrap")
-        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(owner)))
-        run_migrations(conn, migrations, name)
-    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
-    return {"template": name, "owner": owner, "migrations": migrations_key(migrations)}
+    to connections so that workers can clone it at once.
+
+    With a ``key`` (the migrations are files, or a callable with a ``cache_key``), its
+    names come from the key, not the run, and :meth:`seed` lets the native backend keep
+    a cluster that already holds it: an unchanged migration set costs nothing next run.
+    """
+
+    name: str
+    owner: str
+    key: str | None
+    migrations: Migrations = field(compare=False)
+    bootstrap: Migrations = field(compare=False)
+
+    @classmethod
+    def for_run(cls, run_id: str, migrations: Migrations, bootstrap: Migrations,
+                *, cacheable: bool) -> TemplatePlan:  # fmt: skip
+        key = template_key(migrations, bootstrap) if cacheable else None
+        suffix = f"m{key[:16]}" if key else run_id
+        return cls(f"isolate_tpl_{suffix}", f"isolate_tplown_{suffix}", key, migrations, bootstrap)
+
+    def seed(self) -> Seed | None:
+        """What a fresh cluster for this run should hold first, if it can be cached."""
+        return Seed(self.key, self.build) if self.key else None
+
+    def build(self, connect: Callable[[str], psycopg.Connection[tuple[object, ...]]]) -> None:
+        """Create it; ``connect(dbname)`` opens an autocommit superuser connection."""
+        name, owner = sql.Identifier(self.name), sql.Identifier(self.owner)
+        with connect("postgres") as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(owner))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
+        with connect(self.name) as conn:
+            conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+            conn.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(owner))
+            run_migrations(conn, self.bootstrap, self.name, what="bootstrap")
+            conn.execute(sql.SQL("SET ROLE {}").format(owner))
+            run_migrations(conn, self.migrations, self.name)
+        with connect("postgres") as conn:
+            conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(name))
+
+    def make(self, server: PostgresServer) -> dict[str, object]:
+        """Build it on ``server`` unless the cluster came with it; the state workers share."""
+        def connect(database: str) -> psycopg.Connection[tuple[object, ...]]:
+            return psycopg.connect(server.dsn(database=database), autocommit=True)
+
+        with connect(server.database) as conn:
+            cached = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,)).fetchone()
+        if not cached:
+            self.build(connect)
+        return {"template": self.name, "owner": self.owner, "cached": bool(cached),
+                "migrations": migrations_key(self.migrations)}  # fmt: skip
+
+
+def template_key(migrations: Migrations, bootstrap: Migrations) -> str | None:
+    """A digest of what the template is made of (file names and contents, or a
+    callable's ``cache_key``); ``None`` if it cannot be known (a callable without one)."""
+    digest = hashlib.sha256(b"isolate-template-1")
+    for steps in (bootstrap, migrations):
+        if steps is None:
+            digest.update(b"\0none")
+        elif callable(steps):
+            key = getattr(steps, "cache_key", None)
+            if not isinstance(key, str):
+                return None
+            digest.update(b"\0callable:" + key.encode())
+        else:
+            for path in migration_files(steps):
+                digest.update(b"\0" + path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def migrations_key(steps: Migrations) -> str:

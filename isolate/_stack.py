@@ -18,15 +18,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from filelock import FileLock, Timeout
-
 from ._backends import Backend, Runner, make_backend
 from ._config import Settings
-from ._database import Migrations, WorkerDatabase, make_template, migrations_key, run_bootstrap
+from ._database import Migrations, TemplatePlan, WorkerDatabase, migrations_key, run_bootstrap
 from ._errors import ConfigError
 from ._identity import WorkerIdentity
 from ._postgres import PostgresConfig, PostgresServer, tuned_settings
+from ._postgres.external import ExternalPostgresRunner
+from ._postgres.server import Seed
 from ._redis import RedisConfig, RedisServer
+from ._redis.lease import DbLease, ExternalDbLease, RunDbLease
 from ._run.liveness import process_start_ticks
 from ._run.registry import ProcessRecord
 from ._run.rundir import RunDir
@@ -60,7 +61,7 @@ class WorkerStack:
         self._database: WorkerDatabase | None = None
         self._redis: RedisServer | None = None
         self._redis_runner: Runner[RedisServer] | None = None
-        self._redis_db_lock: FileLock | None = None
+        self._redis_lease: DbLease | None = None
         self._services: dict[str, ServiceHandle] = {}
         #: Set by the plugin when a test of this worker failed (``--isolate-keep=failed``).
         self.failed = False
@@ -117,26 +118,29 @@ class WorkerStack:
 
     # -- PostgreSQL ------------------------------------------------------------
 
-    def postgres(self) -> PostgresServer:
-        """The run's shared PostgreSQL (started now if nobody has yet)."""
+    def postgres(self, seed: Seed | None = None) -> PostgresServer:
+        """The run's shared PostgreSQL (started now if nobody has yet; from a cached
+        cluster that holds ``seed``, if the backend can)."""
         if self._postgres is None:
             waited = time.perf_counter()
-            state = self.shared("postgres", self._start_postgres)
+            state = self.shared("postgres", lambda: self._start_postgres(seed))
             self.timings.add("postgres_wait", time.perf_counter() - waited)
             self._postgres = PostgresServer.from_json(state)
         return self._postgres
 
-    def _start_postgres(self) -> dict[str, object]:
+    def _start_postgres(self, seed: Seed | None) -> dict[str, object]:
         with self.timings.measure("postgres_start"):
             config = PostgresConfig(
                 settings=tuned_settings(
                     self.worker.worker_count, self.settings.pg_conn_per_worker,
                     self.settings.pg_settings,
                 ),
-                start_timeout=self.settings.pg_start_timeout,
+                start_timeout=self.settings.pg_start_timeout, seed=seed,
             )  # fmt: skip
-            runner = self.backend.postgres(config, self.run.path / "postgres")
-            return self._start(runner, shared=True).to_json()
+            if self.settings.pg_dsn:
+                needs_createdb = self.settings.db_isolation == "database"
+                return self._start(ExternalPostgresRunner(self.settings.pg_dsn, needs_createdb=needs_createdb)).to_json()
+            return self._start(self.backend.postgres(config, self.run.path / "postgres"), shared=True).to_json()
 
     def _rooted(self, steps: Migrations) -> Migrations:
         """A relative migrations (or bootstrap) path is relative to the pytest rootdir."""
@@ -158,9 +162,13 @@ class WorkerStack:
         migrations = self._rooted(migrations)
         bootstrap = self._rooted(bootstrap if bootstrap is not None else self.settings.bootstrap)
         if self._database is None:
-            server = self.postgres()
+            plan = None
+            if self.settings.db_isolation == "database":  # cached across runs where it can be
+                cacheable = self.settings.template_cache and not self.settings.pg_dsn
+                plan = TemplatePlan.for_run(self.worker.run_id, migrations, bootstrap, cacheable=cacheable)
+            server = self.postgres(plan.seed() if plan else None)
             with self.timings.measure("schema_migrations"):
-                self._database = self._create_database(server, migrations, bootstrap)
+                self._database = self._create_database(server, migrations, bootstrap, plan)
         elif migrations is not None and migrations != self._database.migrations:
             if self._database.migrations is not None:
                 raise ConfigError(
@@ -174,11 +182,11 @@ class WorkerStack:
         return self._database
 
     def _create_database(
-        self, server: PostgresServer, migrations: Migrations, bootstrap: Migrations
+        self, server: PostgresServer, migrations: Migrations, bootstrap: Migrations, plan: TemplatePlan | None
     ) -> WorkerDatabase:
         slug, run_id = self.worker.slug, self.worker.run_id
-        if self.settings.db_isolation == "database":
-            state = self.shared("pg-template", lambda: make_template(server, run_id, migrations, bootstrap))
+        if plan is not None:
+            state = self.shared("pg-template", lambda: plan.make(server))
             if state["migrations"] != migrations_key(migrations):
                 raise ConfigError(
                     f"the run's template database was migrated with {state['migrations']}; "
@@ -213,36 +221,21 @@ class WorkerStack:
     def redis(self) -> RedisServer:
         """The worker's Redis (own server, or own DB on the shared one)."""
         if self._redis is None:
-            if self.settings.redis_mode == "shared":
+            if self.settings.redis_url:
+                holder = f"{self.worker.run_id}/{self.worker.worker_id}/{os.getpid()}"
+                self._redis_lease = lease = ExternalDbLease(self.settings.redis_url, holder)
+                self._redis = lease.server
+            elif self.settings.redis_mode == "shared":
                 state = self.shared("redis", lambda: self._start_redis("redis-shared", shared=True).to_json())
-                server = RedisServer.from_json(state)
-                self._redis = RedisServer(
-                    server.host, server.port, self._lease_redis_db(), server.admin_password,
-                    shared=True, backend=server.backend,
-                )  # fmt: skip
-                self._redis.flush()  # a crashed predecessor's keys are not this worker's
+                self._redis_lease = run_lease = RunDbLease(self.run.path, RedisServer.from_json(state),
+                                                           self._redis_databases())  # fmt: skip
+                self._redis = run_lease.server
             else:
                 self._redis = self._start_redis(f"redis-{self.worker.slug}-{os.getpid()}", shared=False)
         return self._redis
 
     def _redis_databases(self) -> int:
         return max(16, self.worker.worker_count + 2)
-
-    def _lease_redis_db(self) -> int:
-        """The lowest logical DB no live worker holds (DB 0 is left alone). The lease is a
-        lock held for the worker's life: a crashed worker's DB goes to its successor."""
-        for db in range(1, self._redis_databases()):
-            lock = FileLock(str(self.run.path / f"redis-db-{db}.lock"), thread_local=False)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue
-            self._redis_db_lock = lock
-            return db
-        raise ConfigError(
-            f"all {self._redis_databases() - 1} logical Redis DBs are held by live workers",
-            hint="use --isolate-redis-mode=per-worker",
-        )
 
     def _start_redis(self, name: str, *, shared: bool) -> RedisServer:
         with self.timings.measure("redis_start"):
@@ -261,9 +254,9 @@ class WorkerStack:
             self._redis_runner.stop()
             self.run.registry.unregister(self._redis_runner.name)
             self._redis_runner = None
-        if self._redis_db_lock is not None:
-            self._redis_db_lock.release(force=True)
-            self._redis_db_lock = None
+        if self._redis_lease is not None:
+            self._redis_lease.release()
+            self._redis_lease = None
         self._redis = None
 
     # -- the service under test --------------------------------------------------

@@ -3,6 +3,7 @@ migrations paid once per run in database mode, the bootstrap hook, and ``rebuild
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ HERE = Path(__file__).parent
 
 CONFTEST = f"""
 import os
+import uuid
 from pathlib import Path
 import pytest
 import isolate
@@ -45,6 +47,7 @@ def isolate_bootstrap():
 
 SUITE = """
 import os
+import uuid
 from pathlib import Path
 import psycopg, pytest
 from tenacity import Retrying, stop_after_delay, wait_fixed
@@ -142,3 +145,81 @@ def test_db_isolation_modes(
         # rebuild() migrates the schema again: 2 workers x (first + rebuild)
         assert migrations == 4
         assert (work / "other-got-False").exists()  # one database: the lock is shared
+
+
+CACHE_SUITE = """
+import os
+import uuid
+from pathlib import Path
+
+def test_made(isolate_database):
+    with isolate_database.connect() as conn:
+        made = conn.execute("SELECT at FROM made").fetchone()[0]
+    with Path(os.environ["DBMODE_DIR"], "made.log").open("a") as fh:
+        fh.write(made.isoformat() + "\\n")
+"""
+
+CALLABLE_CONFTEST = """
+import os
+import uuid
+from pathlib import Path
+import pytest
+
+def migrate(conn):
+    with Path(os.environ["DBMODE_DIR"], "migrations.log").open("a") as fh:
+        fh.write("x\\n")
+    conn.execute("CREATE TABLE made (at timestamptz DEFAULT clock_timestamp())")
+    conn.execute("INSERT INTO made DEFAULT VALUES")
+
+if os.environ.get("CACHE_KEY"):
+    migrate.cache_key = os.environ["CACHE_KEY"]
+
+@pytest.fixture(scope="session")
+def isolate_migrations():
+    return migrate
+"""
+
+
+def test_the_migrated_template_is_cached_across_runs_by_content(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Native backend: a second run with the same migration files starts from a cluster
+    that holds the template (the row the migration wrote is the first run's); changed
+    content, or the cache turned off, migrates again."""
+    work, migrations = tmp_path / "dbmode", tmp_path / "migrations"
+    work.mkdir()
+    migrations.mkdir()
+    monkeypatch.setenv("DBMODE_DIR", str(work))
+    (migrations / "0001_made.sql").write_text(
+        f"-- {uuid.uuid4()}\nCREATE TABLE made (at timestamptz DEFAULT clock_timestamp());\n"
+        "INSERT INTO made DEFAULT VALUES;\n"
+    )
+    pytester.makepyfile(test_cache=CACHE_SUITE)
+    args = ["-n", "2", "-p", "no:randomly", "--isolate-db-isolation=database", f"--isolate-migrations={migrations}"]
+
+    def made(*extra: str) -> set[str]:
+        (work / "made.log").unlink(missing_ok=True)
+        pytester.runpytest_subprocess(*args, *extra).assert_outcomes(passed=1)
+        return set((work / "made.log").read_text().split())
+
+    first = made()
+    assert len(first) == 1  # one template for the run
+    assert made() == first  # not migrated again: the cached cluster holds it
+    assert made("--isolate-template-cache=false") != first
+    (migrations / "0002_more.sql").write_text("CREATE TABLE more (v int);\n")
+    assert made() != first  # new content, new template
+
+
+@pytest.mark.parametrize(("named", "runs_migrated"), [(True, 1), (False, 2)], ids=["cache_key", "no-key"])
+def test_a_callable_is_cached_by_its_cache_key(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, named: bool, runs_migrated: int
+) -> None:
+    work = tmp_path / "dbmode"
+    work.mkdir()
+    monkeypatch.setenv("DBMODE_DIR", str(work))
+    monkeypatch.setenv("CACHE_KEY", f"v1-{uuid.uuid4().hex}" if named else "")
+    pytester.makeconftest(CALLABLE_CONFTEST)
+    pytester.makepyfile(test_cache=CACHE_SUITE)
+    for _ in range(2):
+        pytester.runpytest_subprocess("-p", "no:randomly", "--isolate-db-isolation=database").assert_outcomes(passed=1)
+    assert len((work / "migrations.log").read_text().split()) == runs_migrated

@@ -9,6 +9,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -23,7 +24,7 @@ from .._ports import PortLease
 from .._process import ManagedProcess, RunAs, wait_started
 from .._retry import poll_until, start_on_free_port
 from .._server import NativeServer
-from .server import PostgresConfig, PostgresServer
+from .server import PostgresConfig, PostgresServer, Seed
 
 __all__ = ["NativePostgresRunner"]
 
@@ -69,11 +70,18 @@ class NativePostgresRunner(NativeServer):
         The template's superuser password is replaced right after start.
         """
         template = self._template()
+        if self.config.seed is not None:
+            template = self._seeded(template, self.config.seed)
         shutil.copytree(template, self.data_dir, symlinks=True)
         if self.run_as is not None:
             for path in [self.data_dir, *self.data_dir.rglob("*")]:
                 os.lchown(path, self.run_as.uid, self.run_as.gid)
         os.chmod(self.data_dir, 0o700)
+
+    def _cache(self) -> Path:
+        # This user's own cache; the run-as user may traverse it (to bake a new
+        # template) but owns nothing in it: a finished template belongs to us.
+        return own_dir(self.directory.parent.parent / f"isolate-cache-{os.geteuid()}", 0o711)
 
     def _template(self) -> Path:
         uid = self.run_as.uid if self.run_as else os.getuid()
@@ -81,25 +89,53 @@ class NativePostgresRunner(NativeServer):
             f"{_INITDB_RECIPE}:{self.binary.path}:{self.binary.version}:"
             f"{self.config.superuser}:{uid}".encode()
         ).hexdigest()[:16]
-        # This user's own cache; the run-as user may traverse it (to bake a new
-        # template) but owns nothing in it: a finished template belongs to us.
-        cache = own_dir(self.directory.parent.parent / f"isolate-cache-{os.geteuid()}", 0o711)
-        template = cache / f"pgdata-{key}"
-        with FileLock(str(cache / f"pgdata-{key}.lock")):
-            if not (template / "PG_VERSION").exists():
-                staging = cache / f"pgdata-{key}.tmp-{os.getpid()}"
+        return self._cached(f"pgdata-{key}", self._run_initdb, self._bake)
+
+    def _seeded(self, template: Path, seed: Seed) -> Path:
+        """A copy of ``template`` that holds what ``seed`` creates, made once per seed key
+        (and binary, user: the template's own key is in the name)."""
+
+        def create(staging: Path) -> None:
+            shutil.copytree(template, staging, symlinks=True)
+            self._own(*[staging, *staging.rglob("*")])
+
+        return self._cached(f"{template.name}-seed-{seed.key[:24]}", create, lambda d: self._serve(d, seed.create))
+
+    def _cached(self, name: str, create: Callable[[Path], None], bake: Callable[[Path], None]) -> Path:
+        """``<cache>/<name>``: a cluster made by ``create`` and ``bake`` under a lock,
+        once; owned by this user, not by the run-as user."""
+        cache = self._cache()
+        target = cache / name
+        with FileLock(str(cache / f"{name}.lock")):
+            if not (target / "PG_VERSION").exists():
+                staging = cache / f"{name}.tmp-{os.getpid()}"
                 shutil.rmtree(staging, ignore_errors=True)
-                self._run_initdb(staging)
-                self._bake(staging)
+                create(staging)
+                try:
+                    bake(staging)
+                except BaseException:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
                 if self.run_as is not None:
                     for path in [staging, *staging.rglob("*")]:
                         os.lchown(path, os.geteuid(), os.getegid())
-                shutil.rmtree(template, ignore_errors=True)
-                staging.rename(template)
-        return template
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
+        return target
 
     def _bake(self, data_dir: Path) -> None:
         """Create the run database in the template, so runs only copy it."""
+
+        def create_database(connect: Callable[[str], psycopg.Connection[tuple[object, ...]]]) -> None:
+            with connect("postgres") as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.config.database)))
+            with connect(self.config.database) as conn:
+                conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+
+        self._serve(data_dir, create_database)
+
+    def _serve(self, data_dir: Path, work: Callable[[Callable[[str], psycopg.Connection[tuple[object, ...]]]], None]) -> None:
+        """Run ``work(connect)`` against ``data_dir`` served privately (a socket only)."""
         socket_dir = self.directory / "sock-template"
         socket_dir.mkdir(mode=0o700, exist_ok=True)
         self._own(socket_dir)
@@ -112,14 +148,14 @@ class NativePostgresRunner(NativeServer):
         try:
             if not poll_until(lambda: (socket_dir / ".s.PGSQL.5432").exists() or not proc.running, 30):
                 raise ServerStartError("template server did not start", log_tail=self.logs())
-            conninfo = dict(host=str(socket_dir), user=self.config.superuser, autocommit=True)
+            def connect(dbname: str) -> psycopg.Connection[tuple[object, ...]]:
+                return psycopg.connect(host=str(socket_dir), user=self.config.superuser, dbname=dbname,
+                                       autocommit=True)  # fmt: skip
+
             for attempt in Retrying(stop=stop_after_delay(30), wait=wait_fixed(0.02), reraise=True):
-                with attempt, psycopg.connect(dbname="postgres", **conninfo) as conn:  # type: ignore[arg-type]
-                    conn.execute(
-                        sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.config.database))
-                    )
-            with psycopg.connect(dbname=self.config.database, **conninfo) as conn:  # type: ignore[arg-type]
-                conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+                with attempt, connect("postgres"):
+                    pass  # accepting connections
+            work(connect)
         finally:
             proc.stop(signal.SIGINT, 10.0)
             shutil.rmtree(socket_dir, ignore_errors=True)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
 
-__all__ = ["PostgresConfig", "PostgresServer", "prepare_database", "tuned_settings"]
+__all__ = ["PostgresConfig", "PostgresServer", "Seed", "prepare_database", "tuned_settings"]
 
 
 def tuned_settings(
@@ -42,6 +42,16 @@ def tuned_settings(
 
 
 @dataclass(frozen=True)
+class Seed:
+    """What every fresh cluster of runs with the same ``key`` creates first (database
+    mode: the migrated template). The native backend caches a cluster that holds it;
+    ``create(connect)`` builds it, ``connect(dbname)`` giving a superuser connection."""
+
+    key: str
+    create: Callable[[Callable[[str], psycopg.Connection[tuple[object, ...]]]], None]
+
+
+@dataclass(frozen=True)
 class PostgresConfig:
     """How to start the shared server."""
 
@@ -49,6 +59,8 @@ class PostgresConfig:
     start_timeout: float = 60.0
     superuser: str = "isolate"
     database: str = "isolate"
+    #: Native backend: start from a cached cluster that already holds this (built once).
+    seed: Seed | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import quote
 
 import redis
 
@@ -55,20 +56,31 @@ class RedisServer:
     admin_password: str
     shared: bool = False
     backend: str = "native"
+    #: An external server's credentials (``--isolate-redis-url``), used by the worker's
+    #: clients and for flushing; isolate's own servers need none.
+    username: str | None = None
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:<port>/<db>`` for the worker."""
-        return f"redis://{self.host}:{self.port}/{self.db}"
+        """``redis://127.0.0.1:<port>/<db>`` for the worker (with an external server's
+        credentials, if it has any)."""
+        auth = ""
+        if self.password is not None:
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+        elif self.username:
+            auth = f"{quote(self.username, safe='')}@"
+        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A redis-py client on the worker's DB."""
         return redis.Redis.from_url(self.url, **kwargs)
 
     def admin(self) -> redis.Redis:
+        external = self.backend == "external"
         return redis.Redis(
-            host=self.host, port=self.port, db=self.db, username=ADMIN_USER,
-            password=self.admin_password, socket_timeout=5,
+            host=self.host, port=self.port, db=self.db, username=self.username if external else ADMIN_USER,
+            password=self.password if external else self.admin_password, socket_timeout=5,
         )  # fmt: skip
 
     def flush(self) -> None:
@@ -86,6 +98,12 @@ class RedisServer:
     def cut(self) -> Fault:
         """Make this worker's Redis refuse it (data kept). :meth:`restore`, or leaving
         ``with redis.cut():``, undoes it; the plugin restores it after the test anyway."""
+        if self.backend == "external":
+            raise FaultInjectionError(
+                "cannot cut an external Redis (--isolate-redis-url) for one worker",
+                hint="drop --isolate-redis-url for the tests that cut Redis: isolate then starts "
+                "a Redis per worker that it can cut",
+            )
         if self.shared:
             raise FaultInjectionError(
                 "cannot cut Redis for one worker when workers share a server",

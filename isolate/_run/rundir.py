@@ -125,6 +125,15 @@ class RunDir:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def state(self, name: str) -> dict[str, object] | None:
+        """What :meth:`shared` recorded for ``name``, if anything (and the file is ours)."""
+        path = self.path / f"{name}.json"
+        if not owned_by_me(path):
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            return dict(json.loads(path.read_text()))
+        return None
+
     def shared(self, name: str, start: Callable[[], Mapping[str, object]]) -> dict[str, object]:
         """Run ``start`` once per run, whoever asks first; every caller gets its state.
 

@@ -1,0 +1,202 @@
+"""An existing PostgreSQL (``--isolate-pg-dsn``): nothing is started, every object a run
+creates there carries its run id, and a lease table in the server itself says which runs
+are alive, so runs on other machines (CI shards) find and drop what a dead run left.
+
+The lease table (``isolate_run_leases`` in the DSN's database) holds one row per live run,
+its heartbeat refreshed every :data:`HEARTBEAT_S` seconds by the run's controller. A row
+older than :data:`STALE_AFTER_S` belongs to a run that died; whichever run starts next
+drops that run's databases, schemas and roles (names ``isolate_*_<run id>``) and the row.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+from collections.abc import Callable
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from .._errors import ConfigError
+from .._run.registry import ProcessRecord
+from .server import PostgresServer
+
+__all__ = [
+    "HEARTBEAT_S", "STALE_AFTER_S", "ExternalPostgresRunner", "RunLease", "check_server",
+    "drop_run_objects", "parse_dsn",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 120.0
+_TABLE = "isolate_run_leases"
+_LOCK = 0x15014E  # advisory lock: one run at a time creates the table or reaps stale runs
+
+
+def parse_dsn(dsn: str) -> PostgresServer:
+    """The connection facts of ``dsn`` (a URL or ``key=value`` string)."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(f"--isolate-pg-dsn is not a PostgreSQL DSN: {exc}",
+                          hint="e.g. postgresql://postgres:secret@127.0.0.1:5432/postgres") from None  # fmt: skip
+    return PostgresServer(
+        host=str(parts.get("host") or "127.0.0.1"), port=int(parts.get("port") or 5432),
+        user=str(parts.get("user") or "postgres"), password=str(parts.get("password") or ""),
+        database=str(parts.get("dbname") or "postgres"), version="?", backend="external",
+    )  # fmt: skip
+
+
+def check_server(dsn: str, *, needs_createdb: bool = False) -> PostgresServer:
+    """The server's facts, once it answered and its role proved able to create roles
+    (and databases, if ``needs_createdb``); :class:`ConfigError` naming the fix if not."""
+    facts = parse_dsn(dsn)
+    try:
+        with psycopg.connect(facts.admin_dsn, connect_timeout=10) as conn:
+            row = conn.execute(
+                "SELECT current_setting('server_version'), rolsuper, rolcreaterole, rolcreatedb "
+                "FROM pg_roles WHERE rolname = current_user"
+            ).fetchone()
+    except psycopg.Error as exc:
+        raise ConfigError(f"cannot connect to the --isolate-pg-dsn server: {exc}".strip(),
+                          hint="check host, port, user, password and database of the DSN") from None  # fmt: skip
+    assert row is not None
+    version, superuser, createrole, createdb = row
+    missing = [what for what, ok in (("CREATEROLE", createrole), ("CREATEDB", createdb or not needs_createdb))
+               if not (superuser or ok)]  # fmt: skip
+    if missing:
+        raise ConfigError(
+            f"the --isolate-pg-dsn role {facts.user!r} lacks {' and '.join(missing)}",
+            hint=f"ALTER ROLE {facts.user} {' '.join(missing)}, or use a superuser's DSN",
+        )
+    return PostgresServer(**{**facts.to_json(), "version": f"PostgreSQL {version}"})  # type: ignore[arg-type]
+
+
+class ExternalPostgresRunner:
+    """The :class:`~isolate._backends.Runner` of a server isolate does not start."""
+
+    def __init__(self, dsn: str, *, needs_createdb: bool) -> None:
+        self.name = "postgres-external"
+        self.on_spawn: Callable[[ProcessRecord], None] | None = None
+        self.dsn = dsn
+        self.needs_createdb = needs_createdb
+        self._server: PostgresServer | None = None
+
+    @property
+    def server(self) -> PostgresServer | None:
+        return self._server
+
+    def start(self) -> None:
+        """Check it answers and that its role may create what isolate needs."""
+        self._server = check_server(self.dsn, needs_createdb=self.needs_createdb)
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        return None  # not ours to stop
+
+    @property
+    def is_running(self) -> bool:
+        return self._server is not None
+
+    def logs(self) -> str:
+        return ""
+
+    def record(self) -> ProcessRecord | None:
+        return None
+
+
+def _run_names(run_id: str) -> re.Pattern[str]:
+    return re.compile(rf"^isolate_[a-z0-9_]*_{re.escape(run_id)}$")
+
+
+def drop_run_objects(server: PostgresServer, run_id: str) -> list[str]:
+    """Drop the databases, schemas and roles of run ``run_id``; what was dropped."""
+    pattern, like = _run_names(run_id), f"isolate\\_%\\_{run_id}"
+    dropped: list[str] = []
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        roles = [r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (like,))]
+        for role in filter(pattern.match, roles):  # its sessions end before its objects go
+            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        for (name,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (like,)).fetchall():
+            if pattern.match(name):
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+                dropped.append(f"database {name}")
+        for (name,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (like,)).fetchall():
+            if pattern.match(name):
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+                dropped.append(f"schema {name}")
+        for role in filter(pattern.match, roles):
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+            dropped.append(f"role {role}")
+        if conn.execute("SELECT to_regclass(%s)", (_TABLE,)).fetchone() != (None,):
+            conn.execute(sql.SQL("DELETE FROM {} WHERE run_id = %s").format(sql.Identifier(_TABLE)), (run_id,))
+    return dropped
+
+
+class RunLease:
+    """This run's row in the server's lease table, kept fresh by a heartbeat thread."""
+
+    def __init__(self, server: PostgresServer, run_id: str) -> None:
+        self.server = server
+        self.run_id = run_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def open(self, *, reap_stale: bool = True) -> list[str]:
+        """Take the lease (and drop what runs with stale leases left); what was dropped."""
+        try:
+            stale = self._take(reap_stale)
+        except psycopg.Error as exc:
+            raise ConfigError(
+                f"cannot keep the run's lease on the --isolate-pg-dsn server: {exc}".strip(),
+                hint=f"the DSN's role needs CREATE on the public schema of {self.server.database!r} "
+                f"(or create the table {_TABLE} there for it)",
+            ) from None
+        dropped: list[str] = []
+        for run_id in stale:
+            logger.info("isolate: run %s on the external PostgreSQL is stale; dropping its objects", run_id)
+            dropped += drop_run_objects(self.server, run_id)
+        self._thread = threading.Thread(target=self._beat, name=f"isolate-lease-{self.run_id}", daemon=True)
+        self._thread.start()
+        return dropped
+
+    def _take(self, reap_stale: bool) -> list[str]:
+        table = sql.Identifier(_TABLE)
+        with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+            conn.execute(sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (run_id text PRIMARY KEY, host text, pid int, "
+                "started timestamptz DEFAULT now(), heartbeat timestamptz DEFAULT now(), "
+                "kept boolean DEFAULT false)").format(table))  # fmt: skip
+            conn.execute(sql.SQL("INSERT INTO {} (run_id, host, pid) VALUES (%s, %s, pg_backend_pid())").format(table),
+                         (self.run_id, socket.gethostname()))  # fmt: skip
+            stale = [r for (r,) in conn.execute(sql.SQL(
+                "SELECT run_id FROM {} WHERE NOT kept AND heartbeat < now() - make_interval(secs => %s)"
+                ).format(table),
+                (STALE_AFTER_S,))] if reap_stale else []  # fmt: skip
+        return stale
+
+    def _beat(self) -> None:
+        update = sql.SQL("UPDATE {} SET heartbeat = now() WHERE run_id = %s").format(sql.Identifier(_TABLE))
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                with psycopg.connect(self.server.admin_dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(update, (self.run_id,))
+            except psycopg.Error as exc:  # the next beat may get through
+                logger.warning("isolate: lease heartbeat on the external PostgreSQL failed: %s", exc)
+
+    def close(self, *, kept: bool = False) -> None:
+        """Stop the heartbeat and remove the row (call it after :func:`drop_run_objects`);
+        a ``kept`` run's row is marked instead, so that no run takes it for stale:
+        ``python -m isolate cleanup RUN`` drops its objects and the row."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=HEARTBEAT_S + 5)
+        query = "UPDATE {} SET kept = true WHERE run_id = %s" if kept else "DELETE FROM {} WHERE run_id = %s"
+        with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL(query).format(sql.Identifier(_TABLE)), (self.run_id,))
