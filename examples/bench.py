@@ -36,6 +36,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dbmodes import dbmode_table, run_dbmodes
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "datastorage"
 DOCKER_ARGS = [
@@ -114,6 +117,7 @@ def median(values: list[float]) -> float:
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    records = [r for r in records if r["setup"] in ("isolate", "shared")]  # dbmodes: its own table
     rows = []
     keys = sorted({(r["setup"], r["backend"], r["workers"]) for r in records})
     for setup, backend, workers in keys:
@@ -292,6 +296,7 @@ def write_markdown(rows: list[dict[str, Any]], records: list[dict[str, Any]], pa
             value = phase_median(iso, phase)
             if value == value:
                 out.append(f"| {backend} | {phase} | {value:.3f} |")
+    out += dbmode_table(records)
     out += ["", "## Targets", "", *check_targets(rows, records), "", NOTES]
     path.write_text("\n".join(out))
 
@@ -302,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--backends", default="native,docker",
                         help="docker is dropped when no engine answers")  # fmt: skip
-    parser.add_argument("--setups", default="isolate,shared")
+    parser.add_argument("--setups", default="isolate,shared,dbmodes")
+    parser.add_argument("--dbmode-workers", default="1,4,8", help="worker counts for the database modes")
     parser.add_argument("--shared-workers", default="2,4", help="worker counts for the shared stack")
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
@@ -317,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     plan = [
         (setup, backend, w)
-        for setup in setups
+        for setup in setups if setup != "dbmodes"
         for backend in backends
         for w in (workers if setup == "isolate" else [int(x) for x in args.shared_workers.split(",")])
         if setup == "isolate" or backend == "native"
@@ -330,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             records.append(record)
             print(f"{setup:8} {backend:7} workers={w} repeat={repeat} wall={record['wall_s']:7.2f}s "
                   f"passed={record['passed']}/{record['total']}", flush=True)  # fmt: skip
+    if "dbmodes" in setups:
+        for repeat in range(args.repeats):
+            records += run_dbmodes([int(w) for w in args.dbmode_workers.split(",")], repeat)
     add_bounds(records)
     out.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "test_durations"} for r in records]
