@@ -131,8 +131,10 @@ class WorkerDatabase:
     @classmethod
     def clone(cls, server: PostgresServer, worker_slug: str, run_id: str, template: str,
               template_owner: str) -> WorkerDatabase:  # fmt: skip
-        """Database mode: a role and ``CREATE DATABASE ... TEMPLATE``, every object of the
-        template handed to the role, no other role allowed to connect."""
+        """Database mode: a role and ``CREATE DATABASE ... TEMPLATE``, no other role allowed
+        to connect. The role is made a member of the template's owner, so it owns what the
+        migrations made (no ``REASSIGN OWNED`` per clone: with hundreds of objects that
+        was most of a clone's time); the owner itself can connect to no worker's database."""
         name = schema_name(worker_slug, run_id)
         db = cls(server, schema="public", role=name, password=secrets.token_urlsafe(18),
                  database=name, template=template, template_owner=template_owner)  # fmt: skip
@@ -140,6 +142,7 @@ class WorkerDatabase:
             conn.execute(
                 sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(db.password))
             )
+            conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(template_owner), sql.Identifier(name)))
         db._clone()
         return db
 
@@ -148,11 +151,13 @@ class WorkerDatabase:
         assert self.template_owner is not None
         ident, role = sql.Identifier(self.database), sql.Identifier(self.role)
         with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
-                ident, sql.Identifier(self.template), role))  # fmt: skip
+            # FILE_COPY (PostgreSQL 15+) copies files instead of logging every block: a
+            # clone of a template with hundreds of tables takes a third less.
+            strategy = sql.SQL(" STRATEGY FILE_COPY" if conn.info.server_version >= 150000 else "")
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}{}").format(
+                ident, sql.Identifier(self.template), role, strategy))  # fmt: skip
             conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(ident))
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(sql.Identifier(self.template_owner), role))
             conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(role))
 
     @property
