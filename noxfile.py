@@ -1,4 +1,5 @@
-"""Sessions: the library's tests, lint, the example suite at 1/2/4/8 workers, docker, bench.
+"""Sessions: the library's tests, lint, the example suite at 1/2/4/8 workers, docker,
+the docs site, the recipes the docs include, bench.
 
 Set-up on a fresh machine needs only Python: ``pip install nox`` then ``nox -s <session>``.
 """
@@ -76,6 +77,28 @@ def integration(session: nox.Session, workers: int) -> None:
 def integration_docker(session: nox.Session) -> None:
     """The example suite on four workers, docker backend (needs .ci/docker-setup.sh)."""
     _example(session, 4, "--isolate-backend=docker", *DOCKER_IMAGES, docker=True)
+
+
+DOCS_DEPS = ["mkdocs==1.6.1", "mkdocs-material==9.8.1", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11"]
+RECIPE_DEPS = ["sqlalchemy==2.1.9", "alembic==1.20.1"]
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """The documentation site (MkDocs Material) with --strict: a broken link or include fails."""
+    session.install(".[embedded]", *DOCS_DEPS)
+    session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def recipes(session: nox.Session) -> None:
+    """The tutorial and the SQLAlchemy/Alembic recipe, whose code the docs include, at -n 4."""
+    session.install(".[embedded]", *RECIPE_DEPS)
+    session.chdir("examples/tutorial")
+    session.run("pytest", "-n", "4", *session.posargs)
+    session.chdir("../recipes/alembic")
+    session.run("pytest", "-n", "4", *session.posargs)
+    session.run("pytest", "-n", "4", "--isolate-db-isolation=database", *session.posargs)
 
 
 @nox.session(python=PYTHON)

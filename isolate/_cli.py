@@ -28,7 +28,7 @@ from ._ports import lock_dir, try_lease
 from ._run.rundir import RUN_PREFIX, RunDir, reap_stale_runs, stale_runs
 from ._watchdog import reap_run_dir
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _docker_unavailable() -> str | None:
@@ -167,7 +167,8 @@ def clean_caches(bases: Sequence[Path], dry_run: bool) -> list[str]:
     return done
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m isolate`` (the docs' CLI reference is made from it)."""
     parser = argparse.ArgumentParser(
         prog="python -m isolate",
         description="isolate (pytest-isolate-stacks): per-worker integration-test stacks for pytest-xdist",
@@ -187,8 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     clean.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     clean.add_argument(
         "--caches", action="store_true",
-        help="also remove this user's caches: initdb templates, binary copies, build locks "
-        "and built service images",
+        help="also remove this user's caches: initdb templates and clusters with a migrated "
+        "template, binary copies, build locks, stale port lock files and built service images",
     )  # fmt: skip
     stat = commands.add_parser(
         "status", help="list the isolate runs on this machine (owner, alive or stale, backend, age)"
@@ -199,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             help="where run dirs live (default: ISOLATE_BASE_DIR, else both /dev/shm and the "
             "system temp dir)",
         )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         base = args.base_dir or resolve_settings(env=os.environ).base_dir

@@ -80,14 +80,6 @@ def test_pg_settings_parsing() -> None:
     assert parse_pg_settings("") == {}
 
 
-def test_docs_list_every_option() -> None:
-    from pathlib import Path
-
-    text = (Path(__file__).parent.parent / "docs" / "options.md").read_text()
-    for opt in OPTIONS:
-        assert f"| `{opt.name}` | `{opt.cli}` | `{opt.ini}` | `{opt.env}` |" in text, opt.name
-
-
 def test_run_id_is_validated() -> None:
     assert resolve_settings({}, {}, {"ISOLATE_RUN_ID": "abc123"}).run_id == "abc123"
     assert resolve_settings({}, {}, {}).run_id is None

@@ -1,0 +1,1 @@
+"""inventory: the SQLAlchemy + Alembic recipe's service."""

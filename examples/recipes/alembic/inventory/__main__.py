@@ -1,0 +1,3 @@
+from inventory.server import main
+
+raise SystemExit(main())

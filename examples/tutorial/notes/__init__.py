@@ -1,0 +1,1 @@
+"""notes: the tutorial's tiny service (stdlib HTTP server, PostgreSQL, Redis)."""

@@ -1,0 +1,5 @@
+"""``python -m notes``"""
+
+from notes.app import main
+
+raise SystemExit(main())
