@@ -370,3 +370,21 @@ def test_keep_failed_leaves_the_failing_workers_stack_up_until_cleanup(suite: py
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     poll(run.leftovers, 15)
+
+
+def test_a_teardown_that_hangs_after_an_interruption_is_cut_short(suite: pytest.Pytester) -> None:
+    """After SIGTERM, the session gets the stop timeout + 20 s to finish; a plugin that hangs
+    in its teardown does not keep the job (and the run's servers) alive past that."""
+    suite.makeconftest(CONFTEST + (
+        "\nimport time\n"
+        "@pytest.hookimpl(tryfirst=True)\n"
+        "def pytest_sessionfinish(session):\n"
+        "    time.sleep(300)  # a plugin stuck in its teardown\n"
+    ))  # fmt: skip
+    run = Run(suite.path, "-n", "2", "--isolate-stop-timeout=1", "test_hang.py")
+    run.wait_up(2)
+    run.proc.send_signal(signal.SIGTERM)
+    out = run.finish(60)
+    assert run.proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert "did not end within 21s of the interruption" in out
+    poll(run.leftovers, 15)

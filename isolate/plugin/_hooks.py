@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import threading
 from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,8 @@ def pytest_configure(config: pytest.Config) -> None:
             config.stash[CONTROLLER_KEY] = controller
             if config.pluginmanager.hasplugin("xdist"):
                 config.pluginmanager.register(XdistHooks(controller), "isolate-xdist")
+            config.pluginmanager.register(InterruptDeadline(controller, settings.stop_timeout + 20),
+                                          "isolate-interrupt-deadline")  # fmt: skip
             run_id, backend, run = controller.run_id, controller.backend_name, controller.run
         # Not an xdist worker: "main", whatever PYTEST_XDIST_* an outer run left in the env.
         worker = worker_from_env(
@@ -96,6 +100,34 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     if workerinput is None:
         config.stash[_SIGNALS_KEY] = _catch_interrupts()
+
+
+class InterruptDeadline:
+    """After Ctrl-C, SIGTERM or SIGHUP, pytest and xdist get ``grace`` seconds to finish
+    the session (and isolate to reap the run). Should anything hang in between (an xdist
+    teardown under heavy load, a plugin), the run is reaped from here and the process
+    exits with the interrupted status, rather than leave a CI job stuck."""
+
+    def __init__(self, controller: RunController, grace: float) -> None:
+        self.controller = controller
+        self.grace = grace
+        self.done = threading.Event()
+
+    def pytest_keyboard_interrupt(self) -> None:
+        threading.Thread(target=self._expire, name="isolate-interrupt-deadline", daemon=True).start()
+
+    def _expire(self) -> None:
+        if self.done.wait(self.grace):
+            return
+        sys.stderr.write(f"\nisolate: the run did not end within {self.grace:.0f}s of the interruption; "
+                         "reaping it and exiting\n")  # fmt: skip
+        try:
+            self.controller.close()
+        finally:
+            os._exit(int(pytest.ExitCode.INTERRUPTED))
+
+    def pytest_unconfigure(self) -> None:
+        self.done.set()
 
 
 def _worker_record(worker_id: str) -> str:
