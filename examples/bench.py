@@ -91,6 +91,7 @@ def run_suite(setup: str, backend: str, workers: int, seed: int) -> dict[str, An
         # CPU of pytest, its workers and the services they started and reaped.
         cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
         durations: list[float] = []
+        failures: list[str] = []
         passed = failed = total = 0
         if junit.exists():
             for case in ET.parse(junit).getroot().iter("testcase"):
@@ -98,6 +99,7 @@ def run_suite(setup: str, backend: str, workers: int, seed: int) -> dict[str, An
                 durations.append(float(case.get("time", "0")))
                 if case.find("failure") is not None or case.find("error") is not None:
                     failed += 1
+                    failures.append(f"{case.get('classname')}::{case.get('name')}")
                 elif case.find("skipped") is None:
                     passed += 1
         phases = json.loads(timings.read_text()) if timings.exists() else {}
@@ -109,6 +111,7 @@ def run_suite(setup: str, backend: str, workers: int, seed: int) -> dict[str, An
         "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "machine_cpu_s": round(busy, 3),
         "cores": usable_cores(), "passed": passed, "failed": failed, "total": total,
         "test_durations": durations, "timings": phases, "exit_code": done.returncode,
+        "failed_tests": failures,
     }  # fmt: skip
 
 
@@ -346,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             record["repeat"] = repeat
             records.append(record)
             print(f"{setup:8} {backend:7} workers={w} repeat={repeat} wall={record['wall_s']:7.2f}s "
-                  f"passed={record['passed']}/{record['total']}", flush=True)  # fmt: skip
+                  f"passed={record['passed']}/{record['total']} {' '.join(record['failed_tests'])}", flush=True)  # fmt: skip
     if "dbmodes" in setups:
         for repeat in range(args.repeats):
             records += run_dbmodes([int(w) for w in args.dbmode_workers.split(",")], repeat)
