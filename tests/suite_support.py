@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,13 @@ IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 and not IN_CI, reason="acts as another user (su nobody): needs root"
 )
+
+
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a nested run that a test interrupts with SIGINT: a shell that
+    starts this suite in the background makes its children ignore SIGINT (Python then
+    installs no Ctrl-C handler); a user's pytest in a terminal has it at its default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

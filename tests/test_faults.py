@@ -17,7 +17,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from suite_support import CONFTEST, HELPERS, clean_env, leftovers, needs_root
+from suite_support import (
+    CONFTEST,
+    HELPERS,
+    clean_env,
+    leftovers,
+    needs_root,
+    sigint_as_in_a_terminal,
+)
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from isolate._config import default_base_dir
@@ -56,6 +63,7 @@ class Run:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", *args],
             cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=sigint_as_in_a_terminal,
         )  # fmt: skip
 
     def wait_up(self, count: int) -> None:
