@@ -80,7 +80,7 @@ def integration_docker(session: nox.Session) -> None:
 
 
 DOCS_DEPS = ["mkdocs==1.6.1", "mkdocs-material==9.8.1", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11"]
-RECIPE_DEPS = ["sqlalchemy==2.1.9", "alembic==1.20.1"]
+RECIPE_DEPS = ["sqlalchemy==2.1.9", "alembic==1.20.1", "django==5.2.19", "pytest-django==4.14.0"]
 
 
 @nox.session(python=PYTHON)
@@ -92,13 +92,15 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def recipes(session: nox.Session) -> None:
-    """The tutorial and the SQLAlchemy/Alembic recipe, whose code the docs include, at -n 4."""
+    """The tutorial and the Django and SQLAlchemy/Alembic recipes, whose code the docs include,
+    at -n 4 (the recipes in both database modes)."""
     session.install(".[embedded]", *RECIPE_DEPS)
     session.chdir("examples/tutorial")
     session.run("pytest", "-n", "4", *session.posargs)
-    session.chdir("../recipes/alembic")
-    session.run("pytest", "-n", "4", *session.posargs)
-    session.run("pytest", "-n", "4", "--isolate-db-isolation=database", *session.posargs)
+    for recipe in ("../recipes/alembic", "../django"):
+        session.chdir(recipe)
+        session.run("pytest", "-n", "4", *session.posargs)
+        session.run("pytest", "-n", "4", "--isolate-db-isolation=database", *session.posargs)
 
 
 @nox.session(python=PYTHON)

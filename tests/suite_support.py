@@ -25,8 +25,19 @@ needs_root = pytest.mark.skipif(
 def sigint_as_in_a_terminal() -> None:
     """``preexec_fn`` for a nested run that a test interrupts with SIGINT: a shell that
     starts this suite in the background makes its children ignore SIGINT (Python then
-    installs no Ctrl-C handler); a user's pytest in a terminal has it at its default."""
+    installs no Ctrl-C handler), and a thread's blocked signals are inherited; a user's
+    pytest in a terminal has SIGINT at its default, unblocked."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a mask is inherited too
+
+
+def signal_state(pid: int) -> str:
+    """The blocked, ignored and caught signal masks of ``pid`` (for a failure message)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as exc:
+        return str(exc)
+    return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ from suite_support import (
     leftovers,
     needs_root,
     sigint_as_in_a_terminal,
+    signal_state,
 )
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
@@ -59,7 +60,7 @@ class Run:
         self.fault_dir = path / "fault"
         self.fault_dir.mkdir(exist_ok=True)
         env = clean_env(ISOLATE_RUN_ID=self.run_id, ISOLATE_TEST_MARK=self.mark,
-                        FAULT_DIR=str(self.fault_dir))  # fmt: skip
+                        FAULT_DIR=str(self.fault_dir), PYTHONFAULTHANDLER="1")  # fmt: skip
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", *args],
             cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -94,8 +95,13 @@ def test_a_signal_to_the_controller_ends_the_run_and_leaves_nothing(
     run = Run(suite.path, "-n", "2", "test_hang.py")
     run.wait_up(2)
     assert run.leftovers()  # the detector sees the live run
+    before = signal_state(run.proc.pid)
     run.proc.send_signal(sig)
-    out = run.finish(60)
+    try:
+        out = run.finish(60)
+    except subprocess.TimeoutExpired:
+        run.proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack
+        pytest.fail(f"no exit after {sig.name}; signal masks before it: {before}\n{run.finish(30)}")
     assert run.proc.returncode == pytest.ExitCode.INTERRUPTED, out
     poll(run.leftovers, 15)
 

@@ -106,6 +106,7 @@ def _service_env() -> dict[str, str]:
     }
 
 
+# --8<-- [start:spec]
 @pytest.fixture(scope="session")
 def isolate_service_spec() -> isolate.ServiceSpec:
     return isolate.ServiceSpec(
@@ -125,6 +126,7 @@ def isolate_service_spec() -> isolate.ServiceSpec:
         build_context=EXAMPLE_DIR,
         container_command=(),
     )
+# --8<-- [end:spec]
 
 
 @pytest.fixture(scope="session")
