@@ -130,6 +130,11 @@ class Option:
     def env(self) -> str:
         return "ISOLATE_" + self.name.upper()
 
+    @property
+    def is_flag(self) -> bool:
+        """A true/false option: ``--isolate-NAME`` alone means true."""
+        return self.parse is _bool
+
 
 OPTIONS: tuple[Option, ...] = (
     Option("backend", "where stacks run: native processes, docker containers, or auto "
@@ -184,6 +189,8 @@ OPTIONS: tuple[Option, ...] = (
            " or auto (host on Linux)", "auto", _choice("host", "mapped", "auto")),
     Option("docker_network_name", "docker backend, mapped mode: existing user-defined network"
            " the containers join; default: a private network per run", "", _optional_str),
+    Option("timings", "print the table of isolate's own start-up and teardown timings at "
+           "the end (-v prints it too)", "false", _bool),
     Option("timings_json", "write isolate's own start-up/teardown timings to this JSON file",
            "", _optional_str),
     Option("base_dir", "directory for run dirs, data dirs and logs (must be reachable by "
@@ -228,6 +235,7 @@ class Settings:
     stop_timeout: float = 10.0
     docker_network: DockerNetwork = "auto"
     docker_network_name: str | None = None
+    timings: bool = False
     timings_json: str | None = None
     base_dir: str | None = None
     run_id: str | None = None

@@ -22,13 +22,16 @@ needs_root = pytest.mark.skipif(
 )
 
 
-def sigint_as_in_a_terminal() -> None:
-    """``preexec_fn`` for a nested run that a test interrupts with SIGINT: a shell that
-    starts this suite in the background makes its children ignore SIGINT (Python then
-    installs no Ctrl-C handler), and a thread's blocked signals are inherited; a user's
-    pytest in a terminal has SIGINT at its default, unblocked."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a mask is inherited too
+def signals_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a nested run that a test interrupts with a signal: a shell that
+    starts this suite in the background makes its children ignore SIGINT, ``nohup`` makes
+    them ignore SIGHUP (isolate then leaves those alone, as it should), and a thread's
+    blocked signals are inherited; a user's pytest in a terminal has them at their
+    defaults, unblocked."""
+    interrupts = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    for sig in interrupts:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupts)
 
 
 def signal_state(pid: int) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 from filelock import FileLock
-from suite_support import IN_CI, clean_env, sigint_as_in_a_terminal
+from suite_support import IN_CI, clean_env, signals_as_in_a_terminal
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 import isolate
@@ -713,7 +713,7 @@ def test_a_killed_or_cancelled_run_leaves_no_container(
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        preexec_fn=sigint_as_in_a_terminal,
+        preexec_fn=signals_as_in_a_terminal,
     )
     try:
         for attempt in Retrying(stop=stop_after_delay(120), wait=wait_fixed(0.1), reraise=True):

@@ -23,8 +23,8 @@ from suite_support import (
     clean_env,
     leftovers,
     needs_root,
-    sigint_as_in_a_terminal,
     signal_state,
+    signals_as_in_a_terminal,
 )
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
@@ -64,7 +64,7 @@ class Run:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", *args],
             cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            preexec_fn=sigint_as_in_a_terminal,
+            preexec_fn=signals_as_in_a_terminal,
         )  # fmt: skip
 
     def wait_up(self, count: int) -> None:

@@ -201,12 +201,16 @@ def test_timings_json_is_written(suite: pytest.Pytester) -> None:
     text = (suite.path / "out" / "timings.json").read_text()
     for phase in ("postgres_start", "schema_migrations", "redis_start", "service_ready"):
         assert phase in text
-    # Quiet by default: one header line, no table...
+    # Quiet by default: one header line and one summary line, no table...
     assert "isolate timings" not in result.stdout.str()
-    assert [line for line in result.stdout.lines if line.startswith("isolate: ")][1:] == []
-    # ...the table with -v.
-    result = suite.runpytest_subprocess("-n", "2", "-v")
-    result.stdout.fnmatch_lines(["*isolate timings (seconds)*", "postgres_start *"])
+    lines = [line for line in result.stdout.lines if line.startswith("isolate: ")]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"isolate: run \w+: 1 service stack\(s\) on native, reaped in [\d.]+s; "
+                        r"nothing left running", lines[1]), lines  # fmt: skip
+    # ...the table with -v, or --isolate-timings.
+    for flag in ("-v", "--isolate-timings"):
+        result = suite.runpytest_subprocess("-n", "2", flag)
+        result.stdout.fnmatch_lines(["*isolate timings (seconds)*", "postgres_start *"])
     _ = time
 
 

@@ -44,7 +44,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("isolate", "isolate: per-worker stacks for integration tests")
     for opt in OPTIONS:
         help_text = f"{opt.help} (ini {opt.ini}, env {opt.env}, default: {opt.default or 'unset'})"
-        group.addoption(opt.cli, dest=f"isolate_{opt.name}", default=None, help=help_text)
+        flag = {"nargs": "?", "const": "true"} if opt.is_flag else {}  # --isolate-timings alone: true
+        group.addoption(opt.cli, dest=f"isolate_{opt.name}", default=None, help=help_text, **flag)
         parser.addini(opt.ini, help=help_text, default="")
 
 
@@ -238,8 +239,16 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         for line in kept:
             terminalreporter.write_line(line)
     summary = config.stash.get(_SUMMARY_KEY, None)
-    if config.option.verbose <= 0 or not summary or not set(summary) - {"worker_teardown", "run_teardown"}:
-        return  # quiet unless asked: -v shows isolate's own timings
+    if controller is None or not summary or not set(summary) - {"worker_teardown", "run_teardown"}:
+        return  # isolate started nothing
+    stacks = int(summary.get("worker_stack_ready", {}).get("count", 0))
+    teardown = summary.get("run_teardown", {}).get("max", 0.0)
+    terminalreporter.write_line(
+        f"isolate: run {controller.run_id}: {stacks} service stack(s) on {controller.backend_name}, "
+        f"reaped in {teardown:.2f}s" + ("" if kept else "; nothing left running")
+    )
+    if config.option.verbose <= 0 and not controller.settings.timings:
+        return  # quiet unless asked: -v or --isolate-timings shows isolate's own timings
     terminalreporter.section("isolate timings (seconds)")
     terminalreporter.write_line(f"{'phase':<22}{'count':>6}{'min':>9}{'median':>9}{'max':>9}")
     for phase, row in summary.items():
