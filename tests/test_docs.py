@@ -28,3 +28,12 @@ def test_the_cli_page_names_every_command_and_flag() -> None:
     for needle in ("### `python -m isolate cleanup`", "### `python -m isolate status`", "--caches", "--dry-run"):
         assert needle in text
 
+
+
+def test_every_fixture_is_in_the_fixtures_table() -> None:
+    import re
+
+    source = (DOCS.parent / "isolate" / "plugin" / "_fixtures.py").read_text()
+    table = (DOCS / "reference" / "fixtures.md").read_text().split("## From the code")[0]
+    for name in re.findall(r"^def (isolate_\w+)\(", source, re.M):
+        assert f"`{name}`" in table, name
