@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ._errors import ConfigError
 
-__all__ = ["owned_by_me", "own_dir"]
+__all__ = ["chown_tree", "owned_by_me", "own_dir"]
 
 
 def owned_by_me(path: Path) -> bool:
@@ -24,6 +24,13 @@ def owned_by_me(path: Path) -> bool:
     except OSError:
         return False
     return not stat.S_ISLNK(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def chown_tree(path: Path, uid: int, gid: int) -> None:
+    """Give ``path`` and everything below it to ``uid``/``gid`` (symlinks themselves,
+    never what they point at)."""
+    for entry in [path, *path.rglob("*")]:
+        os.lchown(entry, uid, gid)
 
 
 def own_dir(path: Path, mode: int = 0o700) -> Path:

@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ._errors import ConfigError, ServerStartError
 from ._retry import poll_until
@@ -23,6 +23,7 @@ from ._run.liveness import process_start_ticks
 __all__ = [
     "ManagedProcess",
     "RunAs",
+    "as_user",
     "can_access",
     "listening_ports",
     "resolve_run_as",
@@ -60,6 +61,13 @@ class RunAs:
     def can_reach(self, path: Path, *, execute: bool = False) -> bool:
         """Whether this user can traverse to ``path`` and read (or execute) it."""
         return can_access(path, self.uid, self.gid, execute=execute)
+
+
+def as_user(run_as: RunAs | None) -> dict[str, Any]:
+    """``subprocess`` arguments that start a process as ``run_as`` (none: as ourselves)."""
+    if run_as is None:
+        return {}
+    return {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
 
 
 def can_access(path: Path, uid: int, gid: int, *, execute: bool = False) -> bool:
@@ -161,7 +169,6 @@ class ManagedProcess:
             if self.run_as is not None:
                 with contextlib.suppress(OSError):
                     self.run_as.chown(self.log_path)
-            run_as = self.run_as
             self._popen = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
@@ -170,9 +177,7 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                user=run_as.uid if run_as else None,
-                group=run_as.gid if run_as else None,
-                extra_groups=[] if run_as else None,
+                **as_user(self.run_as),
             )
         self.start_ticks = process_start_ticks(self._popen.pid)
 

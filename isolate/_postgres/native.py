@@ -19,9 +19,9 @@ from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from .._binaries import Binary
 from .._errors import ServerStartError
-from .._fs import own_dir
+from .._fs import chown_tree, own_dir
 from .._ports import PortLease
-from .._process import ManagedProcess, RunAs, wait_started
+from .._process import ManagedProcess, RunAs, as_user, wait_started
 from .._retry import poll_until, start_on_free_port
 from .._server import NativeServer
 from .server import PostgresConfig, PostgresServer, Seed
@@ -74,8 +74,7 @@ class NativePostgresRunner(NativeServer):
             template = self._seeded(template, self.config.seed)
         shutil.copytree(template, self.data_dir, symlinks=True)
         if self.run_as is not None:
-            for path in [self.data_dir, *self.data_dir.rglob("*")]:
-                os.lchown(path, self.run_as.uid, self.run_as.gid)
+            chown_tree(self.data_dir, self.run_as.uid, self.run_as.gid)
         os.chmod(self.data_dir, 0o700)
 
     def _cache(self) -> Path:
@@ -97,7 +96,8 @@ class NativePostgresRunner(NativeServer):
 
         def create(staging: Path) -> None:
             shutil.copytree(template, staging, symlinks=True)
-            self._own(*[staging, *staging.rglob("*")])
+            if self.run_as is not None:  # its private server writes there
+                chown_tree(staging, self.run_as.uid, self.run_as.gid)
 
         return self._cached(f"{template.name}-seed-{seed.key[:24]}", create, lambda d: self._serve(d, seed.create))
 
@@ -117,8 +117,7 @@ class NativePostgresRunner(NativeServer):
                     shutil.rmtree(staging, ignore_errors=True)
                     raise
                 if self.run_as is not None:
-                    for path in [staging, *staging.rglob("*")]:
-                        os.lchown(path, os.geteuid(), os.getegid())
+                    chown_tree(staging, os.geteuid(), os.getegid())
                 shutil.rmtree(target, ignore_errors=True)
                 staging.rename(target)
         return target
@@ -172,11 +171,9 @@ class NativePostgresRunner(NativeServer):
             f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
             "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions",
         ]  # fmt: skip
-        run_as = self.run_as
         done = subprocess.run(
             argv, capture_output=True, text=True, env=self._env(), cwd=self.directory,
-            check=False, user=run_as.uid if run_as else None,
-            group=run_as.gid if run_as else None, extra_groups=[] if run_as else None,
+            check=False, **as_user(self.run_as),
         )  # fmt: skip
         pwfile.unlink()
         if done.returncode != 0:

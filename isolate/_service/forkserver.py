@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from .._errors import ConfigError, ServerStartError
-from .._process import RunAs, tail
+from .._process import RunAs, as_user, tail
 from .._retry import poll_until
 from .._run.liveness import is_alive, process_start_ticks
 from .._run.registry import ProcessRecord
@@ -130,10 +130,7 @@ class ForkServer:
             self._proc = subprocess.Popen(
                 [self.spec.command[0], str(_PROGRAM), json.dumps(config)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
-                cwd=self.cwd, start_new_session=True,
-                user=self.run_as.uid if self.run_as else None,
-                group=self.run_as.gid if self.run_as else None,
-                extra_groups=[] if self.run_as else None,
+                cwd=self.cwd, start_new_session=True, **as_user(self.run_as),
             )  # fmt: skip
         assert self._proc.stdout is not None
         threading.Thread(target=self._read, args=(self._proc.stdout,), name=self.name, daemon=True).start()
