@@ -18,7 +18,7 @@ from ._identity import WorkerIdentity
 from ._postgres import PostgresConfig, PostgresServer
 from ._postgres.external import drop_run_objects
 from ._postgres.native import NativePostgresRunner
-from ._process import RunAs, resolve_run_as
+from ._process import RunAs, inherited_env, resolve_run_as
 from ._redis import RedisConfig, RedisServer
 from ._redis.native import NativeRedisRunner
 from ._run.registry import ProcessRecord
@@ -108,6 +108,8 @@ class NativeBackend:
         self.settings = settings
         self.rootdir = rootdir
         self._run_as: RunAs | bool | None = False  # False: not resolved yet
+        #: What servers and services inherit: no external server's credentials.
+        self.env = inherited_env((settings.pg_dsn, settings.redis_url))
 
     @property
     def run_as(self) -> RunAs | None:
@@ -124,18 +126,19 @@ class NativeBackend:
         return find_redis(self.settings.redis_bin, self.settings.source_of("redis_bin"))
 
     def postgres(self, config: PostgresConfig, directory: Path) -> NativePostgresRunner:
-        return NativePostgresRunner(self.postgres_binary(), config, directory, self.run_as)
+        return NativePostgresRunner(self.postgres_binary(), config, directory, self.run_as, env=self.env)
 
     def redis(self, config: RedisConfig, directory: Path, name: str, *, shared: bool,
               ) -> NativeRedisRunner:  # fmt: skip
-        return NativeRedisRunner(self.redis_binary(), config, directory, name, self.run_as)
+        return NativeRedisRunner(self.redis_binary(), config, directory, name, self.run_as, env=self.env)
 
     def service(self, spec: ServiceSpec, instance: str, log_path: Path) -> ProcessLauncher:
         cwd = service_cwd(spec, self.rootdir)
         user = service_user(spec, cwd, self.run_as, self.settings.demote_services)
         forks = spec.entry is not None and fork_unavailable(self.name, self.settings.fork_server) is None
-        server = ForkServer(spec, instance, cwd, log_path, user) if forks else None
-        return ProcessLauncher(spec, instance, log_path, self.rootdir, user, server)
+        env = self.env if spec.inherit_env else {}
+        server = ForkServer(spec, instance, cwd, log_path, user, env) if forks else None
+        return ProcessLauncher(spec, instance, log_path, self.rootdir, user, server, env)
 
     def reap_run(self) -> list[str]:
         return []  # every process is in the registry

@@ -21,6 +21,7 @@ __all__ = [
     "ServiceError",
     "ServiceExitedError",
     "ServiceNotReadyError",
+    "UnexpectedFileError",
 ]
 
 
@@ -116,3 +117,13 @@ class DockerUnavailableError(IsolateError):
 
 class ImageNotFoundError(IsolateError):
     """A container image is neither present locally nor pullable."""
+
+
+class UnexpectedFileError(IsolateError):
+    """A tree isolate gives to the run-as user, or takes back, holds something isolate
+    never puts there (a symlink, a FIFO, a second hard link): someone else wrote there."""
+
+    default_hint = (
+        "another process of the run-as user wrote into isolate's directories; use a "
+        "dedicated run-as user (--isolate-run-as) that nothing else runs as"
+    )

@@ -4,17 +4,35 @@
 a file or a symlink under any name isolate uses. Everything isolate keeps there is
 either created by this user (and checked to still be its own, without following a
 symlink) or refused.
+
+When isolate runs as root, it gives directories to the run-as user its servers run as.
+Root never works *by path* inside a tree that user owns (any process of that user could
+swap a directory for a symlink to ``/etc`` in between): a tree is built while it is still
+root's and unreachable (its top 0700), then handed over by file descriptor, deepest entry
+first and its top last (:func:`hand_over`); a tree a server of that user wrote is taken
+back the same way (:func:`take_back`); and what root reads or appends to there is opened
+without following a symlink (:func:`read_beneath`, :func:`open_log`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
 
-from ._errors import ConfigError
+from ._errors import ConfigError, UnexpectedFileError
 
-__all__ = ["chown_tree", "owned_by_me", "own_dir"]
+__all__ = [
+    "hand_over",
+    "open_log",
+    "own_dir",
+    "owned_by_me",
+    "read_beneath",
+    "take_back",
+]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def owned_by_me(path: Path) -> bool:
@@ -26,11 +44,97 @@ def owned_by_me(path: Path) -> bool:
     return not stat.S_ISLNK(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
-def chown_tree(path: Path, uid: int, gid: int) -> None:
-    """Give ``path`` and everything below it to ``uid``/``gid`` (symlinks themselves,
-    never what they point at)."""
-    for entry in [path, *path.rglob("*")]:
-        os.lchown(entry, uid, gid)
+def hand_over(path: Path, uid: int, gid: int) -> None:
+    """Give a tree this user built to ``uid``/``gid``: every entry by file descriptor
+    (no symlink is followed, a directory is entered only if it is the one listed), the
+    deepest first and ``path`` itself last, so the other user can enter the tree only
+    once root is done with it. Anything isolate never puts in such a tree (a symlink, a
+    FIFO, a socket, a device, a file with a second hard link) is refused."""
+    _chown_walk(path, uid, gid, "hand over")
+
+
+def take_back(path: Path) -> None:
+    """Make a tree that another user's server wrote this user's again (same walk and
+    refusals as :func:`hand_over`), so nothing planted there is copied or trusted later."""
+    _chown_walk(path, os.geteuid(), os.getegid(), "take back")
+
+
+def _chown_entry(dirfd: int, name: str, uid: int, gid: int, top: Path, verb: str) -> None:
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        kind = "a second hard link" if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
+        raise UnexpectedFileError(f"will not {verb} {top}: {name!r} is {kind}", path=top)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
+            raise UnexpectedFileError(f"will not {verb} {top}: {name!r} changed under it", path=top)
+        os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a directory")):  # fmt: skip
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _chown_walk(top: Path, uid: int, gid: int, verb: str) -> None:
+    topfd = os.open(top, _DIR_FLAGS)  # a symlinked top is refused (ELOOP)
+    try:
+        for _path, dirnames, filenames, dirfd in os.fwalk(".", topdown=False, dir_fd=topfd):
+            for name in dirnames:  # a symlink to a directory is listed here, never entered
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise UnexpectedFileError(f"will not {verb} {top}: {name!r} is {_kind(st.st_mode)}",
+                                              path=top)  # fmt: skip
+            for name in filenames:
+                _chown_entry(dirfd, name, uid, gid, top, verb)
+            os.fchown(dirfd, uid, gid)  # a directory after everything in it; the top last
+    finally:
+        os.close(topfd)
+
+
+def read_beneath(root: Path, relative: str, max_bytes: int = 64 * 1024) -> bytes | None:
+    """The first ``max_bytes`` of the regular file ``root/relative``, every component
+    below ``root`` opened without following a symlink (and a FIFO never waited on);
+    ``None`` if it is missing or not a regular file. For files in a tree another user
+    owns (a server's ``postmaster.pid``)."""
+    parts = [p for p in relative.split("/") if p]
+    fds: list[int] = []
+    try:
+        fds.append(os.open(root, _DIR_FLAGS))
+        for part in parts[:-1]:
+            fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
+        fds.append(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                           dir_fd=fds[-1]))  # fmt: skip
+        if not stat.S_ISREG(os.fstat(fds[-1]).st_mode):
+            return None
+        return os.read(fds[-1], max_bytes)
+    except OSError:
+        return None
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def open_log(path: Path) -> int:
+    """An fd appending to ``path`` (created 0600), never through a symlink, and only if
+    the file is this user's own regular file. Logs live in this user's directories and
+    reach a demoted process only as this open descriptor, so that process (and anyone
+    sharing its user) can write them but never open them by name."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise ConfigError(f"log file {path} is not this user's own regular file",
+                          hint="remove it; isolate makes its logs itself", path=path)  # fmt: skip
+    return fd
 
 
 def own_dir(path: Path, mode: int = 0o700) -> Path:

@@ -11,13 +11,15 @@ import pwd
 import signal
 import stat
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ._errors import ConfigError, ServerStartError
+from ._fs import open_log
 from ._retry import poll_until
+from ._run.groups import group_alive, signal_group
 from ._run.liveness import process_start_ticks
 
 __all__ = [
@@ -25,8 +27,10 @@ __all__ = [
     "RunAs",
     "as_user",
     "can_access",
+    "inherited_env",
     "listening_ports",
     "resolve_run_as",
+    "stdin_pipe",
     "tail",
     "wait_started",
 ]
@@ -55,9 +59,6 @@ class RunAs:
     uid: int
     gid: int
 
-    def chown(self, path: Path) -> None:
-        os.chown(path, self.uid, self.gid)
-
     def can_reach(self, path: Path, *, execute: bool = False) -> bool:
         """Whether this user can traverse to ``path`` and read (or execute) it."""
         return can_access(path, self.uid, self.gid, execute=execute)
@@ -68,6 +69,31 @@ def as_user(run_as: RunAs | None) -> dict[str, Any]:
     if run_as is None:
         return {}
     return {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+
+
+def inherited_env(secrets: Collection[str | None] = ()) -> dict[str, str]:
+    """This process's environment as what isolate starts inherits it: without isolate's
+    own variables (``ISOLATE_*``: ``ISOLATE_PG_DSN`` and ``ISOLATE_REDIS_URL`` hold an
+    external server's admin credentials) and without any variable whose value is one of
+    ``secrets`` (the same DSN or URL under another name). The code under test and the
+    servers run as another user, whose processes can read ``/proc/<pid>/environ``."""
+    drop = {s for s in secrets if s}
+    return {k: v for k, v in os.environ.items() if not k.startswith("ISOLATE_") and v not in drop}
+
+
+def stdin_pipe(data: bytes, run_as: RunAs | None) -> int:
+    """The read end of a pipe that already holds ``data`` (and its end-of-file), for a
+    child's stdin: how secrets reach a server (Valkey's config, initdb's password)
+    without a file. The pipe is ``run_as``'s, so a program that reopens ``/dev/stdin``
+    may. Keep ``data`` below the pipe buffer (64 KiB)."""
+    read, write = os.pipe()
+    try:
+        os.write(write, data)
+    finally:
+        os.close(write)
+    if run_as is not None:
+        os.fchown(read, run_as.uid, run_as.gid)
+    return read
 
 
 def can_access(path: Path, uid: int, gid: int, *, execute: bool = False) -> bool:
@@ -141,6 +167,7 @@ class ManagedProcess:
         cwd: str | Path | None = None,
         run_as: RunAs | None = None,
         spawner: Spawner | None = None,
+        stdin: bytes | None = None,
     ) -> None:
         self.argv = list(argv)
         self.log_path = log_path
@@ -148,6 +175,8 @@ class ManagedProcess:
         self.cwd = cwd
         self.run_as = run_as
         self.spawner = spawner
+        #: What the process reads on its stdin (then end-of-file) at every start.
+        self.stdin = stdin
         self._popen: Child | None = None
         self.start_ticks: int | None = None
 
@@ -159,19 +188,20 @@ class ManagedProcess:
         """Launch the process (it must not be running)."""
         if self.running:
             raise RuntimeError(f"{self.argv[0]} already running (pid {self.pid})")
+        if self._popen is not None:
+            self._end_group()  # what a leader that died left (it may hold the port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.spawner is not None:
             assert self.env is not None and self.cwd is not None
             self._popen = self.spawner.spawn(self.argv, self.env, Path(self.cwd), self.log_path)
             self.start_ticks = process_start_ticks(self._popen.pid)
             return
-        with open(self.log_path, "ab") as log:
-            if self.run_as is not None:
-                with contextlib.suppress(OSError):
-                    self.run_as.chown(self.log_path)
+        log = open_log(self.log_path)  # ours: the process writes it through this fd only
+        stdin = subprocess.DEVNULL if self.stdin is None else stdin_pipe(self.stdin, self.run_as)
+        try:
             self._popen = subprocess.Popen(
                 self.argv,
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -179,6 +209,10 @@ class ManagedProcess:
                 start_new_session=True,
                 **as_user(self.run_as),
             )
+        finally:
+            os.close(log)
+            if stdin != subprocess.DEVNULL:
+                os.close(stdin)
         self.start_ticks = process_start_ticks(self._popen.pid)
 
     @property
@@ -205,26 +239,34 @@ class ManagedProcess:
             return None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
-        """Signal, wait up to ``timeout``, then SIGKILL the whole group. Exit code."""
+        """Signal the process, wait up to ``timeout``, then SIGKILL the whole group; and
+        whatever its group or session still holds once it is gone (a shell's children,
+        a dead master's workers), however it ended. Exit code."""
         if self._popen is None:
             return None
         if self._popen.poll() is None:
             self.send_signal(sig)
             if self.wait(timeout) is None:
                 return self.kill()
-            # Reap helpers left in the group (e.g. a shell's children).
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._popen.pid, signal.SIGKILL)
+        self._end_group()
         return self._popen.returncode
 
     def kill(self) -> int | None:
-        """SIGKILL the process group at once and reap it. Exit code."""
+        """SIGKILL the whole group and session at once and reap it. Exit code."""
         if self._popen is None:
             return None
-        if self._popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._popen.pid, signal.SIGKILL)
-        return self._popen.wait()
+        signal_group(self._popen.pid, self.start_ticks, signal.SIGKILL)
+        code = self._popen.wait()
+        self._end_group()
+        return code
+
+    def _end_group(self) -> None:
+        """SIGKILL what is left of its group and session, and wait until it is gone (it
+        may hold the port the next start needs)."""
+        assert self._popen is not None
+        pid, ticks = self._popen.pid, self.start_ticks
+        if signal_group(pid, ticks, signal.SIGKILL):
+            poll_until(lambda: not group_alive(pid, ticks), 5.0)
 
 
 def wait_started(

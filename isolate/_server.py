@@ -3,13 +3,15 @@ port, one dir, run as the unprivileged run-as user when isolate runs as root."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ._binaries import Binary, reachable_copy
+from ._fs import hand_over
 from ._ports import PortLease
 from ._process import ManagedProcess, RunAs, tail
 from ._run.registry import ProcessRecord
@@ -26,13 +28,18 @@ class NativeServer:
     stop_signal: int = signal.SIGTERM
 
     def __init__(
-        self, name: str, binary: Binary, directory: Path, log_name: str, run_as: RunAs | None
-    ) -> None:
+        self, name: str, binary: Binary, directory: Path, run_as: RunAs | None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
+        #: The environment it runs with (isolate's secrets already left out).
+        self.env = dict(os.environ if env is None else env)
         self.binary = binary
         self.directory = directory
         self.run_as = run_as
-        self.log_path = directory / log_name
+        #: Beside ``directory``, in the run dir: root's, so the run-as user writes it only
+        #: through the descriptor it is started with.
+        self.log_path = directory.with_name(f"{directory.name}.log")
         #: The server's admin (superuser) password, new for every server.
         self.password = secrets.token_urlsafe(18)
         self.lease: PortLease | None = None
@@ -44,11 +51,16 @@ class NativeServer:
         """A program of the binary's bin dir, from where ``run_as`` can run it."""
         return str(reachable_copy(self.binary, self.run_as) / name)
 
-    def _own(self, *paths: Path) -> None:
-        """Give ``paths`` to the run-as user (the server writes there)."""
+    def _make_dir(self, path: Path) -> None:
+        """``path``, new and empty, 0700 and this user's (an old one of ours is replaced)."""
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700)
+
+    def _hand_over(self, path: Path) -> None:
+        """Give a tree root finished building to the run-as user (the server writes
+        there); root never touches it by path again, but to remove it."""
         if self.run_as is not None:
-            for path in paths:
-                self.run_as.chown(path)
+            hand_over(path, self.run_as.uid, self.run_as.gid)
 
     def _spawned(self, proc: ManagedProcess, lease: PortLease) -> None:
         self._proc, self.lease = proc, lease
@@ -64,7 +76,7 @@ class NativeServer:
         code = self._proc.stop(self.stop_signal, timeout or 10.0) if self._proc else None
         if self.lease is not None:
             self.lease.release()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        shutil.rmtree(self.directory, ignore_errors=True)  # fd-based: follows no symlink
         return code
 
     def logs(self) -> str:
@@ -76,5 +88,5 @@ class NativeServer:
             pid=self._proc.pid if self._proc else None,
             start_ticks=self._proc.start_ticks if self._proc else None,
             stop_signal=self.stop_signal,
-            paths=[str(self.directory)],
+            paths=[str(self.directory), str(self.log_path)],
         )

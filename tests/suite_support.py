@@ -98,7 +98,7 @@ def leftovers(run_id: str, mark: str | None = None, base: str | None = None) -> 
     """Processes and the run dir of a run that still exist.
 
     A process belongs to the run if its command line or environment names the run id
-    (the watchdog, services), its environment carries ``ISOLATE_TEST_MARK=<mark>``
+    (the watchdog, services), its environment carries ``LEFTOVER_MARK=<mark>``
     (every process the run's pytest started: workers, Valkey, services), or its working
     directory is inside the run dir (PostgreSQL, which rewrites its title and environ
     area, and Valkey). Titles are never trusted: Valkey and PostgreSQL rewrite them.
@@ -106,7 +106,7 @@ def leftovers(run_id: str, mark: str | None = None, base: str | None = None) -> 
     run_dir = f"{base or default_base_dir()}/isolate-run-{run_id}"
     needles = [run_id.encode(), f"ISOLATE_RUN_ID={run_id}".encode()]
     if mark:
-        needles.append(f"ISOLATE_TEST_MARK={mark}".encode())
+        needles.append(f"LEFTOVER_MARK={mark}".encode())
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():

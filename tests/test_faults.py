@@ -59,7 +59,7 @@ class Run:
         self.mark = uuid.uuid4().hex
         self.fault_dir = path / "fault"
         self.fault_dir.mkdir(exist_ok=True)
-        env = clean_env(ISOLATE_RUN_ID=self.run_id, ISOLATE_TEST_MARK=self.mark,
+        env = clean_env(ISOLATE_RUN_ID=self.run_id, LEFTOVER_MARK=self.mark,
                         FAULT_DIR=str(self.fault_dir), PYTHONFAULTHANDLER="1")  # fmt: skip
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", *args],

@@ -108,7 +108,7 @@ def test_a_forked_service_behaves_like_a_spawned_one(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, workers: str
 ) -> None:
     mark = uuid.uuid4().hex
-    monkeypatch.setenv("ISOLATE_TEST_MARK", mark)
+    monkeypatch.setenv("LEFTOVER_MARK", mark)
     _suite(pytester, forked=True)
     result = pytester.runpytest_subprocess("-n", workers, "-p", "no:randomly")
     result.assert_outcomes(passed=2)
@@ -134,7 +134,7 @@ def test_a_preload_that_is_unsafe_to_fork_is_refused(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     mark = uuid.uuid4().hex
-    monkeypatch.setenv("ISOLATE_TEST_MARK", mark)
+    monkeypatch.setenv("LEFTOVER_MARK", mark)
     pytester.makeconftest(CONFTEST.replace('entry="forkapp:main"', 'entry="forkapp:main", preload=["bad"]'))
     pytester.makepyfile(forkapp=APP, bad=UNSAFE[kind], test_x="def test_x(isolate_service): pass")
     result = pytester.runpytest_subprocess("-p", "no:randomly")
@@ -152,7 +152,7 @@ def test_a_killed_worker_leaves_no_fork_server_or_child(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     mark = uuid.uuid4().hex
-    monkeypatch.setenv("ISOLATE_TEST_MARK", mark)
+    monkeypatch.setenv("LEFTOVER_MARK", mark)
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(forkapp=APP, test_die="""
         import os, signal
@@ -181,3 +181,44 @@ def test_argv_is_what_the_command_gives_the_program() -> None:
     assert "docker backend" in str(fork_unavailable("docker", "auto"))
     assert fork_unavailable("native", "off") == "--isolate-fork-server=off"
 
+
+
+def test_a_preload_that_prints_is_served_and_its_output_logged(pytester: pytest.Pytester) -> None:
+    """The fork server's own stdout is the service log: a module that prints at import
+    (to stdout and stderr) neither breaks the protocol nor loses its output."""
+    pytester.makeconftest(CONFTEST.replace('entry="forkapp:main"', 'entry="forkapp:main", preload=["noisy", "forkapp"]'))
+    pytester.makepyfile(
+        forkapp=APP,
+        noisy='import sys\nprint("noisy at import")\nprint("noisy on stderr", file=sys.stderr)\n',
+        test_x="def test_x(isolate_service):\n    assert 'noisy at import' in isolate_service.logs()\n"
+        "    assert 'noisy on stderr' in isolate_service.logs()\n",
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+
+
+def test_a_fork_server_that_dies_leaves_its_child_stoppable_and_says_so(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL to the fork server while its child runs: the child is watched by pid, so
+    kill() returns (it never waits forever for an exit nobody will report), and the
+    next start is one clear error."""
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv("LEFTOVER_MARK", mark)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(forkapp=APP, test_die="""
+        import json, os, signal, urllib.request
+        import pytest
+        import isolate
+
+        def test_die(isolate_service):
+            with urllib.request.urlopen(isolate_service.url + "/", timeout=10) as resp:
+                parent = json.loads(resp.read())["ppid"]
+            os.kill(parent, signal.SIGKILL)
+            assert isolate_service.kill() == 137
+            with pytest.raises(isolate.ServerStartError, match="could not fork: the fork server exited"):
+                isolate_service.start()
+    """)  # fmt: skip
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--timeout=60")
+    result.assert_outcomes(passed=1)
+    assert leftovers(run_id_of(result), mark) == []

@@ -86,3 +86,58 @@ def test_a_dependency_cycle_is_a_clear_error(isolate_stack: isolate.WorkerStack)
     c = isolate.ServiceSpec("cyc-c", [sys.executable, "-c", "pass"], depends_on=["nope"])
     with pytest.raises(isolate.ConfigError, match="unknown service 'nope'"):
         isolate_stack.services([c])
+
+
+WRAPPED = f"""
+import os, signal, sys
+from pathlib import Path
+import pytest
+import isolate
+
+@pytest.fixture(scope="session")
+def isolate_service_spec():
+    # a wrapper leader: the server is the shell's child, in the shell's group and session
+    return isolate.ServiceSpec("wrapped", ["/bin/sh", "-c", '"$0" -c "$1" "$2" & wait', sys.executable,
+                               {FAKE!r}, "{{port}}"], env={{"WHO": "w"}}, health=isolate.TcpCheck(),
+                               stop_timeout=5)
+"""
+
+WRAPPED_TESTS = """
+import signal
+from pathlib import Path
+
+def group(pgid):
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if proc.name.isdigit() and fields[0] != "Z" and pgid in (int(fields[2]), int(fields[3])):
+            found.append(int(proc.name))
+    return found
+
+def test_a_killed_leader_leaves_no_child_holding_the_port(isolate_service):
+    leader = isolate_service.pid
+    assert len(group(leader)) == 2  # the shell and the server
+    isolate_service.signal(signal.SIGKILL)  # the shell only: its child keeps the port
+    isolate_service.wait_exit(10)
+    isolate_service.start()  # what the dead leader left is gone: same port, no bind error
+    assert isolate_service.is_ready()
+    assert group(leader) == []
+
+def test_stop_and_kill_end_the_whole_group(isolate_service):
+    for end in (isolate_service.stop, isolate_service.kill):
+        leader = isolate_service.pid
+        end()
+        assert group(leader) == []
+        isolate_service.start()
+"""
+
+
+def test_a_wrapper_leaders_children_are_stopped_with_it(pytester: pytest.Pytester) -> None:
+    """A service whose command is a wrapper (``sh -c "server & wait"``): stop, kill and a
+    leader killed by a test end its children too, so the next start gets its port."""
+    pytester.makeconftest(WRAPPED)
+    pytester.makepyfile(test_wrapped=WRAPPED_TESTS)
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=2)

@@ -108,7 +108,7 @@ def test_two_users_run_side_by_side(reachable_python: Path, pytester: pytest.Pyt
         cwd=project, user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
         env=clean_env(PYTHONPATH=str(reachable_python), HOME=str(project), FAULT_DIR=str(fault),
                       PYTEST_DEBUG_TEMPROOT=str(project), USER="nobody", LOGNAME="nobody",
-                      ISOLATE_RUN_ID=their_run, ISOLATE_TEST_MARK=their_mark),
+                      ISOLATE_RUN_ID=their_run, LEFTOVER_MARK=their_mark),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

@@ -9,7 +9,7 @@ import secrets
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psycopg
@@ -19,9 +19,9 @@ from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from .._binaries import Binary
 from .._errors import ServerStartError
-from .._fs import chown_tree, own_dir
+from .._fs import own_dir, read_beneath, take_back
 from .._ports import PortLease
-from .._process import ManagedProcess, RunAs, as_user, wait_started
+from .._process import ManagedProcess, RunAs, as_user, stdin_pipe, wait_started
 from .._retry import poll_until, start_on_free_port
 from .._server import NativeServer
 from .server import PostgresConfig, PostgresServer, Seed
@@ -31,7 +31,7 @@ __all__ = ["NativePostgresRunner"]
 logger = logging.getLogger(__name__)
 
 #: Bump when the initdb arguments change, so cached templates are rebuilt.
-_INITDB_RECIPE = 2
+_INITDB_RECIPE = 3
 
 
 class NativePostgresRunner(NativeServer):
@@ -46,36 +46,38 @@ class NativePostgresRunner(NativeServer):
         directory: Path,
         run_as: RunAs | None,
         name: str = "postgres",
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(name, binary, directory, "postgres.log", run_as)
+        super().__init__(name, binary, directory, run_as, env)
         self.config = config
         self.data_dir = directory / "data"
         self.socket_dir = directory / "sock"
         self.server: PostgresServer | None = None
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env = {k: v for k, v in self.env.items() if not k.startswith("PG")}
         env.update(LC_ALL="C", LANG="C", HOME=str(self.directory), TZ="UTC")
         return env
 
-    def _prepare_dirs(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.socket_dir.mkdir(mode=0o700, exist_ok=True)
-        self._own(self.directory, self.socket_dir)
-
-    def _initdb(self) -> None:
-        """Copy a pristine cluster made once by initdb for this binary and user.
-
-        initdb is most of a cold start (~1 s); copying its result takes a fraction.
-        The template's superuser password is replaced right after start.
-        """
+    def _build(self) -> None:
+        """The server's dir, built by root while only root can enter it (0700), then
+        handed to the run-as user in one pass, its top last: a copy of a pristine cluster
+        made once by initdb for this binary and user (initdb is most of a cold start,
+        ~1 s; a copy takes a fraction), and the socket dir. The template's superuser
+        password is replaced right after start."""
         template = self._template()
         if self.config.seed is not None:
             template = self._seeded(template, self.config.seed)
-        shutil.copytree(template, self.data_dir, symlinks=True)
-        if self.run_as is not None:
-            chown_tree(self.data_dir, self.run_as.uid, self.run_as.gid)
-        os.chmod(self.data_dir, 0o700)
+        self._make_dir(self.directory)
+        self._copy_cluster(template, self.data_dir)
+        self.socket_dir.mkdir(mode=0o700)
+        self._hand_over(self.directory)
+
+    @staticmethod
+    def _copy_cluster(template: Path, target: Path) -> None:
+        """Copy a cached cluster (this user's own, checked when it was taken back)."""
+        shutil.copytree(template, target, symlinks=True)
+        os.chmod(target, 0o700)
 
     def _cache(self) -> Path:
         # This user's own cache; the run-as user may traverse it (to bake a new
@@ -95,9 +97,8 @@ class NativePostgresRunner(NativeServer):
         (and binary, user: the template's own key is in the name)."""
 
         def create(staging: Path) -> None:
-            shutil.copytree(template, staging, symlinks=True)
-            if self.run_as is not None:  # its private server writes there
-                chown_tree(staging, self.run_as.uid, self.run_as.gid)
+            self._copy_cluster(template, staging)
+            self._hand_over(staging)  # its private server writes there
 
         return self._cached(f"{template.name}-seed-{seed.key[:24]}", create, lambda d: self._serve(d, seed.create))
 
@@ -110,14 +111,14 @@ class NativePostgresRunner(NativeServer):
             if not (target / "PG_VERSION").exists():
                 staging = cache / f"{name}.tmp-{os.getpid()}"
                 shutil.rmtree(staging, ignore_errors=True)
-                create(staging)
                 try:
+                    create(staging)
                     bake(staging)
+                    if self.run_as is not None:  # ours again, checked: nothing planted is kept
+                        take_back(staging)
                 except BaseException:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise
-                if self.run_as is not None:
-                    chown_tree(staging, os.geteuid(), os.getegid())
                 shutil.rmtree(target, ignore_errors=True)
                 staging.rename(target)
         return target
@@ -135,13 +136,13 @@ class NativePostgresRunner(NativeServer):
 
     def _serve(self, data_dir: Path, work: Callable[[Callable[[str], psycopg.Connection[tuple[object, ...]]]], None]) -> None:
         """Run ``work(connect)`` against ``data_dir`` served privately (a socket only)."""
-        socket_dir = self.directory / "sock-template"
-        socket_dir.mkdir(mode=0o700, exist_ok=True)
-        self._own(socket_dir)
+        socket_dir = data_dir.with_name(f"{data_dir.name}.sock")
+        self._make_dir(socket_dir)
+        self._hand_over(socket_dir)
         proc = ManagedProcess(
             [self._bin("postgres"), "-D", str(data_dir), "-c", "listen_addresses=",
              "-c", f"unix_socket_directories={socket_dir}", "-c", "fsync=off"],
-            log_path=self.log_path, env=self._env(), cwd=self.directory, run_as=self.run_as,
+            log_path=self.log_path, env=self._env(), cwd=data_dir.parent, run_as=self.run_as,
         )  # fmt: skip
         proc.start()
         try:
@@ -160,22 +161,23 @@ class NativePostgresRunner(NativeServer):
             shutil.rmtree(socket_dir, ignore_errors=True)
 
     def _run_initdb(self, target: Path) -> None:
-        target.mkdir(mode=0o700)
-        self._own(target)
-        pwfile = self.directory / "pwfile"
-        pwfile.write_text(secrets.token_urlsafe(18) + "\n")
-        pwfile.chmod(0o600)
-        self._own(pwfile)
+        self._make_dir(target)
+        self._hand_over(target)
+        # The (throwaway: replaced at every start) password comes on initdb's stdin, so
+        # no file holds it and nothing is written where the run-as user can plant.
         argv = [
             self._bin("initdb"), "-D", str(target), "-U", self.config.superuser,
-            f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
+            "--pwfile=/dev/stdin", "--auth-local=trust", "--auth-host=scram-sha-256",
             "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions",
         ]  # fmt: skip
-        done = subprocess.run(
-            argv, capture_output=True, text=True, env=self._env(), cwd=self.directory,
-            check=False, **as_user(self.run_as),
-        )  # fmt: skip
-        pwfile.unlink()
+        password = stdin_pipe(secrets.token_urlsafe(18).encode() + b"\n", self.run_as)
+        try:
+            done = subprocess.run(
+                argv, stdin=password, capture_output=True, text=True, env=self._env(),
+                cwd=target.parent, check=False, **as_user(self.run_as),
+            )  # fmt: skip
+        finally:
+            os.close(password)
         if done.returncode != 0:
             raise ServerStartError(
                 "initdb failed",
@@ -186,10 +188,8 @@ class NativePostgresRunner(NativeServer):
             )
 
     def _ready(self) -> bool:
-        try:
-            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
-        except OSError:
-            return False
+        raw = read_beneath(self.directory, "data/postmaster.pid")  # the run-as user's tree
+        lines = raw.decode(errors="replace").splitlines() if raw else []
         return len(lines) >= 8 and lines[7].strip() == "ready"
 
     def _launch(self, lease: PortLease) -> ManagedProcess:
@@ -211,8 +211,7 @@ class NativePostgresRunner(NativeServer):
 
     def start(self) -> None:
         """initdb (template copy), start on a free port, wait until ready."""
-        self._prepare_dirs()
-        self._initdb()
+        self._build()
         start_on_free_port(self._launch, what="PostgreSQL")
         assert self.lease is not None
         with psycopg.connect(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 from .._binaries import Binary
@@ -22,39 +23,34 @@ class NativeRedisRunner(NativeServer):
     isolate runs as root."""
 
     def __init__(self, binary: Binary, config: RedisConfig, directory: Path, name: str = "redis",
-                 run_as: RunAs | None = None) -> None:  # fmt: skip
-        super().__init__(name, binary, directory, "redis.log", run_as)
+                 run_as: RunAs | None = None, env: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(name, binary, directory, run_as, env)
         self.config = config
         self.server: RedisServer | None = None
 
-    def _write_config(self, port: int) -> Path:
-        conf = self.directory / "redis.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    f"port {port}",
-                    "bind 127.0.0.1",
-                    "protected-mode yes",
-                    'save ""',
-                    "appendonly no",
-                    f"dir {self.directory}",
-                    "daemonize no",
-                    'logfile ""',
-                    f"databases {self.config.databases}",
-                    *(f"user {' '.join(user)}" for user in acl_users(self.password)),
-                    "",
-                ]
-            )
-        )
-        conf.chmod(0o600)
-        self._own(conf)
-        return conf
+    def _config(self, port: int) -> bytes:
+        """The server's config, with the admin password: it reaches the server on its
+        stdin (``valkey-server -``), never as a file."""
+        return "\n".join(
+            [
+                f"port {port}",
+                "bind 127.0.0.1",
+                "protected-mode yes",
+                'save ""',
+                "appendonly no",
+                f"dir {self.directory}",
+                "daemonize no",
+                'logfile ""',
+                f"databases {self.config.databases}",
+                *(f"user {' '.join(user)}" for user in acl_users(self.password)),
+                "",
+            ]
+        ).encode()
 
     def _launch(self, lease: PortLease) -> ManagedProcess:
-        conf = self._write_config(lease.port)
         proc = ManagedProcess(
-            [self._bin(self.binary.path.name), str(conf)], log_path=self.log_path,
-            cwd=self.directory, run_as=self.run_as,
+            [self._bin(self.binary.path.name), "-"], log_path=self.log_path,
+            env=self.env, cwd=self.directory, run_as=self.run_as, stdin=self._config(lease.port),
         )  # fmt: skip
         proc.start()
         self._spawned(proc, lease)
@@ -66,8 +62,8 @@ class NativeRedisRunner(NativeServer):
 
     def start(self) -> None:
         """Start on a free port and wait until it answers PING."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._own(self.directory)
+        self._make_dir(self.directory)  # its working dir: empty, it writes nothing there
+        self._hand_over(self.directory)
         start_on_free_port(self._launch, what="Redis")
         assert self.lease is not None
         self.server = RedisServer("127.0.0.1", self.lease.port, 0, self.password)

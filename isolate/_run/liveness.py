@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Owner", "is_alive", "process_start_ticks"]
+__all__ = ["Owner", "is_alive", "process_start_ticks", "stat_fields"]
 
 
 #: Linux: read ``/proc`` directly (cheap, and what the kernel says); elsewhere (macOS,
@@ -22,7 +22,8 @@ __all__ = ["Owner", "is_alive", "process_start_ticks"]
 HAVE_PROC = Path("/proc/self/stat").exists()
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or ``None``."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -48,7 +49,7 @@ def process_start_ticks(pid: int) -> int | None:
     elsewhere): with the pid, it names one process, so a reused pid is never mistaken."""
     if not HAVE_PROC:
         return _psutil_state(pid)[1]
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return int(fields[19]) if fields else None
 
 
@@ -57,7 +58,7 @@ def is_alive(pid: int, start_ticks: int | None = None) -> bool:
     if not HAVE_PROC:
         running, ticks = _psutil_state(pid)
         return running and (start_ticks is None or ticks == start_ticks)
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     if fields is None or fields[0] in {"Z", "X"}:
         return False
     return start_ticks is None or int(fields[19]) == start_ticks

@@ -24,29 +24,22 @@ from pathlib import Path
 
 from .._fs import owned_by_me
 from .._retry import poll_until
+from .groups import children, group_alive, members, stop_group
 from .liveness import is_alive, process_start_ticks
 
-__all__ = ["ProcessRecord", "ProcessRegistry", "stop_process_group"]
+__all__ = ["ProcessRecord", "ProcessRegistry", "stop_tree"]
 
 logger = logging.getLogger(__name__)
 
 
-def stop_process_group(pid: int, start_ticks: int | None, sig: int, timeout: float) -> bool:
-    """Send ``sig`` to the process group led by ``pid``, SIGKILL it after ``timeout``.
-
-    Returns True if it stopped gracefully.
-    """
-    if not is_alive(pid, start_ticks):
-        return True
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-    if poll_until(lambda: not is_alive(pid, start_ticks), timeout):
-        return True
-    logger.warning("process group %d ignored signal %d for %.1fs; killing", pid, sig, timeout)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    poll_until(lambda: not is_alive(pid, start_ticks), 5.0)
-    return False
+def stop_tree(pid: int, start_ticks: int | None, sig: int, timeout: float) -> None:
+    """Stop the group and session led by ``pid`` and, first found, its children that
+    lead sessions of their own (the services a fork server forked)."""
+    own = set(members(pid, start_ticks))
+    kids = [(kid, process_start_ticks(kid)) for kid in children(pid, start_ticks) if kid not in own]
+    stop_group(pid, start_ticks, sig, timeout)
+    for kid, ticks in kids:
+        stop_group(kid, ticks, signal.SIGTERM, timeout)
 
 
 @dataclass
@@ -70,7 +63,7 @@ class ProcessRecord:
 def _stop(record: ProcessRecord, timeout: float) -> None:
     assert record.pid is not None
     if record.group:
-        stop_process_group(record.pid, record.start_ticks, record.stop_signal, timeout)
+        stop_tree(record.pid, record.start_ticks, record.stop_signal, timeout)
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(record.pid, record.stop_signal)
@@ -140,7 +133,8 @@ class ProcessRegistry:
         order = sorted(records, key=lambda r: (r.group, r.name == "postgres", r.name))
         for record in order:
             if record.pid is not None and record.start_ticks is not None:
-                if is_alive(record.pid, record.start_ticks):
+                alive = group_alive if record.group else is_alive
+                if alive(record.pid, record.start_ticks):  # a dead leader's group, too
                     _stop(record, timeout)
                     reaped.append(record.name)
             elif record.pid is not None:
@@ -149,7 +143,10 @@ class ProcessRegistry:
                 inside = self._inside(raw)
                 if inside is None:
                     logger.warning("not removing %s of %s: outside the run dir", raw, record.name)
-                else:
+                elif inside.is_dir() and not inside.is_symlink():
                     shutil.rmtree(inside, ignore_errors=True)  # never follows a symlink
+                else:
+                    with contextlib.suppress(OSError):
+                        inside.unlink()
             self.unregister(record.name)
         return reaped

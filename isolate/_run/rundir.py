@@ -120,9 +120,12 @@ class RunDir:
             )
 
     def worker_dir(self, slug: str) -> Path:
-        """A directory private to one worker process (logs)."""
+        """A directory private to one worker process (logs): 0700, this user's; a
+        demoted service writes its log through the descriptor it is started with."""
         path = self.path / "workers" / f"{slug}-{os.getpid()}"
-        path.mkdir(parents=True, exist_ok=True)
+        for part in (path.parent, path):
+            with contextlib.suppress(FileExistsError):
+                part.mkdir(mode=0o700)
         return path
 
     def state(self, name: str) -> dict[str, object] | None:

@@ -1,18 +1,24 @@
 """The fork server's program: run by path (``python .../_preloader.py CONFIG``), so it
-imports nothing of isolate, only the service's ``preload`` modules.
+imports nothing of isolate, only the service's ``preload`` modules (and the standard
+library).
 
-It then answers requests on stdin, one JSON object per line::
+Its stdout and stderr are the service log from the first instruction: a ``print()`` in a
+preloaded module lands there. It talks to its worker on a private socket (``CONFIG["fd"]``,
+``SOCK_SEQPACKET``: one JSON object per message), never on stdout. Requests::
 
-    {"argv": [...], "env": {...}, "cwd": "...", "log": "...", "entry": "module:function"}
+    {"argv": [...], "env": {...}, "cwd": "...", "entry": "module:function"}
 
-by forking a child that becomes the service (own session, stdout/stderr appended to
-``log``, ``sys.argv``/``os.environ``/working directory as asked, default signal
-handlers) and calls ``entry``; its exit status is what ``entry`` returns or raises, as
-for ``python -m``. On stdout it writes ``{"ready": pid}`` (or ``{"error": text}``) once,
-``{"pid": n}`` (or ``{"error": text}``) per request, and ``{"exit": pid, "code": n}``
-when a child ends (``code`` as :attr:`subprocess.Popen.returncode`: ``-N`` when killed by
-signal N). It ends when stdin closes; children it leaves are registered with the run's
-reaper by the worker that asked for them.
+each with the service log's descriptor attached (``SCM_RIGHTS``): the worker opened it,
+so this process writes the log without being able to open it by name. It forks a child
+that becomes the service (own session, stdout/stderr on that descriptor,
+``sys.argv``/``os.environ``/working directory as asked, default signal handlers) and calls
+``entry``; its exit status is what ``entry`` returns or raises, as for ``python -m``.
+Replies: ``{"ready": pid}`` (or ``{"error": text}``) once, ``{"pid": n}`` (or
+``{"error": text}``) per request, and ``{"exit": pid, "code": n}`` when a child ends
+(``code`` as :attr:`subprocess.Popen.returncode`: ``-N`` when killed by signal N). It ends
+when the socket reaches end-of-file (the worker closed it, or died) and, on Linux, when
+the thread that started it ends (``PR_SET_PDEATHSIG``); the children it leaves are
+registered with the run's reaper by the worker that asked for them.
 """
 
 from __future__ import annotations
@@ -23,19 +29,48 @@ import json
 import os
 import select
 import signal
+import socket
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-
-def _say(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+_MAX_MESSAGE = 1 << 20
 
 
-def unsafe_to_fork() -> list[str]:
-    """Why this process must not be forked: threads or sockets (connections, listeners)."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: be SIGKILLed when the worker (the thread that started us) ends."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(1)
+
+
+class Channel:
+    """The socket to the worker."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+
+    def say(self, message: dict[str, Any]) -> None:
+        self.sock.send(json.dumps(message).encode())
+
+    def hear(self) -> tuple[dict[str, Any] | None, list[int]]:
+        """The next request and the descriptors it carries; ``None`` at end-of-file."""
+        data, fds, _, _ = socket.recv_fds(self.sock, _MAX_MESSAGE, 4)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return None, []
+        return json.loads(data), fds
+
+
+def unsafe_to_fork(own: int = -1) -> list[str]:
+    """Why this process must not be forked: threads or sockets (connections, listeners)
+    other than ``own``, the channel to the worker."""
     reasons = []
     threading = sys.modules.get("threading")
     if threading is not None and threading.active_count() > 1:
@@ -45,7 +80,7 @@ def unsafe_to_fork() -> list[str]:
     with contextlib.suppress(OSError):
         for fd in os.listdir("/proc/self/fd"):
             with contextlib.suppress(OSError):
-                sockets += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+                sockets += int(fd) != own and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
     if sockets:
         reasons.append(f"{sockets} socket(s) open (a connection or listener made at import)")
     return reasons
@@ -70,18 +105,17 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
-def _become_service(request: dict[str, Any], wakeup: tuple[int, int]) -> None:
+def _become_service(request: dict[str, Any], log: int, closing: tuple[int, ...]) -> None:
     """In the forked child: turn into the service and never return."""
     code = 1
     try:
         os.setsid()
         signal.set_wakeup_fd(-1)
-        for fd in wakeup:
+        for fd in closing:  # the worker's channel and the wake-up pipe are not the service's
             os.close(fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log, 1)
@@ -109,7 +143,7 @@ def _become_service(request: dict[str, Any], wakeup: tuple[int, int]) -> None:
         os._exit(code)
 
 
-def _reap(children: set[int]) -> None:
+def _reap(channel: Channel, children: set[int]) -> None:
     while children:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -118,20 +152,23 @@ def _reap(children: set[int]) -> None:
         if pid == 0:
             return
         children.discard(pid)
-        _say({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+        channel.say({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
 def serve(config: dict[str, Any]) -> int:
+    channel = Channel(config["fd"])
+    if config.get("die_with_parent"):
+        _die_with_parent(config["parent"])
     sys.path[0] = config["path0"]  # as `python -m` (the cwd) or `python script` would
     try:
         for module in config["preload"]:
             importlib.import_module(module)
     except BaseException:
-        _say({"error": "importing the preload modules failed:\n" + traceback.format_exc()})
+        channel.say({"error": "importing the preload modules failed:\n" + traceback.format_exc()})
         return 1
-    reasons = unsafe_to_fork()
+    reasons = unsafe_to_fork(own=config["fd"])
     if reasons:
-        _say({"error": "after importing " + ", ".join(config["preload"]) + ": " + "; ".join(reasons)})
+        channel.say({"error": "after importing " + ", ".join(config["preload"]) + ": " + "; ".join(reasons)})
         return 1
     wakeup = os.pipe()
     for fd in wakeup:
@@ -139,39 +176,45 @@ def serve(config: dict[str, Any]) -> int:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wakeup[1])
     children: set[int] = set()
-    _say({"ready": os.getpid()})
-    pending = b""
+    channel.say({"ready": os.getpid()})
     while True:
         try:
-            readable, _, _ = select.select([0, wakeup[0]], [], [])
+            readable, _, _ = select.select([channel.sock.fileno(), wakeup[0]], [], [])
         except InterruptedError:
             continue
         if wakeup[0] in readable:
             with contextlib.suppress(BlockingIOError):
                 os.read(wakeup[0], 4096)
-            _reap(children)
-        if 0 not in readable:
+            _reap(channel, children)
+        if channel.sock.fileno() not in readable:
             continue
-        data = os.read(0, 65536)
-        if not data:
+        request, fds = channel.hear()
+        if request is None:
             return 0  # the worker is gone or done: what we forked is in its registry
-        pending += data
-        while b"\n" in pending:
-            line, pending = pending.split(b"\n", 1)
-            _fork(json.loads(line), wakeup, children)
+        _fork(channel, request, fds, (channel.sock.fileno(), *wakeup), children)
 
 
-def _fork(request: dict[str, Any], wakeup: tuple[int, int], children: set[int]) -> None:
+def _fork(channel: Channel, request: dict[str, Any], fds: list[int], closing: tuple[int, ...],
+          children: set[int]) -> None:  # fmt: skip
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        channel.say({"error": f"a request carries {len(fds)} descriptors, not the log's one"})
+        return
+    sys.stdout.flush()
     sys.stderr.flush()
     try:
         pid = os.fork()
     except OSError as exc:
-        _say({"error": f"fork failed: {exc}"})
+        os.close(fds[0])
+        channel.say({"error": f"fork failed: {exc}"})
         return
     if pid == 0:
-        _become_service(request, wakeup)
+        _become_service(request, fds[0], closing)
+    os.close(fds[0])
     children.add(pid)
-    _say({"pid": pid})
+    channel.say({"pid": pid})
+
 
 if __name__ == "__main__":
     sys.exit(serve(json.loads(sys.argv[1])))

@@ -4,7 +4,7 @@ instead of starting a new interpreter that re-imports the app.
 The server (``_preloader.py``, run with the service's own interpreter) imports the
 spec's ``preload`` modules once, refuses to serve if that left threads or sockets, and
 forks one child per start; the child calls ``entry``. The worker talks to it over its
-stdin/stdout; a reader thread turns its messages into :class:`ForkedChild` objects that
+private socket; a reader thread turns its messages into :class:`ForkedChild` objects that
 behave like :class:`subprocess.Popen` for :class:`~isolate._process.ManagedProcess`.
 """
 
@@ -16,14 +16,16 @@ import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
 
 from .._errors import ConfigError, ServerStartError
+from .._fs import open_log
 from .._process import RunAs, as_user, tail
 from .._retry import poll_until
 from .._run.liveness import is_alive, process_start_ticks
@@ -63,23 +65,31 @@ class ForkedChild:
     """A forked service process, as much of :class:`subprocess.Popen` as isolate uses.
 
     Its exit code comes from the fork server (its parent). Should the fork server die
-    first, the child is watched by pid and start time, and its exit code is unknown
-    (reported as ``-9``, killed).
+    first (or its messages stop making sense), the child is watched by pid and start time,
+    and its exit code is unknown (reported as ``-9``, killed). Signals go through a pidfd
+    where the kernel has them, so a pid its parent reaped and the system reused is never
+    signalled.
     """
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self._pidfd = _pidfd(pid)
         self.start_ticks = process_start_ticks(pid)
         self.returncode: int | None = None
-        self._done = threading.Event()
+        self._changed = threading.Event()  # it exited, or became an orphan
         self._orphaned = False
 
     def _exited(self, code: int) -> None:
         self.returncode = code
-        self._done.set()
+        self._changed.set()
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
 
     def _orphan(self) -> None:
         self._orphaned = True
+        self._changed.set()
         self.poll()
 
     def poll(self) -> int | None:
@@ -88,83 +98,121 @@ class ForkedChild:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        if self._orphaned:
-            poll_until(lambda: self.poll() is not None, 1e9 if timeout is None else timeout)
-        elif not self._done.wait(timeout):
-            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
-        if self.returncode is None:
-            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+            if self._orphaned:  # nobody will tell: watch it
+                poll_until(lambda: self.poll() is not None, 1.0 if left is None else min(left, 1.0))
+            else:
+                self._changed.wait(left)
+        assert self.returncode is not None
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
+        if self.poll() is not None:
+            return
+        if self._pidfd is not None:
+            signal.pidfd_send_signal(self._pidfd, sig)
+        elif is_alive(self.pid, self.start_ticks):
             os.kill(self.pid, sig)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of ``pid`` (Linux 5.3+), or ``None`` where there is none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 class ForkServer:
     """One preloaded parent for ``spec`` on this worker (see module docs)."""
 
     def __init__(self, spec: ServiceSpec, instance: str, cwd: Path, log_path: Path,
-                 run_as: RunAs | None) -> None:  # fmt: skip
+                 run_as: RunAs | None, env: Mapping[str, str] | None = None) -> None:  # fmt: skip
         self.spec = spec
         self.name = f"forkserver-{instance}"
         self.log_path = log_path
         self.cwd = cwd
         self.run_as = run_as
+        #: What it runs with (the worker's environment without isolate's secrets).
+        self.env = dict(env) if env is not None else {}
         self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
         self._replies: queue.Queue[ForkedChild | str] = queue.Queue()
         self._children: dict[int, ForkedChild] = {}
         self._ready = threading.Event()
         self._failed: str | None = None  # why it cannot serve, once known
+        self._gone: str | None = None  # why it stopped serving after it was ready
         self._lock = threading.Lock()  # one request (and its reply) at a time
 
     def start(self) -> None:
         """Launch it (not waiting: the preload runs while the worker does other things)."""
         _, path0 = python_argv(self.spec.command, self.cwd)
-        config = {"preload": list(self.spec.preload), "path0": path0}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ) if self.spec.inherit_env else {}
-        with open(self.log_path, "ab") as log:
-            if self.run_as is not None:
-                self.run_as.chown(self.log_path)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = {"preload": list(self.spec.preload), "path0": path0, "fd": theirs.fileno(),
+                  "parent": os.getpid(),
+                  # PR_SET_PDEATHSIG follows the thread that forks: only the main one lives
+                  # as long as the worker.
+                  "die_with_parent": threading.current_thread() is threading.main_thread()}  # fmt: skip
+        log = open_log(self.log_path)
+        try:
             self._proc = subprocess.Popen(
                 [self.spec.command[0], str(_PROGRAM), json.dumps(config)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
-                cwd=self.cwd, start_new_session=True, **as_user(self.run_as),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(theirs.fileno(),),
+                env=self.env, cwd=self.cwd, start_new_session=True, **as_user(self.run_as),
             )  # fmt: skip
-        assert self._proc.stdout is not None
-        threading.Thread(target=self._read, args=(self._proc.stdout,), name=self.name, daemon=True).start()
+        finally:
+            os.close(log)
+            theirs.close()
+        self._sock = ours
+        threading.Thread(target=self._read, args=(ours,), name=self.name, daemon=True).start()
 
     def record(self) -> ProcessRecord | None:
         if self._proc is None:
             return None
         return ProcessRecord(name=self.name, pid=self._proc.pid, start_ticks=process_start_ticks(self._proc.pid))
 
-    def _read(self, stream: IO[bytes]) -> None:
-        for line in stream:
-            message = json.loads(line)
-            if "exit" in message:
-                child = self._children.pop(message["exit"], None)
-                if child is not None:
-                    child._exited(message["code"])
-            elif "pid" in message:
-                child = ForkedChild(message["pid"])
-                self._children[child.pid] = child
-                self._replies.put(child)
-            elif "ready" in message:
-                self._ready.set()
-            elif self._ready.is_set():
-                self._replies.put(str(message.get("error")))
-            else:
-                self._failed = str(message.get("error"))
-                self._ready.set()
-        gone = "the fork server exited"
+    def _read(self, sock: socket.socket) -> None:
+        """Turn its messages into children and exits. Whatever ends this (end-of-file, a
+        message that makes no sense), the fork server is done: nothing more is asked of
+        it, and its children are watched by pid from then on."""
+        why = "the fork server exited"
+        try:
+            while data := sock.recv(1 << 20):
+                self._handle(json.loads(data))
+        except Exception as exc:  # any failure here ends the fork server
+            why = f"its messages could not be read ({type(exc).__name__}: {exc})"
+            logger.warning("isolate: %s: %s", self.name, why)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # it reads end-of-file and exits
         if not self._ready.is_set():
-            self._failed = gone
+            self._failed = why
             self._ready.set()
-        self._replies.put(gone)
+        else:
+            self._gone = why
+        self._replies.put(why)
         for child in list(self._children.values()):  # nobody left to report their exit
             child._orphan()
+
+    def _handle(self, message: dict[str, object]) -> None:
+        if "exit" in message:
+            child = self._children.pop(int(message["exit"]), None)  # type: ignore[call-overload]
+            if child is not None:
+                child._exited(int(message["code"]))  # type: ignore[call-overload]
+        elif "pid" in message:
+            child = ForkedChild(int(message["pid"]))  # type: ignore[call-overload]
+            self._children[child.pid] = child
+            self._replies.put(child)
+        elif "ready" in message:
+            self._ready.set()
+        elif self._ready.is_set():
+            self._replies.put(str(message.get("error")))
+        else:
+            self._failed = str(message.get("error"))
+            self._ready.set()
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the preload is done; :class:`ConfigError` if it failed or is unsafe."""
@@ -183,17 +231,25 @@ class ForkServer:
               timeout: float = 10.0) -> ForkedChild:  # fmt: skip
         """Fork a child that runs the entry; it is running when this returns."""
         self.wait_ready(timeout)
-        assert self._proc is not None and self._proc.stdin is not None and self.spec.entry
+        if self._gone is not None:
+            raise ServerStartError(
+                f"the fork server of {self.spec.name} could not fork: {self._gone}",
+                log_tail=tail(self.log_path, 20),
+                hint="something ended the fork server (see its log above); "
+                "--isolate-fork-server=off starts the service as a new process instead",
+            )
+        assert self._sock is not None and self.spec.entry
         sys_argv, _ = python_argv(argv, cwd)
-        request = {"argv": sys_argv, "env": dict(env), "cwd": str(cwd), "log": str(log_path),
-                   "entry": self.spec.entry}  # fmt: skip
+        request = {"argv": sys_argv, "env": dict(env), "cwd": str(cwd), "entry": self.spec.entry}
         with self._lock:
+            log = open_log(log_path)
             try:
-                self._proc.stdin.write(json.dumps(request).encode() + b"\n")
-                self._proc.stdin.flush()
+                socket.send_fds(self._sock, [json.dumps(request).encode()], [log])
                 reply = self._replies.get(timeout=timeout)
             except (OSError, queue.Empty) as exc:
                 reply = f"no answer: {exc or 'timed out'}"
+            finally:
+                os.close(log)
         if isinstance(reply, str):
             raise ServerStartError(f"the fork server of {self.spec.name} could not fork: {reply}",
                                    log_tail=tail(self.log_path, 20))  # fmt: skip
@@ -203,9 +259,11 @@ class ForkServer:
         """Stop it (the children it forked are stopped by their own handles)."""
         if self._proc is None:
             return
-        if self._proc.stdin is not None:
+        if self._sock is not None:
             with contextlib.suppress(OSError):
-                self._proc.stdin.close()  # EOF: it exits by itself
+                self._sock.shutdown(socket.SHUT_RDWR)  # end-of-file: it exits by itself
+            self._sock.close()
+            self._sock = None
         try:
             self._proc.wait(5)
         except subprocess.TimeoutExpired:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Literal
 
 from .._errors import ConfigError
-from .._process import ManagedProcess, RunAs
+from .._fs import open_log
+from .._process import ManagedProcess, RunAs, inherited_env
 from .._run.registry import ProcessRecord
 from .forkserver import ForkServer
 from .spec import ServiceSpec, render
@@ -73,6 +74,7 @@ class ProcessLauncher:
     def __init__(
         self, spec: ServiceSpec, instance_name: str, log_path: Path, rootdir: Path,
         run_as: RunAs | None = None, forkserver: ForkServer | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:  # fmt: skip
         if not spec.command:
             raise ConfigError(
@@ -89,6 +91,8 @@ class ProcessLauncher:
         self.run_as = run_as
         #: Starts it by forking a preloaded parent (``spec.entry``), or ``None``.
         self.forkserver = forkserver
+        #: What it inherits (``spec.inherit_env``: this environment without isolate's secrets).
+        self.base_env = dict(env) if env is not None else (inherited_env() if spec.inherit_env else {})
         self._proc: ManagedProcess | None = None
 
     @property
@@ -102,7 +106,7 @@ class ProcessLauncher:
         return self._proc.pid if self._proc else None
 
     def prepare(self, values: Mapping[str, object]) -> None:
-        env = dict(os.environ) if self.spec.inherit_env else {}
+        env = dict(self.base_env)
         env.update({k: render(v, values) for k, v in self.spec.env.items()})
         env["ISOLATE_INSTANCE_NAME"] = self.name
         self.port = values["port"]
@@ -121,9 +125,11 @@ class ProcessLauncher:
                 register(record)
 
     def launch(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as log:
-            log.write(f"--- isolate: starting {self.name} on port {self.port} ---\n")
+        log = open_log(self.log_path)
+        try:
+            os.write(log, f"--- isolate: starting {self.name} on port {self.port} ---\n".encode())
+        finally:
+            os.close(log)
         self.proc.start()
 
     def exit_code(self) -> int | None:

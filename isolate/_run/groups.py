@@ -1,0 +1,97 @@
+"""Process groups and sessions, stopped whole: every member is signalled whatever state
+its leader is in.
+
+A service started in its own session (``sh -c "server & wait"``, npm, a gunicorn master)
+has children in the same group and session; they outlive a leader that died or was
+killed and would keep its port. So a group is stopped by signalling every live process
+whose process group *or* session is the leader's pid, until none is left.
+
+The pid-reuse guard: Linux never hands out a pid while any process still has it as its
+group or session id, so members found under a dead leader's pid are the leader's own. Only
+if a *live* process now owns that pid with another start time was the pid reused, and
+then the old group is empty and nothing is signalled. Without ``/proc`` (macOS) the
+group is signalled with ``killpg`` while its leader is the recorded process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+
+from .._retry import poll_until
+from .liveness import HAVE_PROC, is_alive, stat_fields
+
+__all__ = ["children", "group_alive", "members", "signal_group", "stop_group"]
+
+logger = logging.getLogger(__name__)
+
+
+def _processes() -> Iterator[tuple[int, list[str]]]:
+    """Every live (not zombie) process and its ``/proc/<pid>/stat`` fields."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = stat_fields(int(entry.name))
+            if fields is not None and fields[0] not in {"Z", "X"}:
+                yield int(entry.name), fields
+
+
+def _reused(pid: int, start_ticks: int | None) -> bool:
+    """Whether ``pid`` now names a live process other than the recorded one."""
+    fields = stat_fields(pid)
+    return (
+        fields is not None and fields[0] not in {"Z", "X"}
+        and start_ticks is not None and int(fields[19]) != start_ticks
+    )  # fmt: skip
+
+
+def members(pid: int, start_ticks: int | None) -> list[int]:
+    """Live processes whose group or session ``pid`` leads (or led), itself included."""
+    if not HAVE_PROC:
+        return [pid] if is_alive(pid, start_ticks) else []
+    if _reused(pid, start_ticks):
+        return []
+    return [p for p, fields in _processes() if int(fields[2]) == pid or int(fields[3]) == pid]
+
+
+def children(pid: int, start_ticks: int | None) -> list[int]:
+    """Live direct children of ``pid`` (the recorded process), e.g. the services a fork
+    server forked into their own sessions; empty once it is gone."""
+    if not HAVE_PROC or not is_alive(pid, start_ticks):
+        return []
+    return [p for p, fields in _processes() if int(fields[1]) == pid]
+
+
+def group_alive(pid: int, start_ticks: int | None) -> bool:
+    """Whether the leader or any process of its group or session still runs."""
+    return bool(members(pid, start_ticks))
+
+
+def signal_group(pid: int, start_ticks: int | None, sig: int) -> int:
+    """Send ``sig`` to every member (see :func:`members`); how many were signalled."""
+    if not HAVE_PROC:
+        if not is_alive(pid, start_ticks):
+            return 0
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        return 1
+    found = members(pid, start_ticks)
+    for member in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(member, sig)
+    return len(found)
+
+
+def stop_group(pid: int, start_ticks: int | None, sig: int, timeout: float) -> bool:
+    """``sig`` to the whole group and session led by ``pid``, SIGKILL to what is left
+    after ``timeout``; returns whether it stopped gracefully."""
+    if not signal_group(pid, start_ticks, sig):
+        return True
+    if poll_until(lambda: not group_alive(pid, start_ticks), timeout):
+        return True
+    logger.warning("process group %d ignored signal %d for %.1fs; killing", pid, sig, timeout)
+    signal_group(pid, start_ticks, signal.SIGKILL)
+    poll_until(lambda: not group_alive(pid, start_ticks), 5.0)
+    return False
