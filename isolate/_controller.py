@@ -62,7 +62,7 @@ class RunController:
         self.run.create(Owner.current(), backend=self.backend_name)
         self.watchdog = Watchdog(self.run.path, self.backend_name, self.settings.stop_timeout)
         if self.settings.pg_dsn:  # the run's lease on the external server, kept fresh
-            self.lease = RunLease(check_server(self.settings.pg_dsn), self.run_id)
+            self.lease = RunLease(check_server(self.settings.pg_dsn), self.run_id, on_lost=self.run.mark_lost)
             dropped = self.lease.open(reap_stale=self.settings.reap_stale)
             if dropped:
                 logger.info("isolate dropped what stale runs left on the external PostgreSQL: %s",

@@ -11,10 +11,12 @@ from collections.abc import Mapping
 __all__ = [
     "BinaryNotFoundError",
     "ConfigError",
+    "ExternalServerError",
     "DockerUnavailableError",
     "FaultInjectionError",
     "ImageNotFoundError",
     "IsolateError",
+    "LeaseLostError",
     "MigrationError",
     "PortUnavailableError",
     "ServerStartError",
@@ -126,4 +128,18 @@ class UnexpectedFileError(IsolateError):
     default_hint = (
         "another process of the run-as user wrote into isolate's directories; use a "
         "dedicated run-as user (--isolate-run-as) that nothing else runs as"
+    )
+
+
+class ExternalServerError(IsolateError):
+    """An external server (``--isolate-pg-dsn``, ``--isolate-redis-url``) refused a step."""
+
+
+class LeaseLostError(IsolateError):
+    """A run lost its hold on an external server's resources to another run: a worker's
+    Redis DB, or the run's lease row (its objects were dropped as a dead run's)."""
+
+    default_hint = (
+        "the run stalled longer than the lease's expiry (a paused machine, a long network "
+        "outage); run the tests again"
     )

@@ -21,7 +21,7 @@ from typing import TypeVar
 from ._backends import Backend, Runner, make_backend
 from ._config import Settings
 from ._database import Migrations, TemplatePlan, WorkerDatabase, migrations_key, run_bootstrap
-from ._errors import ConfigError
+from ._errors import ConfigError, LeaseLostError
 from ._identity import WorkerIdentity
 from ._postgres import PostgresConfig, PostgresServer, tuned_settings
 from ._postgres.external import ExternalPostgresRunner
@@ -342,6 +342,16 @@ class WorkerStack:
             handle.close()
             for kind in ("service", "forkserver"):
                 self.run.registry.unregister(f"{kind}-{handle.name}")
+
+    def check(self) -> None:
+        """Raise :class:`~isolate.LeaseLostError` if the run or this worker lost its hold
+        on an external server (its objects, or its Redis DB, are another run's now): a
+        test must not go on writing there."""
+        why = self.run.lost() if self.settings.pg_dsn else None
+        lease = self._redis_lease
+        why = why or (lease.lost if isinstance(lease, ExternalDbLease) else None)
+        if why:
+            raise LeaseLostError(why)
 
     def heal(self) -> list[str]:
         """Restore this worker's PostgreSQL and Redis if a test left them cut; what was."""

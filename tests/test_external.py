@@ -7,16 +7,19 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 from psycopg import sql
 from suite_support import clean_env, run_id_of
 
 import isolate
 from isolate._identity import new_run_id
-from isolate._postgres.external import drop_run_objects
+from isolate._postgres.external import RunLease, drop_run_objects
+from isolate._redis.lease import LEASE_KEY, MARK_KEY, ExternalDbLease
 
 SUITE = """
 import pytest
@@ -152,3 +155,137 @@ def test_the_docker_backend_uses_the_external_servers_too(
     result.assert_outcomes(passed=6)
     with psycopg.connect(isolate_postgres.admin_dsn, autocommit=True) as conn:
         assert run_objects(conn, run_id_of(result)) == []
+
+
+# -- leases that cannot be stolen ---------------------------------------------------------
+
+
+def _stale_run(conn: psycopg.Connection[tuple[object, ...]]) -> str:
+    """A run whose lease went stale an hour ago, with a role, schema and database."""
+    run_id = new_run_id()
+    conn.execute("CREATE TABLE IF NOT EXISTS isolate_run_leases (run_id text PRIMARY KEY, host text, "
+                 "pid int, started timestamptz DEFAULT now(), heartbeat timestamptz DEFAULT now(), "
+                 "kept boolean DEFAULT false)")  # fmt: skip
+    conn.execute("INSERT INTO isolate_run_leases (run_id, host, heartbeat) VALUES "
+                 "(%s, 'elsewhere', now() - interval '1 hour')", (run_id,))  # fmt: skip
+    for worker in ("gw0", "gw1", "gw2"):
+        name = sql.Identifier(f"isolate_{worker}_{run_id}")
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(name))
+        conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(name, name))
+        conn.execute(sql.SQL("CREATE TABLE {}.t (x int)").format(name))
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(name, name))
+    return run_id
+
+
+def _together(calls: list[object]) -> list[object]:
+    """What each call returned (or raised), all started at the same moment."""
+    barrier = threading.Barrier(len(calls))
+    results: list[object] = [None] * len(calls)
+
+    def start(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = calls[i]()  # type: ignore[operator]
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_shards_starting_together_against_a_stale_run_all_start(isolate_postgres: isolate.PostgresServer) -> None:
+    """Two shards start at the same moment, ten times, each time against a fresh stale run:
+    one claims it (under the lock) and drops its objects, the other leaves it alone, and
+    both start; nothing of the stale run is left."""
+    for _ in range(10):
+        with psycopg.connect(isolate_postgres.admin_dsn, autocommit=True) as conn:
+            stale = _stale_run(conn)
+        leases = [RunLease(isolate_postgres, new_run_id()) for _ in range(2)]
+        results = _together([lease.open for lease in leases])
+        try:
+            assert all(isinstance(r, list) for r in results), results
+            assert sum(bool(r) for r in results) == 1, results  # one shard dropped it
+            with psycopg.connect(isolate_postgres.admin_dsn, autocommit=True) as conn:
+                assert run_objects(conn, stale) == []
+        finally:
+            for lease in leases:
+                lease.close()
+
+
+def test_a_run_whose_lease_was_taken_for_dead_fails_its_tests(
+    pytester: pytest.Pytester, isolate_postgres: isolate.PostgresServer
+) -> None:
+    """The run's row vanishes (another run found it stale and dropped its objects): the
+    next heartbeat notices, and every later test fails with one clear error."""
+    pytester.makepyfile(test_lost="""
+        import psycopg
+        from tenacity import Retrying, stop_after_delay, wait_fixed
+
+        def test_1_the_lease_is_taken(isolate_stack, isolate_postgres):
+            with psycopg.connect(isolate_postgres.admin_dsn, autocommit=True) as conn:
+                conn.execute("DELETE FROM isolate_run_leases WHERE run_id = %s", (isolate_stack.worker.run_id,))
+            for attempt in Retrying(stop=stop_after_delay(60), wait=wait_fixed(0.2), reraise=True):
+                with attempt:
+                    assert isolate_stack.run.lost()
+
+        def test_2_later_tests_fail(isolate_database):
+            pass
+    """)  # fmt: skip
+    result = pytester.runpytest_subprocess("-p", "no:randomly", f"--isolate-pg-dsn={isolate_postgres.admin_dsn}")
+    result.assert_outcomes(passed=1, errors=1)
+    out = result.stdout.str()
+    assert "LeaseLostError" in out and "took this one for dead" in out, out
+
+
+def _holder_of(client: object, db: int) -> bytes | None:
+    return client.get(LEASE_KEY.format(db=db))  # type: ignore[attr-defined,no-any-return]
+
+
+def test_a_redis_lease_lost_to_another_shard_is_never_flushed(isolate_redis: isolate.RedisServer) -> None:
+    """A worker that stalled past its lease's expiry: another shard took the DB. Neither
+    its refresh nor its release touches the new holder's DB, and it records the loss."""
+    lease = ExternalDbLease(isolate_redis.url, "stalled")
+    db = lease.server.db
+    with isolate_redis.admin() as client:
+        client.set(LEASE_KEY.format(db=db), "the-other-shard")  # expired and taken
+        other = redis.Redis(host=isolate_redis.host, port=isolate_redis.port, db=db)
+        other.set("theirs", "1")
+        lease._refresh_once()
+        assert lease.lost is not None and "lost its lease" in lease.lost
+        lease.release()
+        assert other.get("theirs") == b"1"
+        assert _holder_of(client, db) == b"the-other-shard"
+        client.delete(LEASE_KEY.format(db=db))
+        other.flushdb()
+        other.close()
+
+
+def test_a_redis_db_holding_someone_elses_keys_is_skipped_not_flushed(isolate_redis: isolate.RedisServer) -> None:
+    with isolate_redis.admin() as client:
+        databases = int(client.config_get("databases")["databases"])
+        others = [redis.Redis(host=isolate_redis.host, port=isolate_redis.port, db=db) for db in range(databases)]
+        try:
+            first = ExternalDbLease(isolate_redis.url, "probe")  # the first free DB
+            taken = first.server.db
+            first.release()
+            client.delete(MARK_KEY.format(db=taken))  # never isolate's
+            others[taken].set("not-isolates", "1")
+            lease = ExternalDbLease(isolate_redis.url, "mine")
+            assert lease.server.db != taken
+            assert others[taken].get("not-isolates") == b"1"
+            lease.release()
+            for db in range(1, databases):  # every DB someone else's: a clear error
+                if not client.exists(LEASE_KEY.format(db=db)):
+                    client.delete(MARK_KEY.format(db=db))
+                    others[db].set("not-isolates", "1")
+            with pytest.raises(isolate.ConfigError, match="hold keys isolate did not write"):
+                ExternalDbLease(isolate_redis.url, "mine")
+        finally:
+            for db, other in enumerate(others):
+                if db and not client.exists(LEASE_KEY.format(db=db)):
+                    other.delete("not-isolates")
+                other.close()

@@ -14,13 +14,14 @@ import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from .._errors import ConfigError
+from .._errors import ConfigError, ExternalServerError
 from .._run.registry import ProcessRecord
 from .server import PostgresServer
 
@@ -112,38 +113,75 @@ def _run_names(run_id: str) -> re.Pattern[str]:
     return re.compile(rf"^isolate_[a-z0-9_]*_{re.escape(run_id)}$")
 
 
+#: What a drop meets when another process dropped the object first (or is dropping it).
+_GONE = (psycopg.errors.UndefinedObject, psycopg.errors.InvalidCatalogName,
+         psycopg.errors.InvalidSchemaName)  # fmt: skip
+
+
+def _tolerant(conn: psycopg.Connection[tuple[object, ...]], query: sql.Composed | str,
+              params: tuple[object, ...] = ()) -> None:  # fmt: skip
+    """Run one drop step; an object already gone is fine, and a catalog row another
+    session updates at the same moment (``tuple concurrently updated``) is tried again."""
+    for attempt in range(5):
+        try:
+            conn.execute(query, params)
+            return
+        except _GONE:
+            return
+        except psycopg.errors.InternalError_ as exc:
+            if "concurrently" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))  # the other session's transaction ends
+
+
 def drop_run_objects(server: PostgresServer, run_id: str) -> list[str]:
-    """Drop the databases, schemas and roles of run ``run_id``; what was dropped."""
+    """Drop the databases, schemas and roles of run ``run_id``; what was dropped. Safe
+    to run while another process drops the same run: what is gone is skipped, and a
+    failure is one :class:`~isolate.ExternalServerError` naming the server and the run."""
     pattern, like = _run_names(run_id), f"isolate\\_%\\_{run_id}"
     dropped: list[str] = []
-    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-        roles = [r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (like,))]
-        for role in filter(pattern.match, roles):  # its sessions end before its objects go
-            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
-        for (name,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (like,)).fetchall():
-            if pattern.match(name):
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-                dropped.append(f"database {name}")
-        for (name,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (like,)).fetchall():
-            if pattern.match(name):
-                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-                dropped.append(f"schema {name}")
-        for role in filter(pattern.match, roles):
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-            dropped.append(f"role {role}")
-        if conn.execute("SELECT to_regclass(%s)", (_TABLE,)).fetchone() != (None,):
-            conn.execute(sql.SQL("DELETE FROM {} WHERE run_id = %s").format(sql.Identifier(_TABLE)), (run_id,))
+    try:
+        with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+            roles = [r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (like,))]
+            for role in filter(pattern.match, roles):  # its sessions end before its objects go
+                _tolerant(conn, sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
+                _tolerant(conn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+            for (name,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (like,)).fetchall():
+                if pattern.match(name):
+                    _tolerant(conn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+                    dropped.append(f"database {name}")
+            for (name,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (like,)).fetchall():
+                if pattern.match(name):
+                    _tolerant(conn, sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+                    dropped.append(f"schema {name}")
+            for role in filter(pattern.match, roles):
+                _tolerant(conn, sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+                _tolerant(conn, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+                dropped.append(f"role {role}")
+            if conn.execute("SELECT to_regclass(%s)", (_TABLE,)).fetchone() != (None,):
+                conn.execute(sql.SQL("DELETE FROM {} WHERE run_id = %s").format(sql.Identifier(_TABLE)), (run_id,))
+    except psycopg.Error as exc:
+        raise ExternalServerError(
+            f"could not drop run {run_id}'s objects on the external PostgreSQL "
+            f"{server.host}:{server.port}: {exc}".strip(),
+            hint=f"python -m isolate cleanup {run_id} tries again; a later run drops them once "
+            "the run's lease is stale",
+        ) from None
     return dropped
 
 
 class RunLease:
     """This run's row in the server's lease table, kept fresh by a heartbeat thread."""
 
-    def __init__(self, server: PostgresServer, run_id: str) -> None:
+    def __init__(self, server: PostgresServer, run_id: str,
+                 on_lost: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self.server = server
         self.run_id = run_id
+        #: Called (from the heartbeat thread) if the row is gone: another run took this
+        #: run for dead and dropped its objects.
+        self.on_lost = on_lost
+        #: Why the lease was lost, or ``None``.
+        self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -151,16 +189,25 @@ class RunLease:
         """Take the lease (and drop what runs with stale leases left); what was dropped."""
         try:
             stale = self._take(reap_stale)
-        except psycopg.Error as exc:
+        except psycopg.errors.InsufficientPrivilege as exc:
             raise ConfigError(
                 f"cannot keep the run's lease on the --isolate-pg-dsn server: {exc}".strip(),
                 hint=f"the DSN's role needs CREATE on the public schema of {self.server.database!r} "
                 f"(or create the table {_TABLE} there for it)",
             ) from None
+        except psycopg.Error as exc:
+            raise ExternalServerError(
+                f"cannot take run {self.run_id}'s lease on the external PostgreSQL "
+                f"{self.server.host}:{self.server.port}: {exc}".strip(),
+                hint="check the server's log; starting the run again takes a new lease",
+            ) from None
         dropped: list[str] = []
-        for run_id in stale:
+        for run_id in stale:  # claimed by this run alone
             logger.info("isolate: run %s on the external PostgreSQL is stale; dropping its objects", run_id)
-            dropped += drop_run_objects(self.server, run_id)
+            try:
+                dropped += drop_run_objects(self.server, run_id)
+            except ExternalServerError as exc:  # not this run's problem: its claim goes stale
+                logger.warning("isolate: %s", exc)  # again, and a later run tries once more
         self._thread = threading.Thread(target=self._beat, name=f"isolate-lease-{self.run_id}", daemon=True)
         self._thread.start()
         return dropped
@@ -175,20 +222,40 @@ class RunLease:
                 "kept boolean DEFAULT false)").format(table))  # fmt: skip
             conn.execute(sql.SQL("INSERT INTO {} (run_id, host, pid) VALUES (%s, %s, pg_backend_pid())").format(table),
                          (self.run_id, socket.gethostname()))  # fmt: skip
+            # Claimed under the lock: a claimed run's heartbeat is new again, so a shard
+            # starting at the same moment does not drop it too (and if this run dies while
+            # dropping, the claim goes stale and a later run finishes the job).
             stale = [r for (r,) in conn.execute(sql.SQL(
-                "SELECT run_id FROM {} WHERE NOT kept AND heartbeat < now() - make_interval(secs => %s)"
+                "UPDATE {} SET heartbeat = now() WHERE NOT kept AND run_id <> %s "
+                "AND heartbeat < now() - make_interval(secs => %s) RETURNING run_id"
                 ).format(table),
-                (STALE_AFTER_S,))] if reap_stale else []  # fmt: skip
+                (self.run_id, STALE_AFTER_S))] if reap_stale else []  # fmt: skip
         return stale
 
     def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S) and self.beat():
+            pass
+
+    def beat(self) -> bool:
+        """Refresh the heartbeat once; ``False`` once the lease is lost (its row is gone)."""
         update = sql.SQL("UPDATE {} SET heartbeat = now() WHERE run_id = %s").format(sql.Identifier(_TABLE))
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                with psycopg.connect(self.server.admin_dsn, autocommit=True, connect_timeout=5) as conn:
-                    conn.execute(update, (self.run_id,))
-            except psycopg.Error as exc:  # the next beat may get through
-                logger.warning("isolate: lease heartbeat on the external PostgreSQL failed: %s", exc)
+        try:
+            with psycopg.connect(self.server.admin_dsn, autocommit=True, connect_timeout=5) as conn:
+                found = conn.execute(update, (self.run_id,)).rowcount
+        except psycopg.Error as exc:  # the next beat may get through
+            logger.warning("isolate: lease heartbeat on the external PostgreSQL failed: %s", exc)
+            return True
+        if found == 0 and not self._stop.is_set():
+            self.lost = (
+                f"run {self.run_id}'s lease on the external PostgreSQL {self.server.host}:"
+                f"{self.server.port} is gone: another run took this one for dead (no heartbeat "
+                f"for {STALE_AFTER_S:.0f}s) and dropped its schemas, databases and roles"
+            )
+            logger.error("isolate: %s", self.lost)
+            if self.on_lost is not None:
+                self.on_lost(self.lost)
+            return False
+        return True
 
     def close(self, *, kept: bool = False) -> None:
         """Stop the heartbeat and remove the row (call it after :func:`drop_run_objects`);

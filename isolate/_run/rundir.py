@@ -87,6 +87,16 @@ class RunDir:
         """The recorded owner, ``None`` if there is no trustworthy record (see :meth:`facts`)."""
         return Owner.parse(self.facts())
 
+    def mark_lost(self, why: str) -> None:
+        """Record that the run lost its lease on an external server: every worker fails
+        its next test with this (see :meth:`lost`)."""
+        write_json(self.path / "lost.json", {"why": why})
+
+    def lost(self) -> str | None:
+        """Why the run lost its lease, if it did (a stat per call: cheap enough per test)."""
+        state = self.state("lost")
+        return str(state["why"]) if state else None
+
     @property
     def kept_dir(self) -> Path:
         return self.path / "kept"

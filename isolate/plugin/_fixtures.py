@@ -28,9 +28,12 @@ def isolate_stack(pytestconfig: pytest.Config) -> WorkerStack:
 
 @pytest.fixture(autouse=True)
 def _isolate_restore_faults(pytestconfig: pytest.Config) -> Iterator[None]:
-    """After every test, undo a ``cut()`` it left in effect (whatever happened)."""
-    yield
+    """Before every test, fail it if the run lost a lease on an external server; after
+    it, undo a ``cut()`` it left in effect (whatever happened)."""
     stack = pytestconfig.stash.get(STACK_KEY, None)
+    if stack is not None:
+        stack.check()
+    yield
     if stack is not None:
         stack.heal()
 
