@@ -158,7 +158,9 @@ class NativeBackend:
 
 def reap_leftovers(run: RunDir, backend: Backend, timeout: float) -> list[str]:
     """Stop every process the run registered and remove what the backend made for it
-    (containers, networks); the names reaped. The run dir itself stays."""
+    (containers, networks); the names reaped. The run dir itself stays. From here on the
+    run's workers start nothing more."""
+    run.mark_stopping()
     reaped = run.registry.reap(timeout)
     try:
         reaped += backend.reap_run()

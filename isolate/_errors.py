@@ -19,6 +19,7 @@ __all__ = [
     "LeaseLostError",
     "MigrationError",
     "PortUnavailableError",
+    "RunStoppingError",
     "ServerStartError",
     "ServiceError",
     "ServiceExitedError",
@@ -143,3 +144,9 @@ class LeaseLostError(IsolateError):
         "the run stalled longer than the lease's expiry (a paused machine, a long network "
         "outage); run the tests again"
     )
+
+
+class RunStoppingError(IsolateError):
+    """The run is being torn down (its reaper runs): nothing new is started."""
+
+    default_hint = "the run was interrupted or its controller ended; nothing to fix in the test"

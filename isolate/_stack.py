@@ -21,7 +21,7 @@ from typing import TypeVar
 from ._backends import Backend, Runner, make_backend
 from ._config import Settings
 from ._database import Migrations, TemplatePlan, WorkerDatabase, migrations_key, run_bootstrap
-from ._errors import ConfigError, LeaseLostError
+from ._errors import ConfigError, LeaseLostError, RunStoppingError
 from ._identity import WorkerIdentity
 from ._postgres import PostgresConfig, PostgresServer, tuned_settings
 from ._postgres.external import ExternalPostgresRunner
@@ -97,6 +97,17 @@ class WorkerStack:
                           group=group, scope="run")
         )  # fmt: skip
 
+    def register_worker(self, name: str) -> None:
+        """Record this worker process for the run's reaper, which freezes a worker still
+        alive when it reaps (so it cannot start anything afterwards), then kills it."""
+        self.run.registry.register(ProcessRecord(name=name, pid=os.getpid(), start_ticks=process_start_ticks(os.getpid()),
+                                                 group=False, scope="run", freeze=True))  # fmt: skip
+
+    def _refuse_if_stopping(self) -> None:
+        """No process is started once the run is being reaped: it would outlive the pass."""
+        if self.run.stopping():
+            raise RunStoppingError(f"run {self.worker.run_id} is stopping: {self.worker.worker_id} starts nothing more")
+
     def release_process(self, name: str) -> None:
         """Forget a process adopted under ``name`` (it has ended, or is stopped elsewhere)."""
         self.run.registry.unregister(name)
@@ -105,6 +116,7 @@ class WorkerStack:
         """Start ``runner``; its processes are registered as they are spawned (a shared
         server with run scope: it outlives the worker that started it), and a failed
         start leaves nothing behind."""
+        self._refuse_if_stopping()
         scope = "run" if shared else "worker"
         runner.on_spawn = lambda record: self.run.registry.register(replace(record, scope=scope))
         try:
@@ -286,6 +298,7 @@ class WorkerStack:
                 "depends_on order), or start those first",
             )
         values["services"] = dict(self._services)  # the handles: {services[NAME].url}
+        self._refuse_if_stopping()
         launcher = self.backend.service(spec, instance, self.run.worker_dir(self.worker.slug) / f"{instance}.log")
         launcher.warm(self.run.registry.register)  # a fork server preloads meanwhile
         try:
@@ -297,7 +310,7 @@ class WorkerStack:
         handle = ServiceHandle(
             spec, instance, values, launcher, ready_timeout=self.settings.ready_timeout,
             stop_timeout=self.settings.stop_timeout, on_start=self._register_service,
-            timings=self.timings,
+            timings=self.timings, before_start=self._refuse_if_stopping,
         )  # fmt: skip
         self._services[spec.name] = handle
         try:

@@ -116,6 +116,38 @@ def test_a_sigkilled_controller_is_reaped_by_the_watchdog(suite: pytest.Pytester
     assert time.monotonic() - started < 10
 
 
+CHURN = """
+import os, signal
+from pathlib import Path
+import pytest
+
+@pytest.mark.parametrize("n", range(4))
+def test_churn(n, isolate_service):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker that will not stop when asked
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Path(os.environ["FAULT_DIR"], "up-" + os.environ.get("PYTEST_XDIST_WORKER", "main")).touch()
+    while True:  # a new service process every moment, until the run is reaped
+        isolate_service.restart()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_still_starting_processes_when_the_run_is_reaped_leave_nothing(
+    suite: pytest.Pytester, sig: signal.Signals
+) -> None:
+    """Workers that ignore SIGTERM and SIGINT and keep starting processes while the
+    controller (or, after SIGKILL, the watchdog) reaps: they are frozen before the pass,
+    what they spawned is stopped with them, and no start happens after it."""
+    suite.makepyfile(test_churn=CHURN)
+    for _ in range(2):
+        shutil.rmtree(suite.path / "fault", ignore_errors=True)
+        run = Run(suite.path, "-n", "2", "--isolate-stop-timeout=3", "test_churn.py")
+        run.wait_up(2)
+        run.proc.send_signal(sig)
+        run.finish(90)
+        poll(run.leftovers, 30)
+
+
 @pytest.mark.parametrize(
     ("module", "runner", "start"),
     [("isolate._postgres.native", "NativePostgresRunner", "postgres"),

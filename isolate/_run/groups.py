@@ -24,9 +24,34 @@ from collections.abc import Iterator
 from .._retry import poll_until
 from .liveness import HAVE_PROC, is_alive, stat_fields
 
-__all__ = ["children", "group_alive", "members", "signal_group", "stop_group"]
+__all__ = ["children", "group_alive", "members", "send", "signal_group", "stop_group"]
 
 logger = logging.getLogger(__name__)
+
+
+def send(pid: int, start_ticks: int | None, sig: int) -> bool:
+    """Signal the process ``pid`` that started at ``start_ticks``, never another that
+    reuses its pid: through a pidfd (Linux 5.3+) taken before the start time is checked,
+    else by pid right after the check. Whether it was signalled."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        if not is_alive(pid, start_ticks):  # checked after the pidfd pinned the process
+            return False
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, sig)
+        else:
+            os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _processes() -> Iterator[tuple[int, list[str]]]:
@@ -77,11 +102,10 @@ def signal_group(pid: int, start_ticks: int | None, sig: int) -> int:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
         return 1
-    found = members(pid, start_ticks)
-    for member in found:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(member, sig)
-    return len(found)
+    if _reused(pid, start_ticks):
+        return 0
+    found = [(p, int(fields[19])) for p, fields in _processes() if pid in (int(fields[2]), int(fields[3]))]
+    return sum(send(member, ticks, sig) for member, ticks in found)
 
 
 def stop_group(pid: int, start_ticks: int | None, sig: int, timeout: float) -> bool:

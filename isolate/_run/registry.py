@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .._fs import owned_by_me
 from .._retry import poll_until
-from .groups import children, group_alive, members, stop_group
+from .groups import children, group_alive, members, send, stop_group
 from .liveness import is_alive, process_start_ticks
 
 __all__ = ["ProcessRecord", "ProcessRegistry", "stop_tree"]
@@ -58,6 +58,9 @@ class ProcessRecord:
     #: reaped when its successor starts); ``run``: shared, lives until the run ends.
     scope: str = "worker"
     owner_ticks: int | None = field(default_factory=lambda: process_start_ticks(os.getpid()))
+    #: A worker: frozen (SIGSTOP) before anything of the run is reaped, so it cannot start
+    #: a process after the reaper's pass, then killed.
+    freeze: bool = False
 
 
 def _stop(record: ProcessRecord, timeout: float) -> None:
@@ -65,11 +68,10 @@ def _stop(record: ProcessRecord, timeout: float) -> None:
     if record.group:
         stop_tree(record.pid, record.start_ticks, record.stop_signal, timeout)
         return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(record.pid, record.stop_signal)
-    if not poll_until(lambda: not is_alive(record.pid, record.start_ticks), timeout):  # type: ignore[arg-type]
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(record.pid, signal.SIGKILL)
+    pid, ticks = record.pid, record.start_ticks
+    sig = signal.SIGKILL if record.freeze else record.stop_signal  # a frozen worker ends now
+    if send(pid, ticks, sig) and not poll_until(lambda: not is_alive(pid, ticks), timeout):
+        send(pid, ticks, signal.SIGKILL)
 
 
 class ProcessRegistry:
@@ -124,13 +126,32 @@ class ProcessRegistry:
         return self._reap(dead, timeout)
 
     def reap(self, timeout: float = 10.0) -> list[str]:
-        """Stop every recorded process (workers first, PostgreSQL last) and remove its
-        paths; the names reaped. A process is only signalled if its start time matches."""
-        return self._reap(list(self.records()), timeout)
+        """Stop everything of the run (workers first, PostgreSQL last) and remove its
+        paths; the names reaped. A process is only signalled if its start time matches.
 
-    def _reap(self, records: list[ProcessRecord], timeout: float) -> list[str]:
+        Workers still alive (the controller died, or an interruption is cut short) are
+        frozen first, so none starts anything after the pass; what they spawned without
+        having registered it yet (their children) is stopped with them; and the registry
+        is read again until a pass finds nothing new.
+        """
+        reaped: list[str] = []
+        for _ in range(5):
+            records = list(self.records())
+            frozen = [r for r in records if r.freeze and r.pid and send(r.pid, r.start_ticks, signal.SIGSTOP)]
+            known = {r.pid for r in records}
+            strays = [ProcessRecord(name=f"child-{kid}-of-{r.name}", pid=kid, start_ticks=process_start_ticks(kid))
+                      for r in frozen for kid in children(r.pid, r.start_ticks) if kid not in known]  # type: ignore[arg-type]  # fmt: skip
+            done = self._reap(records, timeout)
+            done += self._reap(strays, timeout, registered=False)
+            reaped += done
+            if not done and not strays:
+                break
+        return reaped
+
+    def _reap(self, records: list[ProcessRecord], timeout: float, *, registered: bool = True) -> list[str]:
         reaped = []
-        order = sorted(records, key=lambda r: (r.group, r.name == "postgres", r.name))
+        # Frozen workers after what they started; PostgreSQL last (workers' schemas).
+        order = sorted(records, key=lambda r: (r.freeze, r.group, r.name == "postgres", r.name))
         for record in order:
             if record.pid is not None and record.start_ticks is not None:
                 alive = group_alive if record.group else is_alive
@@ -148,5 +169,6 @@ class ProcessRegistry:
                 else:
                     with contextlib.suppress(OSError):
                         inside.unlink()
-            self.unregister(record.name)
+            if registered:
+                self.unregister(record.name)
         return reaped

@@ -87,6 +87,14 @@ class RunDir:
         """The recorded owner, ``None`` if there is no trustworthy record (see :meth:`facts`)."""
         return Owner.parse(self.facts())
 
+    def mark_stopping(self) -> None:
+        """The run is being reaped: workers start nothing more (see :meth:`stopping`)."""
+        with contextlib.suppress(OSError):
+            write_json(self.path / "stopping.json", {"since": time.time()})
+
+    def stopping(self) -> bool:
+        return self.state("stopping") is not None
+
     def mark_lost(self, why: str) -> None:
         """Record that the run lost its lease on an external server: every worker fails
         its next test with this (see :meth:`lost`)."""

@@ -92,6 +92,7 @@ class ServiceHandle:
         stop_timeout: float,
         on_start: Callable[[ServiceHandle], None] | None = None,
         timings: Timings | None = None,
+        before_start: Callable[[], None] | None = None,
     ) -> None:
         self.spec = spec
         self.name = instance_name
@@ -101,6 +102,8 @@ class ServiceHandle:
         self.ready_timeout = spec.ready_timeout or ready_timeout
         self.stop_timeout = spec.stop_timeout or stop_timeout
         self.on_start = on_start
+        #: Called before every start; raises to refuse it (the run is stopping).
+        self.before_start = before_start
         self.timings = timings
         self.lease: PortLease | None = None
         self.last_exit_code: int | None = None
@@ -157,6 +160,8 @@ class ServiceHandle:
         start_on_free_port(first_start, what=self.name, attempts=3)
 
     def _start(self, wait: bool) -> None:
+        if self.before_start is not None:
+            self.before_start()
         self._log_mark = len(self.logs())
         self.launcher.launch()
         self.starts += 1

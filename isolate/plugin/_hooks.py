@@ -94,8 +94,8 @@ def pytest_configure(config: pytest.Config) -> None:
         stack = WorkerStack(settings, worker, run, backend, config.rootpath)
         config.stash[STACK_KEY] = stack
         if workerinput is not None:
-            # If the controller dies, its watchdog stops this worker too.
-            stack.adopt_process(os.getpid(), _worker_record(worker.worker_id), group=False)
+            # If the controller dies, its watchdog stops this worker too (frozen first).
+            stack.register_worker(_worker_record(worker.worker_id))
             config.stash[GATE_KEY] = SerialGate(run.path)
     except IsolateError as exc:
         raise pytest.UsageError(str(exc)) from None
