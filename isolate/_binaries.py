@@ -24,10 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
 from ._errors import BinaryNotFoundError
-from ._fs import own_dir
+from ._fs import entry_lock, hold_entry, own_dir, release_entry
 from ._process import RunAs
 
 __all__ = ["Binary", "find_postgres", "find_redis", "reachable_copy"]
@@ -167,16 +165,26 @@ def reachable_copy(binary: Binary, run_as: RunAs | None) -> Path:
         f"{binary.path}:{binary.path.stat().st_mtime_ns}:{binary.version}".encode()
     ).hexdigest()[:16]
     # This user's own cache (others may read and run, never write, what is in it).
-    cache = own_dir(Path(tempfile.gettempdir()) / f"isolate-bin-cache-{os.geteuid()}", 0o755)
-    target = cache / f"{binary.path.name}-{key}"
-    with FileLock(str(cache / f"{target.name}.lock")):
-        if not target.exists():
-            logger.info("copying %s to %s so %s can run it", base, target, run_as.name)
-            staging = cache / f"{target.name}.tmp-{os.getpid()}"
-            for directory in tree:
-                shutil.copytree(directory, staging / directory.relative_to(base), symlinks=True)
-            for path in [staging, *staging.rglob("*")]:
-                if path.is_dir():
-                    os.chmod(path, 0o755)
-            staging.rename(target)
+    def cache() -> Path:
+        return own_dir(Path(tempfile.gettempdir()) / f"isolate-bin-cache-{os.geteuid()}", 0o755)
+
+    target = cache() / f"{binary.path.name}-{key}"
+    lock = f"{target.name}.lock"
+    # In use (a shared lock, held for the life of this process: its servers exec from
+    # the copy) once it exists; made under the exclusive lock if it does not.
+    hold_entry(cache, lock)
+    if not target.exists():
+        release_entry(cache, lock)
+        with entry_lock(cache, lock, shared=False):
+            if not target.exists():
+                logger.info("copying %s to %s so %s can run it", base, target, run_as.name)
+                staging = cache() / f"{target.name}.tmp-{os.getpid()}"
+                shutil.rmtree(staging, ignore_errors=True)
+                for directory in tree:
+                    shutil.copytree(directory, staging / directory.relative_to(base), symlinks=True)
+                for path in [staging, *staging.rglob("*")]:
+                    if path.is_dir():
+                        os.chmod(path, 0o755)
+                staging.rename(target)
+        hold_entry(cache, lock)
     return target / binary.bin_dir.relative_to(base)

@@ -11,8 +11,8 @@ there) and every container, network and volume labelled
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -23,7 +23,7 @@ from . import __version__
 from ._backends import docker_installed
 from ._config import default_base_dir, resolve_settings
 from ._errors import IsolateError
-from ._fs import owned_by_me
+from ._fs import owned_by_me, remove_unused
 from ._ports import lock_dir, try_lease
 from ._run.rundir import RUN_PREFIX, RunDir, reap_stale_runs, stale_runs
 from ._watchdog import reap_run_dir
@@ -144,26 +144,51 @@ def _stale_port_locks(dry_run: bool) -> list[Path]:
     return found
 
 
+def _clean_cache_dir(cache: Path, dry_run: bool) -> tuple[list[str], list[str]]:
+    """Every entry of a cache dir (a template, a binary copy) that no live process holds,
+    with its lock file and what a crashed build left; (removed, kept)."""
+    removed, kept = [], []
+    names = {p.name for p in cache.iterdir() if p.is_dir() and ".tmp-" not in p.name}
+    names |= {p.name[: -len(".lock")] for p in cache.glob("*.lock")}
+    for name in sorted(names):
+        entry = cache / name
+        leftovers = sorted(cache.glob(f"{name}.tmp-*"))
+        if remove_unused(cache, f"{name}.lock", entry, *leftovers, dry_run=dry_run):
+            removed.append(str(entry))
+        else:
+            kept.append(str(entry))
+    if not dry_run:
+        with contextlib.suppress(OSError):
+            cache.rmdir()  # only if empty: a run may be making a new entry right now
+    return removed, kept
+
+
 def clean_caches(bases: Sequence[Path], dry_run: bool) -> list[str]:
     """This user's caches: initdb templates, binary copies, build locks and, with the
     docker extra and an engine, the built service images, and the port lock files a
-    crashed process left (each taken as a lease first, so a held one stays)."""
+    crashed process left. What a live run uses (it holds the entry's lock: a template
+    it copies, binaries its servers run, an image its containers run) is kept."""
     verb = "would remove" if dry_run else "removed"
     uid = os.geteuid()
     tmp = Path(tempfile.gettempdir())
-    found = [p for p in (*(b / f"isolate-cache-{uid}" for b in bases),
-                         tmp / f"isolate-bin-cache-{uid}", tmp / f"isolate-build-locks-{uid}")
-             if owned_by_me(p)]  # fmt: skip
+    caches = [p for p in (*(b / f"isolate-cache-{uid}" for b in bases), tmp / f"isolate-bin-cache-{uid}")
+              if owned_by_me(p)]  # fmt: skip
     done = []
-    for path in found:
-        if not dry_run:
-            shutil.rmtree(path, ignore_errors=True)
-        done.append(f"{verb} {path}")
+    for cache in caches:
+        removed, kept = _clean_cache_dir(cache, dry_run)
+        done += [f"{verb} {path}" for path in removed]
+        done += [f"kept {path} (a live run uses it)" for path in kept]
     done += [f"{verb} {path}" for path in _stale_port_locks(dry_run)]
     if _docker_unavailable() is None:
         from ._docker.images import remove_built_images
 
-        done += [f"{verb} {item}" for item in remove_built_images(dry_run)]
+        images, in_use = remove_built_images(dry_run)
+        done += [f"{verb} {item}" for item in images]
+        done += [f"kept {item} (a live run uses it)" for item in in_use]
+    else:
+        locks = tmp / f"isolate-build-locks-{uid}"
+        for path in sorted(locks.glob("*.lock")) if owned_by_me(locks) else ():
+            remove_unused(locks, path.name, dry_run=dry_run)
     return done
 
 

@@ -174,10 +174,27 @@ def _pick(ranges: list[range]) -> int:
 
 
 def reserve_port(attempts: int = 200) -> PortLease:
-    """Pick a free port outside the ephemeral range and lease it;
-    raise :class:`PortUnavailableError` if none."""
+    """Pick a free port outside the ephemeral range and lease it; raise
+    :class:`PortUnavailableError` if none. If every free port's lock in the shared lease
+    dir is another user's (pre-created or held), lease in a private dir instead."""
     ranges = candidate_ports(ephemeral_range())
-    directory = lock_dir()  # checked once per reservation, not once per candidate
+    shared = lock_dir()  # checked once per reservation, not once per candidate
+    lease, locked_out = _reserve(ranges, shared, attempts)
+    if lease is not None:
+        return lease
+    private = shared.with_name(f"isolate-ports-{os.geteuid()}")
+    if locked_out and shared != private:
+        logger.warning("isolate: every free port's lock in %s is held or owned by someone else; "
+                       "leasing in %s (leases there are not seen by other users' runs)", shared, private)  # fmt: skip
+        lease, _ = _reserve(ranges, own_dir(private), attempts)
+        if lease is not None:
+            return lease
+    raise PortUnavailableError(f"no free port found after {attempts} attempts")
+
+
+def _reserve(ranges: list[range], directory: Path, attempts: int) -> tuple[PortLease | None, bool]:
+    """A lease in ``directory``, or ``None`` and whether every free port found was locked."""
+    free = locked = 0
     for _ in range(attempts):
         try:
             port = _pick(ranges)
@@ -185,8 +202,10 @@ def reserve_port(attempts: int = 200) -> PortLease:
             continue
         if not portpicker.is_port_free(port):
             continue
+        free += 1
         lock = _try_lock(port, directory)
         if lock is None:
+            locked += 1
             continue
         # Re-check under the lease: the port may have been taken between the
         # pick and the lock by a process that does not use leases.
@@ -194,6 +213,5 @@ def reserve_port(attempts: int = 200) -> PortLease:
             lock.release()
             continue
         logger.debug("reserved port %d", port)
-        return PortLease(port, lock)
-    raise PortUnavailableError(f"no free port found after {attempts} attempts")
-
+        return PortLease(port, lock), False
+    return None, free > 0 and locked == free

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -835,3 +836,43 @@ def test_edited_build_context_runs_the_new_code(
         for tag in built:
             with contextlib.suppress(Exception):
                 docker_engine.images.remove(tag, force=True)
+
+
+def test_cleanup_caches_keeps_the_image_a_live_run_uses(
+    tmp_path: Path, images: Images, make_service: Any, docker_engine: Any
+) -> None:
+    """The image a worker's container runs, and its build lock, survive ``cleanup
+    --caches`` while the worker lives (even with the lock dir removed under it, a later
+    build goes on); once the worker is done with it, the clean-up removes the image."""
+    from isolate._docker.images import _lock_name, build_locks
+    from isolate._fs import release_entry
+
+    context = tmp_path / "svc"
+    _write_context(context, images.python, "in-use")
+    spec = isolate.ServiceSpec(name="dk-inuse", build_context=context, env={"PORT": "{port}"},
+                               health=isolate.HttpCheck("/"), stop_timeout=2)  # fmt: skip
+    svc = make_service(spec)
+    svc.start()
+    tag = svc.launcher.image
+    cleanup = [sys.executable, "-m", "isolate", "cleanup", "--caches"]
+    try:
+        out = subprocess.run(cleanup, env=clean_env(), capture_output=True, text=True, timeout=180, check=True).stdout
+        assert f"kept image {tag} (a live run uses it)" in out, out
+        docker_engine.images.get(tag)  # still there
+        svc.restart()  # and the run goes on with it
+        svc.close()
+        shutil.rmtree(build_locks())  # a clean-up of an older version, say: the dir is made again
+        _write_context(context, images.python, "rebuilt")
+        again = make_service(dataclasses.replace(spec, name="dk-inuse-2"))
+        again.start()
+        again.close()
+        with contextlib.suppress(Exception):
+            docker_engine.images.remove(again.launcher.image, force=True)
+        release_entry(build_locks, _lock_name(tag))  # this worker is done with it
+        out = subprocess.run(cleanup, env=clean_env(), capture_output=True, text=True, timeout=180, check=True).stdout
+        assert f"removed image {tag}" in out, out
+        with pytest.raises(Exception, match=r"No such image|not found"):
+            docker_engine.images.get(tag)
+    finally:
+        with contextlib.suppress(Exception):
+            docker_engine.images.remove(tag, force=True)

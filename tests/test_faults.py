@@ -31,6 +31,8 @@ from tenacity import Retrying, stop_after_delay, wait_fixed
 from isolate._config import default_base_dir
 from isolate._identity import new_run_id
 
+SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+
 HANG = """
 import os, time
 from pathlib import Path
@@ -434,3 +436,126 @@ def test_a_teardown_that_hangs_after_an_interruption_is_cut_short(suite: pytest.
     assert run.proc.returncode == pytest.ExitCode.INTERRUPTED, out
     assert "did not end within 21s of the interruption" in out
     poll(run.leftovers, 15)
+
+
+def test_a_run_id_a_live_run_uses_is_refused(suite: pytest.Pytester) -> None:
+    """A second run given the live run's id stops with a clear error and touches nothing
+    of the live run."""
+    first = Run(suite.path, "-n", "1", "test_hang.py")
+    first.wait_up(1)
+    running = first.leftovers()
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", "test_hang.py"],
+            cwd=suite.path, env=clean_env(ISOLATE_RUN_ID=first.run_id), capture_output=True, text=True,
+            timeout=120, check=False,
+        )  # fmt: skip
+        out = second.stdout + second.stderr
+        assert second.returncode == pytest.ExitCode.USAGE_ERROR, out
+        assert f"run id {first.run_id} is in use by a live run (pid {first.proc.pid})" in out, out
+        assert "--isolate-run-id" in out
+        assert set(first.leftovers()) >= set(running)  # nothing of the live run touched
+    finally:
+        first.proc.send_signal(signal.SIGTERM)
+        first.finish(60)
+    poll(first.leftovers, 15)
+
+
+CACHED = """
+import os
+from pathlib import Path
+from tenacity import Retrying, stop_after_delay, wait_fixed
+
+def test_cached(isolate_redis, isolate_database):
+    Path(os.environ["FAULT_DIR"], "up").touch()
+    for attempt in Retrying(stop=stop_after_delay(120), wait=wait_fixed(0.1), reraise=True):
+        with attempt:
+            assert Path(os.environ["FAULT_DIR"], "go").exists()
+    assert isolate_redis.client().ping()
+"""
+
+
+@needs_root
+def test_cleanup_caches_keeps_what_a_live_run_uses(suite: pytest.Pytester, tmp_path: Path) -> None:
+    """``cleanup --caches`` during a run: the binary copy its Valkey runs from stays (the
+    worker holds it), the run goes on; once the run is over, the next clean-up removes it."""
+    private = tmp_path / "private"  # 0700: nobody cannot run Valkey from here, isolate copies it
+    private.mkdir(mode=0o700)
+    import isolate._binaries as binaries
+
+    valkey = binaries.find_redis().path
+    shutil.copy(valkey, private / valkey.name)
+    suite.makepyfile(test_cached=CACHED)
+    run = Run(suite.path, "-p", "no:xdist", f"--isolate-redis-bin={private / valkey.name}", "test_cached.py")
+    run.fault_dir.joinpath("up").unlink(missing_ok=True)
+    poll(lambda: run.proc.poll() is None and (run.fault_dir / "up").exists(), 120)
+    cleaned = subprocess.run([sys.executable, "-m", "isolate", "cleanup", "--caches"], env=clean_env(),
+                             capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
+    copies = [Path(line.split()[1]) for line in cleaned.splitlines()
+              if line.startswith("kept ") and f"/{valkey.name}-" in line]  # fmt: skip
+    assert copies and all(line.endswith("(a live run uses it)") for line in cleaned.splitlines()
+                          if line.startswith("kept ")), cleaned  # fmt: skip
+    assert all(copy.exists() for copy in copies)
+    (run.fault_dir / "go").touch()
+    out = run.finish()
+    assert "1 passed" in out, out
+    cleaned = subprocess.run([sys.executable, "-m", "isolate", "cleanup", "--caches"], env=clean_env(),
+                             capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
+    assert not any(copy.exists() for copy in copies), cleaned
+
+
+HOLDER = r"""
+import fcntl, os, resource, sys, time
+shared, ready, stop, ports = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = []
+for spec in ports:
+    low, high = map(int, spec.split("-"))
+    for port in range(low, high):
+        fd = os.open(os.path.join(shared, f"{port}.lock"), os.O_CREAT | os.O_RDONLY, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.append(fd)
+open(ready, "w").close()
+while not os.path.exists(stop):
+    time.sleep(0.1)
+"""
+
+
+@needs_root
+def test_a_lease_dir_whose_locks_another_user_holds_falls_back_to_a_private_one() -> None:
+    """Another user holds the lock of every candidate port in the shared lease dir: the
+    leases go to a private dir (with a warning), not to PortUnavailableError."""
+    from isolate._ports import candidate_ports, ephemeral_range
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="isolate-test-ports-", dir="/tmp"))
+    os.chmod(tmp_path, 0o755)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    os.chmod(tmp, 0o1777)
+    shared = tmp / "isolate-ports"  # root's, sticky and world-writable: the shared dir
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    (tmp_path / "holder.py").write_text(HOLDER)
+    ranges = candidate_ports(ephemeral_range())
+    split = [f"{r.start}-{r.stop}" for r in ranges for r in (r[: len(r) // 2], r[len(r) // 2 :])]
+    halves = [split[0::2], split[1::2]]  # each holder half of every range: fds per process are limited
+    ready, stop = tmp / "ready", tmp / "stop"
+    holders = [subprocess.Popen(
+        ["su", "nobody", "-s", "/bin/sh", "-c", f"ulimit -n $(ulimit -Hn); exec {SYSTEM_PYTHON} "
+         f"{tmp_path / 'holder.py'} {shared} {ready}{i} {stop} {' '.join(half)}"],
+    ) for i, half in enumerate(halves)]  # fmt: skip
+    try:
+        poll(lambda: all(h.poll() is None for h in holders) and all(
+            Path(f"{ready}{i}").exists() for i in range(2)), 120)
+        code = "import isolate, logging\nlogging.basicConfig()\nprint(isolate.reserve_port().port)\n"
+        done = subprocess.run([sys.executable, "-c", code], env={**clean_env(), "TMPDIR": str(tmp)},
+                              capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "is held or owned by someone else; leasing in" in done.stderr, done.stderr
+        assert f"isolate-ports-{os.geteuid()}" in done.stderr
+    finally:
+        stop.touch()
+        for holder in holders:
+            holder.wait(60)
+        shutil.rmtree(tmp_path, ignore_errors=True)

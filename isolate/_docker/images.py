@@ -13,10 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from .._errors import ConfigError, DockerUnavailableError, ImageNotFoundError
-from .._fs import own_dir
+from .._fs import entry_lock, hold_entry, own_dir, release_entry, remove_unused
 from .._service.spec import tail_text
 from .engine import is_docker_error, reason
 
@@ -89,36 +87,60 @@ def build_image(client: Any, name: str, context: Path) -> str:
         )
     repo = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("._-") or "service"
     tag = f"isolate-build/{repo}:{context_digest(context)}"
-    with contextlib.suppress(Exception):
-        client.images.get(tag)
+    lock = _lock_name(tag)
+    # In use for the life of this worker (its containers run the image): a shared lock,
+    # so `cleanup --caches` leaves the image (and the lock) alone; built, if missing,
+    # under the exclusive lock, once for every worker and run.
+    hold_entry(build_locks, lock)
+    if _present(client, tag):
         return tag
-    lock_dir = own_dir(Path(tempfile.gettempdir()) / f"isolate-build-locks-{os.geteuid()}")
-    with FileLock(str(lock_dir / f"{tag.replace('/', '_').replace(':', '_')}.lock")):
-        with contextlib.suppress(Exception):
-            client.images.get(tag)
-            return tag  # another worker built it while we waited
-        started = time.monotonic()
-        try:
-            client.images.build(
-                path=str(context), tag=tag, rm=True, forcerm=True, pull=False,
-                network_mode="host", labels={"isolate.build_context": str(context)},
-            )  # fmt: skip
-        except Exception as exc:
-            build_log = getattr(exc, "build_log", None) or []
-            text = "".join(
-                str(chunk.get("stream") or chunk.get("error") or "")
-                for chunk in build_log
-                if isinstance(chunk, dict)
-            )
-            raise ImageNotFoundError(
-                f"building image {tag} from {context} failed: {reason(exc)}",
-                log_tail=tail_text(text, 20) or None,
-                hint="fix the Dockerfile (base images must exist locally or be pullable), "
-                "or set ServiceSpec.image to an image that exists",
-                context=context,
-            ) from None
-        logger.info("built %s in %.1fs", tag, time.monotonic() - started)
+    release_entry(build_locks, lock)
+    with entry_lock(build_locks, lock, shared=False):
+        if not _present(client, tag):  # another worker built it while we waited
+            _build(client, context, tag)
+    hold_entry(build_locks, lock)
     return tag
+
+
+def build_locks() -> Path:
+    """This user's build locks (made again if a clean-up removed them)."""
+    return own_dir(Path(tempfile.gettempdir()) / f"isolate-build-locks-{os.geteuid()}")
+
+
+def _lock_name(tag: str) -> str:
+    return f"{tag.replace('/', '_').replace(':', '_')}.lock"
+
+
+def _present(client: Any, tag: str) -> bool:
+    try:
+        client.images.get(tag)
+    except Exception:
+        return False
+    return True
+
+
+def _build(client: Any, context: Path, tag: str) -> None:
+    started = time.monotonic()
+    try:
+        client.images.build(
+            path=str(context), tag=tag, rm=True, forcerm=True, pull=False,
+            network_mode="host", labels={"isolate.build_context": str(context)},
+        )  # fmt: skip
+    except Exception as exc:
+        build_log = getattr(exc, "build_log", None) or []
+        text = "".join(
+            str(chunk.get("stream") or chunk.get("error") or "")
+            for chunk in build_log
+            if isinstance(chunk, dict)
+        )
+        raise ImageNotFoundError(
+            f"building image {tag} from {context} failed: {reason(exc)}",
+            log_tail=tail_text(text, 20) or None,
+            hint="fix the Dockerfile (base images must exist locally or be pullable), "
+            "or set ServiceSpec.image to an image that exists",
+            context=context,
+        ) from None
+    logger.info("built %s in %.1fs", tag, time.monotonic() - started)
 
 
 def volume_mounts(image: Any, labels: Mapping[str, str]) -> list[Any]:
@@ -132,16 +154,23 @@ def volume_mounts(image: Any, labels: Mapping[str, str]) -> list[Any]:
     ]
 
 
-def remove_built_images(dry_run: bool = False) -> list[str]:
-    """Remove the service images isolate built (``isolate-build/*``)."""
+def remove_built_images(dry_run: bool = False) -> tuple[list[str], list[str]]:
+    """Remove the service images isolate built (``isolate-build/*``) that no live run
+    uses (a worker holds the image's build lock while it lives); (removed, kept)."""
     from .engine import engine
 
     client = engine()
-    removed = []
+    removed, kept = [], []
+    locks = build_locks()
     for image in client.images.list(filters={"label": "isolate.build_context"}):
         for tag in image.tags or [image.id]:
+            if not remove_unused(locks, _lock_name(tag), dry_run=dry_run):
+                kept.append(f"image {tag}")
+                continue
             if not dry_run:
                 with contextlib.suppress(Exception):
                     client.images.remove(tag, force=True)
             removed.append(f"image {tag}")
-    return removed
+    for path in sorted(locks.glob("*.lock")):  # what crashed builds left
+        remove_unused(locks, path.name, dry_run=dry_run)
+    return removed, kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -9,17 +10,16 @@ import secrets
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import psycopg
-from filelock import FileLock
 from psycopg import sql
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from .._binaries import Binary
 from .._errors import ServerStartError
-from .._fs import own_dir, read_beneath, take_back
+from .._fs import entry_lock, own_dir, read_beneath, take_back
 from .._ports import PortLease
 from .._process import ManagedProcess, RunAs, as_user, stdin_pipe, wait_started
 from .._retry import poll_until, start_on_free_port
@@ -65,11 +65,13 @@ class NativePostgresRunner(NativeServer):
         made once by initdb for this binary and user (initdb is most of a cold start,
         ~1 s; a copy takes a fraction), and the socket dir. The template's superuser
         password is replaced right after start."""
-        template = self._template()
-        if self.config.seed is not None:
-            template = self._seeded(template, self.config.seed)
         self._make_dir(self.directory)
-        self._copy_cluster(template, self.data_dir)
+        with self._template() as template:
+            if self.config.seed is None:
+                self._copy_cluster(template, self.data_dir)
+            else:
+                with self._seeded(template, self.config.seed) as seeded:
+                    self._copy_cluster(seeded, self.data_dir)
         self.socket_dir.mkdir(mode=0o700)
         self._hand_over(self.directory)
 
@@ -84,7 +86,7 @@ class NativePostgresRunner(NativeServer):
         # template) but owns nothing in it: a finished template belongs to us.
         return own_dir(self.directory.parent.parent / f"isolate-cache-{os.geteuid()}", 0o711)
 
-    def _template(self) -> Path:
+    def _template(self) -> contextlib.AbstractContextManager[Path]:
         uid = self.run_as.uid if self.run_as else os.getuid()
         key = hashlib.sha256(
             f"{_INITDB_RECIPE}:{self.binary.path}:{self.binary.version}:"
@@ -92,7 +94,7 @@ class NativePostgresRunner(NativeServer):
         ).hexdigest()[:16]
         return self._cached(f"pgdata-{key}", self._run_initdb, self._bake)
 
-    def _seeded(self, template: Path, seed: Seed) -> Path:
+    def _seeded(self, template: Path, seed: Seed) -> contextlib.AbstractContextManager[Path]:
         """A copy of ``template`` that holds what ``seed`` creates, made once per seed key
         (and binary, user: the template's own key is in the name)."""
 
@@ -102,26 +104,36 @@ class NativePostgresRunner(NativeServer):
 
         return self._cached(f"{template.name}-seed-{seed.key[:24]}", create, lambda d: self._serve(d, seed.create))
 
-    def _cached(self, name: str, create: Callable[[Path], None], bake: Callable[[Path], None]) -> Path:
-        """``<cache>/<name>``: a cluster made by ``create`` and ``bake`` under a lock,
-        once; owned by this user, not by the run-as user."""
-        cache = self._cache()
-        target = cache / name
-        with FileLock(str(cache / f"{name}.lock")):
-            if not (target / "PG_VERSION").exists():
-                staging = cache / f"{name}.tmp-{os.getpid()}"
-                shutil.rmtree(staging, ignore_errors=True)
-                try:
-                    create(staging)
-                    bake(staging)
-                    if self.run_as is not None:  # ours again, checked: nothing planted is kept
-                        take_back(staging)
-                except BaseException:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    raise
-                shutil.rmtree(target, ignore_errors=True)
-                staging.rename(target)
-        return target
+    @contextlib.contextmanager
+    def _cached(self, name: str, create: Callable[[Path], None], bake: Callable[[Path], None]) -> Iterator[Path]:
+        """``<cache>/<name>`` for a ``with`` block: a cluster made by ``create`` and
+        ``bake`` once (under the entry's lock, exclusively), owned by this user, not by
+        the run-as user, and used under the entry's shared lock, so that ``cleanup
+        --caches`` never removes it while a run copies it."""
+        target = self._cache() / name
+        lock = f"{name}.lock"
+        while True:
+            with entry_lock(self._cache, lock, shared=True):
+                if (target / "PG_VERSION").exists():
+                    yield target
+                    return
+            with entry_lock(self._cache, lock, shared=False):
+                if not (target / "PG_VERSION").exists():
+                    self._make_cached(target, create, bake)
+
+    def _make_cached(self, target: Path, create: Callable[[Path], None], bake: Callable[[Path], None]) -> None:
+        staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            create(staging)
+            bake(staging)
+            if self.run_as is not None:  # ours again, checked: nothing planted is kept
+                take_back(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
 
     def _bake(self, data_dir: Path) -> None:
         """Create the run database in the template, so runs only copy it."""

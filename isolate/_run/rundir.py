@@ -62,13 +62,26 @@ class RunDir:
         try:
             self.path.mkdir(mode=0o711)
         except FileExistsError:
-            if not owned_by_me(self.path):
-                raise ConfigError(
-                    f"run dir {self.path} exists and is not this user's",
-                    hint="use another --isolate-run-id, or another --isolate-base-dir",
-                ) from None
+            self._reuse()
+            self.path.mkdir(mode=0o711)
         os.chmod(self.path, 0o711)
         write_json(self.path / "owner.json", {**owner.to_json(), **facts, "created": time.time()})
+
+    def _reuse(self) -> None:
+        """The run id names an existing dir: remove it if it is a dead run of this user's,
+        else refuse (a live run's id is never adopted, a kept run is kept)."""
+        hint = "use another --isolate-run-id (or none: a new id per run), or another --isolate-base-dir"
+        owner = self.owner()
+        if owner is None:
+            raise ConfigError(f"run dir {self.path} exists and is not a run of this user's", hint=hint)
+        if self.is_kept():
+            raise ConfigError(f"run {self.run_id} is a kept run (--isolate-keep)",
+                              hint=f"python -m isolate cleanup {self.run_id} removes it; or {hint}")  # fmt: skip
+        if not owner.gone():
+            raise ConfigError(f"run id {self.run_id} is in use by a live run (pid {owner.pid})",
+                              hint=f"two runs at once cannot share a run id: {hint}")  # fmt: skip
+        logger.warning("isolate: reaping the dead run %s whose id this run reuses", self.run_id)
+        self.reap()
 
     def facts(self) -> dict[str, object]:
         """What the controller recorded (owner, backend, creation time); empty if
