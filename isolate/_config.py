@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from ._errors import ConfigError
 
-__all__ = ["OPTIONS", "Option", "Settings", "resolve_settings"]
+__all__ = ["OPTIONS", "Option", "Settings", "redact_password", "resolve_settings"]
 
 Backend = Literal["native", "docker", "auto"]
 RedisMode = Literal["per-worker", "shared"]
@@ -291,3 +291,9 @@ def resolve_settings(
             ) from None
         sources[opt.name] = source
     return dataclasses.replace(Settings(), **values, sources=sources)
+
+
+def redact_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part replaced by ``***`` (what
+    isolate prints of an external server's DSN or URL)."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]*):[^@/]*@", r"\1:***@", url)

@@ -247,3 +247,4 @@ def remove_unused(directory: Path, name: str, *paths: Path, dry_run: bool = Fals
     finally:
         os.close(fd)
     return True
+

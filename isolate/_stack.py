@@ -385,6 +385,9 @@ class WorkerStack:
             info.update(dsn=self._database.dsn, schema=self._database.schema)
         if self._redis is not None:
             info["redis_url"] = self._redis.url
+        #: What lives on a server isolate did not start: printed without its password.
+        info["external"] = [key for key, on in (("dsn", bool(self.settings.pg_dsn)),
+                                                ("redis_url", bool(self.settings.redis_url))) if on]  # fmt: skip
         info["services"] = [
             {"name": h.name, "url": h.url, "running": h.is_running,
              "log": str(getattr(h.launcher, "log_path", "") or "") or None}

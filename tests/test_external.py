@@ -289,3 +289,30 @@ def test_a_redis_db_holding_someone_elses_keys_is_skipped_not_flushed(isolate_re
                 if db and not client.exists(LEASE_KEY.format(db=db)):
                     other.delete("not-isolates")
                 other.close()
+
+
+def test_a_kept_stack_on_external_servers_prints_no_password(
+    pytester: pytest.Pytester, isolate_postgres: isolate.PostgresServer, isolate_redis: isolate.RedisServer
+) -> None:
+    """``--isolate-keep`` on external servers: the summary shows where the kept schema and
+    DB are, never the servers' passwords (they end up in CI logs)."""
+    from isolate._redis.server import ADMIN_USER
+
+    url = f"redis://{ADMIN_USER}:{isolate_redis.admin_password}@{isolate_redis.host}:{isolate_redis.port}"
+    pytester.makepyfile(test_x="def test_x(isolate_database, isolate_redis): pass")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--isolate-keep=always",
+                                           f"--isolate-pg-dsn={isolate_postgres.admin_dsn}",
+                                           f"--isolate-redis-url={url}")  # fmt: skip
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    run_id = run_id_of(result)
+    try:
+        assert "isolate: stacks kept (--isolate-keep)" in out, out
+        assert f"redis_url: redis://{ADMIN_USER}:***@" in out and "dsn: postgresql://isolate_main_" in out, out
+        assert isolate_redis.admin_password not in out and isolate_postgres.password not in out
+        kept = [line for line in out.splitlines() if line.strip().startswith("dsn: ")]
+        assert kept and all(":***@" in line for line in kept), kept
+    finally:
+        subprocess.run([sys.executable, "-m", "isolate", "cleanup", run_id], env=clean_env(), check=True, timeout=120)
+    with psycopg.connect(isolate_postgres.admin_dsn, autocommit=True) as conn:
+        assert run_objects(conn, run_id) == []

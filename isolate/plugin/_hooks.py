@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .._config import OPTIONS, Settings, resolve_settings
+from .._config import OPTIONS, Settings, redact_password, resolve_settings
 from .._controller import WORKERINPUT_KEYS, RunController
 from .._errors import ConfigError, IsolateError
 from .._identity import new_run_id, worker_from_env
@@ -221,12 +221,17 @@ def _kept_lines(controller: RunController) -> list[str]:
     lines = []
     for info in controller.run.kept():
         lines.append(f"worker {info.get('worker')}:")
+        external = info.get("external") or []
         for key in ("dsn", "redis_url"):
             if info.get(key):
-                lines.append(f"  {key}: {info[key]}")
+                value = redact_password(str(info[key])) if key in external else info[key]  # type: ignore[operator]
+                lines.append(f"  {key}: {value}")
         for svc in info.get("services") or []:  # type: ignore[attr-defined]
             lines.append(f"  service {svc['name']}: {svc['url']} (log: {svc['log'] or 'docker logs'})")
     if lines:
+        if any(info.get("external") for info in controller.run.kept()):
+            lines.append(f"  (*** : an external server's password, not printed; it is in "
+                         f"{controller.run.kept_dir}/, readable by you only)")
         lines.append(f"remove them: python -m isolate cleanup {controller.run_id}")
     return lines
 
