@@ -161,8 +161,9 @@ OPTIONS: tuple[Option, ...] = (
            "leases a logical DB (1 and up) there, flushed when leased and when released",
            "", _optional_str),
     Option("redis_image", "docker backend: Redis image", "redis:7", str),
-    Option("run_as", "unprivileged user that runs server processes when isolate runs as "
-           "root", "nobody", str),
+    Option("run_as", "unprivileged user that runs server processes (and services, see "
+           "demote_services) when isolate runs as root; the default, isolate, is a system user "
+           "of its own that isolate makes on first use", "isolate", str),
     Option("demote_services", "when isolate runs as root, run native services as the run_as "
            "user too: auto (when that user can reach the program and working directory, "
            "else as root, with a warning), always (an error if it cannot), never",
@@ -224,7 +225,7 @@ class Settings:
     redis_bin: str | None = None
     redis_url: str | None = None
     redis_image: str = "redis:7"
-    run_as: str = "nobody"
+    run_as: str = "isolate"
     demote_services: DemoteServices = "auto"
     fork_server: ForkServerMode = "auto"
     migrations: str | None = None

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
@@ -23,6 +24,7 @@ from ._run.groups import group_alive, signal_group
 from ._run.liveness import process_start_ticks
 
 __all__ = [
+    "DEDICATED_USER",
     "ManagedProcess",
     "RunAs",
     "as_user",
@@ -116,24 +118,67 @@ def can_access(path: Path, uid: int, gid: int, *, execute: bool = False) -> bool
     return allowed(st, stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)
 
 
+#: The default run-as user: isolate's own, made on first use when isolate runs as root.
+DEDICATED_USER = "isolate"
+_NOLOGIN = next((p for p in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false") if os.path.exists(p)), "/bin/false")
+
+
 def resolve_run_as(name: str) -> RunAs | None:
-    """The user to demote to when running as root, else ``None``."""
+    """The user to demote to when running as root, else ``None``.
+
+    The default, ``isolate``, is a system user of isolate's own, made on first use (no
+    login, no home): the servers' peers are then only isolate's own processes, not every
+    daemon that runs as ``nobody``. Any other name must exist.
+    """
     if os.geteuid() != 0:
         return None
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        raise ConfigError(
-            f"run_as user {name!r} does not exist",
-            hint="create it (useradd --system NAME) or set --isolate-run-as / ISOLATE_RUN_AS "
-            "to an existing unprivileged user such as nobody",
-        ) from None
+        if name != DEDICATED_USER:
+            raise ConfigError(
+                f"run_as user {name!r} does not exist",
+                hint="create it (useradd --system NAME) or set --isolate-run-as / ISOLATE_RUN_AS "
+                f"to an existing unprivileged user, or leave it at {DEDICATED_USER!r}, which isolate makes",
+            ) from None
+        entry = _make_dedicated_user()
     if entry.pw_uid == 0:
         raise ConfigError(
             f"run_as user {name!r} is root; PostgreSQL refuses to run as root",
             hint="set --isolate-run-as to an unprivileged user such as nobody",
         )
-    return RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
+    return RunAs(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid)
+
+
+def _make_dedicated_user() -> pwd.struct_passwd:
+    """Make the system user ``isolate`` (its own group, no home, no login shell); runs
+    that make it at the same moment both end up with the one user."""
+    useradd = shutil.which("useradd") or next(
+        (p for p in ("/usr/sbin/useradd", "/sbin/useradd") if os.path.exists(p)), None)  # fmt: skip
+    argv = [useradd or "useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+            "--shell", _NOLOGIN, "--comment", "isolate test servers", DEDICATED_USER]  # fmt: skip
+    why = "useradd was not found"
+    for _ in range(5):
+        if useradd is not None:
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+                why = (done.stderr or done.stdout).strip() or f"useradd exited with {done.returncode}"
+            except (OSError, subprocess.SubprocessError) as exc:
+                why = str(exc)
+        try:
+            entry = pwd.getpwnam(DEDICATED_USER)
+        except KeyError:
+            if useradd is None or "lock" not in why:  # another useradd holds /etc/passwd's lock
+                break
+            continue
+        logger.warning("isolate made the system user %r (uid %d; no login, no home) to run its "
+                       "servers as; `userdel %s` removes it", DEDICATED_USER, entry.pw_uid, DEDICATED_USER)  # fmt: skip
+        return entry
+    raise ConfigError(
+        f"isolate runs as root and could not make its run-as user {DEDICATED_USER!r}: {why}",
+        hint=f"create it (useradd --system --user-group --no-create-home {DEDICATED_USER}), or set "
+        "--isolate-run-as / ISOLATE_RUN_AS to an existing unprivileged user (nobody, say)",
+    )
 
 
 class Child(Protocol):

@@ -275,3 +275,34 @@ def test_logs_and_secrets_are_out_of_other_users_reach(
         env=clean_env(SHARED_REDIS=isolate_redis.url, ISOLATE_PG_SETTINGS="work_mem=8MB"),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+OWN_USER = """
+import pwd, stat, subprocess
+from pathlib import Path
+
+def test_own_user(isolate_stack, isolate_postgres, isolate_redis):
+    user = pwd.getpwnam("isolate")
+    assert 0 < user.pw_uid < 1000 and user.pw_shell.endswith(("nologin", "false"))
+    assert not Path(user.pw_dir).exists()  # no home
+    servers = [Path(isolate_stack.run_dir) / "postgres", *Path(isolate_stack.run_dir).glob("redis-*[0-9]")]
+    assert len(servers) == 2
+    for directory in servers:
+        st = directory.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user.pw_uid, 0o700), directory
+        done = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", f"ls {directory}"],
+                              capture_output=True, timeout=30)
+        assert done.returncode != 0  # nobody's processes are not the servers' peers
+"""
+
+
+@needs_root
+def test_servers_run_as_a_user_of_their_own_by_default(pytester: pytest.Pytester) -> None:
+    """As root, by default the servers run as ``isolate``, a system user isolate made (no
+    login, no home), whose dirs no ``nobody`` process can enter."""
+    pytester.makepyfile(test_own=OWN_USER)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider"],
+        cwd=pytester.path, capture_output=True, text=True, timeout=300, check=False, env=clean_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -384,7 +384,15 @@ def test_replaced_workers_get_a_working_stack_and_their_predecessors_leftovers_g
         """
     )
     run = Run(suite.path, "-n", "1", "--max-worker-restart=20", "--isolate-redis-mode=shared", "test_crash.py")
-    out = run.finish(300)
+    pids = run.fault_dir / "service-pids"
+    steps = 0
+    while run.proc.poll() is None and steps < 17:  # a budget per crash, not one for the chain
+        def advanced(seen: int = steps) -> bool:
+            return run.proc.poll() is not None or (pids.exists() and len(pids.read_text().split()) > seen)
+
+        poll(advanced, 120)
+        steps = len(pids.read_text().split()) if pids.exists() else steps
+    out = run.finish(120)
     assert "17 failed" in out, out  # each test crashed its worker...
     assert "AssertionError" not in out and "out of range" not in out, out  # ...and nothing else failed
     poll(run.leftovers, 15)

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import FrameType
 
 import uvicorn
@@ -33,11 +33,18 @@ class _Server(uvicorn.Server):
         yield
 
 
+#: Debug endpoints on: while this Redis key exists, the propagation delay does not end (a
+#: test that must see the service inside the delay holds it open instead of racing a timer).
+HOLD_DELAY_KEY = "debug:hold-propagation-delay"
+
+
 class ShutdownCoordinator:
     def __init__(
-        self, server: uvicorn.Server, settings: Settings, begin: Callable[[float], None]
-    ) -> None:
+        self, server: uvicorn.Server, settings: Settings, begin: Callable[[float], None],
+        held: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:  # fmt: skip
         self._server = server
+        self._held = held
         self._delay = settings.shutdown_propagation_delay
         self._timeout = settings.shutdown_timeout
         self._begin = begin
@@ -69,6 +76,9 @@ class ShutdownCoordinator:
         if delay > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._skip_delay.wait(), timeout=delay)
+            while not self._skip_delay.is_set() and self._held is not None and await self._held():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._skip_delay.wait(), timeout=0.02)
         log.info("closing the listener; waiting up to %.1fs for in-flight requests", self._timeout)
         self._server.should_exit = True
         await asyncio.sleep(self._timeout + 0.2)  # + one uvicorn tick
@@ -114,7 +124,14 @@ async def serve(settings: Settings, early_signals: list[signal.Signals]) -> int:
         server_header=False,
     )
     server = _Server(config)
-    coordinator = ShutdownCoordinator(server, settings, service.begin_shutdown)
+    async def held() -> bool:
+        try:
+            return bool(await service.redis.exists(HOLD_DELAY_KEY))
+        except Exception:  # Redis unreachable (cut by a test): nothing holds the delay
+            return False
+
+    coordinator = ShutdownCoordinator(server, settings, service.begin_shutdown,
+                                      held if settings.debug_endpoints else None)  # fmt: skip
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int, _: FrameType | None) -> None:

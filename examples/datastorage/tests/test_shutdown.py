@@ -21,6 +21,17 @@ def _ready(api):
     return api.get("/health/ready")
 
 
+@pytest.fixture
+def held_delay(isolate_redis_client):
+    """The service's propagation delay stays open (a debug hook: the Redis key) until the
+    test is done with it, so that what a test must see inside it does not race a 0.5 s timer
+    on a loaded machine. ``held_delay()`` lets the delay end."""
+    key = "debug:hold-propagation-delay"  # datastorage.runner.HOLD_DELAY_KEY
+    isolate_redis_client.set(key, 1)
+    yield lambda: isolate_redis_client.delete(key)
+    isolate_redis_client.delete(key)
+
+
 def wait_shutting_down(api):
     """Poll readiness until it reports shutting_down (the signal is handled asynchronously)."""
 
@@ -66,27 +77,30 @@ def slow_request(seconds: float, release: str | None = None) -> bytes:
             "Content-Length: 0\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
 
 
-def test_sigterm_makes_readiness_503_shutting_down_at_once(api, isolate_service):
+def test_sigterm_makes_readiness_503_shutting_down_at_once(api, isolate_service, held_delay):
     isolate_service.signal(signal.SIGTERM)
     response = wait_shutting_down(api)
     assert response.json() == {"status": "not_ready", "reason": "shutting_down"}
     assert response.headers["retry-after"] == "1"
+    held_delay()
     assert isolate_service.wait_exit() == 0
 
 
-def test_liveness_stays_200_while_shutting_down(api, isolate_service):
+def test_liveness_stays_200_while_shutting_down(api, isolate_service, held_delay):
     isolate_service.signal(signal.SIGTERM)
     wait_shutting_down(api)
     response = api.get("/health/live")
     assert response.status_code == 200 and response.json() == {"status": "alive"}
+    held_delay()
     assert isolate_service.wait_exit() == 0
 
 
-def test_requests_are_still_served_during_the_propagation_delay(api, cid, isolate_service):
+def test_requests_are_still_served_during_the_propagation_delay(api, cid, isolate_service, held_delay):
     isolate_service.signal(signal.SIGTERM)
     wait_shutting_down(api)
     response = api.post("/events", json=new_event(cid))
     assert response.status_code == 201
+    held_delay()
     assert isolate_service.wait_exit() == 0
     isolate_service.start()
     assert list_events(api, correlation_id=cid)["total"] == 1
@@ -152,19 +166,19 @@ def test_sigint_skips_the_propagation_delay(isolate_service):
     assert "received SIGINT: shutting down in 0.00s" in isolate_service.logs()
 
 
-def test_second_sigterm_skips_the_rest_of_the_delay(api, isolate_service):
-    isolate_service.signal(signal.SIGTERM)
+def test_second_sigterm_skips_the_rest_of_the_delay(api, isolate_service, held_delay):
+    isolate_service.signal(signal.SIGTERM)  # held: only the second signal ends the delay
     wait_shutting_down(api)
     isolate_service.signal(signal.SIGTERM)
     assert isolate_service.wait_exit() == 0
     assert "skipping the propagation delay" in isolate_service.logs()
 
 
-def test_third_signal_cancels_in_flight_requests(api, isolate_service):
+def test_third_signal_cancels_in_flight_requests(api, isolate_service, held_delay):
     sock = send_raw(isolate_service.port, slow_request(30))
     isolate_service.signal(signal.SIGTERM)
     wait_shutting_down(api)
-    isolate_service.signal(signal.SIGTERM)
+    isolate_service.signal(signal.SIGTERM)  # ends the held delay
     wait_until(lambda: connection_refused(isolate_service.url), timeout=5, interval=0.02)
     isolate_service.signal(signal.SIGTERM)
     started = time.monotonic()
