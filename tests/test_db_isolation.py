@@ -3,10 +3,16 @@ migrations paid once per run in database mode, the bootstrap hook, and ``rebuild
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from isolate._config import default_base_dir
 
 HERE = Path(__file__).parent
 
@@ -180,8 +186,18 @@ def isolate_migrations():
 """
 
 
+@pytest.fixture
+def private_base() -> Iterator[str]:
+    """A base dir of the test's own: its template cache is not another test's, and no
+    concurrent ``cleanup --caches`` (the two-users test runs one) empties it in between."""
+    base = tempfile.mkdtemp(prefix="isolate-test-base-", dir=default_base_dir())
+    os.chmod(base, 0o755)  # the run-as user traverses it
+    yield f"--isolate-base-dir={base}"
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def test_the_migrated_template_is_cached_across_runs_by_content(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, private_base: str
 ) -> None:
     """Native backend: a second run with the same migration files starts from a cluster
     that holds the template (the row the migration wrote is the first run's); changed
@@ -195,7 +211,8 @@ def test_the_migrated_template_is_cached_across_runs_by_content(
         "INSERT INTO made DEFAULT VALUES;\n"
     )
     pytester.makepyfile(test_cache=CACHE_SUITE)
-    args = ["-n", "2", "-p", "no:randomly", "--isolate-db-isolation=database", f"--isolate-migrations={migrations}"]
+    args = ["-n", "2", "-p", "no:randomly", "--isolate-db-isolation=database", f"--isolate-migrations={migrations}",
+            private_base]  # fmt: skip
 
     def made(*extra: str) -> set[str]:
         (work / "made.log").unlink(missing_ok=True)
@@ -212,8 +229,9 @@ def test_the_migrated_template_is_cached_across_runs_by_content(
 
 @pytest.mark.parametrize(("named", "runs_migrated"), [(True, 1), (False, 2)], ids=["cache_key", "no-key"])
 def test_a_callable_is_cached_by_its_cache_key(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, named: bool, runs_migrated: int
-) -> None:
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, named: bool, runs_migrated: int,
+    private_base: str,
+) -> None:  # fmt: skip
     work = tmp_path / "dbmode"
     work.mkdir()
     monkeypatch.setenv("DBMODE_DIR", str(work))
@@ -221,5 +239,6 @@ def test_a_callable_is_cached_by_its_cache_key(
     pytester.makeconftest(CALLABLE_CONFTEST)
     pytester.makepyfile(test_cache=CACHE_SUITE)
     for _ in range(2):
-        pytester.runpytest_subprocess("-p", "no:randomly", "--isolate-db-isolation=database").assert_outcomes(passed=1)
+        pytester.runpytest_subprocess("-p", "no:randomly", "--isolate-db-isolation=database",
+                                      private_base).assert_outcomes(passed=1)  # fmt: skip
     assert len((work / "migrations.log").read_text().split()) == runs_migrated

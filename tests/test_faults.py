@@ -56,18 +56,28 @@ def poll(check: object, timeout: float = 20.0) -> None:
 class Run:
     """A nested pytest run in a subprocess, with a marker in its environment."""
 
-    def __init__(self, path: Path, *args: str) -> None:
+    def __init__(self, path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.run_id = "f" + new_run_id()
         self.mark = uuid.uuid4().hex
         self.fault_dir = path / "fault"
         self.fault_dir.mkdir(exist_ok=True)
-        env = clean_env(ISOLATE_RUN_ID=self.run_id, LEFTOVER_MARK=self.mark,
-                        FAULT_DIR=str(self.fault_dir), PYTHONFAULTHANDLER="1")  # fmt: skip
+        env = {**(env or clean_env()), "ISOLATE_RUN_ID": self.run_id, "LEFTOVER_MARK": self.mark,
+               "FAULT_DIR": str(self.fault_dir), "PYTHONFAULTHANDLER": "1"}  # fmt: skip
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", *args],
             cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=signals_as_in_a_terminal,
         )  # fmt: skip
+
+    def wait_for(self, name: str) -> None:
+        """Until the run's tests create ``FAULT_DIR/name`` (the run's output if it ends first)."""
+
+        def there() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the run ended early:\n{self.finish(10)}")
+            return (self.fault_dir / name).exists()
+
+        poll(there, 120)
 
     def wait_up(self, count: int) -> None:
         def up() -> bool:
@@ -484,32 +494,40 @@ def test_cached(isolate_redis, isolate_database):
 
 
 @needs_root
-def test_cleanup_caches_keeps_what_a_live_run_uses(suite: pytest.Pytester, tmp_path: Path) -> None:
+def test_cleanup_caches_keeps_what_a_live_run_uses(suite: pytest.Pytester) -> None:
     """``cleanup --caches`` during a run: the binary copy its Valkey runs from stays (the
-    worker holds it), the run goes on; once the run is over, the next clean-up removes it."""
-    private = tmp_path / "private"  # 0700: nobody cannot run Valkey from here, isolate copies it
-    private.mkdir(mode=0o700)
+    worker holds it), the run goes on; once the run is over, the next clean-up removes it.
+    (Its own base and temp dirs: a clean-up of the shared ones would empty other tests'.)"""
     import isolate._binaries as binaries
 
+    own = Path(tempfile.mkdtemp(prefix="isolate-test-caches-", dir=default_base_dir()))
+    os.chmod(own, 0o755)  # the run-as user traverses it
+    private = own / "private"  # 0700: the run-as user cannot run Valkey from here: isolate copies it
+    private.mkdir(mode=0o700)
     valkey = binaries.find_redis().path
+    (private / "valkey" / "bin").mkdir(parents=True)  # an install tree: <prefix>/bin/valkey-server
+    private = private / "valkey" / "bin"
     shutil.copy(valkey, private / valkey.name)
+    env = clean_env(TMPDIR=str(own), ISOLATE_BASE_DIR=str(own))
+    cleanup = [sys.executable, "-m", "isolate", "cleanup", "--caches"]
     suite.makepyfile(test_cached=CACHED)
-    run = Run(suite.path, "-p", "no:xdist", f"--isolate-redis-bin={private / valkey.name}", "test_cached.py")
-    run.fault_dir.joinpath("up").unlink(missing_ok=True)
-    poll(lambda: run.proc.poll() is None and (run.fault_dir / "up").exists(), 120)
-    cleaned = subprocess.run([sys.executable, "-m", "isolate", "cleanup", "--caches"], env=clean_env(),
-                             capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
-    copies = [Path(line.split()[1]) for line in cleaned.splitlines()
-              if line.startswith("kept ") and f"/{valkey.name}-" in line]  # fmt: skip
-    assert copies and all(line.endswith("(a live run uses it)") for line in cleaned.splitlines()
-                          if line.startswith("kept ")), cleaned  # fmt: skip
-    assert all(copy.exists() for copy in copies)
-    (run.fault_dir / "go").touch()
-    out = run.finish()
-    assert "1 passed" in out, out
-    cleaned = subprocess.run([sys.executable, "-m", "isolate", "cleanup", "--caches"], env=clean_env(),
-                             capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
-    assert not any(copy.exists() for copy in copies), cleaned
+    try:
+        run = Run(suite.path, "-p", "no:xdist", f"--isolate-redis-bin={private / valkey.name}", "test_cached.py",
+                  env=env)  # fmt: skip
+        run.wait_for("up")
+        cleaned = subprocess.run(cleanup, env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+        copies = [Path(line.split()[1]) for line in cleaned.splitlines()
+                  if line.startswith("kept ") and f"/{valkey.name}-" in line]  # fmt: skip
+        assert copies and all(line.endswith("(a live run uses it)") for line in cleaned.splitlines()
+                              if line.startswith("kept ")), cleaned  # fmt: skip
+        assert all(copy.exists() for copy in copies)
+        (run.fault_dir / "go").touch()
+        out = run.finish()
+        assert "1 passed" in out, out
+        cleaned = subprocess.run(cleanup, env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+        assert not any(copy.exists() for copy in copies), cleaned
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 HOLDER = r"""

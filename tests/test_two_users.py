@@ -166,7 +166,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 """
 
 DEMOTION_SUITE = """
-import urllib.request
+import pwd, urllib.request
 import pytest
 import isolate
 
@@ -177,7 +177,7 @@ def isolate_service_spec():
 
 def test_who(isolate_service):
     uid = int(urllib.request.urlopen(isolate_service.url, timeout=10).read())
-    assert uid == {expected}
+    assert uid == {expected}  # the default run-as user, isolate's own, or root
 """
 
 
@@ -190,7 +190,7 @@ def test_services_are_demoted_when_they_can_be(pytester: pytest.Pytester, mode: 
     os.chmod(app_dir, 0o755)
     (app_dir / "app.py").write_text(DEMOTED_APP)
     os.chmod(app_dir / "app.py", 0o644)
-    expected = pwd.getpwnam("nobody").pw_uid if mode == "auto" else 0
+    expected = 'pwd.getpwnam("isolate").pw_uid' if mode == "auto" else 0
     pytester.makepyfile(test_who=DEMOTION_SUITE.format(program=str(SYSTEM_PYTHON), cwd=str(app_dir),
                                                 expected=expected))  # fmt: skip
     try:
@@ -212,7 +212,7 @@ def test_demotion_that_cannot_happen_names_the_fix(pytester: pytest.Pytester) ->
         result = pytester.runpytest_subprocess("-p", "no:randomly", "--isolate-demote-services=always")
         result.assert_outcomes(errors=1)
         out = result.stdout.str()
-        assert "must run as nobody (demote_services=always), but nobody cannot reach" in out
+        assert "must run as isolate (demote_services=always), but isolate cannot reach" in out
         assert "--isolate-demote-services=auto" in out
     finally:
         shutil.rmtree(private, ignore_errors=True)

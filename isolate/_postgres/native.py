@@ -10,6 +10,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -148,8 +149,8 @@ class NativePostgresRunner(NativeServer):
 
     def _serve(self, data_dir: Path, work: Callable[[Callable[[str], psycopg.Connection[tuple[object, ...]]]], None]) -> None:
         """Run ``work(connect)`` against ``data_dir`` served privately (a socket only)."""
-        socket_dir = data_dir.with_name(f"{data_dir.name}.sock")
-        self._make_dir(socket_dir)
+        # Short (a socket's path has at most 107 bytes), new and ours until handed over.
+        socket_dir = Path(tempfile.mkdtemp(prefix="isolate-sock-"))
         self._hand_over(socket_dir)
         proc = ManagedProcess(
             [self._bin("postgres"), "-D", str(data_dir), "-c", "listen_addresses=",
