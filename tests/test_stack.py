@@ -211,8 +211,10 @@ def test_graceful_stop_falls_back_to_sigkill_after_timeout(runtime_service: Any)
         health=isolate.TcpCheck(), ready_timeout=10,
     )  # fmt: skip
     handle = runtime_service(spec)
-    assert handle.stop(timeout=0.3) == 128 + signal.SIGKILL
+    assert handle.stop(0.3) == 128 + signal.SIGKILL  # the timeout is the first parameter
     assert "ignoring SIGTERM" in handle.logs()
+    with pytest.raises(TypeError):
+        handle.stop(0.3, False)  # type: ignore[misc]  # graceful is keyword-only
 
 
 def test_service_that_exits_at_start_reports_exit_code_and_log(runtime_service: Any) -> None:

@@ -216,3 +216,55 @@ def test_demotion_that_cannot_happen_names_the_fix(pytester: pytest.Pytester) ->
         assert "--isolate-demote-services=auto" in out
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+@needs_root
+def test_a_wrapper_is_judged_by_what_it_runs(pytester: pytest.Pytester) -> None:
+    """``sh -c "<python below a 0700 dir> app.py"``: ``sh`` is reachable, the interpreter it
+    runs is not, so the service runs as root (with the warning) instead of being demoted
+    and dying with ``Permission denied``."""
+    private = Path(tempfile.mkdtemp(prefix="isolate-test-private-", dir="/tmp"))  # 0700
+    shutil.copy(SYSTEM_PYTHON, private / "python")
+    (private / "app.py").write_text(DEMOTED_APP)
+    suite = DEMOTION_SUITE.format(program="/bin/sh", cwd="/tmp", expected=0).replace(  # a cwd it reaches
+        '[{!r}, "app.py", "{{port}}"]'.format("/bin/sh"),
+        '["/bin/sh", "-c", {!r}]'.format(f"exec {private / 'python'} {private / 'app.py'} {{port}}"),
+    )
+    assert "exec " in suite
+    pytester.makepyfile(test_who=suite)
+    try:
+        result = pytester.runpytest_subprocess("-p", "no:randomly")
+        result.assert_outcomes(passed=1)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+@needs_root
+def test_a_demoted_service_that_cannot_start_says_it_was_demoted(pytester: pytest.Pytester) -> None:
+    """A wrapper whose target cannot be read off (``sh -c '"$0" ...' PYTHON``) is demoted
+    and dies with ``Permission denied``: the error says isolate ran it as another user and
+    how to stop that."""
+    private = Path(tempfile.mkdtemp(prefix="isolate-test-private-", dir="/tmp"))  # 0700
+    shutil.copy(SYSTEM_PYTHON, private / "python")
+    (private / "app.py").write_text(DEMOTED_APP)
+    pytester.makepyfile(test_who=f"""
+        import pytest
+        import isolate
+
+        @pytest.fixture(scope="session")
+        def isolate_service_spec():
+            return isolate.ServiceSpec(name="who", command=["/bin/sh", "-c", 'exec "$0" "$1" "$2"',
+                                       {str(private / 'python')!r}, {str(private / 'app.py')!r}, "{{port}}"],
+                                       cwd="/tmp", ready_timeout=20)
+
+        def test_who(isolate_service):
+            pass
+    """)  # fmt: skip
+    try:
+        result = pytester.runpytest_subprocess("-p", "no:randomly")
+        result.assert_outcomes(errors=1)
+        out = result.stdout.str()
+        assert "Permission denied" in out, out
+        assert "isolate ran it as isolate, not as root" in out and "--isolate-demote-services=never" in out, out
+    finally:
+        shutil.rmtree(private, ignore_errors=True)

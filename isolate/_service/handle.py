@@ -170,8 +170,9 @@ class ServiceHandle:
         if wait:
             self.wait_ready()
 
-    def stop(self, graceful: bool = True, timeout: float | None = None) -> int | None:
-        """SIGTERM, wait up to ``timeout`` (default: the stop timeout), then SIGKILL.
+    def stop(self, timeout: float | None = None, *, graceful: bool = True) -> int | None:
+        """SIGTERM, wait up to ``timeout`` seconds (default: the stop timeout), then SIGKILL
+        the whole process group (and session). ``stop(20)`` waits 20 s.
 
         ``graceful=False`` is :meth:`kill`. Returns the exit code; on both backends a
         process killed by signal N reports 128+N (137 after SIGKILL), as a shell does.
@@ -183,7 +184,8 @@ class ServiceHandle:
         return self.last_exit_code
 
     def kill(self) -> int | None:
-        """SIGKILL at once; returns the exit code."""
+        """SIGKILL the whole process group (and session) at once; returns the exit code
+        (137 on both backends)."""
         self.last_exit_code = self.launcher.kill()
         return self.last_exit_code
 
@@ -191,10 +193,11 @@ class ServiceHandle:
         """Send a signal without waiting (e.g. SIGTERM to watch a graceful shutdown)."""
         self.launcher.signal(sig)
 
-    def restart(self, graceful: bool = True, timeout: float | None = None) -> None:
-        """Stop (gracefully by default) and start again on the same port."""
+    def restart(self, timeout: float | None = None, *, graceful: bool = True) -> None:
+        """Stop (gracefully by default, waiting up to ``timeout``) and start again on the
+        same port. Services that depend on this one are not restarted."""
         started = time.perf_counter()
-        self.stop(graceful=graceful, timeout=timeout)
+        self.stop(timeout, graceful=graceful)
         self.start()
         self._timed_restart(started)
 
@@ -245,9 +248,15 @@ class ServiceHandle:
         if code is not None:
             self.last_exit_code = code
             hint = None
+            demoted = getattr(self.launcher, "run_as", None)
             if is_bind_failure(log_tail):
                 hint = (f"another process holds port {self.port}; the service must listen on "
                         "the {port} it is given (and isolate retries a first start elsewhere)")  # fmt: skip
+            elif demoted is not None:
+                hint = (f"isolate ran it as {demoted.name}, not as root (--isolate-demote-services=auto): "
+                        f"if the log says 'Permission denied', {demoted.name} cannot reach what it runs; "
+                        "install it where that user can read it, or set --isolate-demote-services=never; "
+                        "else run the service's command by hand to reproduce")  # fmt: skip
             raise ServiceExitedError(
                 f"service {self.name} exited with code {code} before it was ready",
                 log_tail=log_tail, exit_code=code, port=self.port, hint=hint,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +17,7 @@ from .._run.registry import ProcessRecord
 from .forkserver import ForkServer
 from .spec import ServiceSpec, render
 
-__all__ = ["ProcessLauncher", "service_cwd", "service_user", "shell_exit_code"]
+__all__ = ["ProcessLauncher", "service_cwd", "service_user", "shell_exit_code", "wrapped_programs"]
 
 logger = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -35,12 +36,14 @@ def service_user(
     if run_as is None or mode == "never" or not spec.command:
         return None
     env_path = spec.env.get("PATH") or os.environ.get("PATH")
-    program = shutil.which(spec.command[0], path=env_path) if "{" not in spec.command[0] else None
-    needed = [Path(program).parent, Path(program)] if program else []
+    names = wrapped_programs(spec.command)
+    programs = [shutil.which(name, path=env_path) if "{" not in name else None for name in names]
+    needed = [p for program in programs if program for p in (Path(program).parent, Path(program))]
     blocked = [str(p) for p in (*needed, cwd) if not _reaches(run_as, p)]
-    if program and not blocked:
+    if all(programs) and not blocked:
         return run_as
-    why = ", ".join(blocked) if program else f"{spec.command[0]!r} (not found on PATH)"
+    missing = [name for name, program in zip(names, programs, strict=True) if not program]
+    why = ", ".join(blocked) if not missing else f"{missing[0]!r} (not found on PATH)"
     if mode == "always":
         raise ConfigError(
             f"service {spec.name!r} must run as {run_as.name} (demote_services=always), "
@@ -52,6 +55,30 @@ def service_user(
         _warned.add(spec.name)
         logger.warning("service %r runs as root: %s cannot reach %s", spec.name, run_as.name, why)
     return None
+
+
+_SHELLS = {"sh", "bash", "dash", "zsh", "ash", "ksh"}
+
+
+def wrapped_programs(command: Sequence[str]) -> list[str]:
+    """The program ``command`` runs and, where it is a wrapper whose target can be read
+    off (``sh -c "PROG ..."``, ``env [A=b] PROG ...``), the program it runs in turn: a
+    demoted service must be able to reach both."""
+    programs = [command[0]]
+    name, rest = Path(command[0]).name, list(command[1:])
+    if name in _SHELLS and "-c" in rest[:-1]:
+        try:
+            words = shlex.split(rest[rest.index("-c") + 1])
+        except ValueError:
+            return programs
+    elif name == "env":
+        words = rest
+    else:
+        return programs
+    words = [w for w in words if w != "exec" and "=" not in w.split("/")[0] and not w.startswith("-")]
+    if words and not words[0].startswith("$"):
+        programs += wrapped_programs(words)
+    return programs
 
 
 def _reaches(run_as: RunAs, path: Path) -> bool:
