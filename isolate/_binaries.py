@@ -24,8 +24,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._cache import entry_lock, hold_entry, release_entry
 from ._errors import BinaryNotFoundError
-from ._fs import entry_lock, hold_entry, own_dir, release_entry
+from ._fs import own_dir
 from ._process import RunAs
 
 __all__ = ["Binary", "find_postgres", "find_redis", "reachable_copy"]

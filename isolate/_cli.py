@@ -21,9 +21,10 @@ from pathlib import Path
 
 from . import __version__
 from ._backends import docker_installed
+from ._cache import dir_size, format_size, remove_unused
 from ._config import default_base_dir, resolve_settings
 from ._errors import IsolateError
-from ._fs import owned_by_me, remove_unused
+from ._fs import owned_by_me
 from ._ports import lock_dir, try_lease
 from ._run.rundir import RUN_PREFIX, RunDir, reap_stale_runs, stale_runs
 from ._watchdog import reap_run_dir
@@ -122,12 +123,27 @@ def status(bases: Sequence[Path]) -> int:
                          str(facts.get("backend") or "?"), age, str(path)))  # fmt: skip
     if not rows:
         print("no isolate runs")
-        return 0
-    header = ("RUN", "STATE", "OWNER", "BACKEND", "AGE", "DIR")
+    else:
+        _table(("RUN", "STATE", "OWNER", "BACKEND", "AGE", "DIR"), rows)
+    caches = [(str(path), str(sum(1 for p in path.iterdir() if p.is_dir() and ".tmp-" not in p.name)),
+               format_size(dir_size(path))) for path in _cache_dirs(bases)]  # fmt: skip
+    if caches:
+        print()
+        _table(("CACHE", "ENTRIES", "SIZE"), caches)
+    return 0
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 0
+
+
+def _cache_dirs(bases: Sequence[Path]) -> list[Path]:
+    """This user's cache dirs: templates (per base dir) and binary copies."""
+    uid = os.geteuid()
+    paths = (*(b / f"isolate-cache-{uid}" for b in bases), Path(tempfile.gettempdir()) / f"isolate-bin-cache-{uid}")
+    return [p for p in paths if owned_by_me(p)]
 
 
 def _stale_port_locks(dry_run: bool) -> list[Path]:
@@ -171,10 +187,8 @@ def clean_caches(bases: Sequence[Path], dry_run: bool) -> list[str]:
     verb = "would remove" if dry_run else "removed"
     uid = os.geteuid()
     tmp = Path(tempfile.gettempdir())
-    caches = [p for p in (*(b / f"isolate-cache-{uid}" for b in bases), tmp / f"isolate-bin-cache-{uid}")
-              if owned_by_me(p)]  # fmt: skip
     done = []
-    for cache in caches:
+    for cache in _cache_dirs(bases):
         removed, kept = _clean_cache_dir(cache, dry_run)
         done += [f"{verb} {path}" for path in removed]
         done += [f"kept {path} (a live run uses it)" for path in kept]
@@ -217,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         "template, binary copies, build locks, stale port lock files and built service images",
     )  # fmt: skip
     stat = commands.add_parser(
-        "status", help="list the isolate runs on this machine (owner, alive or stale, backend, age)"
+        "status", help="list the isolate runs on this machine (owner, alive or stale, backend, age) "
+        "and this user's caches (entries, size)",
     )
     for sub in (clean, stat):
         sub.add_argument(

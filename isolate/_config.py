@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ._cache import parse_size
 from ._errors import ConfigError
 
 __all__ = ["OPTIONS", "Option", "Settings", "redact_password", "resolve_settings"]
@@ -179,6 +180,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("template_cache", "database mode, native backend: keep a cluster that holds the "
            "migrated template across runs, keyed by the migration files' contents (or a "
            "callable's cache_key) and the server binary", "true", _bool),
+    Option("cache_size", "native backend: what the template cache (<base dir>/isolate-cache-"
+           "<uid>/, in memory on /dev/shm) may take; least recently used templates go first, "
+           "never one a live run uses; 0: no bound", "1GB", parse_size),
     Option("bootstrap", "SQL file or directory run as the superuser once per run before "
            "the migrations (CREATE EXTENSION, roles the app expects; relative to the rootdir)",
            "", _optional_str),
@@ -231,6 +235,7 @@ class Settings:
     migrations: str | None = None
     db_isolation: DbIsolation = "schema"
     template_cache: bool = True
+    cache_size: int = 1 << 30
     bootstrap: str | None = None
     ready_timeout: float = 30.0
     stop_timeout: float = 10.0

@@ -17,21 +17,14 @@ without following a symlink (:func:`read_beneath`, :func:`open_log`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import shutil
 import stat
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ._errors import ConfigError, UnexpectedFileError
 
 __all__ = [
-    "entry_lock",
     "hand_over",
-    "hold_entry",
-    "release_entry",
-    "remove_unused",
     "open_log",
     "own_dir",
     "owned_by_me",
@@ -160,91 +153,3 @@ def own_dir(path: Path, mode: int = 0o700) -> Path:
             path=path,
         )
     return path
-
-
-# -- cache entries: made once, shared while in use, removed only when nobody holds them --
-
-
-def _locked(directory: Callable[[], Path], name: str, mode: int) -> int | None:
-    """An fd of ``directory()/name`` (made if missing, no symlink followed) with an
-    ``flock`` in ``mode``; ``None`` if ``LOCK_NB`` and someone holds it. A cache dir that
-    vanished (``cleanup --caches``) is made again, and a lock file its remover unlinked
-    while we waited is not a lock."""
-    for _ in range(10):
-        try:
-            fd = os.open(directory() / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
-            continue  # the directory went between its making and this open
-        try:
-            fcntl.flock(fd, mode)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.lstat(directory() / name))
-        except OSError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)
-    raise ConfigError(f"cannot lock {name} in {directory()}: it keeps vanishing",
-                      hint="do not run `python -m isolate cleanup --caches` in a loop")  # fmt: skip
-
-
-@contextlib.contextmanager
-def entry_lock(directory: Callable[[], Path], name: str, *, shared: bool) -> Iterator[None]:
-    """Hold the lock ``name`` of a cache entry for a ``with`` block: exclusive while the
-    entry is made, shared while a process reads it (a copy of a template)."""
-    fd = _locked(directory, name, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-    assert fd is not None
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
-#: Shared locks this process holds for its whole life, by lock path (see :func:`hold_entry`).
-_HELD: dict[str, int] = {}
-
-
-def hold_entry(directory: Callable[[], Path], name: str) -> None:
-    """Hold the shared lock ``name`` until this process ends (or :func:`release_entry`):
-    the entry is in use as long as what this process started may use it (binaries a
-    server execs, an image its containers run)."""
-    key = str(directory() / name)
-    if key not in _HELD:
-        fd = _locked(directory, name, fcntl.LOCK_SH)
-        assert fd is not None
-        _HELD[key] = fd
-
-
-def release_entry(directory: Callable[[], Path], name: str) -> None:
-    """Drop a lock :func:`hold_entry` took (to make the entry again, exclusively)."""
-    fd = _HELD.pop(str(directory() / name), None)
-    if fd is not None:
-        os.close(fd)
-
-
-def remove_unused(directory: Path, name: str, *paths: Path, dry_run: bool = False) -> bool:
-    """Remove ``paths`` (and the lock file ``name``) if no process holds the lock;
-    whether they were (or, with ``dry_run``, would be) removed."""
-    try:
-        fd = _locked(lambda: directory, name, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ConfigError:  # the directory itself is gone: nothing left to remove
-        return True
-    if fd is None:
-        return False
-    try:
-        if not dry_run:
-            for path in paths:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(directory / name)  # still locked: nobody takes the old file for a lock
-    finally:
-        os.close(fd)
-    return True
-

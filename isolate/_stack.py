@@ -148,6 +148,7 @@ class WorkerStack:
                     self.settings.pg_settings,
                 ),
                 start_timeout=self.settings.pg_start_timeout, seed=seed,
+                cache_size=self.settings.cache_size,
             )  # fmt: skip
             if self.settings.pg_dsn:
                 needs_createdb = self.settings.db_isolation == "database"

@@ -844,8 +844,8 @@ def test_cleanup_caches_keeps_the_image_a_live_run_uses(
     """The image a worker's container runs, and its build lock, survive ``cleanup
     --caches`` while the worker lives (even with the lock dir removed under it, a later
     build goes on); once the worker is done with it, the clean-up removes the image."""
+    from isolate._cache import release_entry
     from isolate._docker.images import _lock_name, build_locks
-    from isolate._fs import release_entry
 
     context = tmp_path / "svc"
     _write_context(context, images.python, "in-use")

@@ -232,3 +232,35 @@ def test_liveness_on_each_platform(monkeypatch: pytest.MonkeyPatch, have_proc: b
     zombie.wait()
     owner = liveness.Owner.current()
     assert owner.start_ticks == me and not owner.gone()
+
+
+def test_sizes_parse_as_powers_of_1024() -> None:
+    from isolate._cache import parse_size
+
+    assert parse_size("512MB") == 512 << 20
+    assert parse_size("2G") == parse_size("2GiB") == 2 << 30
+    assert parse_size("1.5gb") == 3 << 29
+    assert parse_size("0") == 0
+    with pytest.raises(ValueError, match="like 512MB"):
+        parse_size("lots")
+
+
+def test_the_cache_bound_evicts_the_least_recently_used_entry_nobody_holds(tmp_path: Path) -> None:
+    """Over the bound, the oldest entries go first, but never one a process holds (in use)
+    nor the one just made."""
+    from isolate._cache import dir_size, evict, hold_entry, release_entry
+
+    for age, name in enumerate(["old", "older", "oldest"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data").write_bytes(b"x" * (1 << 20))
+        (tmp_path / f"{name}.lock").touch()
+        os.utime(tmp_path / f"{name}.lock", (1000 - age, 1000 - age))
+    hold_entry(lambda: tmp_path, "oldest.lock")  # in use by a live run
+    try:
+        gone = evict(tmp_path, limit=dir_size(tmp_path / "old") + 4096, keep="old")
+    finally:
+        release_entry(lambda: tmp_path, "oldest.lock")
+    assert gone == ["older"]  # not "oldest": it is held; not "old": just made
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["old", "oldest"]
+    assert not (tmp_path / "older.lock").exists()
+    assert evict(tmp_path, limit=0) == []  # 0: no bound

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .._cache import entry_lock, hold_entry, release_entry, remove_unused
 from .._errors import ConfigError, DockerUnavailableError, ImageNotFoundError
-from .._fs import entry_lock, hold_entry, own_dir, release_entry, remove_unused
+from .._fs import own_dir
 from .._service.spec import tail_text
 from .engine import is_docker_error, reason
 

@@ -19,8 +19,9 @@ from psycopg import sql
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from .._binaries import Binary
+from .._cache import entry_lock, evict, touch
 from .._errors import ServerStartError
-from .._fs import entry_lock, own_dir, read_beneath, take_back
+from .._fs import own_dir, read_beneath, take_back
 from .._ports import PortLease
 from .._process import ManagedProcess, RunAs, as_user, stdin_pipe, wait_started
 from .._retry import poll_until, start_on_free_port
@@ -116,11 +117,13 @@ class NativePostgresRunner(NativeServer):
         while True:
             with entry_lock(self._cache, lock, shared=True):
                 if (target / "PG_VERSION").exists():
+                    touch(target.parent, lock)  # its last use: the size bound evicts the oldest
                     yield target
                     return
             with entry_lock(self._cache, lock, shared=False):
                 if not (target / "PG_VERSION").exists():
                     self._make_cached(target, create, bake)
+            evict(target.parent, self.config.cache_size, keep=name)  # never what was just made
 
     def _make_cached(self, target: Path, create: Callable[[Path], None], bake: Callable[[Path], None]) -> None:
         staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")

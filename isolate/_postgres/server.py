@@ -61,6 +61,9 @@ class PostgresConfig:
     database: str = "isolate"
     #: Native backend: start from a cached cluster that already holds this (built once).
     seed: Seed | None = None
+    #: Native backend: bytes the template cache may take (least recently used entries go
+    #: first, never one in use); 0: no bound.
+    cache_size: int = 1 << 30
 
 
 @dataclass(frozen=True)
