@@ -28,6 +28,7 @@ Keep = Literal["never", "failed", "always"]
 DbIsolation = Literal["schema", "database"]
 DemoteServices = Literal["auto", "always", "never"]
 ForkServerMode = Literal["auto", "off"]
+Dist = Literal["duration", "xdist"]
 
 
 def default_base_dir() -> str:
@@ -194,6 +195,14 @@ OPTIONS: tuple[Option, ...] = (
            " or auto (host on Linux)", "auto", _choice("host", "mapped", "auto")),
     Option("docker_network_name", "docker backend, mapped mode: existing user-defined network"
            " the containers join; default: a private network per run", "", _optional_str),
+    Option("dist", "how an xdist run hands tests to its workers when you give no --dist of "
+           "your own: duration (longest first, from the durations of earlier runs kept in "
+           "pytest's cache; work stealing by expected time; serial tests last, alone) or "
+           "xdist (xdist's own default, load). An explicit --dist always wins", "duration",
+           _choice("duration", "xdist")),
+    Option("store_durations", "also write every test's duration to this file in "
+           "pytest-split's .test_durations format (JSON, test id -> seconds; merged into the "
+           "file if it exists; relative to the rootdir)", "", _optional_str),
     Option("timings", "print the table of isolate's own start-up and teardown timings at "
            "the end (-v prints it too)", "false", _bool),
     Option("timings_json", "write isolate's own start-up/teardown timings to this JSON file",
@@ -241,6 +250,8 @@ class Settings:
     stop_timeout: float = 10.0
     docker_network: DockerNetwork = "auto"
     docker_network_name: str | None = None
+    dist: Dist = "duration"
+    store_durations: str | None = None
     timings: bool = False
     timings_json: str | None = None
     base_dir: str | None = None

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["SerialGate"]
+__all__ = ["SerialGate", "record_serial_ids", "serial_ids"]
 
 
 class SerialGate:
@@ -64,3 +65,22 @@ class SerialGate:
         for fd in (self._turnstile, self._room):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def record_serial_ids(run_dir: Path, worker_id: str, nodeids: list[str]) -> None:
+    """A worker writes the ids of the serial tests it collected, for the controller's
+    scheduler (which sees test ids only). Written before the worker reports its collection."""
+    folder = run_dir / "serial-ids"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    tmp = folder / f".{worker_id}.tmp"
+    tmp.write_text(json.dumps(nodeids))
+    tmp.replace(folder / f"{worker_id}.json")
+
+
+def serial_ids(run_dir: Path) -> set[str]:
+    """The serial test ids the workers recorded (none if no worker wrote any)."""
+    found: set[str] = set()
+    for path in sorted((run_dir / "serial-ids").glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            found.update(str(nodeid) for nodeid in json.loads(path.read_text()))
+    return found

@@ -29,6 +29,7 @@ from ._fixtures import (
 )
 from ._hooks import (
     pytest_addoption,
+    pytest_cmdline_main,
     pytest_collection_modifyitems,
     pytest_configure,
     pytest_report_header,
@@ -61,6 +62,7 @@ __all__ = [
     "isolate_stack",
     "isolate_worker",
     "pytest_addoption",
+    "pytest_cmdline_main",
     "pytest_collection_modifyitems",
     "pytest_configure",
     "pytest_report_header",

@@ -19,9 +19,10 @@ from .._controller import WORKERINPUT_KEYS, RunController
 from .._errors import ConfigError, IsolateError
 from .._identity import new_run_id, worker_from_env
 from .._run.rundir import RunDir
-from .._run.serial import SerialGate
+from .._run.serial import SerialGate, record_serial_ids
 from .._service import tail_text
 from .._stack import WorkerStack
+from ._durations import DurationRecorder
 from ._xdist import XdistHooks
 
 #: Signals that end a run like Ctrl-C does (CI cancel, a closed terminal).
@@ -33,11 +34,20 @@ CONTROLLER_KEY = pytest.StashKey[RunController]()
 _SUMMARY_KEY = pytest.StashKey[dict[str, dict[str, float]]]()
 _SEEN_KEY = pytest.StashKey[set[tuple[str, str]]]()
 GATE_KEY = pytest.StashKey[SerialGate]()
+_EXPLICIT_DIST_KEY = pytest.StashKey[bool]()
 
 SERIAL_MARKER = (
     "serial: run while no other test of the run runs (isolate; in an xdist run the serial "
     "tests are scheduled last and the other workers wait; without xdist, no effect)"
 )
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> Generator[None, object, object]:
+    """Before xdist turns ``-n N`` into ``--dist load``: did the user choose a ``--dist``?"""
+    dist = getattr(config.option, "dist", "no")
+    config.stash[_EXPLICIT_DIST_KEY] = dist not in (None, "no") or bool(getattr(config.option, "distload", False))
+    return (yield)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -82,8 +92,11 @@ def pytest_configure(config: pytest.Config) -> None:
             controller = RunController(settings, settings.run_id or new_run_id(), config.rootpath)
             controller.open()
             config.stash[CONTROLLER_KEY] = controller
+            recorder = DurationRecorder(config, settings.store_durations)
+            config.pluginmanager.register(recorder, "isolate-durations")
             if config.pluginmanager.hasplugin("xdist"):
-                config.pluginmanager.register(XdistHooks(controller), "isolate-xdist")
+                duration = settings.dist == "duration" and not config.stash.get(_EXPLICIT_DIST_KEY, False)
+                config.pluginmanager.register(XdistHooks(controller, recorder, duration), "isolate-xdist")
             config.pluginmanager.register(InterruptDeadline(controller, settings.stop_timeout + 20),
                                           "isolate-interrupt-deadline")  # fmt: skip
             run_id, backend, run = controller.run_id, controller.backend_name, controller.run
@@ -157,10 +170,15 @@ def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> Generator[None]:
     """Serial tests go last (after any reordering by other plugins, e.g. pytest-randomly),
-    so that in an xdist run they are handed out after the parallel ones."""
+    so that in an xdist run they are handed out after the parallel ones; their ids go to
+    the run dir for the duration scheduler, before the worker reports its collection."""
     result = yield
-    if hasattr(config, "workerinput"):
+    stack = config.stash.get(STACK_KEY, None)
+    if hasattr(config, "workerinput") and stack is not None:
         items.sort(key=lambda item: item.get_closest_marker("serial") is not None)
+        serial = [item.nodeid for item in items if item.get_closest_marker("serial")]
+        if serial:
+            record_serial_ids(stack.run.path, stack.worker.worker_id, serial)
     return result
 
 

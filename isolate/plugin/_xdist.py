@@ -7,14 +7,28 @@ from typing import Any
 import pytest
 
 from .._controller import RunController
+from .._run.serial import serial_ids
+from ._durations import DurationRecorder
 
 
 class XdistHooks:
-    """Hands every worker the run's facts, so they all agree on them."""
+    """Hands every worker the run's facts, so they all agree on them, and with
+    ``duration`` set, gives xdist isolate's scheduler."""
 
-    def __init__(self, controller: RunController) -> None:
+    def __init__(self, controller: RunController, recorder: DurationRecorder, duration: bool) -> None:
         self.controller = controller
+        self.recorder = recorder
+        self.duration = duration
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput.update(self.controller.workerinput())
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        if not self.duration:
+            return None  # xdist's own, as --dist says
+        from ._scheduler import DurationScheduling  # only a controller that schedules needs it
+
+        run_dir = self.controller.run.path
+        return DurationScheduling(config, log, self.recorder.history(), lambda: serial_ids(run_dir))

@@ -1,0 +1,1 @@
+"""Handing tests to xdist workers: durations and the duration-aware planner (pure)."""

@@ -1,0 +1,318 @@
+"""The duration-aware planner behind ``--isolate-dist=duration``: pure (no pytest, no xdist).
+
+Tests are indices into the run's collection; nodes are any hashable keys (the xdist adapter
+in :mod:`isolate.plugin._scheduler` passes its ``WorkerController`` objects). Every call
+returns the :data:`Action` list the adapter carries out, in order.
+
+How it decides:
+
+* **Longest first.** The parallel tests wait in a pool ordered by their expected duration,
+  longest first (ties in collection order, so with no history it is the collection order).
+  The test at the head of the pool goes to the node expected to be free first, until every
+  node holds the test it runs, the next one, and about :data:`HORIZON` seconds more.
+* **Stealing by expected time.** When the pool is empty and a node is about to run out, it
+  takes tests from the end of the queue of the node with the most expected work left, as
+  long as each move shortens the longer of the two. A worker runs test *i* only once it
+  holds test *i + 1* (xdist's protocol), so the first two of a queue stay put; any test
+  after them may move, the last ones included. One request per victim is in flight; the
+  worker gives back all the requested tests or none.
+* **Durations as tests finish.** A finished test's measured duration replaces its estimate.
+  With no history at all, tests never seen are estimated at the median of this run's
+  finished ones.
+* **Serial tests last and alone.** Tests marked serial are held back. When nothing parallel
+  is left to hand out or steal, idle nodes are shut down except the last one (the
+  *keeper*); once no other node has a test left, the keeper gets the serial tests, one
+  after another. Serial tests are never stolen.
+* **Crashes.** A removed node's first test is the one it crashed in (reported, not run
+  again, as xdist's ``load`` does); the rest go back to the pool, or to the serial tests.
+"""
+
+from __future__ import annotations
+
+import bisect
+import statistics
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = ["HORIZON", "RUNNING", "Action", "Planner", "Send", "Shutdown", "Steal"]
+
+N = TypeVar("N", bound=Hashable)
+
+#: A worker needs two tests in hand to run the first: xdist starts test i once it holds i + 1.
+RUNNING = 2
+#: Seconds of expected work a node holds beyond the test it runs, so that it never waits for
+#: the controller's next message; longer tests than that are handed out one at a time.
+HORIZON = 0.5
+#: The most tests one node holds (many tiny tests).
+MAX_QUEUE = 64
+
+
+@dataclass(frozen=True)
+class Send(Generic[N]):
+    """Give ``node`` these tests, to run after what it holds."""
+
+    node: N
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Steal(Generic[N]):
+    """Ask ``node`` to give back these queued tests (all of them, or none)."""
+
+    node: N
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Shutdown(Generic[N]):
+    """``node`` gets nothing more: it runs what it holds and ends."""
+
+    node: N
+
+
+Action = Send[N] | Steal[N] | Shutdown[N]
+
+
+class Planner(Generic[N]):
+    """Which test runs where, for one run. Feed it the events; carry out what it returns."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, horizon: float = HORIZON) -> None:
+        self._clock = clock
+        self._horizon = horizon
+        self._queues: dict[N, list[int]] = {}
+        self._since: dict[N, float] = {}  # when the head of a node's queue became its head
+        self._closing: set[N] = set()
+        self._stealing: dict[N, tuple[int, ...]] = {}  # victim -> the tests asked back
+        self._keeper: N | None = None
+        self._estimate: list[float] = []
+        self._known: list[bool] = []
+        self._serial: list[bool] = []
+        self._rank: list[tuple[float, int]] = []
+        self._pool: list[int] = []  # parallel tests not handed out; the longest at the end
+        self._held: list[int] = []  # serial tests not handed out, in collection order
+        self._default = 1.0
+        self._observed: list[float] = []
+        self._learn_default = False
+        self._loaded = False
+
+    # -- the events -------------------------------------------------------------------
+
+    def add_node(self, node: N) -> list[Action[N]]:
+        """A node that has collected the run's tests."""
+        assert node not in self._queues, node
+        self._queues[node] = []
+        self._since[node] = self._clock()
+        return self.balance()
+
+    def load(self, estimates: Sequence[float | None], serial: Iterable[int] = ()) -> list[Action[N]]:
+        """The collection: an estimate per test (``None``: never seen) and the serial ones.
+
+        Tests never seen get the median of the known estimates, or 1 s if none is known
+        (and then the median of this run's finished tests, as they finish).
+        """
+        known = [e for e in estimates if e is not None]
+        self._default = statistics.median(known) if known else 1.0
+        self._learn_default = not known
+        self._known = [e is not None for e in estimates]
+        self._estimate = [self._default if e is None else max(e, 0.0) for e in estimates]
+        self._rank = [(e, -i) for i, e in enumerate(self._estimate)]
+        held = set(serial)
+        self._serial = [i in held for i in range(len(estimates))]
+        self._pool = sorted((i for i in range(len(estimates)) if i not in held), key=self._rank.__getitem__)
+        self._held = sorted(held)
+        self._loaded = True
+        return self.balance()
+
+    def complete(self, node: N, index: int, duration: float) -> list[Action[N]]:
+        """``node`` finished test ``index`` in ``duration`` seconds."""
+        self._queues[node].remove(index)
+        self._since[node] = self._clock()
+        self._learn(index, duration)
+        return self.balance()
+
+    def unscheduled(self, node: N, indices: Sequence[int]) -> list[Action[N]]:
+        """``node`` answered a steal: it gave back ``indices`` (possibly none)."""
+        self._stealing.pop(node, None)
+        queue = self._queues.get(node, [])  # a node already gone gave its tests back then
+        for index in indices:
+            if index in queue:
+                queue.remove(index)
+                self._release(index)
+        return self.balance()
+
+    def requeue(self, index: int) -> list[Action[N]]:
+        """Run ``index`` again (xdist's ``mark_test_pending``)."""
+        self._release(index)
+        return self.balance()
+
+    def close(self, node: N) -> None:
+        """``node`` was told to shut down by someone else (xdist ending the session)."""
+        if node in self._queues:
+            self._closing.add(node)
+
+    def remove_node(self, node: N) -> tuple[int | None, list[Action[N]]]:
+        """``node`` is gone. Returns the test it crashed in (``None`` if it had none left)
+        and the actions that hand its other tests to the remaining nodes."""
+        queue = self._queues.pop(node)
+        self._since.pop(node, None)
+        self._closing.discard(node)
+        self._stealing.pop(node, None)
+        if self._keeper == node:
+            self._keeper = None
+        for index in queue[1:]:
+            self._release(index)
+        return (queue[0] if queue else None), self.balance()
+
+    # -- what the adapter asks -----------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[N]:
+        return list(self._queues)
+
+    def pending(self, node: N) -> list[int]:
+        """The tests ``node`` holds, in the order it runs them."""
+        return list(self._queues[node])
+
+    def estimate(self, index: int) -> float:
+        """What test ``index`` is expected to take (its measured duration once it ran)."""
+        return self._estimate[index] if self._known[index] else self._default
+
+    @property
+    def has_pending(self) -> bool:
+        """Tests wait to be handed out or to run."""
+        return bool(self._pool or self._held or any(self._queues.values()))
+
+    @property
+    def finished(self) -> bool:
+        """Nothing left to hand out: each node runs out what it holds once told to stop."""
+        return (
+            self._loaded
+            and not self._pool
+            and not self._held
+            and not self._stealing
+            and all(len(queue) < RUNNING for queue in self._queues.values())
+        )
+
+    def remaining(self, node: N) -> float:
+        """Expected seconds until ``node`` has run everything it holds."""
+        queue = self._queues[node]
+        if not queue:
+            return 0.0
+        elapsed = self._clock() - self._since[node]
+        return max(self.estimate(queue[0]) - elapsed, 0.0) + sum(self.estimate(i) for i in queue[1:])
+
+    # -- the decisions --------------------------------------------------------------------
+
+    def balance(self) -> list[Action[N]]:
+        """Hand out, steal or shut down, as the state now asks."""
+        if not self._loaded:
+            return []
+        actions: list[Action[N]] = self._hand_out()
+        if self._pool:
+            return actions  # every node is busy enough
+        for thief in sorted(self._idle(), key=self.remaining):
+            steal = self._steal_for(thief)
+            if steal is not None:
+                self._stealing[steal.node] = steal.indices
+                actions.append(steal)
+        if self._stealing:
+            return actions  # nothing ends while tests may come back
+        if self._held:
+            return actions + self._serial_phase()
+        for node in self._idle():
+            actions.append(self._shutdown(node))
+        return actions
+
+    def _live(self) -> list[N]:
+        return [node for node in self._queues if node not in self._closing]
+
+    def _idle(self) -> list[N]:
+        return [node for node in self._live() if len(self._queues[node]) < RUNNING]
+
+    def _wants(self, node: N) -> bool:
+        queue = self._queues[node]
+        if len(queue) < RUNNING:
+            return True
+        return len(queue) < MAX_QUEUE and sum(self.estimate(i) for i in queue[1:]) < self._horizon
+
+    def _hand_out(self) -> list[Action[N]]:
+        sent: dict[N, list[int]] = {}
+        while self._pool:
+            hungry = [node for node in self._live() if self._wants(node)]
+            if not hungry:
+                break
+            node = min(hungry, key=self.remaining)
+            index = self._pool.pop()
+            self._push(node, index)
+            sent.setdefault(node, []).append(index)
+        return [Send(node, tuple(indices)) for node, indices in sent.items()]
+
+    def _push(self, node: N, index: int) -> None:
+        queue = self._queues[node]
+        if not queue:
+            self._since[node] = self._clock()
+        queue.append(index)
+
+    def _steal_for(self, thief: N) -> Steal[N] | None:
+        """The tests that moving from the busiest node to ``thief`` shortens the longer of
+        the two queues with, taken from the victim's end."""
+        have = self.remaining(thief)
+        victims = [
+            node for node in self._live()
+            if node != thief and node not in self._stealing and len(self._queues[node]) > RUNNING
+        ]  # fmt: skip
+        for victim in sorted(victims, key=self.remaining, reverse=True):
+            left = self.remaining(victim)
+            take: list[int] = []
+            for index in reversed(self._queues[victim][RUNNING:]):
+                cost = self.estimate(index)
+                if self._serial[index] or have + cost >= left:
+                    break
+                take.append(index)
+                have, left = have + cost, left - cost
+            if take:
+                return Steal(victim, tuple(reversed(take)))
+        return None
+
+    def _serial_phase(self) -> list[Action[N]]:
+        """Shut down idle nodes but one (the keeper); once no other node holds a test,
+        the keeper gets the serial tests."""
+        actions: list[Action[N]] = []
+        live = self._live()
+        # The keeper stays; among the others, the one expected free first is kept last.
+        idle = sorted(self._idle(), key=lambda node: (node == self._keeper, -self.remaining(node)))
+        for node in idle:
+            if len(live) > 1:
+                actions.append(self._shutdown(node))
+                live.remove(node)
+        if len(live) != 1 or len(self._queues[live[0]]) >= RUNNING:
+            return actions
+        keeper = self._keeper = live[0]
+        if any(queue for node, queue in self._queues.items() if node != keeper):
+            return actions  # the other nodes' last tests still run
+        held, self._held = self._held, []
+        self._queues[keeper].extend(held)
+        actions.append(Send(keeper, tuple(held)))
+        return actions
+
+    def _shutdown(self, node: N) -> Shutdown[N]:
+        self._closing.add(node)
+        return Shutdown(node)
+
+    def _release(self, index: int) -> None:
+        """Back to the pool (or to the held serial tests), in its place."""
+        if self._serial[index]:
+            bisect.insort(self._held, index)
+        else:
+            bisect.insort(self._pool, index, key=self._rank.__getitem__)
+
+    def _learn(self, index: int, duration: float) -> None:
+        self._estimate[index] = max(duration, 0.0)
+        self._known[index] = True
+        if self._learn_default:
+            self._observed.append(duration)
+            count = len(self._observed)
+            if count & (count - 1) == 0:  # at 1, 2, 4, 8... finished tests: cheap enough
+                self._default = statistics.median(self._observed)
