@@ -31,8 +31,9 @@ DOCKER_IMAGES = [
 def tests(session: nox.Session) -> None:
     """isolate's own suite (unit + integration, native and docker), with xdist."""
     # pytest-randomly: the serial-marker tests prove it works with random order;
-    # pytest-timeout: a fault test proves its os._exit kill leaves nothing behind.
-    session.install(".[embedded,docker]", "pytest-randomly==5.1.0", "pytest-timeout==2.4.0")
+    # pytest-timeout: a fault test proves its os._exit kill leaves nothing behind;
+    # pytest-split: it reads the durations file isolate writes.
+    session.install(".[embedded,docker]", "pytest-randomly==5.1.0", "pytest-timeout==2.4.0", "pytest-split==0.11.0")
     session.run("pytest", "tests", "-n", "4", "-p", "no:randomly", *session.posargs)
 
 

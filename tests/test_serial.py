@@ -68,14 +68,16 @@ def intervals(log: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("dist", ["load", "loadscope", "loadfile", "loadgroup", "worksteal"])
+@pytest.mark.parametrize("dist", ["duration", "load", "loadscope", "loadfile", "loadgroup", "worksteal"])
 def test_serial_tests_run_alone_and_the_rest_in_parallel(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, dist: str
 ) -> None:
     log = pytester.path / "log.jsonl"
     monkeypatch.setenv("SERIAL_LOG", str(log))
     pytester.makepyfile(record=RECORD, **SUITE)
-    args = ["-n", "4", f"--dist={dist}", "-p", "randomly", "-p", "no:cacheprovider"]
+    # duration: isolate's scheduler, the default without a --dist (and here without history)
+    dist_args = [] if dist == "duration" else [f"--dist={dist}"]
+    args = ["-n", "4", *dist_args, "-p", "randomly", "-p", "no:cacheprovider"]
     result = pytester.runpytest_subprocess(*args)
     result.assert_outcomes(passed=23)
     runs = intervals(log)

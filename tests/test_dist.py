@@ -1,0 +1,240 @@
+"""The duration scheduler in whole xdist runs (pytester, in subprocesses): each test exactly
+once, crashed workers, history putting the longest first, the other ``--dist`` modes, and the
+durations file pytest-split reads."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from suite_support import CONFTEST, HELPERS, leftovers, run_id_of
+
+RECORD = """
+import json, os, time
+from pathlib import Path
+
+def record(name, seconds=0.0):
+    start = time.monotonic()
+    time.sleep(seconds)
+    entry = {"name": name, "start": start, "end": time.monotonic(),
+             "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
+    with Path(os.environ["DIST_LOG"]).open("a") as fh:
+        fh.write(json.dumps(entry) + "\\n")
+"""
+
+FORTY = """
+import pytest
+from record import record
+
+@pytest.mark.parametrize("n", range(40))
+def test_n(n):
+    record(f"n{n}", 0.02 * (n % 5))
+"""
+
+
+@pytest.fixture
+def logged(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
+    log = pytester.path / "log.jsonl"
+    monkeypatch.setenv("DIST_LOG", str(log))
+    pytester.makepyfile(record=RECORD)
+    return log
+
+
+def entries(log: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def passed_ids(result: pytest.RunResult) -> Counter[str]:
+    return Counter(
+        line.split(" PASSED ")[1].strip() for line in result.outlines if " PASSED " in line
+    )  # fmt: skip
+
+
+def test_each_of_40_tests_runs_exactly_once_at_4_workers(pytester: pytest.Pytester, logged: Path) -> None:
+    pytester.makepyfile(test_forty=FORTY)
+    for run in range(2):  # without history, then with it
+        logged.unlink(missing_ok=True)
+        result = pytester.runpytest_subprocess("-n", "4", "-v", "-p", "no:randomly")
+        result.assert_outcomes(passed=40)
+        result.stdout.fnmatch_lines(["scheduling tests via DurationScheduling"])
+        names = Counter(str(e["name"]) for e in entries(logged))
+        assert names == Counter(f"n{n}" for n in range(40)), run
+        ids = passed_ids(result)
+        assert len(ids) == 40 and set(ids.values()) == {1}, ids
+        assert len({e["worker"] for e in entries(logged)}) >= 2
+
+
+def test_a_second_run_starts_the_longest_tests_first(pytester: pytest.Pytester, logged: Path) -> None:
+    pytester.makepyfile(
+        test_mixed="""
+        import pytest
+        from record import record
+
+        @pytest.mark.parametrize("n", range(12))
+        def test_short(n):
+            record(f"short{n}", 0.01)
+
+        @pytest.mark.parametrize("seconds", [0.4, 0.8, 0.2, 0.6])
+        def test_long(seconds):
+            record(f"long{seconds}", seconds)
+        """
+    )
+    pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly").assert_outcomes(passed=16)
+    history = json.loads((pytester.path / ".pytest_cache" / "v" / "isolate" / "durations").read_text())
+    assert history["test_mixed.py::test_long[0.8]"] >= 0.8
+    assert len(history) == 16
+    logged.unlink()
+    pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly").assert_outcomes(passed=16)
+    by_worker: dict[object, list[dict[str, object]]] = {}
+    for entry in sorted(entries(logged), key=lambda e: float(e["start"])):  # type: ignore[arg-type]
+        by_worker.setdefault(entry["worker"], []).append(entry)
+    assert {runs[0]["name"] for runs in by_worker.values()} == {"long0.8", "long0.6"}
+    assert {runs[1]["name"] for runs in by_worker.values()} == {"long0.4", "long0.2"}
+
+
+def test_a_crashed_worker_s_tests_run_on_the_others(pytester: pytest.Pytester, logged: Path) -> None:
+    pytester.makepyfile(
+        test_crash="""
+        import os, pytest
+        from record import record
+
+        @pytest.mark.parametrize("n", range(40))
+        def test_n(n):
+            if n == 13:
+                os._exit(1)
+            record(f"n{n}", 0.05)
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "4", "-v", "-p", "no:randomly", "--max-worker-restart=2")
+    result.assert_outcomes(passed=39, failed=1)
+    result.stdout.fnmatch_lines(["*replacing crashed worker*", "*FAILED test_crash.py::test_n?13?*"])
+    names = Counter(str(e["name"]) for e in entries(logged))
+    assert names == Counter(f"n{n}" for n in range(40) if n != 13)
+    assert set(passed_ids(result).values()) == {1}
+
+
+def test_max_worker_restart_is_honoured(pytester: pytest.Pytester, logged: Path) -> None:
+    pytester.makepyfile(
+        test_crash="""
+        import os, pytest
+        from record import record
+
+        @pytest.mark.parametrize("n", range(40))
+        def test_n(n):
+            if n in (3, 20):
+                os._exit(1)
+            record(f"n{n}", 0.05)
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "--max-worker-restart=1")
+    result.stdout.fnmatch_lines(["*maximum crashed workers reached: 1*"])
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed") == 2 and outcomes.get("passed", 0) < 38
+    names = Counter(str(e["name"]) for e in entries(logged))
+    assert set(names.values()) <= {1}
+
+
+def test_serial_tests_last_and_alone_with_history(pytester: pytest.Pytester, logged: Path) -> None:
+    pytester.makepyfile(
+        test_s="""
+        import pytest
+        from record import record
+
+        @pytest.mark.parametrize("n", range(16))
+        def test_parallel(n):
+            record("parallel", 0.05 * (n % 4))
+
+        @pytest.mark.serial
+        @pytest.mark.parametrize("n", range(3))
+        def test_serial(n):
+            record("serial", 0.3)
+        """
+    )
+    for run in range(2):  # the second run has every test's duration: serial ones are long
+        logged.unlink(missing_ok=True)
+        pytester.runpytest_subprocess("-n", "3", "-p", "no:randomly").assert_outcomes(passed=19)
+        runs = entries(logged)
+        serial = [r for r in runs if r["name"] == "serial"]
+        parallel = [r for r in runs if r["name"] == "parallel"]
+        assert len(serial) == 3 and len(parallel) == 16
+        last_parallel = max(float(r["end"]) for r in parallel)  # type: ignore[arg-type]
+        assert all(float(r["start"]) >= last_parallel for r in serial), run  # type: ignore[arg-type]
+        assert len({r["worker"] for r in serial}) == 1, run
+        assert len({r["worker"] for r in parallel}) >= 2, run
+
+
+@pytest.mark.parametrize(
+    ("args", "scheduler"),
+    [
+        (["--dist=load"], "LoadScheduling"),
+        (["--dist=loadfile"], "LoadFileScheduling"),
+        (["--dist=loadscope"], "LoadScopeScheduling"),
+        (["--dist=loadgroup"], "LoadGroupScheduling"),
+        (["--dist=worksteal"], "WorkStealingScheduling"),
+        (["-d"], "LoadScheduling"),
+        (["--isolate-dist=xdist"], "LoadScheduling"),
+        ([], "DurationScheduling"),
+    ],
+)
+def test_every_dist_mode_runs_isolate_s_stacks(pytester: pytest.Pytester, args: list[str], scheduler: str) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(helpers=HELPERS)
+    pytester.makepyfile(
+        test_stack="""
+        import pytest
+        from helpers import get, post
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_service_and_database(n, isolate_service, isolate_database, isolate_worker):
+            assert post(isolate_service.url + "/items", {"value": f"v{n}"})["id"] > 0
+            assert isolate_database.schema.endswith(isolate_worker.run_id)
+
+        @pytest.mark.xdist_group("g")
+        @pytest.mark.serial
+        def test_serial_restart(isolate_service):
+            isolate_service.restart()
+            assert isolate_service.is_ready()
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-v", "-p", "no:randomly", *args)
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines([f"scheduling tests via {scheduler}"])
+    assert leftovers(run_id_of(result)) == []
+
+
+def test_dist_no_runs_in_one_process(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_x="def test_x(isolate_service, isolate_worker): assert isolate_worker.worker_id == 'main'")
+    result = pytester.runpytest_subprocess("--dist=no", "-v", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    assert "scheduling tests via" not in result.stdout.str()
+    assert leftovers(run_id_of(result)) == []
+
+
+def test_the_durations_file_is_what_pytest_split_reads(pytester: pytest.Pytester, logged: Path) -> None:
+    pytester.makepyfile(
+        test_split="""
+        import pytest
+        from record import record
+
+        @pytest.mark.parametrize("seconds", [0.3, 0.01, 0.02, 0.03, 0.04, 0.05])
+        def test_t(seconds):
+            record("t", seconds)
+        """
+    )
+    (pytester.path / ".test_durations").write_text(json.dumps({"gone.py::test_old": 2.5}))
+    args = ["-n", "2", "-p", "no:randomly", "--isolate-store-durations=.test_durations"]
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=6)
+    text = (pytester.path / ".test_durations").read_text()
+    durations = json.loads(text)
+    ids = {f"test_split.py::test_t[{s}]" for s in ("0.3", "0.01", "0.02", "0.03", "0.04", "0.05")}
+    assert set(durations) == ids | {"gone.py::test_old"}
+    assert durations["gone.py::test_old"] == 2.5  # merged, as pytest-split's --store-durations does
+    assert 0.3 <= durations["test_split.py::test_t[0.3]"] < 5
+    assert list(durations) == sorted(durations) and text.startswith('{\n    "')
+    # pytest-split splits by it: the 0.3 s test alone is about half of the suite
+    first = pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly", "-v", "--splits", "2", "--group", "1")
+    first.assert_outcomes(passed=1)
+    first.stdout.fnmatch_lines(["*test_t?0.3? PASSED*"])
