@@ -75,7 +75,7 @@ def run_dbmodes(workers: list[int], repeat: int) -> list[dict[str, Any]]:
                         if cache == "cold":
                             clear_template_cache()
                         record = _run(root, migrations, mode, w)
-                        record.update(setup="dbmodes", backend="native", workers=w, repeat=repeat,
+                        record.update(setup="dbmodes", backend="native", workers=w, repeat=repeat, dist="duration",
                                       db_isolation=mode, migrations=weight, template_cache=cache)  # fmt: skip
                         records.append(record)
                         print(f"dbmodes  {mode:8} {weight:5} {cache:4} workers={w} "

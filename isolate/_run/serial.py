@@ -12,6 +12,11 @@ until it is done. Two ``flock`` files in the run dir make the gate:
 
 The kernel drops a dead worker's locks, so a crashed worker never blocks the run. (filelock
 has no shared mode, hence ``fcntl`` here.)
+
+The duration scheduler (:mod:`isolate._dist.planner`) runs serial tests last on one worker
+by itself; it learns which tests are serial from the ids each worker records here
+(:func:`record_serial_ids`), since the controller sees test ids only. The gate stays on
+underneath, and never waits then.
 """
 
 from __future__ import annotations
