@@ -24,7 +24,9 @@ class DurationRecorder:
         self.config = config
         self.split_file = split_file
         self.measured: defaultdict[str, float] = defaultdict(float)
-        self._grouped = getattr(config.option, "dist", None) == "loadgroup"
+        dist = getattr(config.option, "dist", None)
+        self._grouped = dist == "loadgroup"
+        self._each = dist == "each"  # every worker runs every test: no one duration per test
 
     def history(self) -> dict[str, float]:
         """The durations earlier runs recorded (empty without pytest's cache plugin)."""
@@ -33,7 +35,7 @@ class DurationRecorder:
         return merge(data if isinstance(data, dict) else {}, {})
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.duration >= 0:  # a frozen clock (freezegun) can make it negative
+        if report.duration >= 0 and not self._each:  # a frozen clock (freezegun): negative
             nodeid = strip_group(report.nodeid) if self._grouped else report.nodeid
             self.measured[nodeid] += report.duration
 
