@@ -9,14 +9,20 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import psycopg
-from psycopg import sql
+from typing import TYPE_CHECKING
 
 from ._errors import ConfigError, FaultInjectionError, MigrationError
 from ._fault import Fault
+from ._lazy import lazy
 from ._postgres import PostgresServer
 from ._postgres.server import Seed
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import sql
+else:
+    psycopg = lazy("psycopg")
+    sql = lazy("psycopg.sql")
 
 __all__ = [
     "Migrations",
@@ -33,7 +39,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: A directory of ``.sql`` files, a single file, or ``callable(connection)``.
-Migrations = str | Path | Callable[[psycopg.Connection[tuple[object, ...]]], None] | None
+Migrations = str | Path | Callable[["psycopg.Connection[tuple[object, ...]]"], None] | None
 
 
 def schema_name(worker_slug: str, run_id: str) -> str:

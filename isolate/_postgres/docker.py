@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
-
-import psycopg
+from typing import TYPE_CHECKING, Any
 
 from .._docker.containers import ContainerServer
 from .._docker.context import DockerRun
+from .._lazy import lazy
 from .server import PostgresConfig, PostgresServer, prepare_database
+
+if TYPE_CHECKING:
+    import psycopg
+else:
+    psycopg = lazy("psycopg")
 
 __all__ = ["DockerPostgresRunner"]
 

@@ -16,14 +16,20 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from typing import TYPE_CHECKING
 
 from .._errors import ConfigError, ExternalServerError
+from .._lazy import lazy
 from .._run.registry import ProcessRecord
 from .server import PostgresServer
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import conninfo, sql
+else:
+    psycopg = lazy("psycopg")
+    sql = lazy("psycopg.sql")
+    conninfo = lazy("psycopg.conninfo")
 
 __all__ = [
     "HEARTBEAT_S", "STALE_AFTER_S", "ExternalPostgresRunner", "RunLease", "check_server",
@@ -41,7 +47,7 @@ _LOCK = 0x15014E  # advisory lock: one run at a time creates the table or reaps 
 def parse_dsn(dsn: str) -> PostgresServer:
     """The connection facts of ``dsn`` (a URL or ``key=value`` string)."""
     try:
-        parts = conninfo_to_dict(dsn)
+        parts = conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(f"--isolate-pg-dsn is not a PostgreSQL DSN: {exc}",
                           hint="e.g. postgresql://postgres:secret@127.0.0.1:5432/postgres") from None  # fmt: skip

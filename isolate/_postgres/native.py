@@ -13,20 +13,27 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psycopg
-from psycopg import sql
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from .._binaries import Binary
 from .._cache import entry_lock, evict, touch
 from .._errors import ServerStartError
 from .._fs import own_dir, read_beneath, take_back
+from .._lazy import lazy
 from .._ports import PortLease
 from .._process import ManagedProcess, RunAs, as_user, stdin_pipe, wait_started
 from .._retry import poll_until, start_on_free_port
 from .._server import NativeServer
 from .server import PostgresConfig, PostgresServer, Seed
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import sql
+else:
+    psycopg = lazy("psycopg")
+    sql = lazy("psycopg.sql")
 
 __all__ = ["NativePostgresRunner"]
 

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-import psycopg
-from psycopg import sql
+from .._lazy import lazy
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import sql
+else:
+    psycopg = lazy("psycopg")
+    sql = lazy("psycopg.sql")
+
 
 __all__ = ["PostgresConfig", "PostgresServer", "Seed", "prepare_database", "tuned_settings"]
 

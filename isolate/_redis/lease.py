@@ -9,14 +9,19 @@ import contextlib
 import logging
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
-import redis
 from filelock import FileLock, Timeout
 
 from .._errors import ConfigError
+from .._lazy import lazy
 from .server import RedisServer
+
+if TYPE_CHECKING:
+    import redis
+else:
+    redis = lazy("redis")
 
 __all__ = ["LEASE_TTL_S", "MARK_KEY", "DbLease", "ExternalDbLease", "RunDbLease", "parse_redis_url"]
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
-
-import redis
 
 from .._errors import FaultInjectionError
 from .._fault import Fault
+from .._lazy import lazy
+
+if TYPE_CHECKING:
+    import redis
+else:
+    redis = lazy("redis")
 
 __all__ = ["ADMIN_USER", "RedisConfig", "RedisServer", "acl_users", "answers_ping"]
 

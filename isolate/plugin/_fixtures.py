@@ -5,19 +5,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import pytest
-import redis
 
 from .._database import Migrations, WorkerDatabase
 from .._identity import WorkerIdentity
+from .._lazy import lazy
 from .._postgres import PostgresServer
 from .._redis import RedisServer
 from .._service import ServiceHandle, ServiceSpec
 from .._stack import WorkerStack
 from ._hooks import STACK_KEY
+
+if TYPE_CHECKING:
+    import psycopg
+    import redis
+else:
+    psycopg = lazy("psycopg")
+    redis = lazy("redis")
 
 
 @pytest.fixture(scope="session")
