@@ -129,12 +129,18 @@ class DurationScheduling:
 
     def _do(self, actions: list[Action[WorkerController]]) -> None:
         for action in actions:
-            if isinstance(action, Send):
-                action.node.send_runtest_some(list(action.indices))
-            elif isinstance(action, Steal):
-                action.node.send_steal(list(action.indices))
-            elif isinstance(action, Shutdown):
-                action.node.shutdown()
+            try:
+                if isinstance(action, Send):
+                    action.node.send_runtest_some(list(action.indices))
+                elif isinstance(action, Steal):
+                    action.node.send_steal(list(action.indices))
+                elif isinstance(action, Shutdown):
+                    action.node.shutdown()
+            except OSError:
+                # The worker just died; xdist has yet to tell us (its errordown event is
+                # queued). What we sent it stays in its queue in the planner, which hands
+                # it on when the node is removed, as for any crash.
+                self.log("worker gone before", action)
 
     def _same_collections(self) -> bool:
         """As xdist's ``load``: every node collected the same tests, else a collection error."""
