@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -62,6 +63,7 @@ class WorkerStack:
         self._redis: RedisServer | None = None
         self._redis_runner: Runner[RedisServer] | None = None
         self._redis_lease: DbLease | None = None
+        self._redis_lock = threading.Lock()  # the early start (see service()) and a fixture
         self._services: dict[str, ServiceHandle] = {}
         #: Set by the plugin when a test of this worker failed (``--isolate-keep=failed``).
         self.failed = False
@@ -233,6 +235,10 @@ class WorkerStack:
 
     def redis(self) -> RedisServer:
         """The worker's Redis (own server, or own DB on the shared one)."""
+        with self._redis_lock:
+            return self._redis_locked()
+
+    def _redis_locked(self) -> RedisServer:
         if self._redis is None:
             if self.settings.redis_url:
                 holder = f"{self.worker.run_id}/{self.worker.worker_id}/{os.getpid()}"
@@ -302,12 +308,16 @@ class WorkerStack:
         self._refuse_if_stopping()
         launcher = self.backend.service(spec, instance, self.run.worker_dir(self.worker.slug) / f"{instance}.log")
         launcher.warm(self.run.registry.register)  # a fork server preloads meanwhile
+        early = self._start_redis_early(spec)  # Redis starts while the database is made
         try:
             for field_name in sorted(spec.uses() - set(values) - {"port", "url"}):
                 values[field_name] = (resolve or self._resolve_field)(field_name)
         except BaseException:
             launcher.close()
             raise
+        finally:
+            if early is not None:
+                early.join()
         handle = ServiceHandle(
             spec, instance, values, launcher, ready_timeout=self.settings.ready_timeout,
             stop_timeout=self.settings.stop_timeout, on_start=self._register_service,
@@ -334,6 +344,24 @@ class WorkerStack:
         record = handle.record()
         if record is not None:
             self.run.registry.register(record)
+
+    def _start_redis_early(self, spec: ServiceSpec) -> threading.Thread | None:
+        """Start the worker's Redis in a thread when ``spec`` needs it and the database
+        too: the two starts overlap. A failure here is left to the caller's own
+        ``redis()``, which tries again and raises it."""
+        uses = spec.uses()
+        if "redis_url" not in uses or not uses & {"dsn", "schema", "role"} or self._redis is not None:
+            return None
+
+        def start() -> None:
+            try:
+                self.redis()
+            except Exception as exc:
+                logger.debug("early Redis start failed (retried when asked for): %s", exc)
+
+        thread = threading.Thread(target=start, name="isolate-redis-early", daemon=True)
+        thread.start()
+        return thread
 
     def _resolve_field(self, name: str) -> object:
         if name in ("dsn", "schema", "role"):

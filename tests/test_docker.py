@@ -567,6 +567,38 @@ def test_postgres_and_redis_containers(
     assert containers_of(docker_engine, worker.run_id) == []
 
 
+def test_postgres_starts_from_a_seeded_image_with_a_password_of_its_own(
+    ctx: DockerRun, worker: WorkerIdentity, docker_engine: Any
+) -> None:
+    import psycopg
+
+    from isolate._postgres.docker import seeded_image
+
+    config = PostgresConfig(tuned_settings(1, 10))
+    tag, seed_password = seeded_image(ctx, ctx.settings.pg_image, config)
+    assert seeded_image(ctx, ctx.settings.pg_image, config) == (tag, seed_password)  # made once
+    image = docker_engine.images.get(tag)
+    assert image.labels.get("isolate.build_context") == "pg-seed"  # cleanup --caches removes it
+    # the password it was made with is not in the image
+    leaked = docker_engine.containers.run(tag, entrypoint=["cat", "/tmp/isolate-postgres-password"],
+                                          network_mode="none", remove=True)  # fmt: skip
+    assert leaked == b""
+    pg = DockerPostgresRunner(ctx, config)
+    try:
+        pg.start()
+        assert pg.server is not None
+        assert docker_engine.containers.get(pg.container.id).image.id == image.id
+        with psycopg.connect(pg.server.admin_dsn) as conn:  # a run password of its own
+            assert conn.execute("SELECT current_user").fetchone() == (config.superuser,)
+        assert pg.server.password != seed_password
+        seed_dsn = pg.server.admin_dsn.replace(pg.server.password, seed_password)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(seed_dsn, connect_timeout=5).close()
+    finally:
+        pg.stop()
+    assert containers_of(docker_engine, worker.run_id) == []
+
+
 # -- errors -----------------------------------------------------------------------------
 
 

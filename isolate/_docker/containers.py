@@ -114,6 +114,11 @@ class ContainerServer:
         """Files (path: content) to put in the container before it starts: secrets."""
         return {}
 
+    def _run_image(self) -> str:
+        """The image the container is created from (``self.image`` unless a subclass
+        prepared one from it)."""
+        return self.image
+
     def start(self) -> None:
         """Create and start the container on a free port; block until it is ready."""
         ensure_image(self.ctx.client, self.image, hint=self.image_hint)
@@ -124,7 +129,7 @@ class ContainerServer:
         self.lease, port = lease, lease.port
         try:
             self.container = self.ctx.create(
-                self.image, self.container_name, self.role, self.container_port, port,
+                self._run_image(), self.container_name, self.role, self.container_port, port,
                 **self._create_kwargs(port),
             )  # fmt: skip
             for path, text in self._files().items():

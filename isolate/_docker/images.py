@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,13 @@ from .._fs import own_dir
 from .._service.spec import tail_text
 from .engine import is_docker_error, reason
 
-__all__ = ["build_image", "context_digest", "ensure_image", "remove_built_images", "volume_mounts"]
+__all__ = [
+    "BUILD_LABEL", "build_image", "build_locks", "context_digest", "ensure_image", "hold_image",
+    "remove_built_images", "volume_mounts",
+]
+
+#: On every image isolate makes (service images, seeded PostgreSQL): what ``cleanup --caches`` removes.
+BUILD_LABEL = "isolate.build_context"
 
 logger = logging.getLogger(__name__)
 
@@ -88,24 +94,33 @@ def build_image(client: Any, name: str, context: Path) -> str:
         )
     repo = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("._-") or "service"
     tag = f"isolate-build/{repo}:{context_digest(context)}"
-    lock = _lock_name(tag)
     # In use for the life of this worker (its containers run the image): a shared lock,
     # so `cleanup --caches` leaves the image (and the lock) alone; built, if missing,
     # under the exclusive lock, once for every worker and run.
-    hold_entry(build_locks, lock)
-    if _present(client, tag):
-        return tag
-    release_entry(build_locks, lock)
-    with entry_lock(build_locks, lock, shared=False):
-        if not _present(client, tag):  # another worker built it while we waited
-            _build(client, context, tag)
-    hold_entry(build_locks, lock)
+    hold_image(client, tag, lambda: _build(client, context, tag))
     return tag
 
 
 def build_locks() -> Path:
     """This user's build locks (made again if a clean-up removed them)."""
     return own_dir(Path(tempfile.gettempdir()) / f"isolate-build-locks-{os.geteuid()}")
+
+
+def hold_image(
+    client: Any, tag: str, make: Callable[[], None], ready: Callable[[], bool] | None = None
+) -> None:
+    """Hold ``tag`` for this process's life (``cleanup --caches`` leaves it), made by
+    ``make()`` under the exclusive build lock unless ``ready()`` (default: it exists)."""
+    is_ready = ready or (lambda: _present(client, tag))
+    lock = _lock_name(tag)
+    hold_entry(build_locks, lock)
+    if is_ready():
+        return
+    release_entry(build_locks, lock)
+    with entry_lock(build_locks, lock, shared=False):
+        if not is_ready():  # another worker made it while we waited
+            make()
+    hold_entry(build_locks, lock)
 
 
 def _lock_name(tag: str) -> str:
@@ -125,7 +140,7 @@ def _build(client: Any, context: Path, tag: str) -> None:
     try:
         client.images.build(
             path=str(context), tag=tag, rm=True, forcerm=True, pull=False,
-            network_mode="host", labels={"isolate.build_context": str(context)},
+            network_mode="host", labels={BUILD_LABEL: str(context)},
         )  # fmt: skip
     except Exception as exc:
         build_log = getattr(exc, "build_log", None) or []
@@ -156,14 +171,15 @@ def volume_mounts(image: Any, labels: Mapping[str, str]) -> list[Any]:
 
 
 def remove_built_images(dry_run: bool = False) -> tuple[list[str], list[str]]:
-    """Remove the service images isolate built (``isolate-build/*``) that no live run
-    uses (a worker holds the image's build lock while it lives); (removed, kept)."""
+    """Remove the images isolate made (service images ``isolate-build/*``, seeded
+    PostgreSQL images ``isolate-pgseed:*``) that no live run uses (a worker holds the
+    image's build lock while it lives); (removed, kept)."""
     from .engine import engine
 
     client = engine()
     removed, kept = [], []
     locks = build_locks()
-    for image in client.images.list(filters={"label": "isolate.build_context"}):
+    for image in client.images.list(filters={"label": BUILD_LABEL}):
         for tag in image.tags or [image.id]:
             if not remove_unused(locks, _lock_name(tag), dry_run=dry_run):
                 kept.append(f"image {tag}")
