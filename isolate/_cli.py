@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument(
         "--caches", action="store_true",
         help="also remove this user's caches: initdb templates and clusters with a migrated "
-        "template, binary copies, build locks, stale port lock files and built service images",
+        "template, binary copies, build locks, stale port lock files, built service images "
+        "and seeded PostgreSQL images",
     )  # fmt: skip
     stat = commands.add_parser(
         "status", help="list the isolate runs on this machine (owner, alive or stale, backend, age) "
