@@ -575,27 +575,33 @@ def test_postgres_starts_from_a_seeded_image_with_a_password_of_its_own(
     from isolate._postgres.docker import seeded_image
 
     config = PostgresConfig(tuned_settings(1, 10))
-    tag, seed_password = seeded_image(ctx, ctx.settings.pg_image, config)
-    assert seeded_image(ctx, ctx.settings.pg_image, config) == (tag, seed_password)  # made once
+    tag = seeded_image(ctx, ctx.settings.pg_image, config)
+    assert seeded_image(ctx, ctx.settings.pg_image, config) == tag  # made once
     image = docker_engine.images.get(tag)
     assert image.labels.get("isolate.build_context") == "pg-seed"  # cleanup --caches removes it
     # the password it was made with is not in the image
     leaked = docker_engine.containers.run(tag, entrypoint=["cat", "/tmp/isolate-postgres-password"],
                                           network_mode="none", remove=True)  # fmt: skip
     assert leaked == b""
-    pg = DockerPostgresRunner(ctx, config)
+    runs = [DockerPostgresRunner(ctx, config) for _ in range(2)]
     try:
-        pg.start()
-        assert pg.server is not None
-        assert docker_engine.containers.get(pg.container.id).image.id == image.id
-        with psycopg.connect(pg.server.admin_dsn) as conn:  # a run password of its own
+        runs[0].start()
+        assert runs[0].server is not None
+        container = docker_engine.containers.get(runs[0].container.id)
+        assert container.image.id == image.id
+        assert runs[0].password not in str(container.attrs["Config"])  # not in inspect
+        with psycopg.connect(runs[0].server.admin_dsn) as conn:
             assert conn.execute("SELECT current_user").fetchone() == (config.superuser,)
-        assert pg.server.password != seed_password
-        seed_dsn = pg.server.admin_dsn.replace(pg.server.password, seed_password)
+        runs[0].stop()
+        runs[1].container_name += "-2"
+        runs[1].start()  # another run from the same image: its own password, not the first's
+        assert runs[1].server is not None and runs[1].password != runs[0].password
+        first = runs[1].server.admin_dsn.replace(runs[1].password, runs[0].password)
         with pytest.raises(psycopg.OperationalError):
-            psycopg.connect(seed_dsn, connect_timeout=5).close()
+            psycopg.connect(first, connect_timeout=5).close()
     finally:
-        pg.stop()
+        for run in runs:
+            run.stop()
     assert containers_of(docker_engine, worker.run_id) == []
 
 

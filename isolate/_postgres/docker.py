@@ -2,21 +2,20 @@
 
 The image's entrypoint runs ``initdb`` when its data directory is empty, then a socket-only
 server for its init scripts, then the real one: ~1-2 s of every start. So isolate starts
-from a *seeded* image instead, made once per base image (and user) by committing a
-container of it after its init: ``isolate-pgseed:<key>``, with the data directory outside
-the image's ``VOLUME`` (a commit keeps it). Its superuser password is this user's, kept in
-the user's cache dir (0600); each run connects with it once and sets a new one of its own.
-Should seeding fail (an image that does not follow the official contract closely enough),
-the run starts from the base image as before. ``python -m isolate cleanup --caches``
-removes the seeded images.
+from a *seeded* image instead, made once per base image by committing a container of it
+after its init (``isolate-pgseed:<key>``; its data directory lies outside the image's
+``VOLUME``, so the commit keeps it). The password the seed was made with is thrown away:
+each run's container first sets the run's own superuser password in single-user mode (the
+SQL in a file copied in before the start, as the password file of an unseeded start is),
+then starts the server. Should seeding fail (an image that does not follow the official
+contract closely enough), or a seeded start, the run starts from the base image as before.
+``python -m isolate cleanup --caches`` removes the seeded images no live run uses.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .._docker.containers import ContainerServer, container_logs, put_file, remove_container
 from .._docker.context import DockerRun
 from .._docker.images import BUILD_LABEL, hold_image, volume_mounts
-from .._fs import own_dir
+from .._errors import ServerStartError
 from .._lazy import lazy
 from .server import PostgresConfig, PostgresServer, prepare_database
 
@@ -42,54 +41,41 @@ logger = logging.getLogger(__name__)
 _SECRET_PATH = "/tmp/isolate-postgres-password"  # noqa: S105, S108 - a path in the container
 #: The seeded cluster's data directory: not the image's ``VOLUME``, so a commit keeps it.
 _SEED_DATA = "/var/lib/postgresql/isolate-data"
-_SEED_RECIPE = "1"
+_SEED_RECIPE = "2"
+_PASSWORD_SQL = "/tmp/isolate-postgres-password.sql"  # noqa: S105, S108 - a path in the container
+#: A seeded container's entrypoint: set the run's password in single-user mode, then start
+#: the server; both through the image's own entrypoint (which drops to the postgres user).
+_SEEDED_START = (
+    'set -e; docker-entrypoint.sh postgres --single -D "$PGDATA" postgres < ' + _PASSWORD_SQL
+    + ' > /dev/null; exec docker-entrypoint.sh "$@"'
+)
 _INIT_DONE = b"PostgreSQL init process complete"
 _READY = b"database system is ready to accept connections"
 
 
-def seeded_image(ctx: DockerRun, base: str, config: PostgresConfig) -> tuple[str, str]:
-    """The seeded image of ``base`` and its superuser password, made now if missing. This
-    process holds it (the image's build lock) for its life: ``cleanup --caches`` leaves it."""
+def seeded_image(ctx: DockerRun, base: str, config: PostgresConfig) -> str:
+    """The seeded image of ``base``, made now if missing. This process holds it (the
+    image's build lock) for its life: ``cleanup --caches`` leaves it alone meanwhile."""
     client = ctx.client
     base_id = client.images.get(base).id
-    cache = own_dir(ctx.run.path.parent / f"isolate-cache-{os.geteuid()}", 0o711)
-    # Keyed by the cache too: the password lives there, the image is the engine's.
     key = hashlib.sha256(
-        f"{_SEED_RECIPE}:{base_id}:{config.superuser}:{config.database}:{cache}".encode()
+        f"{_SEED_RECIPE}:{base_id}:{config.superuser}:{config.database}".encode()
     ).hexdigest()[:16]
     tag = f"isolate-pgseed:{key}"
-    secret = cache / f"docker-pgseed-{key}.json"
-    found: list[str] = []
-
-    def ready() -> bool:
-        try:
-            record = json.loads(secret.read_text())
-            if client.images.get(tag).id == record["id"]:  # not remade elsewhere meanwhile
-                found[:] = [str(record["password"])]
-                return True
-        except Exception:  # noqa: S110 - missing image or password: make both again
-            pass
-        return False
 
     def make() -> None:
-        password = secrets.token_urlsafe(18)
         started = time.monotonic()
-        image_id = _commit_seed(ctx, base, tag, config, password)
-        tmp = secret.with_name(f".{secret.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"password": password, "image": tag, "id": image_id, "base": base}, fh)
-        tmp.replace(secret)
-        found[:] = [password]
+        _commit_seed(ctx, base, tag, config)
         logger.info("seeded %s from %s in %.1fs", tag, base, time.monotonic() - started)
 
-    hold_image(client, tag, make, ready)
-    return tag, found[0]
+    hold_image(client, tag, make)
+    return tag
 
 
-def _commit_seed(ctx: DockerRun, base: str, tag: str, config: PostgresConfig, password: str) -> str:
-    """Run ``base``'s init once (no network), stop it cleanly, commit the result as ``tag``;
-    the new image's id."""
+def _commit_seed(ctx: DockerRun, base: str, tag: str, config: PostgresConfig) -> None:
+    """Run ``base``'s init once (no network), stop it cleanly, commit the result as ``tag``.
+    Its superuser's password is random and forgotten: every run sets its own."""
+    password = secrets.token_urlsafe(18)
     client = ctx.client
     labels = ctx.labels("pg-seed")  # reaped with the run should this fail half-way
     container = client.containers.create(
@@ -117,11 +103,10 @@ def _commit_seed(ctx: DockerRun, base: str, tag: str, config: PostgresConfig, pa
             time.sleep(0.05)
         container.stop(timeout=30)  # the image's stop signal: a clean (fast) shutdown
         put_file(container, _SECRET_PATH, "")  # the password must not be in the image
-        image = container.commit(
+        container.commit(
             repository=tag.split(":")[0], tag=tag.split(":")[1],
             changes=[f"ENV PGDATA={_SEED_DATA}", f"LABEL {BUILD_LABEL}=pg-seed"],
         )  # fmt: skip
-        return str(image.id)
     finally:
         remove_container(container)
 
@@ -144,9 +129,17 @@ class DockerPostgresRunner(ContainerServer):
 
     def start(self) -> None:
         try:
-            self._seeded, self.password = seeded_image(self.ctx, self._base_image(), self.config)
+            self._seeded = seeded_image(self.ctx, self._base_image(), self.config)
         except Exception as exc:
             logger.warning("isolate: starting PostgreSQL from %s without a seeded image: %s", self.image, exc)
+        if self._seeded:
+            try:
+                super().start()
+                return
+            except ServerStartError as exc:
+                logger.warning("isolate: PostgreSQL from the seeded %s did not start (%s); "
+                               "starting from %s", self._seeded, exc.message, self.image)  # fmt: skip
+                self._seeded = None
         super().start()
 
     def _base_image(self) -> str:
@@ -174,16 +167,22 @@ class DockerPostgresRunner(ContainerServer):
             "POSTGRES_DB": self.config.database,
             "POSTGRES_INITDB_ARGS": "--no-sync",
         }
-        if self._seeded:  # initialised already: the entrypoint goes straight to the server
+        seeded: dict[str, Any] = {}
+        if self._seeded:  # initialised already: set the password, then straight to the server
             environment = {"PGDATA": _SEED_DATA}
+            seeded = {"entrypoint": ["sh", "-c", _SEEDED_START, "isolate-postgres"]}
         return {
             "command": args,
             "environment": environment,
             "shm_size": "256m",  # parallel query workers use /dev/shm (64MB by default)
+            **seeded,
         }
 
     def _files(self) -> dict[str, str]:
-        return {} if self._seeded else {_SECRET_PATH: self.password}
+        if not self._seeded:
+            return {_SECRET_PATH: self.password}
+        role = sql.Identifier(self.config.superuser).as_string(None)
+        return {_PASSWORD_SQL: f"ALTER ROLE {role} PASSWORD '{self.password}'\n"}
 
     def _facts(self, port: int) -> PostgresServer:
         return PostgresServer(
@@ -204,14 +203,5 @@ class DockerPostgresRunner(ContainerServer):
         return True
 
     def _connected(self, port: int) -> None:
-        if self._seeded:  # the seed's password is this user's: the run gets its own
-            password = secrets.token_urlsafe(18)
-            with psycopg.connect(self._facts(port).dsn(), autocommit=True) as conn:
-                conn.execute(
-                    sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                        sql.Identifier(self.config.superuser), sql.Literal(password)
-                    )
-                )
-            self.password = password
         self.server = self._facts(port)
         prepare_database(self.server)
