@@ -106,19 +106,16 @@ def build_locks() -> Path:
     return own_dir(Path(tempfile.gettempdir()) / f"isolate-build-locks-{os.geteuid()}")
 
 
-def hold_image(
-    client: Any, tag: str, make: Callable[[], None], ready: Callable[[], bool] | None = None
-) -> None:
+def hold_image(client: Any, tag: str, make: Callable[[], None]) -> None:
     """Hold ``tag`` for this process's life (``cleanup --caches`` leaves it), made by
-    ``make()`` under the exclusive build lock unless ``ready()`` (default: it exists)."""
-    is_ready = ready or (lambda: _present(client, tag))
+    ``make()`` under the exclusive build lock if it is missing."""
     lock = _lock_name(tag)
     hold_entry(build_locks, lock)
-    if is_ready():
+    if _present(client, tag):
         return
     release_entry(build_locks, lock)
     with entry_lock(build_locks, lock, shared=False):
-        if not is_ready():  # another worker made it while we waited
+        if not _present(client, tag):  # another worker made it while we waited
             make()
     hold_entry(build_locks, lock)
 
