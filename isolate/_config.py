@@ -134,8 +134,14 @@ class Option:
 
     @property
     def is_flag(self) -> bool:
-        """A true/false option: ``--isolate-NAME`` alone means true."""
+        """A true/false option: on the command line ``--isolate-NAME`` (true) or
+        ``--no-isolate-NAME`` (false), taking no value, so the next word stays a word."""
         return self.parse is _bool
+
+    @property
+    def negative_cli(self) -> str:
+        """``--no-isolate-x-y``: a flag option set to false."""
+        return "--no-" + self.cli[2:]
 
 
 OPTIONS: tuple[Option, ...] = (

@@ -18,14 +18,18 @@ from ._config import Settings
 from ._identity import WorkerIdentity
 from ._postgres.external import RunLease, check_server
 from ._run.liveness import Owner
+from ._run.notices import read_notices
 from ._run.rundir import RunDir, reap_stale_runs
 from ._service.forkserver import fork_unavailable
-from ._timings import Timings, read, summarize
+from ._timings import Timings, read, summarize, what_ran
 from ._watchdog import Watchdog
 
 __all__ = ["WORKERINPUT_KEYS", "RunController"]
 
 logger = logging.getLogger(__name__)
+
+#: What the controller stops at the end of every run, leftovers or not.
+_THE_RUNS_OWN = {"postgres", "redis-shared"}
 
 #: What the controller hands every xdist worker, so that all agree on the run.
 WORKERINPUT_KEYS = ("isolate_run_id", "isolate_backend", "isolate_base_dir")
@@ -43,6 +47,9 @@ class RunController:
         self.timings = Timings(self.run.timings_path, "controller")
         self.watchdog: Watchdog | None = None
         self.lease: RunLease | None = None
+        #: Once closed: what the run started, in one phrase, and its processes' notices.
+        self.ran = ""
+        self.notices: list[str] = []
 
     @property
     def run_id(self) -> str:
@@ -80,12 +87,16 @@ class RunController:
         else:
             start = time.perf_counter()
             reaped = reap_leftovers(self.run, self.backend, self.settings.stop_timeout)
-            if reaped:
-                logger.info("isolate reaped %s", ", ".join(reaped))
+            leftovers = [name for name in reaped if name not in _THE_RUNS_OWN]
+            if leftovers:  # the run's own shared servers are stopped here as a matter of course
+                logger.info("isolate reaped what workers left: %s", ", ".join(leftovers))
             self.timings.add("run_teardown", time.perf_counter() - start)
         if self.lease is not None:  # after the objects: a row goes only once they are gone
             self.lease.close(kept=kept)
-        summary = summarize(read(self.timings.path))
+        events = read(self.timings.path)
+        summary = summarize(events)
+        self.ran = what_ran(events, external_pg=bool(self.settings.pg_dsn), external_redis=bool(self.settings.redis_url))
+        self.notices = read_notices(self.run.notices_path)
         if not kept:
             self.run.remove()
         if self.watchdog is not None:
@@ -96,6 +107,6 @@ class RunController:
     def header(self) -> list[str]:
         lines = [f"run {self.run_id}, backend {self.backend_name} ({self.backend_reason})"]
         no_fork = fork_unavailable(self.backend_name, self.settings.fork_server)
-        if no_fork:
+        if no_fork and self.backend_name == "native":  # (in a container, nothing forks anyway)
             lines[0] += f"; services with an entry start as new processes ({no_fork})"
         return lines + self.backend.describe()

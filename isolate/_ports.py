@@ -27,6 +27,7 @@ import portpicker
 
 from ._errors import PortUnavailableError
 from ._fs import own_dir
+from ._run.notices import NOTICE
 
 __all__ = ["LeaseFile", "PortLease", "candidate_ports", "ephemeral_range", "lock_dir", "reserve_port", "try_lease"]
 
@@ -57,7 +58,7 @@ def lock_dir() -> Path:
         pass
     if _shared_lock_dir(path):
         return path
-    logger.warning("%s is not a shared lease dir isolate can trust; using a private one", path)
+    logger.warning("%s is not a shared lease dir isolate can trust; using a private one", path, extra=NOTICE)
     return own_dir(path.with_name(f"isolate-ports-{os.geteuid()}"))
 
 
@@ -185,7 +186,7 @@ def reserve_port(attempts: int = 200) -> PortLease:
     private = shared.with_name(f"isolate-ports-{os.geteuid()}")
     if locked_out and shared != private:
         logger.warning("isolate: every free port's lock in %s is held or owned by someone else; "
-                       "leasing in %s (leases there are not seen by other users' runs)", shared, private)  # fmt: skip
+                       "leasing in %s (leases there are not seen by other users' runs)", shared, private, extra=NOTICE)  # fmt: skip
         lease, _ = _reserve(ranges, own_dir(private), attempts)
         if lease is not None:
             return lease

@@ -22,6 +22,7 @@ from ._fs import open_log
 from ._retry import poll_until
 from ._run.groups import group_alive, signal_group
 from ._run.liveness import process_start_ticks
+from ._run.notices import NOTICE
 
 __all__ = [
     "DEDICATED_USER",
@@ -172,7 +173,7 @@ def _make_dedicated_user() -> pwd.struct_passwd:
                 break
             continue
         logger.warning("isolate made the system user %r (uid %d; no login, no home) to run its "
-                       "servers as; `userdel %s` removes it", DEDICATED_USER, entry.pw_uid, DEDICATED_USER)  # fmt: skip
+                       "servers as; `userdel %s` removes it", DEDICATED_USER, entry.pw_uid, DEDICATED_USER, extra=NOTICE)  # fmt: skip
         return entry
     raise ConfigError(
         f"isolate runs as root and could not make its run-as user {DEDICATED_USER!r}: {why}",

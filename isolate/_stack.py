@@ -157,6 +157,11 @@ class WorkerStack:
                 return self._start(ExternalPostgresRunner(self.settings.pg_dsn, needs_createdb=needs_createdb)).to_json()
             return self._start(self.backend.postgres(config, self.run.path / "postgres"), shared=True).to_json()
 
+    @property
+    def _database_phase(self) -> str:
+        """What making the worker's database is called in the timings."""
+        return "schema_migrations" if self.settings.db_isolation == "schema" else "database_ready"
+
     def _rooted(self, steps: Migrations) -> Migrations:
         """A relative migrations (or bootstrap) path is relative to the pytest rootdir."""
         if isinstance(steps, str | Path) and not Path(steps).is_absolute():
@@ -182,7 +187,7 @@ class WorkerStack:
                 cacheable = self.settings.template_cache and not self.settings.pg_dsn
                 plan = TemplatePlan.for_run(self.worker.run_id, migrations, bootstrap, cacheable=cacheable)
             server = self.postgres(plan.seed() if plan else None)
-            with self.timings.measure("schema_migrations"):
+            with self.timings.measure(self._database_phase):
                 self._database = self._create_database(server, migrations, bootstrap, plan)
         elif migrations is not None and migrations != self._database.migrations:
             if self._database.migrations is not None:
@@ -191,7 +196,7 @@ class WorkerStack:
                     f"{self._database.migrations!r}; asked again with {migrations!r}",
                     hint="use one isolate_migrations fixture/option per run",
                 )
-            with self.timings.measure("schema_migrations"):
+            with self.timings.measure(self._database_phase):
                 self._database.apply_migrations(migrations)
             self._database.migrations = migrations
         return self._database

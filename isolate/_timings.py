@@ -10,13 +10,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["PHASES", "Timings", "summarize"]
+__all__ = ["PHASES", "Timings", "summarize", "what_ran"]
 
 #: Phases, in the order they are reported.
 PHASES = (
     "postgres_start",
     "postgres_wait",
     "schema_migrations",
+    "database_ready",
     "redis_start",
     "service_ready",
     "service_restart",
@@ -78,3 +79,30 @@ def summarize(events: list[dict[str, object]]) -> dict[str, dict[str, float]]:
         }
         for phase, values in sorted(by_phase.items(), key=lambda kv: order.get(kv[0], 99))
     }
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def what_ran(events: list[dict[str, object]], *, external_pg: bool, external_redis: bool) -> str:
+    """What a run started, in one phrase: ``PostgreSQL, 4 Redis, 12 services on 4 workers``
+    (empty if nothing); from the timings every process recorded."""
+    counts: dict[str, int] = {}
+    workers = set()
+    for event in events:
+        counts[str(event["phase"])] = counts.get(str(event["phase"]), 0) + 1
+        if event["phase"] in ("postgres_wait", "redis_start", "service_ready"):  # it used something
+            workers.add(str(event["worker"]))
+    parts = []
+    if counts.get("postgres_start"):
+        parts.append("an external PostgreSQL" if external_pg else "PostgreSQL")
+    if counts.get("redis_start"):
+        parts.append(_count(counts["redis_start"], "Redis", "Redis"))
+    elif external_redis and workers:
+        parts.append("an external Redis")
+    if counts.get("service_ready"):
+        parts.append(_count(counts["service_ready"], "service", "services"))
+    if not parts:
+        return ""
+    return ", ".join(parts) + (f" on {_count(len(workers), 'worker', 'workers')}" if workers else "")

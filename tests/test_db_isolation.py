@@ -121,7 +121,7 @@ BACKENDS = [
     pytest.param(
         # no reaping at start: the reaper tests of test_docker.py own the orphans they make
         ["--isolate-backend=docker", "--isolate-pg-image=isolate-local/postgres:15",
-         "--isolate-reap-stale=false"],
+         "--no-isolate-reap-stale"],
         id="docker", marks=pytest.mark.docker,
     ),
 ]
@@ -222,7 +222,7 @@ def test_the_migrated_template_is_cached_across_runs_by_content(
     first = made()
     assert len(first) == 1  # one template for the run
     assert made() == first  # not migrated again: the cached cluster holds it
-    assert made("--isolate-template-cache=false") != first
+    assert made("--no-isolate-template-cache") != first
     (migrations / "0002_more.sql").write_text("CREATE TABLE more (v int);\n")
     assert made() != first  # new content, new template
 

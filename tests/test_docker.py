@@ -330,7 +330,7 @@ def test_isolation_on_docker_at_n4(
         mp.setenv("ISO_BARRIER", str(barrier))
         result = pytester.runpytest_subprocess(
             "-n", "4", "--dist", "each", "-p", "no:cacheprovider", "-s", "-v",
-            "--isolate-backend=auto", "--isolate-reap-stale=false",
+            "--isolate-backend=auto", "--no-isolate-reap-stale",
             f"--isolate-pg-image={images.postgres}", f"--isolate-redis-image={images.redis}",
             timeout=240,
         )  # fmt: skip
@@ -787,7 +787,7 @@ def test_a_failed_shared_start_is_one_error_and_leaves_no_container(
     )
     run_id = "s" + new_run_id()
     result = pytester.runpytest_subprocess(
-        "-n", "2", "-p", "no:randomly", "--isolate-backend=docker", "--isolate-reap-stale=false",
+        "-n", "2", "-p", "no:randomly", "--isolate-backend=docker", "--no-isolate-reap-stale",
         f"--isolate-pg-image={images.postgres}", "--isolate-pg-settings=shared_buffers=lots",
         f"--isolate-run-id={run_id}", timeout=240,
     )  # fmt: skip

@@ -150,7 +150,7 @@ def test_the_docker_backend_uses_the_external_servers_too(
     the external servers, and nothing is left on them."""
     pytester.makepyfile(test_stack=SUITE)
     result = pytester.runpytest_subprocess(
-        "-n", "2", "-p", "no:randomly", "--isolate-backend=docker", "--isolate-reap-stale=false", *external
+        "-n", "2", "-p", "no:randomly", "--isolate-backend=docker", "--no-isolate-reap-stale", *external
     )
     result.assert_outcomes(passed=6)
     with psycopg.connect(isolate_postgres.admin_dsn, autocommit=True) as conn:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from suite_support import CONFTEST, HELPERS, leftovers, run_id_of
+from suite_support import CONFTEST, HELPERS, leftovers, needs_root, run_id_of
 
 from isolate._config import default_base_dir
 from isolate._run.liveness import process_start_ticks
@@ -203,10 +203,11 @@ def test_timings_json_is_written(suite: pytest.Pytester) -> None:
         assert phase in text
     # Quiet by default: one header line and one summary line, no table...
     assert "isolate timings" not in result.stdout.str()
-    lines = [line for line in result.stdout.lines if line.startswith("isolate: ")]
+    lines = [line for line in result.stdout.lines if line.startswith("isolate: ")
+             and not line.startswith("isolate: warning: ")]  # (as root: the service runs as root)
     assert len(lines) == 2, lines
-    assert re.fullmatch(r"isolate: run \w+: 1 service stack\(s\) on native, reaped in [\d.]+s; "
-                        r"nothing left running", lines[1]), lines  # fmt: skip
+    assert re.fullmatch(r"isolate: run \w+ \(native\): PostgreSQL, 1 Redis, 1 service on 1 worker; "
+                        r"reaped in [\d.]+s, nothing left running", lines[1]), lines  # fmt: skip
     # ...the table with -v, or --isolate-timings.
     for flag in ("-v", "--isolate-timings"):
         result = suite.runpytest_subprocess("-n", "2", flag)
@@ -271,8 +272,38 @@ def test_the_chosen_backend_is_public(suite: pytest.Pytester) -> None:
     # (no reaping at start: with an engine, auto is docker, and the reaper tests of
     # test_docker.py own the orphan containers they make)
     result = suite.runpytest_subprocess("-n", "1", "--isolate-backend=auto", "-p", "no:randomly",
-                                        "--isolate-reap-stale=false", "-rP", "test_b.py")  # fmt: skip
+                                        "--no-isolate-reap-stale", "-rP", "test_b.py")  # fmt: skip
     result.assert_outcomes(passed=1)
     chosen = re.search(r"isolate: run \w+, backend (\w+) \(auto: ", result.stdout.str())
     assert chosen, result.stdout.str()
     result.stdout.fnmatch_lines([f"BACKEND {chosen.group(1)}"])
+
+
+@needs_root
+def test_a_warning_that_changes_what_runs_as_root_is_in_the_summary_under_q(suite: pytest.Pytester) -> None:
+    """A worker's warning that its service runs as root (isolate's user cannot reach it)
+    is not lost in the worker's captured output: one line in the summary, even with -q."""
+    suite.makepyfile(test_x="""
+        import pytest
+        @pytest.mark.parametrize("n", range(4))
+        def test_x(n, isolate_service): pass
+    """)
+    result = suite.runpytest_subprocess("-n", "2", "-q")
+    result.assert_outcomes(passed=4)
+    warnings = [line for line in result.stdout.lines if line.startswith("isolate: warning: ")]
+    assert len(warnings) == 1, result.stdout.lines  # the same warning of both workers, once
+    assert "service 'app' runs as root: isolate cannot reach" in warnings[0]
+
+
+def test_a_flag_option_does_not_swallow_the_next_word(suite: pytest.Pytester) -> None:
+    """``--isolate-timings tests`` runs ``tests`` with the table; ``--no-isolate-timings``
+    turns an ini's ``isolate_timings = true`` off."""
+    (suite.path / "tests").mkdir()
+    (suite.path / "tests" / "test_x.py").write_text("def test_x(isolate_postgres): pass\n")
+    result = suite.runpytest_subprocess("--isolate-timings", "tests", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*isolate timings (seconds)*"])
+    suite.makeini("[pytest]\nisolate_timings = true\n")
+    result = suite.runpytest_subprocess("--no-isolate-timings", "tests", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    assert "isolate timings" not in result.stdout.str()

@@ -264,3 +264,19 @@ def test_the_cache_bound_evicts_the_least_recently_used_entry_nobody_holds(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["old", "oldest"]
     assert not (tmp_path / "older.lock").exists()
     assert evict(tmp_path, limit=0) == []  # 0: no bound
+
+
+def test_what_ran_says_it_in_one_phrase() -> None:
+    from isolate._timings import what_ran
+
+    def ev(phase: str, worker: str) -> dict[str, object]:
+        return {"phase": phase, "worker": worker, "seconds": 0.1}
+
+    events = [ev("postgres_start", "gw0"), *(ev("postgres_wait", w) for w in ("gw0", "gw1")),
+              *(ev("redis_start", w) for w in ("gw0", "gw1")),
+              *(ev("service_ready", w) for w in ("gw0", "gw0", "gw0", "gw1", "gw1", "gw1")),
+              ev("worker_teardown", "gw2"), ev("run_teardown", "controller")]  # fmt: skip
+    assert what_ran(events, external_pg=False, external_redis=False) == "PostgreSQL, 2 Redis, 6 services on 2 workers"
+    assert what_ran([ev("postgres_start", "main"), ev("postgres_wait", "main")], external_pg=True,
+                    external_redis=True) == "an external PostgreSQL, an external Redis on 1 worker"  # fmt: skip
+    assert what_ran([ev("worker_teardown", "gw0")], external_pg=False, external_redis=False) == ""

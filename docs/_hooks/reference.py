@@ -22,7 +22,8 @@ def options_table() -> str:
     rows = ["| option | CLI | ini | env | default | meaning |", "|---|---|---|---|---|---|"]
     for opt in OPTIONS:
         default = f"`{opt.default}`" if opt.default else "`(unset)`"
-        rows.append(f"| `{opt.name}` | `{opt.cli}` | `{opt.ini}` | `{opt.env}` | {default} | {opt.help} |")
+        cli = f"`{opt.cli}` / `{opt.negative_cli}`" if opt.is_flag else f"`{opt.cli}`"
+        rows.append(f"| `{opt.name}` | {cli} | `{opt.ini}` | `{opt.env}` | {default} | {opt.help} |")
     return "\n".join(rows)
 
 

@@ -25,6 +25,7 @@ from .._docker.context import DockerRun
 from .._docker.images import BUILD_LABEL, hold_image, volume_mounts
 from .._errors import ServerStartError
 from .._lazy import lazy
+from .._run.notices import NOTICE
 from .server import PostgresConfig, PostgresServer, prepare_database
 
 if TYPE_CHECKING:
@@ -131,14 +132,14 @@ class DockerPostgresRunner(ContainerServer):
         try:
             self._seeded = seeded_image(self.ctx, self._base_image(), self.config)
         except Exception as exc:
-            logger.warning("isolate: starting PostgreSQL from %s without a seeded image: %s", self.image, exc)
+            logger.warning("isolate: starting PostgreSQL from %s without a seeded image: %s", self.image, exc, extra=NOTICE)
         if self._seeded:
             try:
                 super().start()
                 return
             except ServerStartError as exc:
                 logger.warning("isolate: PostgreSQL from the seeded %s did not start (%s); "
-                               "starting from %s", self._seeded, exc.message, self.image)  # fmt: skip
+                               "starting from %s", self._seeded, exc.message, self.image, extra=NOTICE)  # fmt: skip
                 self._seeded = None
         super().start()
 

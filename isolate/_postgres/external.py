@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .._errors import ConfigError, ExternalServerError
 from .._lazy import lazy
+from .._run.notices import NOTICE
 from .._run.registry import ProcessRecord
 from .server import PostgresServer
 
@@ -257,7 +258,7 @@ class RunLease:
                 f"{self.server.port} is gone: another run took this one for dead (no heartbeat "
                 f"for {STALE_AFTER_S:.0f}s) and dropped its schemas, databases and roles"
             )
-            logger.error("isolate: %s", self.lost)
+            logger.error("isolate: %s", self.lost, extra=NOTICE)
             if self.on_lost is not None:
                 self.on_lost(self.lost)
             return False

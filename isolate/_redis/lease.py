@@ -16,6 +16,7 @@ from filelock import FileLock, Timeout
 
 from .._errors import ConfigError
 from .._lazy import lazy
+from .._run.notices import NOTICE
 from .server import RedisServer
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ class ExternalDbLease:
             )
         if foreign:
             logger.warning("isolate: DB(s) %s of the --isolate-redis-url server hold keys isolate did "
-                           "not write; skipped", ", ".join(map(str, foreign)))  # fmt: skip
+                           "not write; skipped", ", ".join(map(str, foreign)), extra=NOTICE)  # fmt: skip
         self.key = LEASE_KEY.format(db=db)
         self.server = RedisServer(host, port, db, password or "", shared=True, backend="external",
                                   username=user, password=password)  # fmt: skip
@@ -190,7 +191,7 @@ class ExternalDbLease:
             f"this worker lost its lease on DB {self.server.db} of the --isolate-redis-url server "
             f"(it was not refreshed within {LEASE_TTL_S}s, and another worker took the DB)"
         )
-        logger.error("isolate: %s", self.lost)
+        logger.error("isolate: %s", self.lost, extra=NOTICE)
 
     def release(self) -> None:
         if self._stop.is_set():

@@ -21,6 +21,7 @@ from filelock import FileLock
 from .._errors import ConfigError, ServerStartError
 from .._fs import owned_by_me
 from .liveness import Owner
+from .notices import NOTICE
 from .registry import ProcessRegistry
 
 __all__ = ["RUN_PREFIX", "RunDir", "stale_runs", "write_json"]
@@ -48,6 +49,7 @@ class RunDir:
         self.path = base / f"{RUN_PREFIX}{run_id}"
         self.registry = ProcessRegistry(self.path / "registry", self.path)
         self.timings_path = self.path / "timings.jsonl"
+        self.notices_path = self.path / "notices.jsonl"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -80,7 +82,7 @@ class RunDir:
         if not owner.gone():
             raise ConfigError(f"run id {self.run_id} is in use by a live run (pid {owner.pid})",
                               hint=f"two runs at once cannot share a run id: {hint}")  # fmt: skip
-        logger.warning("isolate: reaping the dead run %s whose id this run reuses", self.run_id)
+        logger.warning("isolate: reaping the dead run %s whose id this run reuses", self.run_id, extra=NOTICE)
         self.reap()
 
     def facts(self) -> dict[str, object]:

@@ -13,6 +13,7 @@ from typing import Literal
 from .._errors import ConfigError
 from .._fs import open_log
 from .._process import ManagedProcess, RunAs, inherited_env
+from .._run.notices import NOTICE
 from .._run.registry import ProcessRecord
 from .forkserver import ForkServer
 from .spec import ServiceSpec, render
@@ -53,7 +54,7 @@ def service_user(
         )
     if spec.name not in _warned:
         _warned.add(spec.name)
-        logger.warning("service %r runs as root: %s cannot reach %s", spec.name, run_as.name, why)
+        logger.warning("service %r runs as root: %s cannot reach %s", spec.name, run_as.name, why, extra=NOTICE)
     return None
 
 

@@ -4,6 +4,7 @@ gets its worker stack."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from .._config import OPTIONS, Settings, redact_password, resolve_settings
 from .._controller import WORKERINPUT_KEYS, RunController
 from .._errors import ConfigError, IsolateError
 from .._identity import new_run_id, worker_from_env
+from .._run.notices import NoticeHandler
 from .._run.rundir import RunDir
 from .._run.serial import SerialGate, record_serial_ids
 from .._service import tail_text
@@ -34,6 +36,7 @@ CONTROLLER_KEY = pytest.StashKey[RunController]()
 _SUMMARY_KEY = pytest.StashKey[dict[str, dict[str, float]]]()
 _SEEN_KEY = pytest.StashKey[set[tuple[str, str]]]()
 GATE_KEY = pytest.StashKey[SerialGate]()
+_NOTICES_KEY = pytest.StashKey[logging.Handler]()
 _EXPLICIT_DIST_KEY = pytest.StashKey[bool]()
 
 SERIAL_MARKER = (
@@ -54,8 +57,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("isolate", "isolate: per-worker stacks for integration tests")
     for opt in OPTIONS:
         help_text = f"{opt.help} (ini {opt.ini}, env {opt.env}, default: {opt.default or 'unset'})"
-        flag = {"nargs": "?", "const": "true"} if opt.is_flag else {}  # --isolate-timings alone: true
-        group.addoption(opt.cli, dest=f"isolate_{opt.name}", default=None, help=help_text, **flag)
+        dest = f"isolate_{opt.name}"
+        if opt.is_flag:  # no value: `--isolate-timings tests` keeps `tests` a path
+            group.addoption(opt.cli, dest=dest, action="store_const", const="true", default=None, help=help_text)
+            group.addoption(opt.negative_cli, dest=dest, action="store_const", const="false",
+                            help=f"the opposite of {opt.cli}")  # fmt: skip
+        else:
+            group.addoption(opt.cli, dest=dest, default=None, help=help_text)
         parser.addini(opt.ini, help=help_text, default="")
 
 
@@ -106,6 +114,9 @@ def pytest_configure(config: pytest.Config) -> None:
         )
         stack = WorkerStack(settings, worker, run, backend, config.rootpath)
         config.stash[STACK_KEY] = stack
+        notices = NoticeHandler(run.notices_path)  # warnings for the run's summary
+        logging.getLogger("isolate").addHandler(notices)
+        config.stash[_NOTICES_KEY] = notices
         if workerinput is not None:
             # If the controller dies, its watchdog stops this worker too (frozen first).
             stack.register_worker(_worker_record(worker.worker_id))
@@ -213,6 +224,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    notices = config.stash.get(_NOTICES_KEY, None)
+    if notices is not None:
+        logging.getLogger("isolate").removeHandler(notices)
     stack = config.stash.get(STACK_KEY, None)
     if stack is not None and hasattr(config, "workerinput"):
         stack.release_process(_worker_record(stack.worker.worker_id))
@@ -262,13 +276,14 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         for line in kept:
             terminalreporter.write_line(line)
     summary = config.stash.get(_SUMMARY_KEY, None)
-    if controller is None or not summary or not set(summary) - {"worker_teardown", "run_teardown"}:
+    for notice in controller.notices if controller is not None else ():
+        terminalreporter.write_line(f"isolate: warning: {notice}", yellow=True)  # whatever the verbosity
+    if controller is None or not summary or not controller.ran:
         return  # isolate started nothing
-    stacks = int(summary.get("worker_stack_ready", {}).get("count", 0))
     teardown = summary.get("run_teardown", {}).get("max", 0.0)
     terminalreporter.write_line(
-        f"isolate: run {controller.run_id}: {stacks} service stack(s) on {controller.backend_name}, "
-        f"reaped in {teardown:.2f}s" + ("" if kept else "; nothing left running")
+        f"isolate: run {controller.run_id} ({controller.backend_name}): {controller.ran}; "
+        + ("kept (see above)" if kept else f"reaped in {teardown:.2f}s, nothing left running")
     )
     if config.option.verbose <= 0 and not controller.settings.timings:
         return  # quiet unless asked: -v or --isolate-timings shows isolate's own timings
