@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import string
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,32 @@ def parse_pg_settings(raw: str) -> dict[str, str]:
     return result
 
 
+#: What an ``--isolate-env`` template may name (no service is started before collection).
+ENV_FIELDS = ("dsn", "schema", "role", "redis_url", "worker", "run_id", "host")
+
+
+def parse_env_pairs(raw: str) -> tuple[tuple[str, str], ...]:
+    """``NAME=TEMPLATE`` lines (``--isolate-env``) as pairs, names and templates checked."""
+    pairs = []
+    for line in raw.splitlines():
+        item = line.strip()
+        if not item:
+            continue
+        name, sep, template = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name.strip()):
+            raise ValueError(f"expected NAME=TEMPLATE like DATABASE_URL={{dsn}}, got {item!r}")
+        try:
+            used = {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template) if f}
+        except ValueError as exc:
+            raise ValueError(f"bad template in {item!r}: {exc}") from None
+        unknown = used - set(ENV_FIELDS)
+        if unknown:
+            raise ValueError(f"{item!r} uses {', '.join(sorted(unknown))}; --isolate-env templates may use "
+                             + " ".join("{" + f + "}" for f in ENV_FIELDS))  # fmt: skip
+        pairs.append((name.strip(), template.strip()))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class Option:
     """One option: its name, help, default (as a string) and parser."""
@@ -119,6 +146,8 @@ class Option:
     help: str
     default: str
     parse: Callable[[str], Any]
+    #: Given several times on the command line (one per line in the ini and the env var).
+    repeatable: bool = False
 
     @property
     def cli(self) -> str:
@@ -209,6 +238,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("store_durations", "also write every test's duration to this file in "
            "pytest-split's .test_durations format (JSON, test id -> seconds; merged into the "
            "file if it exists; relative to the rootdir)", "", _optional_str),
+    Option("env", "NAME=TEMPLATE: export a per-worker value into each worker's environment "
+           "before its conftests load (templates: {dsn} {schema} {role} {redis_url} {worker} "
+           "{run_id} {host}; what one names is started then); repeat the option, one per line "
+           "in the ini or the env var", "", parse_env_pairs, repeatable=True),
     Option("timings", "print the table of isolate's own start-up and teardown timings at "
            "the end (-v prints it too)", "false", _bool),
     Option("timings_json", "write isolate's own start-up/teardown timings to this JSON file",
@@ -258,6 +291,7 @@ class Settings:
     docker_network_name: str | None = None
     dist: Dist = "duration"
     store_durations: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
     timings: bool = False
     timings_json: str | None = None
     base_dir: str | None = None

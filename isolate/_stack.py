@@ -33,7 +33,7 @@ from ._run.liveness import process_start_ticks
 from ._run.registry import ProcessRecord
 from ._run.rundir import RunDir
 from ._service import ServiceHandle, ServiceSpec
-from ._service.spec import start_order
+from ._service.spec import placeholders, render, start_order
 from ._timings import Timings
 
 __all__ = ["WorkerStack"]
@@ -367,6 +367,18 @@ class WorkerStack:
         thread = threading.Thread(target=start, name="isolate-redis-early", daemon=True)
         thread.start()
         return thread
+
+    def environment(self, pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
+        """``--isolate-env``: each NAME with its template rendered for this worker; what
+        a template names (the database with ``--isolate-migrations``, Redis) starts now."""
+        values: dict[str, object] = {"host": "127.0.0.1", "worker": self.worker.worker_id,
+                                     "run_id": self.worker.run_id}  # fmt: skip
+        for _, template in pairs:
+            for field_name in sorted(placeholders(template) - set(values)):
+                if field_name in ("dsn", "schema", "role"):
+                    self.database(self.settings.migrations)
+                values[field_name] = self._resolve_field(field_name)
+        return {name: render(template, values) for name, template in pairs}
 
     def _resolve_field(self, name: str) -> object:
         if name in ("dsn", "schema", "role"):

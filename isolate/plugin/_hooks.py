@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .._config import OPTIONS, Settings, redact_password, resolve_settings
+from .._config import OPTIONS, Option, Settings, redact_password, resolve_settings
 from .._controller import WORKERINPUT_KEYS, RunController
 from .._errors import ConfigError, IsolateError
 from .._identity import new_run_id, worker_from_env
@@ -25,6 +25,7 @@ from .._run.serial import SerialGate, record_serial_ids
 from .._service import tail_text
 from .._stack import WorkerStack
 from ._durations import DurationRecorder
+from ._env import controller_environment, early_workerinput, share_with_workers, will_have_workers
 from ._xdist import XdistHooks
 
 #: Signals that end a run like Ctrl-C does (CI cancel, a closed terminal).
@@ -62,18 +63,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             group.addoption(opt.cli, dest=dest, action="store_const", const="true", default=None, help=help_text)
             group.addoption(opt.negative_cli, dest=dest, action="store_const", const="false",
                             help=f"the opposite of {opt.cli}")  # fmt: skip
+        elif opt.repeatable:
+            group.addoption(opt.cli, dest=dest, action="append", default=None, help=help_text)
         else:
             group.addoption(opt.cli, dest=dest, default=None, help=help_text)
-        parser.addini(opt.ini, help=help_text, default="")
+        if opt.repeatable:  # one per line
+            parser.addini(opt.ini, help=help_text, default=[], type="linelist")
+        else:
+            parser.addini(opt.ini, help=help_text, default="")
 
 
-def _settings(config: pytest.Config) -> Settings:
-    cli = {opt.name: config.getoption(f"isolate_{opt.name}") for opt in OPTIONS}
-    ini = {opt.name: str(config.getini(opt.ini) or "") for opt in OPTIONS}
+def _settings(config: pytest.Config, *, early: bool = False) -> Settings:
+    """The options, resolved; ``early``: from the arguments parsed before the initial
+    conftests are loaded (``pytest_load_initial_conftests``)."""
+    def cli(opt: Option) -> str | None:
+        dest = f"isolate_{opt.name}"
+        value = getattr(config.known_args_namespace, dest, None) if early else config.getoption(dest)
+        return "\n".join(value) if isinstance(value, list) else value  # a repeated option
+
+    values = {opt.name: cli(opt) for opt in OPTIONS}
+    ini = {opt.name: _ini(config, opt) for opt in OPTIONS}
     try:
-        return resolve_settings(cli, ini, os.environ)
+        return resolve_settings(values, ini, os.environ)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
+
+
+def _ini(config: pytest.Config, opt: Option) -> str:
+    value = config.getini(opt.ini)
+    return "\n".join(value) if isinstance(value, list) else str(value or "")
 
 
 def _from_controller(workerinput: Mapping[str, Any]) -> tuple[str, str, Path]:
@@ -86,10 +104,41 @@ def _from_controller(workerinput: Mapping[str, Any]) -> tuple[str, str, Path]:
     return facts[0], facts[1], Path(facts[2])
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None, object, object]:
+    """With ``--isolate-env``, this process opens (or joins) the run and exports its
+    values here, before pytest's own wrapper imports the initial conftests: a conftest
+    that reads ``DATABASE_URL`` at import sees this worker's."""
+    settings = _settings(early_config, early=True)
+    if settings.env:
+        _join(early_config, settings, early=True)
+    return (yield)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", SERIAL_MARKER)
     settings = _settings(config)
+    if STACK_KEY not in config.stash:
+        _join(config, settings, early=False)
+    controller = config.stash.get(CONTROLLER_KEY, None)
+    if controller is None:
+        return
+    recorder = DurationRecorder(config, settings.store_durations)
+    config.pluginmanager.register(recorder, "isolate-durations")
+    if config.pluginmanager.hasplugin("xdist"):
+        duration = settings.dist == "duration" and not config.stash.get(_EXPLICIT_DIST_KEY, False)
+        config.pluginmanager.register(XdistHooks(controller, recorder, duration), "isolate-xdist")
+    config.pluginmanager.register(InterruptDeadline(controller, settings.stop_timeout + 20),
+                                  "isolate-interrupt-deadline")  # fmt: skip
+    config.stash[_SIGNALS_KEY] = _catch_interrupts()
+
+
+def _join(config: pytest.Config, settings: Settings, *, early: bool) -> None:
+    """Open the run (the controller, or the only process) or join it (an xdist worker),
+    and make this process's stack; with ``--isolate-env``, export its values."""
     workerinput = getattr(config, "workerinput", None)
+    if workerinput is None and early:
+        workerinput = early_workerinput()  # a worker, before xdist hands it workerinput
     try:
         if workerinput is not None:
             run_id, backend, base = _from_controller(workerinput)
@@ -100,14 +149,9 @@ def pytest_configure(config: pytest.Config) -> None:
             controller = RunController(settings, settings.run_id or new_run_id(), config.rootpath)
             controller.open()
             config.stash[CONTROLLER_KEY] = controller
-            recorder = DurationRecorder(config, settings.store_durations)
-            config.pluginmanager.register(recorder, "isolate-durations")
-            if config.pluginmanager.hasplugin("xdist"):
-                duration = settings.dist == "duration" and not config.stash.get(_EXPLICIT_DIST_KEY, False)
-                config.pluginmanager.register(XdistHooks(controller, recorder, duration), "isolate-xdist")
-            config.pluginmanager.register(InterruptDeadline(controller, settings.stop_timeout + 20),
-                                          "isolate-interrupt-deadline")  # fmt: skip
             run_id, backend, run = controller.run_id, controller.backend_name, controller.run
+            if early and will_have_workers(config):
+                share_with_workers(controller.workerinput())  # they export before their conftests
         # Not an xdist worker: "main", whatever PYTEST_XDIST_* an outer run left in the env.
         worker = worker_from_env(
             run_id, env={} if workerinput is None else None, workerinput=workerinput
@@ -121,10 +165,12 @@ def pytest_configure(config: pytest.Config) -> None:
             # If the controller dies, its watchdog stops this worker too (frozen first).
             stack.register_worker(_worker_record(worker.worker_id))
             config.stash[GATE_KEY] = SerialGate(run.path)
+        if settings.env and workerinput is None and will_have_workers(config):
+            os.environ.update(controller_environment(settings.env, run_id))  # it runs no test
+        elif settings.env:
+            os.environ.update(stack.environment(settings.env))
     except IsolateError as exc:
         raise pytest.UsageError(str(exc)) from None
-    if workerinput is None:
-        config.stash[_SIGNALS_KEY] = _catch_interrupts()
 
 
 class InterruptDeadline:

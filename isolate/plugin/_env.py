@@ -1,0 +1,64 @@
+"""``--isolate-env``: the run's facts for xdist workers before xdist hands them over.
+
+A worker's initial conftests are imported before xdist gives it ``workerinput``, and a
+conftest that reads ``DATABASE_URL`` at import must see the worker's. So when
+``--isolate-env`` is set, the controller opens the run early and leaves its facts in its
+environment (``ISOLATE_RUN_FACTS``, which its workers inherit and services do not: every
+``ISOLATE_*`` variable is left out of what they inherit); a worker takes them only if the
+controller named is its parent, never an outer run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import pytest
+
+__all__ = ["controller_environment", "early_workerinput", "share_with_workers", "will_have_workers"]
+
+_FACTS = "ISOLATE_RUN_FACTS"
+
+
+def share_with_workers(facts: Mapping[str, str]) -> None:
+    """Leave the run's facts where the workers about to start will find them."""
+    os.environ[_FACTS] = json.dumps({**facts, "controller": os.getpid()})
+
+
+def early_workerinput() -> dict[str, object] | None:
+    """The run's facts and this worker's identity, for an xdist worker of the controller
+    that shared them; ``None`` in any other process."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    try:
+        facts = json.loads(os.environ.get(_FACTS) or "null")
+    except ValueError:
+        return None
+    if not worker or not isinstance(facts, dict) or facts.get("controller") != os.getppid():
+        return None  # not a worker, or an outer run's facts
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")
+    return {**facts, "workerid": worker, "workercount": int(count) if count.isdigit() else 1}
+
+
+def will_have_workers(config: pytest.Config) -> bool:
+    """Whether this pytest hands its tests to xdist workers (``-n``, ``--dist``, ``--tx``)."""
+    args = config.known_args_namespace
+    if not config.pluginmanager.hasplugin("xdist"):
+        return False
+    processes = getattr(args, "numprocesses", None)
+    return bool(processes not in (None, 0, "0") or getattr(args, "tx", None)
+                or getattr(args, "dist", "no") not in (None, "no"))  # fmt: skip
+
+
+#: What ``--isolate-env`` templates render to in an xdist controller, which imports the
+#: conftests too but runs no test: well-formed values that point nowhere (port 9).
+_NOWHERE = {"dsn": "postgresql://isolate_controller@127.0.0.1:9/isolate_controller",
+            "schema": "isolate_controller", "role": "isolate_controller",
+            "redis_url": "redis://127.0.0.1:9/0", "worker": "controller", "host": "127.0.0.1"}  # fmt: skip
+
+
+def controller_environment(pairs: tuple[tuple[str, str], ...], run_id: str) -> dict[str, str]:
+    """``--isolate-env`` for the xdist controller: its conftests read the variables at
+    import like the workers', but it starts no database or Redis of its own."""
+    values = {**_NOWHERE, "run_id": run_id}
+    return {name: template.format_map(values) for name, template in pairs}
