@@ -22,10 +22,12 @@ from ._errors import (
     LeaseLostError,
     MigrationError,
     PortUnavailableError,
+    RunStoppingError,
     ServerStartError,
     ServiceError,
     ServiceExitedError,
     ServiceNotReadyError,
+    UnexpectedFileError,
 )
 from ._fault import Fault
 from ._identity import WorkerIdentity
@@ -55,6 +57,7 @@ __all__ = [
     "PortUnavailableError",
     "PostgresServer",
     "RedisServer",
+    "RunStoppingError",
     "Runner",
     "ServerStartError",
     "ServiceError",
@@ -64,6 +67,7 @@ __all__ = [
     "ServiceSpec",
     "Settings",
     "TcpCheck",
+    "UnexpectedFileError",
     "WorkerDatabase",
     "WorkerIdentity",
     "WorkerStack",

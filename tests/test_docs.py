@@ -37,3 +37,11 @@ def test_every_fixture_is_in_the_fixtures_table() -> None:
     table = (DOCS / "reference" / "fixtures.md").read_text().split("## From the code")[0]
     for name in re.findall(r"^def (isolate_\w+)\(", source, re.M):
         assert f"`{name}`" in table, name
+
+
+def test_the_api_page_names_every_public_name() -> None:
+    import isolate
+
+    text = (DOCS / "reference" / "api.md").read_text()
+    missing = [name for name in isolate.__all__ if f"::: isolate.{name}\n" not in text + "\n"]
+    assert missing == [], f"add them to docs/reference/api.md: {missing}"
