@@ -1,0 +1,462 @@
+"""Run fixtures: one value per run, set up in the controller, torn down after the last test.
+
+``@isolate.run_fixture`` records a :class:`RunFixtureDef` in :data:`DEFINITIONS` (in
+every process that imports the conftest) and hands back the session fixture the plugin
+makes of it, whose body asks the controller for the value. The controller's
+:class:`RunFixtures` sets a fixture up the first time anyone asks, on one thread of its
+own, keeps what the function yielded (a generator, a ``with`` block, objects that never
+leave the process), answers every asker with the same JSON value, and runs the
+teardowns once, in reverse order, when the session ends. A failed set-up is recorded:
+every later asker gets the same error, and only the first is told to show it in full.
+
+Pure Python: the plugin supplies the pytest fixture factory, the run-level values
+(``isolate_run``, ``isolate_postgres``...) and how to import a conftest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import inspect
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+from .._errors import ConfigError, IsolateError, RunFixtureError
+
+__all__ = [
+    "DEFINITIONS",
+    "RUN_LEVEL",
+    "Failure",
+    "RunFixtureDef",
+    "RunFixtures",
+    "define",
+    "problems",
+    "run_fixture",
+    "value_from",
+]
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., object])
+T = TypeVar("T")
+
+#: What a run fixture may depend on besides other run fixtures: things of the run.
+RUN_LEVEL = ("isolate_run", "isolate_postgres", "isolate_backend", "pytestconfig")
+
+#: isolate's fixtures that belong to one worker (named in the error, with the fix).
+WORKER_LEVEL = (
+    "isolate_stack", "isolate_worker", "isolate_database", "isolate_dsn", "isolate_conn",
+    "isolate_fresh_database", "isolate_redis", "isolate_redis_url", "isolate_redis_client",
+    "isolate_service", "isolate_service_session", "isolate_services", "isolate_services_session",
+    "isolate_migrations", "isolate_bootstrap", "isolate_service_spec", "isolate_service_specs",
+)  # fmt: skip
+
+_DEPENDS_HINT = (
+    "a run fixture can depend on " + ", ".join(RUN_LEVEL) + " and other run fixtures "
+    "(@isolate.run_fixture); make what it needs a run fixture too, or pass it through one"
+)
+
+
+@dataclass(frozen=True)
+class RunFixtureDef:
+    """A function decorated with ``@isolate.run_fixture``: its name, parameters (the
+    fixtures it depends on) and where it is defined, so the controller can import it."""
+
+    name: str
+    func: Callable[..., object]
+    params: tuple[str, ...]
+    module: str
+    path: str | None
+
+    @classmethod
+    def of(cls, func: Callable[..., object], name: str | None = None) -> RunFixtureDef:
+        if not callable(func):
+            raise ConfigError(f"@isolate.run_fixture decorates a function, not {func!r}")
+        label = str(name or getattr(func, "__name__", repr(func)))
+        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            raise ConfigError(
+                f"run fixture {label!r} is async",
+                hint="write a plain function or generator; start an event loop inside it if you need one",
+            )
+        params = []
+        for param in inspect.signature(func).parameters.values():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                raise ConfigError(f"run fixture {label!r} takes *args or **kwargs",
+                                  hint="name each fixture it depends on as a parameter")  # fmt: skip
+            if param.default is param.empty:  # as for pytest: a default is not a fixture
+                params.append(param.name)
+        module = getattr(func, "__module__", None) or "?"
+        try:
+            path = inspect.getsourcefile(func)
+        except TypeError:
+            path = None
+        path = path or getattr(sys.modules.get(module), "__file__", None)
+        return cls(label, func, tuple(params), module, os.path.abspath(path) if path else None)
+
+    def location(self) -> dict[str, str | None]:
+        return {"module": self.module, "path": self.path}
+
+
+#: This process's run fixtures, by name (every process that imported their modules).
+DEFINITIONS: dict[str, RunFixtureDef] = {}
+#: Two definitions of one name in different files (an error at collection).
+_CLASHES: list[tuple[RunFixtureDef, RunFixtureDef]] = []
+#: Set by the plugin: makes the pytest fixture of a definition.
+FIXTURE_FACTORY: Callable[[RunFixtureDef], Any] | None = None
+
+
+def define(func: Callable[..., object], name: str | None = None) -> RunFixtureDef:
+    """Record a run fixture in this process (the same file imported again replaces it)."""
+    defn = RunFixtureDef.of(func, name)
+    old = DEFINITIONS.get(defn.name)
+    if old is not None and old.path != defn.path:
+        _CLASHES.append((old, defn))
+    DEFINITIONS[defn.name] = defn
+    return defn
+
+
+def run_fixture(func: F | None = None, *, name: str | None = None) -> Any:
+    """Make a fixture that is set up once per test run, for all xdist workers, and torn
+    down after the last test of the run.
+
+    Decorate a generator function (or a plain function) in a ``conftest.py``; tests use it
+    by its name (or ``name``) like any fixture::
+
+        @isolate.run_fixture
+        def fake_s3(isolate_run):
+            server = start_fake_s3()
+            isolate_run.adopt_process(server.pid, "fake-s3")   # reaped even on SIGKILL
+            yield {"url": server.url}   # JSON: every worker gets this value
+            server.stop()               # once, after the last test of the run
+
+    It runs in the xdist controller (the process that outlives every worker; without
+    xdist, the only process), the first time any test needs it, so a ``with`` block, a
+    generator's state and objects that cannot be pickled all work; never if no selected
+    test uses it. What it yields (or returns) goes to the workers as JSON. It may depend
+    on ``isolate_run`` (:class:`~isolate.RunScope`), ``isolate_postgres``,
+    ``isolate_backend``, ``pytestconfig`` and other run fixtures (which get the other's
+    object itself, not its JSON); anything else is an error at collection. A failed
+    set-up fails every test that needs it with one error, shown in full once; a failed
+    teardown is reported at the end of the run and fails it.
+    """
+
+    def decorate(function: F) -> Any:
+        if FIXTURE_FACTORY is None:
+            raise ConfigError(
+                "@isolate.run_fixture needs the isolate pytest plugin",
+                hint="use it in a conftest.py of a pytest run with the plugin active (not -p no:isolate)",
+            )
+        return FIXTURE_FACTORY(define(function, name))
+
+    return decorate(func) if func is not None else decorate
+
+
+def problems(
+    definitions: Mapping[str, RunFixtureDef],
+    clashes: Iterable[tuple[RunFixtureDef, RunFixtureDef]] | None = None,
+) -> list[tuple[RunFixtureDef, ConfigError]]:
+    """What makes run fixtures unusable: a dependency that is not of the run, a cycle,
+    a name defined twice. Checked at collection, where every conftest is loaded."""
+    found: list[tuple[RunFixtureDef, ConfigError]] = []
+    for old, new in _CLASHES if clashes is None else clashes:
+        found.append((new, ConfigError(
+            f"two run fixtures are named {new.name!r}: in {old.path} and {new.path}",
+            hint="a run fixture is one per run: give each its own name",
+        )))  # fmt: skip
+    for defn in definitions.values():
+        for param in defn.params:
+            if param in RUN_LEVEL or param in definitions:
+                continue
+            what = "a fixture of each worker" if param in WORKER_LEVEL else "not a run fixture"
+            found.append((defn, ConfigError(
+                f"run fixture {defn.name!r} depends on {param!r}, {what}: a run fixture is set "
+                "up once for the whole run, in the controller, where only run-level fixtures exist",
+                hint=_DEPENDS_HINT,
+            )))  # fmt: skip
+        cycle = _cycle(defn.name, definitions, ())
+        if cycle:
+            found.append((defn, ConfigError(
+                f"run fixtures depend on each other in a cycle: {' -> '.join(cycle)}",
+                hint="remove one dependency of the cycle",
+            )))  # fmt: skip
+    return found
+
+
+def _cycle(name: str, definitions: Mapping[str, RunFixtureDef], chain: tuple[str, ...]) -> tuple[str, ...]:
+    if name in chain:
+        return (*chain, name) if chain[0] == name else ()  # reported from its first member
+    defn = definitions.get(name)
+    for param in defn.params if defn else ():
+        found = _cycle(param, definitions, (*chain, name))
+        if found:
+            return found
+    return ()
+
+
+def closure(name: str, definitions: Mapping[str, RunFixtureDef]) -> set[str]:
+    """``name`` and every run fixture it depends on, directly or not."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            defn = definitions.get(current)
+            todo.extend(p for p in (defn.params if defn else ()) if p in definitions)
+    return seen
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A set-up or teardown that raised, as it travels to the workers (JSON)."""
+
+    name: str
+    message: str
+    traceback: str = ""
+    hint: str | None = None
+    #: What it is remembered by: the run fixture that failed first (its dependants share it).
+    key: str = ""
+
+    @classmethod
+    def of(cls, name: str, exc: BaseException, what: str = "set-up", subject: str = "") -> Failure:
+        text = getattr(exc, "message", None) or str(exc)
+        subject = subject or f"run fixture {name!r} failed in its {what}"
+        return cls(
+            name=name,
+            message=f"{subject}: {type(exc).__name__}: {text}",
+            traceback=_traceback(exc),
+            hint=exc.hint or None if isinstance(exc, IsolateError) else None,
+            key=name,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _traceback(exc: BaseException) -> str:
+    """The traceback from the user's code on (isolate's frames that called it left out)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
+
+
+class _Failed(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class _Thread:
+    """One daemon thread that runs every set-up and teardown, in order (a daemon: a
+    set-up that never returns cannot keep the controller from exiting)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="isolate-run-fixtures", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            call, future = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(call())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def run(self, call: Callable[[], T]) -> T:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((call, future))
+        return future.result()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
+class RunFixtures:
+    """The controller's run fixtures: set up on the first request, torn down once.
+
+    ``provide(name)`` gives a run-level value (``isolate_run``, ``isolate_postgres``...);
+    ``load(location)`` imports the module that defines a run fixture this process has
+    not imported (a conftest deeper than the ones the controller loads).
+    """
+
+    def __init__(
+        self, provide: Callable[[str], object], load: Callable[[Mapping[str, str | None]], None]
+    ) -> None:
+        self._provide = provide
+        self._load = load
+        self._lock = threading.Lock()
+        self._thread: _Thread | None = None
+        self._closed = False
+        self._values: dict[str, object] = {}
+        self._failures: dict[str, Failure] = {}
+        self._shown: dict[str, str] = {}  # failure key -> the worker told to show it in full
+        self._finalizers: list[tuple[str, Callable[[], None]]] = []
+        #: Run fixtures set up so far, in order.
+        self.set_up: list[str] = []
+
+    def _run(self, call: Callable[[], T]) -> T | None:
+        with self._lock:
+            if self._closed:
+                return None
+            if self._thread is None:
+                self._thread = _Thread()
+            thread = self._thread
+        return thread.run(call)
+
+    def ask(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Answer a request (from any thread): ``{"value": ...}`` or ``{"error": ...}``.
+
+        ``request``: ``name``, ``worker`` (who asks) and ``locations`` (where the asker
+        found each run fixture: ``module`` and ``path``).
+        """
+        answer = self._run(functools.partial(self._answer, request))
+        if answer is None:
+            failure = Failure(str(request.get("name")), "the run is ending: its run fixtures are torn down")
+            return {"error": failure.to_json(), "first": True, "shown_by": str(request.get("worker"))}
+        return answer
+
+    def _answer(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        name, worker = str(request["name"]), str(request.get("worker") or "?")
+        try:
+            value = self._get(name, dict(request.get("locations") or {}), ())
+        except _Failed as failed:
+            return self._failed(failed.failure, worker)
+        try:
+            return {"value": json.loads(json.dumps(value))}
+        except (TypeError, ValueError) as exc:
+            return self._failed(Failure(
+                name, f"run fixture {name!r} is set up, but what it yields cannot go to the "
+                f"workers: it is not JSON-serialisable ({exc})",
+                hint="yield what a test needs to reach it (URLs, ports, paths, ids) as str, int, "
+                "float, bool, None, lists and dicts; keep the object itself in the controller, "
+                "where another run fixture can depend on it",
+                key=f"{name}:json",
+            ), worker)  # fmt: skip
+
+    def _failed(self, failure: Failure, worker: str) -> dict[str, Any]:
+        key = failure.key or failure.name
+        first = key not in self._shown
+        shown_by = self._shown.setdefault(key, worker)
+        return {"error": failure.to_json(), "first": first, "shown_by": shown_by}
+
+    def _get(self, name: str, locations: Mapping[str, Mapping[str, str | None]], chain: tuple[str, ...]) -> object:
+        if name in self._values:
+            return self._values[name]
+        if name in self._failures:
+            raise _Failed(self._failures[name])
+        if name in chain:
+            raise _Failed(Failure(name, f"run fixtures depend on each other in a cycle: {' -> '.join((*chain, name))}"))
+        if name in RUN_LEVEL:
+            try:
+                return self._provide(name)
+            except Exception as exc:
+                self._failures[name] = failure = Failure.of(name, exc, subject=f"{name} failed")
+                raise _Failed(failure) from None
+        defn = self._definition(name, locations.get(name))
+        kwargs = {}
+        for param in defn.params:
+            try:
+                kwargs[param] = self._get(param, locations, (*chain, name))
+            except _Failed as failed:
+                cause = failed.failure
+                self._failures[name] = failure = Failure(
+                    name, f"run fixture {name!r} needs {param!r}, which failed: {cause.message}",
+                    cause.traceback, cause.hint, key=cause.key or cause.name,
+                )  # fmt: skip
+                raise _Failed(failure) from None
+        logger.info("isolate: setting up run fixture %s", name)
+        try:
+            value = self._call(defn, kwargs)
+        except Exception as exc:
+            self._failures[name] = failure = Failure.of(name, exc)
+            raise _Failed(failure) from None
+        self._values[name] = value
+        self.set_up.append(name)
+        return value
+
+    def _definition(self, name: str, location: Mapping[str, str | None] | None) -> RunFixtureDef:
+        defn = DEFINITIONS.get(name)
+        if location is not None and (defn is None or defn.path != location.get("path")):
+            try:
+                self._load(location)
+            except Exception as exc:
+                failure = Failure.of(name, exc, "import in the controller")
+                self._failures[name] = failure
+                raise _Failed(failure) from None
+            defn = DEFINITIONS.get(name)
+        if defn is None:
+            self._failures[name] = failure = Failure(
+                name, f"run fixture {name!r} is not defined in the controller "
+                f"(defined in {(location or {}).get('path') or 'a module it could not import'})",
+                hint="define run fixtures in a conftest.py or a plugin module that the xdist "
+                "controller can import",
+            )  # fmt: skip
+            raise _Failed(failure)
+        return defn
+
+    def _call(self, defn: RunFixtureDef, kwargs: Mapping[str, object]) -> object:
+        result = defn.func(**kwargs)
+        if not inspect.isgenerator(result):
+            return result
+        try:
+            value = next(result)
+        except StopIteration:
+            raise RunFixtureError(f"run fixture {defn.name!r} did not yield",
+                                  hint="yield its value once, then tear down") from None  # fmt: skip
+        self._finalizers.append((defn.name, functools.partial(_finish, defn.name, result)))
+        return value
+
+    def teardown(self) -> list[Failure]:
+        """Tear down every run fixture set up, last first (once; later calls do
+        nothing); the teardowns that raised. Requests after this are refused."""
+        failures = self._run(self._teardown) or []
+        with self._lock:
+            self._closed = True
+            if self._thread is not None:
+                self._thread.stop()
+        return failures
+
+    def _teardown(self) -> list[Failure]:
+        failures = []
+        while self._finalizers:
+            name, finish = self._finalizers.pop()
+            logger.info("isolate: tearing down run fixture %s", name)
+            try:
+                finish()
+            except BaseException as exc:
+                failures.append(Failure.of(name, exc, "teardown"))
+        return failures
+
+
+def _finish(name: str, gen: Any) -> None:
+    try:
+        next(gen)
+    except StopIteration:
+        return
+    gen.close()
+    raise RunFixtureError(f"run fixture {name!r} yielded more than once", hint="yield once")
+
+
+def value_from(answer: Mapping[str, Any]) -> object:
+    """The value in the controller's answer, or the :class:`RunFixtureError` it carries
+    (with the set-up's traceback if this asker is the one to show it in full)."""
+    if "error" not in answer:
+        return answer["value"]
+    failure = Failure(**answer["error"])
+    first = bool(answer.get("first"))
+    error = RunFixtureError(failure.message, hint=failure.hint, log_tail=failure.traceback if first else None)
+    error.first = first
+    error.shown_by = f"the first test of {answer.get('shown_by') or '?'} that needed it"
+    raise error
