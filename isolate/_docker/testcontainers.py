@@ -48,10 +48,9 @@ def no_ryuk() -> None:
 def published(ports: Mapping[str, Any], container_port: int, host_port: int) -> dict[str, Any]:
     """Port bindings for mapped mode: ``container_port`` on ``127.0.0.1:host_port``,
     any other exposed port on a port of Docker's choice, on 127.0.0.1 too."""
-    bindings: dict[str, Any] = {key: ("127.0.0.1",) for key in ports}
-    for key in list(bindings):
-        if key.partition("/")[0] == str(container_port):
-            del bindings[key]
+    bindings: dict[str, Any] = {
+        str(key): ("127.0.0.1",) for key in ports if str(key).partition("/")[0] != str(container_port)
+    }
     bindings[f"{container_port}/tcp"] = ("127.0.0.1", host_port)
     return bindings
 
@@ -107,7 +106,7 @@ def started(
         if not hasattr(container, "with_kwargs"):
             raise ConfigError(f"container {name!r}: make() returned {container!r}",
                               hint="return a testcontainers container (DockerContainer or a subclass), not started")  # fmt: skip
-        _configure(container, ctx, container_name, role, port, lease.port)
+        _configure(container, ctx, name, role, port, lease.port)
         container.with_name(container_name)
         ctx.remove_stale(container_name)
         try:
