@@ -35,7 +35,7 @@ from ._ports import PortLease, reserve_port
 from ._postgres import PostgresServer
 from ._redis import RedisServer
 from ._retry import poll_until
-from ._run.fixtures import run_fixture
+from ._run.fixture_defs import run_fixture
 from ._runscope import RunScope
 from ._service import HttpCheck, ServiceHandle, ServiceSpec, TcpCheck
 from ._stack import WorkerStack

@@ -16,7 +16,8 @@ import pytest
 from suite_support import CONFTEST, Run, poll, signal_state
 
 from isolate import RunFixtureError
-from isolate._run.fixtures import RunFixtureDef, RunFixtures, closure, problems, value_from
+from isolate._run.fixture_defs import RunFixtureDef, closure, problems
+from isolate._run.fixtures import RunFixtures, value_from
 
 EVENTS = '''
 import json, os, time
@@ -350,7 +351,7 @@ def test_the_checks_name_the_problem() -> None:
 
 @pytest.fixture
 def host() -> Iterator[RunFixtures]:
-    from isolate._run import fixtures
+    from isolate._run import fixture_defs as fixtures
 
     saved = dict(fixtures.DEFINITIONS)
     host = RunFixtures(lambda name: f"<{name}>", lambda location: None)
@@ -361,7 +362,7 @@ def host() -> Iterator[RunFixtures]:
 
 
 def test_the_host_sets_up_once_for_concurrent_askers_and_tears_down_last_first(host: RunFixtures) -> None:
-    from isolate._run import fixtures
+    from isolate._run import fixture_defs as fixtures
 
     calls: list[str] = []
 
@@ -396,7 +397,7 @@ def test_the_host_sets_up_once_for_concurrent_askers_and_tears_down_last_first(h
 
 
 def test_a_failure_is_shown_in_full_to_the_first_asker_only(host: RunFixtures) -> None:
-    from isolate._run import fixtures
+    from isolate._run import fixture_defs as fixtures
 
     def broken() -> None:
         raise KeyError("gone")

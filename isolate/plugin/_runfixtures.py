@@ -14,17 +14,10 @@ import pytest
 from .._controller import RunController
 from .._errors import RunFixtureError
 from .._identity import WorkerIdentity
-from .._run import fixtures
+from .._run import fixture_defs
 from .._run.channel import ChannelServer, ask
-from .._run.fixtures import (
-    DEFINITIONS,
-    Failure,
-    RunFixtureDef,
-    RunFixtures,
-    closure,
-    problems,
-    value_from,
-)
+from .._run.fixture_defs import DEFINITIONS, RunFixtureDef, closure, problems
+from .._run.fixtures import Failure, RunFixtures, value_from
 from .._runscope import RunScope
 from .._stack import WorkerStack
 
@@ -52,7 +45,7 @@ def _make_fixture(defn: RunFixtureDef) -> Any:
     return pytest.fixture(scope="session", name=defn.name)(run_fixture_value)
 
 
-fixtures.FIXTURE_FACTORY = _make_fixture
+fixture_defs.FIXTURE_FACTORY = _make_fixture
 
 
 def _value(config: pytest.Config, name: str) -> object:
