@@ -35,6 +35,7 @@ class RunScope:
 
     @property
     def run_id(self) -> str:
+        """The run's id (in every name isolate gives what the run makes)."""
         return self._stack.worker.run_id
 
     @property
@@ -54,6 +55,7 @@ class RunScope:
 
     @property
     def settings(self) -> Settings:
+        """The run's resolved options."""
         return self._stack.settings
 
     def postgres(self) -> PostgresServer:

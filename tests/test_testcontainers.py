@@ -91,6 +91,11 @@ def shared_postgres(isolate_run):
     ) as pg:
         yield {"url": pg.container.get_connection_url()}
 
+@isolate.run_fixture
+def pg_facts(isolate_postgres):
+    """isolate's own shared PostgreSQL, on either backend, from the controller."""
+    return {"port": isolate_postgres.port}
+
 def answers(url):
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -123,6 +128,9 @@ def test_shared(n, shared_redis, shared_postgres, shared_http):
     with urllib.request.urlopen(shared_http["url"], timeout=10) as resp:
         assert resp.status == 200
 
+def test_the_runs_own_postgres(pg_facts, isolate_postgres):
+    assert pg_facts["port"] == isolate_postgres.port
+
 def test_labelled_with_the_run(shared_redis):
     labels = docker.from_env().containers.get(shared_redis["container"]).labels
     assert labels["isolate.run_id"] == os.environ["ISOLATE_RUN_ID"]
@@ -137,7 +145,7 @@ def test_testcontainers_once_per_run(pytester: pytest.Pytester, client: Any, bac
     pytester.makepyfile(events=EVENTS, test_shared=PER_RUN_TESTS)
     run = Run(pytester.path, "-n", "2", *backend, "test_shared.py")
     out = run.finish(300)
-    assert "5 passed" in out, out
+    assert "6 passed" in out, out
     found = [json.loads(line) for line in (run.fault_dir / "events").read_text().splitlines()]
     assert [e["kind"] for e in found] == ["setup", "teardown"], found
     assert found[0]["pid"] == found[1]["pid"] == run.proc.pid

@@ -114,7 +114,9 @@ def ask(run_path: Path, request: Mapping[str, Any]) -> dict[str, Any]:
         except OSError as exc:
             raise RunFixtureError(
                 f"run fixture {name!r}: the controller does not answer on {path} ({exc})",
-                hint="the isolate plugin must be active in the xdist controller too; or the run is ending",
+                hint="the isolate plugin must be active in the xdist controller too (it serves run "
+                "fixtures on this socket; see its warning if it could not, e.g. a --isolate-base-dir "
+                "too long for a socket path); or the run is ending",
             ) from None
         sock.sendall(json.dumps(dict(request)).encode() + b"\n")
         line = _read_line(sock)

@@ -125,7 +125,7 @@ def run_fixture(func: F | None = None, *, name: str | None = None) -> Any:
     xdist, the only process), the first time any test needs it, so a ``with`` block, a
     generator's state and objects that cannot be pickled all work; never if no selected
     test uses it. What it yields (or returns) goes to the workers as JSON. It may depend
-    on ``isolate_run`` (:class:`~isolate.RunScope`), ``isolate_postgres``,
+    on ``isolate_run`` (``isolate.RunScope``), ``isolate_postgres``,
     ``isolate_backend``, ``pytestconfig`` and other run fixtures (which get the other's
     object itself, not its JSON); anything else is an error at collection. A failed
     set-up fails every test that needs it with one error, shown in full once; a failed

@@ -29,7 +29,7 @@ def isolate_stack(pytestconfig: pytest.Config) -> WorkerStack:
 
 @pytest.fixture(scope="session")
 def isolate_run(isolate_stack: WorkerStack) -> RunScope:
-    """The run (:class:`~isolate.RunScope`): its id, dir, backend and worker count, its
+    """The run (``isolate.RunScope``): its id, dir, backend and worker count, its
     shared PostgreSQL, and calls that register what you start with the run
     (``adopt_process``, ``container_labels``, ``container``). A run fixture
     (``@isolate.run_fixture``) gets the same, in the controller."""

@@ -5,6 +5,7 @@ when the session finishes, and what is reported."""
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from .._controller import RunController
-from .._errors import RunFixtureError
+from .._errors import ConfigError, RunFixtureError
 from .._identity import WorkerIdentity
 from .._run import fixture_defs
 from .._run.channel import ChannelServer, ask
@@ -28,6 +29,8 @@ __all__ = [
     "report_problems",
     "teardown_failures",
 ]
+
+logger = logging.getLogger(__name__)
 
 Asker = Callable[[Mapping[str, Any]], dict[str, Any]]
 
@@ -119,7 +122,10 @@ def open_run_fixtures(config: pytest.Config, controller: RunController, worker: 
     config.stash[_HOST_KEY] = host
     config.stash[_ASKER_KEY] = (worker, host.ask)
     if _worker_count(config) > 1 or getattr(config.option, "dist", "no") != "no":
-        config.stash[_CHANNEL_KEY] = ChannelServer(controller.run.path, host.ask)
+        try:
+            config.stash[_CHANNEL_KEY] = ChannelServer(controller.run.path, host.ask)
+        except (ConfigError, OSError) as exc:  # only a run that uses run fixtures needs it
+            logger.warning("isolate: run fixtures cannot be served to the workers: %s", exc)
 
 
 def close_run_fixtures(config: pytest.Config, session: pytest.Session | None = None) -> None:
