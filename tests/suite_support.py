@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tenacity import Retrying, stop_after_delay, wait_fixed
@@ -25,6 +27,23 @@ IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 and not IN_CI, reason="acts as another user (su nobody): needs root"
 )
+
+
+def docker_client(what: str) -> Iterator[Any]:
+    """A Docker SDK client for a test module's fixture; without an engine the tests skip,
+    except with ``CI=true``, where they fail (nothing may pass by skipping there)."""
+    from isolate._docker.engine import engine_available
+
+    ok, why = engine_available()
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"CI=true and {what} need a Docker engine: {why}", pytrace=False)
+        pytest.skip(f"no Docker engine ({why})")
+    import docker
+
+    client = docker.from_env()
+    yield client
+    client.close()
 
 
 def signals_as_in_a_terminal() -> None:

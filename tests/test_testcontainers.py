@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from suite_support import CONFTEST, HERE, IN_CI, Run, poll
+from suite_support import CONFTEST, HERE, Run, docker_client, poll
 
 from isolate._docker.context import LABEL
-from isolate._docker.engine import engine_available
 from isolate._docker.testcontainers import published
 
 pytestmark = pytest.mark.docker
@@ -30,16 +29,7 @@ DOCKER_ARGS = ("--isolate-backend=docker", "--isolate-pg-image=isolate-local/pos
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
-    ok, why = engine_available()
-    if not ok:
-        if IN_CI:
-            pytest.fail(f"CI=true and the testcontainers tests need a Docker engine: {why}", pytrace=False)
-        pytest.skip(f"no Docker engine ({why})")
-    import docker
-
-    client = docker.from_env()
-    yield client
-    client.close()
+    yield from docker_client("the testcontainers tests")
 
 
 def containers_of(client: Any, run_id: str) -> list[Any]:

@@ -93,7 +93,14 @@ def _load(config: pytest.Config, location: Mapping[str, str | None]) -> None:
         except (TypeError, ValueError):  # pytest 8.0
             manager._loadconftestmodules(Path(path).parent, importmode, config.rootpath)
     elif module:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(
+                f"the controller cannot import {module} ({path}) to set up its run fixture: {exc}",
+                hint="define run fixtures in a conftest.py, or in a plugin module importable "
+                "from where pytest starts (not in a test module)",
+            ) from None
 
 
 def open_run_fixtures(config: pytest.Config, controller: RunController, worker: str) -> None:
