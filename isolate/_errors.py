@@ -164,3 +164,5 @@ class RunFixtureError(IsolateError):
     first: bool = True
     #: The worker that shows it in full.
     shown_by: str = ""
+    #: The set-up called ``pytest.skip()``: the tests that need it are skipped.
+    skipped: bool = False

@@ -192,7 +192,8 @@ def test_a_sigkilled_controller_leaves_what_it_registered_to_the_watchdog(suite:
     assert not kinds(events(run), "teardown")  # the teardown could not run: the reaper did
 
 
-def test_a_failed_set_up_is_one_error_shown_once_in_full(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("args", [("-n", "2"), ("-p", "no:xdist")], ids=["n2", "no-xdist"])
+def test_a_failed_set_up_is_one_error_shown_once_in_full(pytester: pytest.Pytester, args: tuple[str, ...]) -> None:
     pytester.makepyfile(events=EVENTS)
     pytester.makeconftest(
         CONFTEST + '''
@@ -224,7 +225,7 @@ def uses_bucket(bucket):
             pass
         """
     )
-    run = Run(pytester.path, "-n", "2", "test_b.py")
+    run = Run(pytester.path, *args, "test_b.py")
     out = run.finish()
     assert run.proc.returncode == pytest.ExitCode.TESTS_FAILED, out
     assert "1 passed, 9 errors" in out, out
@@ -412,3 +413,20 @@ def test_a_failure_is_shown_in_full_to_the_first_asker_only(host: RunFixtures) -
         value_from(later)
     assert not short.value.first and short.value.log_tail is None
     assert short.value.shown_by == "the first test of gw3 that needed it"
+
+
+def test_a_skip_in_the_set_up_skips_what_needs_it(host: RunFixtures) -> None:
+    from isolate._run import fixture_defs as fixtures
+
+    def needs_an_engine() -> None:
+        pytest.skip("no engine here")
+
+    def on_top(needs_an_engine: None) -> None:
+        raise AssertionError("never set up")
+
+    fixtures.define(needs_an_engine)
+    fixtures.define(on_top)
+    for name in ("needs_an_engine", "on_top"):
+        with pytest.raises(RunFixtureError) as skipped:
+            value_from(host.ask({"name": name, "worker": "gw0"}))
+        assert skipped.value.skipped and skipped.value.message == "no engine here"

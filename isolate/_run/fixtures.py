@@ -45,10 +45,14 @@ class Failure:
     hint: str | None = None
     #: What it is remembered by: the run fixture that failed first (its dependants share it).
     key: str = ""
+    #: The set-up skipped (``pytest.skip(...)``): so does every test that needs it.
+    skipped: bool = False
 
     @classmethod
     def of(cls, name: str, exc: BaseException, what: str = "set-up", subject: str = "") -> Failure:
-        text = getattr(exc, "message", None) or str(exc)
+        text = getattr(exc, "message", None) or getattr(exc, "msg", None) or str(exc)
+        if type(exc).__name__ == "Skipped":  # pytest.skip() in a set-up: not a failure
+            return cls(name=name, message=str(text), key=name, skipped=True)
         subject = subject or f"run fixture {name!r} failed in its {what}"
         return cls(
             name=name,
@@ -120,6 +124,7 @@ class RunFixtures:
         self._lock = threading.Lock()
         self._thread: _Thread | None = None
         self._closed = False
+        self._torn_down = False  # set on the set-up thread: every later request is refused
         self._values: dict[str, object] = {}
         self._failures: dict[str, Failure] = {}
         self._shown: dict[str, str] = {}  # failure key -> the worker told to show it in full
@@ -143,13 +148,17 @@ class RunFixtures:
         found each run fixture: ``module`` and ``path``).
         """
         answer = self._run(functools.partial(self._answer, request))
-        if answer is None:
-            failure = Failure(str(request.get("name")), "the run is ending: its run fixtures are torn down")
-            return {"error": failure.to_json(), "first": True, "shown_by": str(request.get("worker"))}
-        return answer
+        return self._ending(request) if answer is None else answer
+
+    @staticmethod
+    def _ending(request: Mapping[str, Any]) -> dict[str, Any]:
+        failure = Failure(str(request.get("name")), "the run is ending: its run fixtures are torn down")
+        return {"error": failure.to_json(), "first": True, "shown_by": str(request.get("worker"))}
 
     def _answer(self, request: Mapping[str, Any]) -> dict[str, Any]:
         name, worker = str(request["name"]), str(request.get("worker") or "?")
+        if self._torn_down:  # asked after the teardown began: nothing new is set up
+            return self._ending(request)
         try:
             value = self._get(name, dict(request.get("locations") or {}), ())
         except _Failed as failed:
@@ -192,7 +201,7 @@ class RunFixtures:
                 kwargs[param] = self._get(param, locations, (*chain, name))
             except _Failed as failed:
                 cause = failed.failure
-                self._failures[name] = failure = Failure(
+                self._failures[name] = failure = cause if cause.skipped else Failure(
                     name, f"run fixture {name!r} needs {param!r}, which failed: {cause.message}",
                     cause.traceback, cause.hint, key=cause.key or cause.name,
                 )  # fmt: skip
@@ -200,7 +209,7 @@ class RunFixtures:
         logger.info("isolate: setting up run fixture %s", name)
         try:
             value = self._call(defn, kwargs)
-        except Exception as exc:
+        except BaseException as exc:  # pytest.skip() and pytest.fail() are BaseExceptions
             self._failures[name] = failure = Failure.of(name, exc)
             raise _Failed(failure) from None
         self._values[name] = value
@@ -242,7 +251,7 @@ class RunFixtures:
     def teardown(self) -> list[Failure]:
         """Tear down every run fixture set up, last first (once; later calls do
         nothing); the teardowns that raised. Requests after this are refused."""
-        failures = self._run(self._teardown) or []
+        failures = self._run(self._teardown) or [] if self._thread is not None else []
         with self._lock:
             self._closed = True
             if self._thread is not None:
@@ -250,6 +259,7 @@ class RunFixtures:
         return failures
 
     def _teardown(self) -> list[Failure]:
+        self._torn_down = True
         failures = []
         while self._finalizers:
             name, finish = self._finalizers.pop()
@@ -278,6 +288,6 @@ def value_from(answer: Mapping[str, Any]) -> object:
     failure = Failure(**answer["error"])
     first = bool(answer.get("first"))
     error = RunFixtureError(failure.message, hint=failure.hint, log_tail=failure.traceback if first else None)
-    error.first = first
+    error.first, error.skipped = first, failure.skipped
     error.shown_by = f"the first test of {answer.get('shown_by') or '?'} that needed it"
     raise error

@@ -63,7 +63,12 @@ def _value(config: pytest.Config, name: str) -> object:
         "name": name, "worker": worker,
         "locations": {n: d.location() for n, d in DEFINITIONS.items()},
     }  # fmt: skip
-    return value_from(asker(request))
+    try:
+        return value_from(asker(request))
+    except RunFixtureError as exc:
+        if exc.skipped:
+            pytest.skip(exc.message)
+        raise
 
 
 # -- where the value comes from ----------------------------------------------------------
