@@ -59,10 +59,12 @@ class RunController:
             stale = reap_stale_runs(self.run.base)
             with contextlib.suppress(Exception):  # a missing engine is not this run's problem
                 self.backend.reap_orphans()
-                if self.backend.name != "docker" and any(run.had_containers for run in stale):
-                    from ._docker.containers import reap_orphans  # testcontainers of a native run
+                labelled = [run.run_id for run in stale if run.had_containers]
+                if self.backend.name != "docker" and labelled:
+                    from ._docker.containers import reap_run  # testcontainers of a native run
 
-                    reap_orphans()
+                    for run_id in labelled:
+                        reap_run(run_id)
         self.run.create(Owner.current(), backend=self.backend_name)
         self.watchdog = Watchdog(self.run.path, self.backend_name, self.settings.stop_timeout)
         if self.settings.pg_dsn:  # the run's lease on the external server, kept fresh

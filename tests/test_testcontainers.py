@@ -8,15 +8,20 @@ Without an engine these tests skip, except with ``CI=true``, where they fail.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from suite_support import CONFTEST, HERE, Run, docker_client, poll
+from suite_support import CONFTEST, HERE, Run, docker_client, leftovers, poll
 
 from isolate._docker.context import LABEL
 from isolate._docker.testcontainers import published
@@ -25,6 +30,8 @@ pytestmark = pytest.mark.docker
 
 DOCKER_ARGS = ("--isolate-backend=docker", "--isolate-pg-image=isolate-local/postgres:15",
                "--isolate-redis-image=isolate-local/redis:7")  # fmt: skip
+#: No reaping at start: the orphan-reaper tests of test_docker.py own the orphans they make.
+NO_REAP = "--isolate-reap-stale=false"
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +140,7 @@ def test_labelled_with_the_run(shared_redis):
 def test_testcontainers_once_per_run(pytester: pytest.Pytester, client: Any, backend: tuple[str, ...]) -> None:
     pytester.makeconftest(PER_RUN)
     pytester.makepyfile(events=EVENTS, test_shared=PER_RUN_TESTS)
-    run = Run(pytester.path, "-n", "2", *backend, "test_shared.py")
+    run = Run(pytester.path, "-n", "2", NO_REAP, *backend, "test_shared.py")
     out = run.finish(300)
     assert "6 passed" in out, out
     found = [json.loads(line) for line in (run.fault_dir / "events").read_text().splitlines()]
@@ -190,7 +197,7 @@ def test_a_container_per_worker_in_the_service_template_kept_and_cleaned_up(
 ) -> None:
     pytester.makeconftest(PER_WORKER)
     pytester.makepyfile(test_cache=PER_WORKER_TESTS)
-    run = Run(pytester.path, "-n", "2", "--isolate-keep=always", "test_cache.py")
+    run = Run(pytester.path, "-n", "2", NO_REAP, "--isolate-keep=always", "test_cache.py")
     out = run.finish(300)
     assert "4 passed" in out, out
     kept = containers_of(client, run.run_id)
@@ -221,7 +228,7 @@ def test_a_sigkilled_controllers_container_is_reaped_by_the_watchdog(pytester: p
     """On the native backend too: the run dir says it labelled containers."""
     pytester.makeconftest(PER_RUN)
     pytester.makepyfile(events=EVENTS, test_hang=HANG)
-    run = Run(pytester.path, "-n", "1", "test_hang.py")
+    run = Run(pytester.path, "-n", "1", NO_REAP, "test_hang.py")
     run.wait_up(1)
     assert [c.labels[LABEL.WORKER] for c in containers_of(client, run.run_id)] == ["run"]
     run.proc.send_signal(signal.SIGKILL)
@@ -234,3 +241,36 @@ def test_mapped_mode_publishes_on_loopback_only() -> None:
     assert published({"6379": None, 9000: None, "7000/tcp": None}, 6379, 20001) == {
         "9000": ("127.0.0.1",), "7000/tcp": ("127.0.0.1",), "6379/tcp": ("127.0.0.1", 20001),
     }
+
+
+def _watchdog_of(run: Run) -> int:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = (proc / "cmdline").read_bytes()
+                if b"isolate._watchdog" in cmdline and f"isolate-run-{run.run_id}".encode() in cmdline:
+                    return int(proc.name)
+    raise AssertionError(f"no watchdog for run {run.run_id}")
+
+
+def test_a_stale_native_runs_containers_go_with_it(pytester: pytest.Pytester, client: Any) -> None:
+    """Controller and watchdog both SIGKILLed (a power cut, as far as the run can tell):
+    the next run's stale-run reaper removes the run's labelled containers with the rest."""
+    pytester.makeconftest(PER_RUN)
+    pytester.makepyfile(events=EVENTS, test_hang=HANG, test_x="def test_x():\n    pass\n")
+    # A base dir of its own: no other run on the machine reaps this one first (short: it
+    # holds the run's socket).
+    base = tempfile.mkdtemp(prefix="iso-", dir="/tmp")
+    try:
+        run = Run(pytester.path, "-n", "1", NO_REAP, f"--isolate-base-dir={base}", "test_hang.py")
+        run.wait_up(1)
+        os.kill(_watchdog_of(run), signal.SIGKILL)
+        run.proc.send_signal(signal.SIGKILL)
+        run.finish(30)
+        assert containers_of(client, run.run_id)  # nobody left to remove it
+        later = Run(pytester.path, "-p", "no:xdist", f"--isolate-base-dir={base}", "test_x.py")
+        assert "1 passed" in later.finish()  # its controller reaped the stale run at start
+        assert containers_of(client, run.run_id) == []
+        poll(lambda: leftovers(run.run_id, run.mark, base=base), 15)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

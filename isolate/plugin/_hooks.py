@@ -100,11 +100,10 @@ def pytest_configure(config: pytest.Config) -> None:
         )
         stack = WorkerStack(settings, worker, run, backend, config.rootpath)
         config.stash[STACK_KEY] = stack
-        if workerinput is None:
+        if workerinput is None:  # run fixtures live here; workers ask through the run dir
             open_run_fixtures(config, config.stash[CONTROLLER_KEY], worker.worker_id)
         else:
             connect_run_fixtures(config, worker.worker_id, run.path)
-        if workerinput is not None:
             # If the controller dies, its watchdog stops this worker too (frozen first).
             stack.register_worker(_worker_record(worker.worker_id))
             config.stash[GATE_KEY] = SerialGate(run.path)
