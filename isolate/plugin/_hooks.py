@@ -242,7 +242,7 @@ def _kept_lines(controller: RunController) -> list[str]:
         for svc in info.get("services") or []:  # type: ignore[attr-defined]
             lines.append(f"  service {svc['name']}: {svc['url']} (log: {svc['log'] or 'docker logs'})")
         for box in info.get("containers") or []:  # type: ignore[attr-defined]
-            lines.append(f"  container {box['name']}: {box['url']} (docker: {box['container']})")
+            lines.append(f"  container {box['name']}: {redact_password(str(box['url']))} (docker: {box['container']})")
     if lines:
         if any(info.get("external") for info in controller.run.kept()):
             lines.append(f"  (*** : an external server's password, not printed; it is in "
