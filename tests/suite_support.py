@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from isolate._config import default_base_dir
@@ -44,6 +45,12 @@ def docker_client(what: str) -> Iterator[Any]:
     client = docker.from_env()
     yield client
     client.close()
+
+
+def reaper_lock(tmp_path_factory: pytest.TempPathFactory) -> FileLock:
+    """Serialises the tests that make orphan containers or reap them (a reaper reaps
+    everyone's orphans): the same lock in every worker of the suite."""
+    return FileLock(str(tmp_path_factory.getbasetemp().parent / "isolate-docker-reaper.lock"))
 
 
 def signals_as_in_a_terminal() -> None:

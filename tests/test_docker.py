@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from filelock import FileLock
+import suite_support
 from suite_support import clean_env, docker_client, signals_as_in_a_terminal
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
@@ -107,8 +107,7 @@ def worker(isolate_stack: isolate.WorkerStack) -> WorkerIdentity:
 @pytest.fixture
 def reaper_lock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Serialises the tests that make orphans or reap (a reaper reaps everyone's orphans)."""
-    root = tmp_path_factory.getbasetemp().parent
-    with FileLock(str(root / "isolate-docker-reaper.lock")):
+    with suite_support.reaper_lock(tmp_path_factory):
         yield
 
 

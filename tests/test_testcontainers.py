@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from suite_support import CONFTEST, HERE, Run, docker_client, leftovers, poll
+from suite_support import CONFTEST, HERE, Run, docker_client, leftovers, poll, reaper_lock
 
 from isolate._docker.context import LABEL
 from isolate._docker.testcontainers import published
@@ -253,9 +253,17 @@ def _watchdog_of(run: Run) -> int:
     raise AssertionError(f"no watchdog for run {run.run_id}")
 
 
-def test_a_stale_native_runs_containers_go_with_it(pytester: pytest.Pytester, client: Any) -> None:
+def test_a_stale_native_runs_containers_go_with_it(
+    pytester: pytest.Pytester, client: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Controller and watchdog both SIGKILLed (a power cut, as far as the run can tell):
-    the next run's stale-run reaper removes the run's labelled containers with the rest."""
+    the next run's stale-run reaper removes the run's labelled containers with the rest.
+    (Under the orphan reapers' lock: one of them would remove the container first.)"""
+    with reaper_lock(tmp_path_factory):
+        _stale_run_scenario(pytester, client)
+
+
+def _stale_run_scenario(pytester: pytest.Pytester, client: Any) -> None:
     pytester.makeconftest(PER_RUN)
     pytester.makepyfile(events=EVENTS, test_hang=HANG, test_x="def test_x():\n    pass\n")
     # A base dir of its own: no other run on the machine reaps this one first (short: it
@@ -264,10 +272,10 @@ def test_a_stale_native_runs_containers_go_with_it(pytester: pytest.Pytester, cl
     try:
         run = Run(pytester.path, "-n", "1", NO_REAP, f"--isolate-base-dir={base}", "test_hang.py")
         run.wait_up(1)
+        assert containers_of(client, run.run_id)
         os.kill(_watchdog_of(run), signal.SIGKILL)
         run.proc.send_signal(signal.SIGKILL)
         run.finish(30)
-        assert containers_of(client, run.run_id)  # nobody left to remove it
         later = Run(pytester.path, "-p", "no:xdist", f"--isolate-base-dir={base}", "test_x.py")
         assert "1 passed" in later.finish()  # its controller reaped the stale run at start
         assert containers_of(client, run.run_id) == []
