@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._backends import Backend, Runner
 from ._config import OPTIONS, Settings, resolve_settings
+from ._containers import ContainerHandle
 from ._database import Migrations, WorkerDatabase
 from ._errors import (
     BinaryNotFoundError,
@@ -22,6 +23,7 @@ from ._errors import (
     LeaseLostError,
     MigrationError,
     PortUnavailableError,
+    RunFixtureError,
     RunStoppingError,
     ServerStartError,
     ServiceError,
@@ -35,6 +37,8 @@ from ._ports import PortLease, reserve_port
 from ._postgres import PostgresServer
 from ._redis import RedisServer
 from ._retry import poll_until
+from ._run.fixture_defs import run_fixture
+from ._runscope import RunScope
 from ._service import HttpCheck, ServiceHandle, ServiceSpec, TcpCheck
 from ._stack import WorkerStack
 
@@ -43,6 +47,7 @@ __all__ = [
     "Backend",
     "BinaryNotFoundError",
     "ConfigError",
+    "ContainerHandle",
     "DockerUnavailableError",
     "ExternalServerError",
     "Fault",
@@ -57,6 +62,8 @@ __all__ = [
     "PortUnavailableError",
     "PostgresServer",
     "RedisServer",
+    "RunFixtureError",
+    "RunScope",
     "RunStoppingError",
     "Runner",
     "ServerStartError",
@@ -74,6 +81,7 @@ __all__ = [
     "poll_until",
     "reserve_port",
     "resolve_settings",
+    "run_fixture",
 ]
 
 __version__ = "0.1.0"

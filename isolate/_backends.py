@@ -164,6 +164,10 @@ def reap_leftovers(run: RunDir, backend: Backend, timeout: float) -> list[str]:
     reaped = run.registry.reap(timeout)
     try:
         reaped += backend.reap_run()
+        if backend.name != "docker" and run.has_containers() and docker_installed():
+            from ._docker.containers import reap_run  # testcontainers of a native run
+
+            reaped += reap_run(run.run_id)
     except Exception as exc:  # an engine gone away: the orphan reaper gets it later
         logger.warning("isolate could not reap run %s: %s", run.run_id, exc)
     postgres = run.state("postgres")

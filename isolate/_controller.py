@@ -63,9 +63,15 @@ class RunController:
     def open(self) -> None:
         """Reap what dead runs left (if asked), create the run dir, start the watchdog."""
         if self.settings.reap_stale:
-            reap_stale_runs(self.run.base)
+            stale = reap_stale_runs(self.run.base)
             with contextlib.suppress(Exception):  # a missing engine is not this run's problem
                 self.backend.reap_orphans()
+                labelled = [run.run_id for run in stale if run.had_containers]
+                if self.backend.name != "docker" and labelled:
+                    from ._docker.containers import reap_run  # testcontainers of a native run
+
+                    for run_id in labelled:
+                        reap_run(run_id)
         self.run.create(Owner.current(), backend=self.backend_name)
         self.watchdog = Watchdog(self.run.path, self.backend_name, self.settings.stop_timeout)
         if self.settings.pg_dsn:  # the run's lease on the external server, kept fresh

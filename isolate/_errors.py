@@ -19,6 +19,7 @@ __all__ = [
     "LeaseLostError",
     "MigrationError",
     "PortUnavailableError",
+    "RunFixtureError",
     "RunStoppingError",
     "ServerStartError",
     "ServiceError",
@@ -36,6 +37,8 @@ class IsolateError(Exception):
     """
 
     default_hint: str = ""
+    #: How ``log_tail`` is introduced in ``str(error)``.
+    tail_label: str = "last log lines"
 
     def __init__(
         self,
@@ -58,7 +61,7 @@ class IsolateError(Exception):
             parts.append(f"  [{facts}]")
         if self.log_tail:
             indented = "\n".join("    " + line for line in self.log_tail.splitlines())
-            parts.append("  last log lines:\n" + indented)
+            parts.append(f"  {self.tail_label}:\n" + indented)
         if self.hint:
             parts.append(f"  fix: {self.hint}")
         return "\n".join(parts)
@@ -150,3 +153,16 @@ class RunStoppingError(IsolateError):
     """The run is being torn down (its reaper runs): nothing new is started."""
 
     default_hint = "the run was interrupted or its controller ended; nothing to fix in the test"
+
+
+class RunFixtureError(IsolateError):
+    """A run fixture (``@isolate.run_fixture``) failed to set up, or its value could not
+    be handed to a worker. ``log_tail`` holds the set-up's traceback in the controller."""
+
+    tail_label = "traceback (in the controller)"
+    #: Whether this process is the one to show it in full (the run's first test that needed it).
+    first: bool = True
+    #: The worker that shows it in full.
+    shown_by: str = ""
+    #: The set-up called ``pytest.skip()``: the tests that need it are skipped.
+    skipped: bool = False

@@ -9,18 +9,20 @@ the controller's reaper).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._backends import Backend, Runner, make_backend
+from ._backends import Backend, Runner, docker_installed, make_backend
 from ._config import Settings
+from ._containers import ContainerHandle
 from ._database import Migrations, TemplatePlan, WorkerDatabase, migrations_key, run_bootstrap
 from ._errors import ConfigError, LeaseLostError, RunStoppingError
 from ._identity import WorkerIdentity
@@ -29,12 +31,15 @@ from ._postgres.external import ExternalPostgresRunner
 from ._postgres.server import Seed
 from ._redis import RedisConfig, RedisServer
 from ._redis.lease import DbLease, ExternalDbLease, RunDbLease
-from ._run.liveness import process_start_ticks
+from ._run.liveness import Owner, process_start_ticks
 from ._run.registry import ProcessRecord
 from ._run.rundir import RunDir
 from ._service import ServiceHandle, ServiceSpec
 from ._service.spec import placeholders, render, start_order
 from ._timings import Timings
+
+if TYPE_CHECKING:
+    from ._docker.context import DockerRun
 
 __all__ = ["WorkerStack"]
 
@@ -65,6 +70,7 @@ class WorkerStack:
         self._redis_lease: DbLease | None = None
         self._redis_lock = threading.Lock()  # the early start (see service()) and a fixture
         self._services: dict[str, ServiceHandle] = {}
+        self._containers: dict[str, ContainerHandle] = {}
         #: Set by the plugin when a test of this worker failed (``--isolate-keep=failed``).
         self.failed = False
 
@@ -113,6 +119,67 @@ class WorkerStack:
     def release_process(self, name: str) -> None:
         """Forget a process adopted under ``name`` (it has ended, or is stopped elsewhere)."""
         self.run.registry.unregister(name)
+
+    # -- containers of the user's (testcontainers) -------------------------------
+
+    def _docker_run(self) -> DockerRun:
+        """The run on the Docker engine (on a native run too: its reapers are told)."""
+        ctx = getattr(self.backend, "ctx", None)
+        if ctx is not None:
+            return ctx  # type: ignore[no-any-return]
+        if not docker_installed():
+            raise ConfigError("containers need the Docker SDK and testcontainers, which are not installed",
+                              hint="pip install 'pytest-isolate-stacks[docker]'")  # fmt: skip
+        from ._docker.context import DockerRun
+
+        self.run.require()
+        self.run.mark_containers()
+        return DockerRun(self.settings, self.worker, self.run, lambda: self.run.owner() or Owner.current())
+
+    def container_labels(self, role: str = "container") -> dict[str, str]:
+        """Docker labels that make a container part of this run, on either backend: the
+        run's reapers (the controller at the end, the watchdog if the controller is killed,
+        ``python -m isolate cleanup``) remove every container that carries them."""
+        return self._docker_run().labels(role)
+
+    @contextlib.contextmanager
+    def container(
+        self, name: str, make: Callable[[int], Any], port: int, *,
+        url: str = "http://{host}:{port}", keep: bool = True,
+    ) -> Iterator[ContainerHandle]:  # fmt: skip
+        """Start a testcontainers container as this worker's, for the length of a ``with``
+        block.
+
+        ``make(listen_port)`` returns the container, not started, whose server listens on
+        ``listen_port`` (``port``, the server's port in the image, in Docker's mapped
+        mode; a port leased for it in host mode)::
+
+            with isolate_stack.container(
+                "cache", lambda p: RedisContainer("redis:7").with_command(f"--port {p}"), 6379,
+                url="redis://{host}:{port}/0",
+            ) as cache:
+                cache.container.get_client().ping()
+
+        It carries the run's labels and is reaped with the run's own containers; with
+        ``--isolate-keep`` (and ``keep``) it stays up with the worker's stack. A
+        ``ServiceSpec`` template names it ``{containers[cache].url}`` (``.host``,
+        ``.port``).
+        """
+        if name in self._containers:
+            raise ConfigError(f"container {name!r} is already started on this worker",
+                              hint="give each container its own name")  # fmt: skip
+        from ._docker.testcontainers import started
+
+        def keeping() -> bool:
+            return keep and self.keeping
+
+        with started(self._docker_run(), name, make, port, url=url, keep=keeping) as handle:
+            self._containers[name] = handle
+            try:
+                yield handle
+            finally:
+                if not keeping():
+                    self._containers.pop(name, None)
 
     def _start(self, runner: Runner[S], *, shared: bool = False) -> S:
         """Start ``runner``; its processes are registered as they are spawned (a shared
@@ -310,6 +377,7 @@ class WorkerStack:
                 "depends_on order), or start those first",
             )
         values["services"] = dict(self._services)  # the handles: {services[NAME].url}
+        values["containers"] = dict(self._containers)  # {containers[NAME].url}
         self._refuse_if_stopping()
         launcher = self.backend.service(spec, instance, self.run.worker_dir(self.worker.slug) / f"{instance}.log")
         launcher.warm(self.run.registry.register)  # a fork server preloads meanwhile
@@ -439,6 +507,9 @@ class WorkerStack:
              "log": str(getattr(h.launcher, "log_path", "") or "") or None}
             for h in self._services.values() if h.lease is not None
         ]  # fmt: skip
+        info["containers"] = [
+            {"name": c.name, "url": c.url, "container": c.container_name} for c in self._containers.values()
+        ]  # fmt: skip
         for record in self.run.registry.records():  # outlive this worker now
             if record.owner_pid == os.getpid():
                 self.run.registry.register(replace(record, scope="run"))
@@ -449,7 +520,7 @@ class WorkerStack:
         """Stop this worker's services and Redis, drop its schema (idempotent), or keep
         them all (``--isolate-keep``)."""
         if self.keeping:
-            if self._database or self._redis or self._services:
+            if self._database or self._redis or self._services or self._containers:
                 self.keep()
             return
         with self.timings.measure("worker_teardown"):

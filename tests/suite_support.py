@@ -6,11 +6,19 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from filelock import FileLock
+from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from isolate._config import default_base_dir
+from isolate._identity import new_run_id
 
 IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
@@ -20,6 +28,29 @@ IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 and not IN_CI, reason="acts as another user (su nobody): needs root"
 )
+
+
+def docker_client(what: str) -> Iterator[Any]:
+    """A Docker SDK client for a test module's fixture; without an engine the tests skip,
+    except with ``CI=true``, where they fail (nothing may pass by skipping there)."""
+    from isolate._docker.engine import engine_available
+
+    ok, why = engine_available()
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"CI=true and {what} need a Docker engine: {why}", pytrace=False)
+        pytest.skip(f"no Docker engine ({why})")
+    import docker
+
+    client = docker.from_env()
+    yield client
+    client.close()
+
+
+def reaper_lock(tmp_path_factory: pytest.TempPathFactory) -> FileLock:
+    """Serialises the tests that make orphan containers or reap them (a reaper reaps
+    everyone's orphans): the same lock in every worker of the suite."""
+    return FileLock(str(tmp_path_factory.getbasetemp().parent / "isolate-docker-reaper.lock"))
 
 
 def signals_as_in_a_terminal() -> None:
@@ -126,3 +157,49 @@ def leftovers(run_id: str, mark: str | None = None, base: str | None = None) -> 
     if Path(run_dir).exists():
         found.append(run_dir)
     return found
+
+
+def poll(check: object, timeout: float = 20.0) -> None:
+    for attempt in Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.1), reraise=True):
+        with attempt:
+            assert check() in ((), [], None, True), check()  # type: ignore[operator]
+
+
+class Run:
+    """A nested pytest run in a subprocess, with a marker in its environment."""
+
+    def __init__(self, path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.run_id = "f" + new_run_id()
+        self.mark = uuid.uuid4().hex
+        self.fault_dir = path / "fault"
+        self.fault_dir.mkdir(exist_ok=True)
+        env = {**(env or clean_env()), "ISOLATE_RUN_ID": self.run_id, "LEFTOVER_MARK": self.mark,
+               "FAULT_DIR": str(self.fault_dir), "PYTHONFAULTHANDLER": "1"}  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", *args],
+            cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=signals_as_in_a_terminal,
+        )  # fmt: skip
+
+    def wait_for(self, name: str) -> None:
+        """Until the run's tests create ``FAULT_DIR/name`` (the run's output if it ends first)."""
+
+        def there() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the run ended early:\n{self.finish(10)}")
+            return (self.fault_dir / name).exists()
+
+        poll(there, 120)
+
+    def wait_up(self, count: int) -> None:
+        def up() -> bool:
+            assert self.proc.poll() is None, self.proc.communicate()[0]
+            return len(list(self.fault_dir.glob("up-*"))) >= count
+
+        poll(up, 120)
+
+    def finish(self, timeout: float = 120) -> str:
+        return self.proc.communicate(timeout=timeout)[0]
+
+    def leftovers(self) -> list[str]:
+        return leftovers(self.run_id, self.mark)

@@ -30,15 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from filelock import FileLock
-from suite_support import IN_CI, clean_env, signals_as_in_a_terminal
+import suite_support
+from suite_support import clean_env, docker_client, signals_as_in_a_terminal
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 import isolate
 from isolate._config import Settings, resolve_settings
 from isolate._docker.containers import reap_orphans, reap_run
 from isolate._docker.context import LABEL, DockerRun
-from isolate._docker.engine import engine_available
 from isolate._identity import WorkerIdentity, new_run_id
 from isolate._ports import PortLease, _try_lock
 from isolate._postgres import PostgresConfig, tuned_settings
@@ -60,17 +59,8 @@ MIGRATIONS = APP_CONTEXT / "migrations"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def docker_engine() -> Any:
-    ok, why = engine_available()
-    if not ok:
-        if IN_CI:
-            pytest.fail(f"CI=true and the docker tests need a Docker engine: {why}", pytrace=False)
-        pytest.skip(f"no Docker engine ({why})")
-    import docker
-
-    client = docker.from_env()
-    yield client
-    client.close()
+def docker_engine() -> Iterator[Any]:
+    yield from docker_client("the docker tests")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +107,7 @@ def worker(isolate_stack: isolate.WorkerStack) -> WorkerIdentity:
 @pytest.fixture
 def reaper_lock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Serialises the tests that make orphans or reap (a reaper reaps everyone's orphans)."""
-    root = tmp_path_factory.getbasetemp().parent
-    with FileLock(str(root / "isolate-docker-reaper.lock")):
+    with suite_support.reaper_lock(tmp_path_factory):
         yield
 
 

@@ -13,20 +13,18 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 from suite_support import (
     CONFTEST,
     HELPERS,
+    Run,
     clean_env,
-    leftovers,
     needs_root,
+    poll,
     signal_state,
-    signals_as_in_a_terminal,
 )
-from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from isolate._config import default_base_dir
 from isolate._identity import new_run_id
@@ -45,52 +43,6 @@ def test_hang_b(isolate_service, isolate_redis, isolate_database):
     Path(os.environ["FAULT_DIR"], "up-" + os.environ.get("PYTEST_XDIST_WORKER", "main")).touch()
     time.sleep(300)
 """
-
-
-def poll(check: object, timeout: float = 20.0) -> None:
-    for attempt in Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.1), reraise=True):
-        with attempt:
-            assert check() in ((), [], None, True), check()  # type: ignore[operator]
-
-
-class Run:
-    """A nested pytest run in a subprocess, with a marker in its environment."""
-
-    def __init__(self, path: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.run_id = "f" + new_run_id()
-        self.mark = uuid.uuid4().hex
-        self.fault_dir = path / "fault"
-        self.fault_dir.mkdir(exist_ok=True)
-        env = {**(env or clean_env()), "ISOLATE_RUN_ID": self.run_id, "LEFTOVER_MARK": self.mark,
-               "FAULT_DIR": str(self.fault_dir), "PYTHONFAULTHANDLER": "1"}  # fmt: skip
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", *args],
-            cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            preexec_fn=signals_as_in_a_terminal,
-        )  # fmt: skip
-
-    def wait_for(self, name: str) -> None:
-        """Until the run's tests create ``FAULT_DIR/name`` (the run's output if it ends first)."""
-
-        def there() -> bool:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the run ended early:\n{self.finish(10)}")
-            return (self.fault_dir / name).exists()
-
-        poll(there, 120)
-
-    def wait_up(self, count: int) -> None:
-        def up() -> bool:
-            assert self.proc.poll() is None, self.proc.communicate()[0]
-            return len(list(self.fault_dir.glob("up-*"))) >= count
-
-        poll(up, 120)
-
-    def finish(self, timeout: float = 120) -> str:
-        return self.proc.communicate(timeout=timeout)[0]
-
-    def leftovers(self) -> list[str]:
-        return leftovers(self.run_id, self.mark)
 
 
 @pytest.fixture

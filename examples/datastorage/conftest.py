@@ -5,11 +5,12 @@ applied), its own Redis and its own ``datastorage`` process on a picked port; te
 may stop, kill, restart or cut the database of *their* instance.
 
 ``--shared-stack`` (or ``DATASTORAGE_SHARED_STACK=1``) is the classic baseline for
-comparison: ONE service process, ONE schema and ONE Redis for all workers. The first
-worker to get there starts it (under a file lock in the run dir) and writes where it
-is to a state file; the others reuse it; the xdist controller stops it at the end
-(it is registered with isolate's reaper). The same fixture names are provided, so the
-tests do not change. It is expected to fail wherever a test stops "the" service, cuts
+comparison: ONE service process, ONE schema and ONE Redis for all workers. The schema
+and the service's port are a run fixture (``@isolate.run_fixture``: made once by the
+xdist controller, which holds the port until the run ends); the first worker to get
+there starts the service (under a file lock in the run dir), the others reuse it, and
+the run stops it at the end (it is registered with isolate's reaper). The same fixture
+names are provided, so the tests do not change. It is expected to fail wherever a test stops "the" service, cuts
 "the" database or reads global state (DLQ depth, metrics counters).
 """
 
@@ -363,24 +364,30 @@ class SharedStack:
         self.service = service
 
 
+@isolate.run_fixture
+def shared_stack_facts(
+    isolate_run: isolate.RunScope, isolate_postgres: isolate.PostgresServer
+) -> Iterator[dict[str, object]]:
+    """The baseline's one schema, and the port of its one service: made once per run by
+    the controller, which holds the port's lease until the run ends (only --shared-stack
+    runs ask for it)."""
+    db = isolate.WorkerDatabase.create(isolate_postgres, "shared", isolate_run.run_id)
+    db.apply_migrations(MIGRATIONS_DIR)
+    lease = isolate.reserve_port()
+    yield {"schema": db.schema, "role": db.role, "password": db.password, "port": lease.port}
+    lease.release()
+
+
 @pytest.fixture(scope="session")
 def _shared_stack(
     isolate_stack: isolate.WorkerStack,
     isolate_postgres: isolate.PostgresServer,
-    isolate_migrations: Path,
+    shared_stack_facts: dict[str, object],
 ) -> SharedStack:
     """Start (first worker) or join (the others) the one shared stack of this run."""
     directory = isolate_stack.run_dir / "datastorage-shared-stack"
     directory.mkdir(exist_ok=True)
-
-    def start() -> dict[str, object]:
-        db = isolate.WorkerDatabase.create(isolate_postgres, "shared", isolate_stack.worker.run_id)
-        db.apply_migrations(isolate_migrations)
-        # The lease ends with this worker; the service keeps the port bound meanwhile.
-        port = isolate.reserve_port().port
-        return {"schema": db.schema, "role": db.role, "password": db.password, "port": port}
-
-    state = isolate_stack.shared("datastorage-shared-stack", start)
+    state = shared_stack_facts
     database = isolate.WorkerDatabase(
         isolate_postgres, str(state["schema"]), str(state["role"]), str(state["password"])
     )

@@ -50,6 +50,8 @@ class RunDir:
         self.registry = ProcessRegistry(self.path / "registry", self.path)
         self.timings_path = self.path / "timings.jsonl"
         self.notices_path = self.path / "notices.jsonl"
+        #: Set by :meth:`reap`: the run had labelled containers (see :meth:`mark_containers`).
+        self.had_containers = False
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -143,6 +145,16 @@ class RunDir:
     def exists(self) -> bool:
         return self.path.is_dir()
 
+    def mark_containers(self) -> None:
+        """Record that containers carry this run's labels although its backend is not
+        docker (a testcontainers container of a native run): its reapers remove them too."""
+        marker = self.path / "containers"
+        if not marker.exists():
+            write_json(marker, {"labelled": True})
+
+    def has_containers(self) -> bool:
+        return owned_by_me(self.path / "containers")
+
     def require(self) -> None:
         """Raise unless the controller created the dir."""
         if not self.exists():
@@ -209,6 +221,7 @@ class RunDir:
 
     def reap(self, timeout: float = 10.0) -> list[str]:
         """Stop what its registry holds and remove the dir; the names reaped."""
+        self.had_containers = self.has_containers()
         reaped = self.registry.reap(timeout)
         self.remove()
         return reaped

@@ -81,6 +81,8 @@ class ContainerLauncher:
             return inside
         inside["port"] = self.spec.container_port
         inside["host"] = "0.0.0.0"  # noqa: S104 - the container's interface; published on 127.0.0.1
+        if "containers" in inside:  # testcontainers of the worker's, by name on the run's network
+            inside["containers"] = {k: c.inside() for k, c in dict(inside["containers"]).items()}  # type: ignore[call-overload]
         keys = [key for key in ("dsn", "redis_url") if key in inside]
         published = self.ctx.published_ports() if keys else {}
 

@@ -27,7 +27,7 @@ __all__ = [
 #: Placeholders a command or env template may use.
 TEMPLATE_FIELDS = (
     "port", "host", "url", "name", "worker", "run_id",
-    "dsn", "schema", "role", "redis_url", "services",
+    "dsn", "schema", "role", "redis_url", "services", "containers",
 )  # fmt: skip
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,40}$")
 _ENTRY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -72,7 +72,8 @@ class ServiceSpec:
 
     ``command`` (native backend), ``container_command`` (docker backend) and ``env``
     are templates (``{services[NAME].url}`` names another service of the worker, see
-    ``depends_on``): ``{port}``, ``{host}``, ``{url}``,
+    ``depends_on``; ``{containers[NAME].url}`` a container started with
+    ``WorkerStack.container()``): ``{port}``, ``{host}``, ``{url}``,
     ``{name}`` (the instance name ``<name>-test-<worker>``), ``{worker}``,
     ``{run_id}``, ``{dsn}``, ``{schema}``, ``{role}`` and ``{redis_url}`` are
     filled in per worker. Using ``{dsn}`` or ``{redis_url}`` is what makes the

@@ -14,6 +14,7 @@ from .._identity import WorkerIdentity
 from .._lazy import lazy
 from .._postgres import PostgresServer
 from .._redis import RedisServer
+from .._runscope import RunScope
 from .._service import ServiceHandle, ServiceSpec
 from .._stack import WorkerStack
 from ._hooks import STACK_KEY
@@ -30,6 +31,15 @@ else:
 def isolate_stack(pytestconfig: pytest.Config) -> WorkerStack:
     """This worker's :class:`~isolate.WorkerStack`: every piece, the run dir, start-once."""
     return pytestconfig.stash[STACK_KEY]
+
+
+@pytest.fixture(scope="session")
+def isolate_run(isolate_stack: WorkerStack) -> RunScope:
+    """The run (``isolate.RunScope``): its id, dir, backend and worker count, its
+    shared PostgreSQL, and calls that register what you start with the run
+    (``adopt_process``, ``container_labels``, ``container``). A run fixture
+    (``@isolate.run_fixture``) gets the same, in the controller."""
+    return RunScope(isolate_stack)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ import pytest
 
 from .._config import OPTIONS, Option, Settings, redact_password, resolve_settings
 from .._controller import WORKERINPUT_KEYS, RunController
-from .._errors import ConfigError, IsolateError
+from .._errors import ConfigError, IsolateError, RunFixtureError
 from .._identity import new_run_id, worker_from_env
 from .._run.notices import NoticeHandler
 from .._run.rundir import RunDir
@@ -26,6 +26,13 @@ from .._service import tail_text
 from .._stack import WorkerStack
 from ._durations import DurationRecorder
 from ._env import controller_environment, early_workerinput, share_with_workers, will_have_workers
+from ._runfixtures import (
+    close_run_fixtures,
+    connect_run_fixtures,
+    open_run_fixtures,
+    report_problems,
+    teardown_failures,
+)
 from ._xdist import XdistHooks
 
 #: Signals that end a run like Ctrl-C does (CI cancel, a closed terminal).
@@ -120,9 +127,15 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = _settings(config)
     if STACK_KEY not in config.stash:
         _join(config, settings, early=False)
+    stack = config.stash[STACK_KEY]
     controller = config.stash.get(CONTROLLER_KEY, None)
-    if controller is None:
-        return
+    try:
+        if controller is None:  # a worker: it asks the controller for run fixtures
+            connect_run_fixtures(config, stack.worker.worker_id, stack.run.path)
+            return
+        open_run_fixtures(config, controller, stack.worker.worker_id)  # they live here
+    except IsolateError as exc:
+        raise pytest.UsageError(str(exc)) from None
     recorder = DurationRecorder(config, settings.store_durations)
     config.pluginmanager.register(recorder, "isolate-durations")
     if config.pluginmanager.hasplugin("xdist"):
@@ -236,6 +249,7 @@ def pytest_collection_modifyitems(
         serial = [item.nodeid for item in items if item.get_closest_marker("serial")]
         if serial:
             record_serial_ids(stack.run.path, stack.worker.worker_id, serial)
+    report_problems(session)
     return result
 
 
@@ -258,6 +272,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     controller = config.stash.get(CONTROLLER_KEY, None)
     if controller is None:
         return
+    close_run_fixtures(config, session)  # after the last test, before the run is reaped
     summary = controller.close()
     config.stash[_SUMMARY_KEY] = summary
     path = controller.settings.timings_json
@@ -281,6 +296,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         gate.close()
     controller = config.stash.get(CONTROLLER_KEY, None)
     if controller is not None and controller.run.exists():
+        close_run_fixtures(config)
         controller.close()  # sessionfinish did not run (internal error)
     for sig, handler in config.stash.get(_SIGNALS_KEY, {}).items():
         signal.signal(sig, handler)  # type: ignore[arg-type]
@@ -306,6 +322,8 @@ def _kept_lines(controller: RunController) -> list[str]:
                 lines.append(f"  {key}: {value}")
         for svc in info.get("services") or []:  # type: ignore[attr-defined]
             lines.append(f"  service {svc['name']}: {svc['url']} (log: {svc['log'] or 'docker logs'})")
+        for box in info.get("containers") or []:  # type: ignore[attr-defined]
+            lines.append(f"  container {box['name']}: {redact_password(str(box['url']))} (docker: {box['container']})")
     if lines:
         if any(info.get("external") for info in controller.run.kept()):
             lines.append(f"  (*** : an external server's password, not printed; it is in "
@@ -316,6 +334,12 @@ def _kept_lines(controller: RunController) -> list[str]:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     controller = config.stash.get(CONTROLLER_KEY, None)
+    failures = teardown_failures(config)
+    if failures:
+        terminalreporter.section("isolate: run fixture teardown failed", red=True)
+        for failure in failures:
+            terminalreporter.write_line(failure.message, red=True)
+            terminalreporter.write_line(failure.traceback)
     kept = _kept_lines(controller) if controller is not None else []
     if kept:
         terminalreporter.section("isolate: stacks kept (--isolate-keep)")
@@ -356,8 +380,12 @@ def pytest_runtest_makereport(
         # same error: show it in full once, then in one line.
         seen = item.config.stash.setdefault(_SEEN_KEY, set())
         key = (type(error).__name__, error.message)
-        if key in seen:
+        if isinstance(error, RunFixtureError) and not error.first:  # once per run
+            report.longrepr = f"{key[0]}: {error.message} (in full at {error.shown_by})"
+        elif key in seen:
             report.longrepr = f"{key[0]}: {error.message} (in full at this worker's first error)"
+        elif isinstance(error, RunFixtureError):  # its traceback is the controller's
+            report.longrepr = f"{key[0]}: {error}"
         seen.add(key)
     names = getattr(item, "fixturenames", ())
     if report.failed and ("isolate_service" in names or "isolate_services" in names):
