@@ -32,7 +32,8 @@ class NoticeHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if not getattr(record, "isolate_notice", False):
             return
-        line = json.dumps({"message": record.getMessage()}) + "\n"
+        message = record.getMessage().removeprefix("isolate: ")  # the summary line says it
+        line = json.dumps({"message": message}) + "\n"
         with contextlib.suppress(OSError):
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             try:
