@@ -1,0 +1,417 @@
+"""A worker's warm pool of fresh databases, behind ``isolate_fresh_database``.
+
+A daemon thread of the worker, on superuser connections of its own, keeps ``size``
+spares ready, owned by the worker's role and named ``isolate_<worker>_s<n>_<run id>``:
+clones of the run's migrated template (database mode), or schemas migrated again as the
+worker's role (schema mode). Taking one is a swap on the fixture's own connection: the
+worker's database (or schema) is renamed ``isolate_<worker>_u<n>_<run id>`` and the
+spare renamed to the worker's name in one transaction, and the sessions on the old one
+are ended. The worker's DSN never changes, so the service under test lands in the fresh
+one on its next connection. The thread then drops the used one and makes the next.
+
+Every name carries the run id, so what a killed worker leaves goes with the run's server
+or, on an external one, with the run's objects; the pool's sessions carry the
+``application_name`` of :func:`pool_app_name`, which
+:func:`~isolate._postgres.external.drop_run_objects` ends first, so that no clone in
+flight commits after the run's objects were dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Protocol
+
+import psycopg
+from psycopg import sql
+
+from ._database import WorkerDatabase, clone_database, run_migrations, schema_name
+from ._errors import FreshDatabaseError
+from ._postgres.server import POOL_APP_PREFIX
+from ._retry import poll_until
+from ._timings import Timings
+
+__all__ = [
+    "FreshPool", "Spares", "kept_name", "pool_app_name", "pool_size", "set_aside_and_rebuild",
+    "spare_space", "spares_for",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+Conn = psycopg.Connection[tuple[object, ...]]
+
+#: Consecutive failures to make a spare after which the pool stops and says why.
+MAX_FAILURES = 3
+#: Seconds the sessions on a database being swapped out get to end.
+SESSIONS_END_TIMEOUT = 10.0
+
+
+def pool_app_name(run_id: str, worker_slug: str = "") -> str:
+    """The ``application_name`` of a run's pool sessions (of one worker's, with a slug)."""
+    return f"{POOL_APP_PREFIX}{run_id}" + (f"-{worker_slug}" if worker_slug else "")
+
+
+def pool_size(budget: int, workers: int, clone_bytes: int | None, free_bytes: int | None) -> int:
+    """Spares per worker: ``budget``, fewer if the spares of all ``workers`` would take
+    more than half of ``free_bytes`` (when both sizes are known), never fewer than one."""
+    if budget <= 0:
+        return 0
+    if not clone_bytes or free_bytes is None:
+        return budget
+    return max(1, min(budget, free_bytes // 2 // max(workers, 1) // clone_bytes))
+
+
+def spare_space(db: WorkerDatabase, directory: Path) -> tuple[int | None, int | None]:
+    """Bytes a spare takes and bytes free in ``directory`` (where the cluster lives), when
+    known: clones on the native backend (a spare schema is catalog rows; a container's or
+    an external server's disk is not this machine's to measure)."""
+    if db.template is None or db.server.backend != "native":
+        return None, None
+    with psycopg.connect(db.server.admin_dsn) as conn:
+        row = conn.execute("SELECT pg_database_size(%s)", (db.template,)).fetchone()
+    return (int(str(row[0])) if row else None), shutil.disk_usage(directory).free
+
+
+class Spares(Protocol):
+    """What differs between the modes: making, swapping in and dropping a copy."""
+
+    #: The worker's database (database mode) or schema (schema mode): the name it keeps.
+    current: str
+
+    def make(self, conn: Conn, name: str) -> None:
+        """Create ``name``, migrated and owned by the worker's role (``conn``: superuser's)."""
+
+    def swap(self, conn: Conn, spare: str | None, retire_as: str) -> None:
+        """Rename the worker's copy ``retire_as`` and ``spare`` (if any) to the worker's
+        name, ending the sessions on the old one."""
+
+    def reopen(self, conn: Conn, name: str) -> None:
+        """Make a retired copy reachable again (kept for a failed test)."""
+
+    def drop(self, conn: Conn, name: str) -> None:
+        """Drop a copy (and end its sessions)."""
+
+    def names(self, conn: Conn, like: str) -> list[str]:
+        """The copies whose names are ``LIKE like``."""
+
+    def dsn(self, name: str) -> str:
+        """The worker role's DSN of copy ``name``."""
+
+
+def _end_sessions(conn: Conn, where: str, value: str, *, wait: bool) -> None:
+    """End the sessions of ``pg_stat_activity`` whose column ``where`` is ``value`` (but
+    ``conn``'s own); with ``wait``, until they are gone."""
+    column = sql.Identifier(where)
+    conn.execute(sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE {} = %s AND pid <> pg_backend_pid()").format(column), (value,))  # fmt: skip
+    count = sql.SQL("SELECT count(*) FROM pg_stat_activity WHERE {} = %s AND pid <> pg_backend_pid()").format(column)
+
+    def gone() -> bool:
+        row = conn.execute(count, (value,)).fetchone()
+        return row is not None and row[0] == 0
+
+    if wait and not poll_until(gone, SESSIONS_END_TIMEOUT, initial=0.001, maximum=0.02):
+        raise FreshDatabaseError(f"sessions on {value} did not end within {SESSIONS_END_TIMEOUT:.0f}s")
+
+
+class DatabaseSpares:
+    """Database mode: clones of the run's template, swapped by ``ALTER DATABASE RENAME``."""
+
+    def __init__(self, db: WorkerDatabase, app: str) -> None:
+        assert db.database is not None and db.template is not None
+        self.db, self.app, self.current = db, app, db.database
+
+    def make(self, conn: Conn, name: str) -> None:
+        assert self.db.template is not None
+        clone_database(conn, self.db.server, name, self.db.template, self.db.role, application_name=self.app)
+
+    def swap(self, conn: Conn, spare: str | None, retire_as: str) -> None:
+        current = sql.Identifier(self.current)
+        # Closed first, so that no session lands in it between the end of the old ones
+        # and the rename (a database with sessions cannot be renamed).
+        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(current))
+        try:
+            _end_sessions(conn, "datname", self.current, wait=True)
+            with conn.transaction():
+                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(current, sql.Identifier(retire_as)))
+                if spare is not None:
+                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(spare), current))
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):  # still the worker's: open it again
+                conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(current))
+            raise
+
+    def reopen(self, conn: Conn, name: str) -> None:
+        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+
+    def drop(self, conn: Conn, name: str) -> None:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    def names(self, conn: Conn, like: str) -> list[str]:
+        return [str(n) for (n,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (like,))]
+
+    def dsn(self, name: str) -> str:
+        db = self.db
+        return db.server.dsn(user=db.role, password=db.password, database=name, search_path=db.schema)
+
+
+class SchemaSpares:
+    """Schema mode: schemas migrated as the worker's role, swapped by ``ALTER SCHEMA RENAME``."""
+
+    def __init__(self, db: WorkerDatabase, app: str) -> None:
+        self.db, self.app, self.current = db, app, db.schema
+
+    def make(self, conn: Conn, name: str) -> None:
+        db = self.db
+        conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(name), sql.Identifier(db.role)))
+        # As the worker's role, search_path the spare: what the worker's own migration saw.
+        options = f"-c role={db.role} -c search_path={name}"
+        with psycopg.connect(db.server.admin_dsn, application_name=self.app, options=options) as migrating:
+            run_migrations(migrating, db.migrations, name)
+
+    def swap(self, conn: Conn, spare: str | None, retire_as: str) -> None:
+        current = sql.Identifier(self.current)
+        with conn.transaction():
+            conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(current, sql.Identifier(retire_as)))
+            if spare is not None:
+                conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(spare), current))
+        # After the swap: a session that connects from now on is in the fresh one.
+        _end_sessions(conn, "usename", self.db.role, wait=False)
+
+    def reopen(self, conn: Conn, name: str) -> None:
+        pass  # a schema needs no opening: the role's DSN with its search_path reaches it
+
+    def drop(self, conn: Conn, name: str) -> None:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+    def names(self, conn: Conn, like: str) -> list[str]:
+        return [str(n) for (n,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (like,))]
+
+    def dsn(self, name: str) -> str:
+        db = self.db
+        return db.server.dsn(user=db.role, password=db.password, database=db.database, search_path=name)
+
+
+def spares_for(db: WorkerDatabase, app: str) -> Spares:
+    """The spares of ``db``'s mode."""
+    return DatabaseSpares(db, app) if db.database is not None else SchemaSpares(db, app)
+
+
+def kept_name(worker_slug: str, run_id: str, n: int, test: str) -> str:
+    """``isolate_<worker>_k<n>_<test>_<run id>``: a failed test's copy, named after the test
+    (its function and parameters, shortened to fit PostgreSQL's 63 characters)."""
+    label = re.sub(r"[^a-z0-9]+", "_", test.rpartition("::")[2].lower()).strip("_") or "test"
+    room = 63 - len(schema_name(f"{worker_slug}_k{n}_", run_id))
+    return schema_name(f"{worker_slug}_k{n}_{label[:room].rstrip('_')}", run_id)
+
+
+def set_aside_and_rebuild(db: WorkerDatabase, worker_slug: str, run_id: str, n: int,
+                          test: str) -> dict[str, str]:  # fmt: skip
+    """Without a pool: keep the worker's copy as ``test`` left it, renamed after the test,
+    and rebuild the worker's; what was kept (``test``, ``name``, ``dsn``)."""
+    spares = spares_for(db, pool_app_name(run_id, worker_slug))
+    name = kept_name(worker_slug, run_id, n, test)
+    with psycopg.connect(db.server.admin_dsn, autocommit=True) as conn:
+        spares.swap(conn, None, name)
+        spares.reopen(conn, name)
+    db.rebuild()
+    return {"test": test, "name": name, "dsn": spares.dsn(name)}
+
+
+class FreshPool:
+    """One worker's spares and the thread that keeps them coming (see the module's doc)."""
+
+    def __init__(self, db: WorkerDatabase, worker_slug: str, run_id: str, size: int, timings: Timings,
+                 *, wait_timeout: float = 600.0) -> None:  # fmt: skip
+        self.db = db
+        self.size = size
+        self.slug, self.run_id = worker_slug, run_id
+        self.app = pool_app_name(run_id, worker_slug)
+        self.spares = spares_for(db, self.app)
+        self.timings = timings
+        self.wait_timeout = wait_timeout
+        self._numbers = itertools.count(1)
+        self._ready: collections.deque[str] = collections.deque()
+        self._trash: collections.deque[str] = collections.deque()
+        self._cond = threading.Condition()
+        self._waiting = 0
+        self._failures = 0
+        self._error: BaseException | None = None
+        self._generation = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._conn: Conn | None = None  # the fixture's (this worker's main thread)
+
+    def _name(self, kind: str) -> str:
+        return schema_name(f"{self.slug}_{kind}{next(self._numbers)}", self.run_id)
+
+    def _connect(self) -> Conn:
+        return psycopg.connect(self.db.server.admin_dsn, autocommit=True, application_name=self.app)
+
+    def _connection(self) -> Conn:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = self._connect()
+        return self._conn
+
+    # -- the worker's side -------------------------------------------------------
+
+    def start(self) -> None:
+        """Start making spares in the background (idempotent)."""
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"isolate-pool-{self.slug}", daemon=True)
+                self._thread.start()
+
+    def take(self) -> float:
+        """Swap a spare in for the worker's database; the seconds spent waiting for one."""
+        spare, waited = self._next_spare()
+        self._swap(spare, self._name("u"), keep=False)
+        return waited
+
+    def set_aside(self, test: str) -> dict[str, str]:
+        """Keep the worker's database as it is, renamed after ``test``, and swap a spare
+        in; what was kept (``test``, ``name``, ``dsn``)."""
+        spare, _ = self._next_spare()
+        name = kept_name(self.slug, self.run_id, next(self._numbers), test)
+        self._swap(spare, name, keep=True)
+        self.spares.reopen(self._connection(), name)
+        return {"test": test, "name": name, "dsn": self.spares.dsn(name)}
+
+    def invalidate(self) -> None:
+        """The migrations changed: the spares made so far are dropped, not handed out."""
+        with self._cond:
+            self._generation += 1
+            self._trash.extend(self._ready)
+            self._ready.clear()
+            self._cond.notify_all()
+
+    def _next_spare(self) -> tuple[str, float]:
+        started = time.monotonic()
+        self.start()
+        with self._cond:
+            self._waiting += 1
+            self._cond.notify_all()
+            try:
+                while not self._ready:
+                    self._check_alive(started)
+                    self._cond.wait(max(0.0, started + self.wait_timeout - time.monotonic()))
+                spare = self._ready.popleft()
+            finally:
+                self._waiting -= 1
+            self._cond.notify_all()  # one fewer ready: the thread makes the next
+        return spare, time.monotonic() - started
+
+    def _check_alive(self, started: float) -> None:
+        if self._failures >= MAX_FAILURES:
+            raise FreshDatabaseError(
+                f"making a spare copy of {self.spares.current} failed {self._failures} times in a row: "
+                f"{self._error}", worker=self.slug,
+            ) from self._error  # fmt: skip
+        if self._stopping:
+            raise FreshDatabaseError("the pool of fresh databases is closed", worker=self.slug)
+        if time.monotonic() - started >= self.wait_timeout:
+            raise FreshDatabaseError(f"no fresh copy of {self.spares.current} within {self.wait_timeout:.0f}s",
+                                     worker=self.slug)  # fmt: skip
+
+    def _swap(self, spare: str, retire_as: str, *, keep: bool) -> None:
+        try:
+            self.spares.swap(self._connection(), spare, retire_as)
+        except psycopg.Error as exc:
+            with self._cond:  # whichever of the two still exists goes
+                self._trash.extend([spare] if keep else [spare, retire_as])
+                self._cond.notify_all()
+            raise FreshDatabaseError(f"could not swap {spare} in for {self.spares.current}: {exc}",
+                                     worker=self.slug) from exc  # fmt: skip
+        if not keep:
+            with self._cond:
+                self._trash.append(retire_as)
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop the thread (ending what it is doing) and drop every spare and used copy
+        of this worker's; kept ones and the worker's own stay."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is None and self._conn is None:
+            return  # never used: nothing made
+        try:
+            conn = self._connection()
+            if thread is not None and thread.is_alive():
+                _end_sessions(conn, "application_name", self.app, wait=False)
+                thread.join(timeout=30)
+            slug = self.slug.replace("_", "\\_")
+            mine = re.compile(rf"^isolate_{re.escape(self.slug)}_[su]\d+_{re.escape(self.run_id)}$")
+            for name in self.spares.names(conn, f"isolate\\_{slug}\\_%\\_{self.run_id}"):
+                if mine.match(name):
+                    self.spares.drop(conn, name)
+        except psycopg.Error as exc:  # the server is gone: so are the copies
+            logger.debug("closing the pool of %s: %s", self.spares.current, exc)
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+
+    # -- the thread ----------------------------------------------------------------
+
+    def _next_job(self) -> tuple[str, str] | None:
+        """Under the lock: drop a used copy, or make a spare if the pool is short (first,
+        if a test is waiting and at most one used copy is left); ``None``: nothing to do."""
+        short = len(self._ready) < self.size or (self._waiting > 0 and not self._ready)
+        make = short and self._failures < MAX_FAILURES
+        if self._trash and not (make and self._waiting and len(self._trash) < 2):
+            return "drop", self._trash.popleft()
+        return ("make", self._name("s")) if make else None
+
+    def _run(self) -> None:
+        conn: Conn | None = None
+        while True:
+            with self._cond:
+                job = None if self._stopping else self._next_job()
+                while job is None and not self._stopping:
+                    self._cond.wait()
+                    job = None if self._stopping else self._next_job()
+                if job is None:
+                    break  # stopping
+                generation = self._generation
+            kind, name = job
+            started = time.perf_counter()
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = self._connect()
+                (self.spares.make if kind == "make" else self.spares.drop)(conn, name)
+            except Exception as exc:
+                if conn is not None:  # in whatever state the failure left it: a new one
+                    conn.close()
+                    conn = None
+                if self._stopping:
+                    break
+                self._failed(kind, name, exc)
+                continue
+            if kind == "make":
+                self.timings.add("fresh_spare", time.perf_counter() - started)
+            with self._cond:
+                if kind == "make":
+                    self._failures = 0
+                    (self._ready if generation == self._generation else self._trash).append(name)
+                self._cond.notify_all()
+        if conn is not None:
+            conn.close()
+
+    def _failed(self, kind: str, name: str, exc: Exception) -> None:
+        logger.warning("isolate: could not %s %s: %s", kind, name, exc)
+        with self._cond:
+            if kind == "make":  # what half of it exists goes; try again after a pause
+                self._failures += 1
+                self._error = exc
+                self._trash.append(name)
+                self._cond.notify_all()
+                if self._failures < MAX_FAILURES:
+                    self._cond.wait(0.2 * self._failures)
