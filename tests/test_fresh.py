@@ -24,6 +24,7 @@ from isolate._config import resolve_settings
 from isolate._pool import kept_name, pool_size
 
 MODES = ["schema", "database"]
+APP = Path(__file__).parent / "fixture_app"
 
 COPIES = '''
 import os
@@ -90,6 +91,25 @@ def test_burst(n, isolate_fresh_database, isolate_conn):
     isolate_conn.execute("INSERT INTO items (value, instance) VALUES ('left', 'test')")
 '''
 
+DOCKER_CONFTEST = """
+import pytest
+from pathlib import Path
+import isolate
+
+
+@pytest.fixture(scope="session")
+def isolate_migrations():
+    return Path({app!r}) / "migrations"
+
+
+@pytest.fixture(scope="session")
+def isolate_service_spec():  # the image is built from tests/fixture_app/Dockerfile
+    return isolate.ServiceSpec(
+        name="app", build_context={app!r}, health=isolate.HttpCheck("/health"), ready_timeout=30,
+        env={{"PORT": "{{port}}", "DATABASE_URL": "{{dsn}}", "REDIS_URL": "{{redis_url}}"}},
+    )
+"""
+
 BACKENDS = [
     pytest.param([], id="native"),
     pytest.param(
@@ -129,6 +149,8 @@ def test_each_test_gets_a_copy_no_earlier_test_had_and_the_service_follows(
     suite: pytest.Pytester, request: pytest.FixtureRequest, tmp_path: Path, mode: str, backend: list[str] | None
 ) -> None:  # fmt: skip
     args = external_args(request) if backend is None else backend
+    if "--isolate-backend=docker" in args:
+        suite.makeconftest(DOCKER_CONFTEST.format(app=str(APP)))
     suite.makepyfile(test_fresh=SUITE)
     timings = tmp_path / "timings.json"
     result = suite.runpytest_subprocess("-n", "2", "-p", "no:randomly", f"--isolate-db-isolation={mode}",
