@@ -35,7 +35,6 @@ from psycopg import sql
 from ._database import WorkerDatabase, clone_database, run_migrations, schema_name
 from ._errors import FreshDatabaseError
 from ._postgres.server import POOL_APP_PREFIX
-from ._retry import poll_until
 from ._timings import Timings
 
 __all__ = [
@@ -105,20 +104,22 @@ class Spares(Protocol):
         """The worker role's DSN of copy ``name``."""
 
 
-def _end_sessions(conn: Conn, where: str, value: str, *, wait: bool) -> None:
-    """End the sessions of ``pg_stat_activity`` whose column ``where`` is ``value`` (but
-    ``conn``'s own); with ``wait``, until they are gone."""
-    column = sql.Identifier(where)
-    conn.execute(sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE {} = %s AND pid <> pg_backend_pid()").format(column), (value,))  # fmt: skip
-    count = sql.SQL("SELECT count(*) FROM pg_stat_activity WHERE {} = %s AND pid <> pg_backend_pid()").format(column)
+def _end_sessions(where: str, value: str) -> sql.Composed:
+    """End the sessions whose ``pg_stat_activity`` column ``where`` is ``value`` (but the
+    one running this)."""
+    return sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE {} = {} AND pid <> pg_backend_pid()").format(sql.Identifier(where), sql.Literal(value))  # fmt: skip
 
-    def gone() -> bool:
-        row = conn.execute(count, (value,)).fetchone()
-        return row is not None and row[0] == 0
 
-    if wait and not poll_until(gone, SESSIONS_END_TIMEOUT, initial=0.001, maximum=0.02):
-        raise FreshDatabaseError(f"sessions on {value} did not end within {SESSIONS_END_TIMEOUT:.0f}s")
+def _until_no_sessions(conn: Conn, database: str) -> sql.Composed:
+    """Wait, in the server, until no session but this one is in ``database`` (ended ones
+    take a moment to exit), up to :data:`SESSIONS_END_TIMEOUT` seconds: waiting there saves
+    a round trip per check, which counts on a loaded machine."""
+    check = sql.SQL("SELECT FROM pg_stat_activity WHERE datname = {} AND pid <> pg_backend_pid()").format(
+        sql.Literal(database))  # fmt: skip
+    body = sql.SQL("BEGIN FOR i IN 1..{} LOOP PERFORM pg_stat_clear_snapshot(); EXIT WHEN NOT EXISTS ({}); "
+                   "PERFORM pg_sleep(0.001); END LOOP; END").format(sql.Literal(int(SESSIONS_END_TIMEOUT * 1000)), check)  # fmt: skip
+    return sql.SQL("DO {}").format(sql.Literal(body.as_string(conn)))
 
 
 class DatabaseSpares:
@@ -133,16 +134,19 @@ class DatabaseSpares:
         clone_database(conn, self.db.server, name, self.db.template, self.db.role, application_name=self.app)
 
     def swap(self, conn: Conn, spare: str | None, retire_as: str) -> None:
+        # Two round trips, each one implicit transaction: closed to new sessions (none
+        # could land in it between the end of the old ones and the rename: a database
+        # with sessions cannot be renamed) and its sessions ended; then, once they are
+        # gone, the renames.
         current = sql.Identifier(self.current)
-        # Closed first, so that no session lands in it between the end of the old ones
-        # and the rename (a database with sessions cannot be renamed).
-        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(current))
+        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false; {}").format(
+            current, _end_sessions("datname", self.current)))  # fmt: skip
+        steps = [_until_no_sessions(conn, self.current),
+                 sql.SQL("ALTER DATABASE {} RENAME TO {}").format(current, sql.Identifier(retire_as))]  # fmt: skip
+        if spare is not None:
+            steps.append(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(spare), current))
         try:
-            _end_sessions(conn, "datname", self.current, wait=True)
-            with conn.transaction():
-                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(current, sql.Identifier(retire_as)))
-                if spare is not None:
-                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(spare), current))
+            conn.execute(sql.SQL("; ").join(steps))
         except BaseException:
             with contextlib.suppress(psycopg.Error):  # still the worker's: open it again
                 conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(current))
@@ -177,13 +181,13 @@ class SchemaSpares:
             run_migrations(migrating, db.migrations, name)
 
     def swap(self, conn: Conn, spare: str | None, retire_as: str) -> None:
+        # One round trip, one implicit transaction: the renames, then the end of the
+        # role's sessions (a session that connects from the commit on is in the fresh one).
         current = sql.Identifier(self.current)
-        with conn.transaction():
-            conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(current, sql.Identifier(retire_as)))
-            if spare is not None:
-                conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(spare), current))
-        # After the swap: a session that connects from now on is in the fresh one.
-        _end_sessions(conn, "usename", self.db.role, wait=False)
+        steps = [sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(current, sql.Identifier(retire_as))]
+        if spare is not None:
+            steps.append(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(spare), current))
+        conn.execute(sql.SQL("; ").join([*steps, _end_sessions("usename", self.db.role)]))
 
     def reopen(self, conn: Conn, name: str) -> None:
         pass  # a schema needs no opening: the role's DSN with its search_path reaches it
@@ -346,7 +350,7 @@ class FreshPool:
         try:
             conn = self._connection()
             if thread is not None and thread.is_alive():
-                _end_sessions(conn, "application_name", self.app, wait=False)
+                conn.execute(_end_sessions("application_name", self.app))
                 thread.join(timeout=30)
             slug = self.slug.replace("_", "\\_")
             mine = re.compile(rf"^isolate_{re.escape(self.slug)}_[su]\d+_{re.escape(self.run_id)}$")
