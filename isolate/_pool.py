@@ -1,17 +1,18 @@
 """A worker's warm pool of fresh databases, behind ``isolate_fresh_database``.
 
 A daemon thread of the worker, on superuser connections of its own, keeps ``size``
-spares ready, owned by the worker's role and named ``isolate_<worker>_s<n>_<run id>``:
-clones of the run's migrated template (database mode), or schemas migrated again as the
-worker's role (schema mode). Taking one is a swap on the fixture's own connection: the
-worker's database (or schema) is renamed ``isolate_<worker>_u<n>_<run id>`` and the
-spare renamed to the worker's name in one transaction, and the sessions on the old one
-are ended. The worker's DSN never changes, so the service under test lands in the fresh
-one on its next connection. The thread then drops the used one and makes the next.
+spares ready, owned by the worker's role and named ``isolate_<worker>_s<n>_<run id>``
+(:mod:`isolate._spares`: clones of the run's migrated template in database mode, schemas
+migrated again in schema mode). Taking one is a swap on the fixture's own connection:
+the worker's database (or schema) is renamed ``isolate_<worker>_u<n>_<run id>`` and the
+spare renamed to the worker's name, and the sessions on the old one are ended. The
+worker's DSN never changes, so the service under test lands in the fresh one on its next
+connection. The thread then retires the used copy (schema mode: recycled into a spare if
+its test changed only rows, :mod:`isolate._recycle`; else dropped) and makes the next.
 
 Every name carries the run id, so what a killed worker leaves goes with the run's server
 or, on an external one, with the run's objects; the pool's sessions carry the
-``application_name`` of :func:`pool_app_name`, which
+``application_name`` of :func:`~isolate._spares.pool_app_name`, which
 :func:`~isolate._postgres.external.drop_run_objects` ends first, so that no clone in
 flight commits after the run's objects were dropped.
 """
@@ -19,7 +20,6 @@ flight commits after the run's objects were dropped.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import re
@@ -27,20 +27,15 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
 
 import psycopg
-from psycopg import sql
 
-from ._database import WorkerDatabase, clone_database, run_migrations, schema_name
+from ._database import WorkerDatabase, schema_name
 from ._errors import FreshDatabaseError
-from ._postgres.server import POOL_APP_PREFIX
+from ._spares import end_sessions, kept_name, pool_app_name, spares_for
 from ._timings import Timings
 
-__all__ = [
-    "FreshPool", "Spares", "kept_name", "pool_app_name", "pool_size", "set_aside_and_rebuild",
-    "spare_space", "spares_for",
-]  # fmt: skip
+__all__ = ["FreshPool", "pool_size", "set_aside_and_rebuild", "spare_space"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +43,6 @@ Conn = psycopg.Connection[tuple[object, ...]]
 
 #: Consecutive failures to make a spare after which the pool stops and says why.
 MAX_FAILURES = 3
-#: Seconds the sessions on a database being swapped out get to end.
-SESSIONS_END_TIMEOUT = 10.0
-
-
-def pool_app_name(run_id: str, worker_slug: str = "") -> str:
-    """The ``application_name`` of a run's pool sessions (of one worker's, with a slug)."""
-    return f"{POOL_APP_PREFIX}{run_id}" + (f"-{worker_slug}" if worker_slug else "")
 
 
 def pool_size(budget: int, workers: int, clone_bytes: int | None, free_bytes: int | None) -> int:
@@ -78,149 +66,11 @@ def spare_space(db: WorkerDatabase, directory: Path) -> tuple[int | None, int | 
     return (int(str(row[0])) if row else None), shutil.disk_usage(directory).free
 
 
-class Spares(Protocol):
-    """What differs between the modes: making, swapping in and dropping a copy."""
-
-    #: The worker's database (database mode) or schema (schema mode): the name it keeps.
-    current: str
-
-    def make(self, conn: Conn, name: str) -> None:
-        """Create ``name``, migrated and owned by the worker's role (``conn``: superuser's)."""
-
-    def swap(self, conn: Conn, spare: str | None, retire_as: str) -> None:
-        """Rename the worker's copy ``retire_as`` and ``spare`` (if any) to the worker's
-        name, ending the sessions on the old one."""
-
-    def reopen(self, conn: Conn, name: str) -> None:
-        """Make a retired copy reachable again (kept for a failed test)."""
-
-    def drop(self, conn: Conn, name: str) -> None:
-        """Drop a copy (and end its sessions)."""
-
-    def names(self, conn: Conn, like: str) -> list[str]:
-        """The copies whose names are ``LIKE like``."""
-
-    def dsn(self, name: str) -> str:
-        """The worker role's DSN of copy ``name``."""
-
-
-def _end_sessions(where: str, value: str) -> sql.Composed:
-    """End the sessions whose ``pg_stat_activity`` column ``where`` is ``value`` (but the
-    one running this)."""
-    return sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                   "WHERE {} = {} AND pid <> pg_backend_pid()").format(sql.Identifier(where), sql.Literal(value))  # fmt: skip
-
-
-def _until_no_sessions(conn: Conn, database: str) -> sql.Composed:
-    """Wait, in the server, until no session but this one is in ``database`` (ended ones
-    take a moment to exit), up to :data:`SESSIONS_END_TIMEOUT` seconds: waiting there saves
-    a round trip per check, which counts on a loaded machine."""
-    check = sql.SQL("SELECT FROM pg_stat_activity WHERE datname = {} AND pid <> pg_backend_pid()").format(
-        sql.Literal(database))  # fmt: skip
-    body = sql.SQL("BEGIN FOR i IN 1..{} LOOP PERFORM pg_stat_clear_snapshot(); EXIT WHEN NOT EXISTS ({}); "
-                   "PERFORM pg_sleep(0.001); END LOOP; END").format(sql.Literal(int(SESSIONS_END_TIMEOUT * 1000)), check)  # fmt: skip
-    return sql.SQL("DO {}").format(sql.Literal(body.as_string(conn)))
-
-
-class DatabaseSpares:
-    """Database mode: clones of the run's template, swapped by ``ALTER DATABASE RENAME``."""
-
-    def __init__(self, db: WorkerDatabase, app: str) -> None:
-        assert db.database is not None and db.template is not None
-        self.db, self.app, self.current = db, app, db.database
-
-    def make(self, conn: Conn, name: str) -> None:
-        assert self.db.template is not None
-        clone_database(conn, self.db.server, name, self.db.template, self.db.role, application_name=self.app)
-
-    def swap(self, conn: Conn, spare: str | None, retire_as: str) -> None:
-        # Two round trips, each one implicit transaction: closed to new sessions (none
-        # could land in it between the end of the old ones and the rename: a database
-        # with sessions cannot be renamed) and its sessions ended; then, once they are
-        # gone, the renames.
-        current = sql.Identifier(self.current)
-        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false; {}").format(
-            current, _end_sessions("datname", self.current)))  # fmt: skip
-        steps = [_until_no_sessions(conn, self.current),
-                 sql.SQL("ALTER DATABASE {} RENAME TO {}").format(current, sql.Identifier(retire_as))]  # fmt: skip
-        if spare is not None:
-            steps.append(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(spare), current))
-        try:
-            conn.execute(sql.SQL("; ").join(steps))
-        except BaseException:
-            with contextlib.suppress(psycopg.Error):  # still the worker's: open it again
-                conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(current))
-            raise
-
-    def reopen(self, conn: Conn, name: str) -> None:
-        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
-
-    def drop(self, conn: Conn, name: str) -> None:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-    def names(self, conn: Conn, like: str) -> list[str]:
-        return [str(n) for (n,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (like,))]
-
-    def dsn(self, name: str) -> str:
-        db = self.db
-        return db.server.dsn(user=db.role, password=db.password, database=name, search_path=db.schema)
-
-
-class SchemaSpares:
-    """Schema mode: schemas migrated as the worker's role, swapped by ``ALTER SCHEMA RENAME``."""
-
-    def __init__(self, db: WorkerDatabase, app: str) -> None:
-        self.db, self.app, self.current = db, app, db.schema
-
-    def make(self, conn: Conn, name: str) -> None:
-        db = self.db
-        conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(sql.Identifier(name), sql.Identifier(db.role)))
-        # As the worker's role, search_path the spare: what the worker's own migration saw.
-        options = f"-c role={db.role} -c search_path={name}"
-        with psycopg.connect(db.server.admin_dsn, application_name=self.app, options=options) as migrating:
-            run_migrations(migrating, db.migrations, name)
-
-    def swap(self, conn: Conn, spare: str | None, retire_as: str) -> None:
-        # One round trip, one implicit transaction: the renames, then the end of the
-        # role's sessions (a session that connects from the commit on is in the fresh one).
-        current = sql.Identifier(self.current)
-        steps = [sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(current, sql.Identifier(retire_as))]
-        if spare is not None:
-            steps.append(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(spare), current))
-        conn.execute(sql.SQL("; ").join([*steps, _end_sessions("usename", self.db.role)]))
-
-    def reopen(self, conn: Conn, name: str) -> None:
-        pass  # a schema needs no opening: the role's DSN with its search_path reaches it
-
-    def drop(self, conn: Conn, name: str) -> None:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-
-    def names(self, conn: Conn, like: str) -> list[str]:
-        return [str(n) for (n,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (like,))]
-
-    def dsn(self, name: str) -> str:
-        db = self.db
-        return db.server.dsn(user=db.role, password=db.password, database=db.database, search_path=name)
-
-
-def spares_for(db: WorkerDatabase, app: str) -> Spares:
-    """The spares of ``db``'s mode."""
-    return DatabaseSpares(db, app) if db.database is not None else SchemaSpares(db, app)
-
-
-def kept_name(worker_slug: str, run_id: str, n: int, test: str) -> str:
-    """``isolate_<worker>_k<n>_<test>_<run id>``: a failed test's copy, named after the test
-    (its function and parameters, shortened to fit PostgreSQL's 63 characters)."""
-    label = re.sub(r"[^a-z0-9]+", "_", test.rpartition("::")[2].lower()).strip("_") or "test"
-    room = 63 - len(schema_name(f"{worker_slug}_k{n}_", run_id))
-    return schema_name(f"{worker_slug}_k{n}_{label[:room].rstrip('_')}", run_id)
-
-
 def set_aside_and_rebuild(db: WorkerDatabase, worker_slug: str, run_id: str, n: int,
                           test: str) -> dict[str, str]:  # fmt: skip
     """Without a pool: keep the worker's copy as ``test`` left it, renamed after the test,
     and rebuild the worker's; what was kept (``test``, ``name``, ``dsn``)."""
-    spares = spares_for(db, pool_app_name(run_id, worker_slug))
+    spares = spares_for(db, run_id, worker_slug)
     name = kept_name(worker_slug, run_id, n, test)
     with psycopg.connect(db.server.admin_dsn, autocommit=True) as conn:
         spares.swap(conn, None, name)
@@ -237,13 +87,14 @@ class FreshPool:
         self.db = db
         self.size = size
         self.slug, self.run_id = worker_slug, run_id
+        self.spares = spares_for(db, run_id, worker_slug)
         self.app = pool_app_name(run_id, worker_slug)
-        self.spares = spares_for(db, self.app)
         self.timings = timings
         self.wait_timeout = wait_timeout
         self._numbers = itertools.count(1)
         self._ready: collections.deque[str] = collections.deque()
-        self._trash: collections.deque[str] = collections.deque()
+        #: Used copies to retire, with the sessions that were ending when they were.
+        self._trash: collections.deque[tuple[str, list[int]]] = collections.deque()
         self._cond = threading.Condition()
         self._waiting = 0
         self._failures = 0
@@ -292,7 +143,7 @@ class FreshPool:
         """The migrations changed: the spares made so far are dropped, not handed out."""
         with self._cond:
             self._generation += 1
-            self._trash.extend(self._ready)
+            self._trash.extend((name, []) for name in self._ready)
             self._ready.clear()
             self._cond.notify_all()
 
@@ -326,16 +177,16 @@ class FreshPool:
 
     def _swap(self, spare: str, retire_as: str, *, keep: bool) -> None:
         try:
-            self.spares.swap(self._connection(), spare, retire_as)
+            pids = self.spares.swap(self._connection(), spare, retire_as)
         except psycopg.Error as exc:
             with self._cond:  # whichever of the two still exists goes
-                self._trash.extend([spare] if keep else [spare, retire_as])
+                self._trash.extend([(spare, [])] if keep else [(spare, []), (retire_as, [])])
                 self._cond.notify_all()
             raise FreshDatabaseError(f"could not swap {spare} in for {self.spares.current}: {exc}",
                                      worker=self.slug) from exc  # fmt: skip
         if not keep:
             with self._cond:
-                self._trash.append(retire_as)
+                self._trash.append((retire_as, pids))
                 self._cond.notify_all()
 
     def close(self) -> None:
@@ -350,7 +201,7 @@ class FreshPool:
         try:
             conn = self._connection()
             if thread is not None and thread.is_alive():
-                conn.execute(_end_sessions("application_name", self.app))
+                conn.execute(end_sessions("application_name", self.app))
                 thread.join(timeout=30)
             slug = self.slug.replace("_", "\\_")
             mine = re.compile(rf"^isolate_{re.escape(self.slug)}_[su]\d+_{re.escape(self.run_id)}$")
@@ -365,17 +216,20 @@ class FreshPool:
 
     # -- the thread ----------------------------------------------------------------
 
-    def _next_job(self) -> tuple[str, str] | None:
-        """Under the lock: drop a used copy, or make a spare if the pool is short (first,
-        if a test is waiting and at most one used copy is left); ``None``: nothing to do."""
+    def _next_job(self) -> tuple[str, str, list[int]] | None:
+        """Under the lock: ``("retire", used copy, pids)`` or ``("make", new name, [])``;
+        ``None``: nothing to do. Used copies go first where they can be recycled (that
+        is the quickest spare), else when more than one waits or no test does."""
         short = len(self._ready) < self.size or (self._waiting > 0 and not self._ready)
         make = short and self._failures < MAX_FAILURES
-        if self._trash and not (make and self._waiting and len(self._trash) < 2):
-            return "drop", self._trash.popleft()
-        return ("make", self._name("s")) if make else None
+        if self._trash and (self.spares.recycles or not (make and self._waiting and len(self._trash) < 2)):
+            name, pids = self._trash.popleft()
+            return "retire", name, pids
+        return ("make", self._name("s"), []) if make else None
 
     def _run(self) -> None:
         conn: Conn | None = None
+        prepared = False
         while True:
             with self._cond:
                 job = None if self._stopping else self._next_job()
@@ -385,12 +239,21 @@ class FreshPool:
                 if job is None:
                     break  # stopping
                 generation = self._generation
-            kind, name = job
+            kind, name, pids = job
             started = time.perf_counter()
+            spare = None
             try:
                 if conn is None or conn.closed or conn.broken:
                     conn = self._connect()
-                (self.spares.make if kind == "make" else self.spares.drop)(conn, name)
+                if not prepared:
+                    self.spares.prepare(conn)
+                    prepared = True
+                if kind == "make":
+                    self.spares.make(conn, name)
+                    spare = name
+                else:
+                    new = self._name("s")
+                    spare = new if self.spares.retire(conn, name, pids, new) else None
             except Exception as exc:
                 if conn is not None:  # in whatever state the failure left it: a new one
                     conn.close()
@@ -399,12 +262,15 @@ class FreshPool:
                     break
                 self._failed(kind, name, exc)
                 continue
-            if kind == "make":
-                self.timings.add("fresh_spare", time.perf_counter() - started)
+            phase = "fresh_spare" if kind == "make" else "fresh_recycle" if spare else "fresh_drop"
+            self.timings.add(phase, time.perf_counter() - started)
             with self._cond:
                 if kind == "make":
                     self._failures = 0
-                    (self._ready if generation == self._generation else self._trash).append(name)
+                if spare is not None and generation == self._generation:
+                    self._ready.append(spare)
+                elif spare is not None:  # made for migrations since replaced
+                    self._trash.append((spare, []))
                 self._cond.notify_all()
         if conn is not None:
             conn.close()
@@ -415,7 +281,7 @@ class FreshPool:
             if kind == "make":  # what half of it exists goes; try again after a pause
                 self._failures += 1
                 self._error = exc
-                self._trash.append(name)
+                self._trash.append((name, []))
                 self._cond.notify_all()
                 if self._failures < MAX_FAILURES:
                     self._cond.wait(0.2 * self._failures)

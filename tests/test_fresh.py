@@ -86,8 +86,10 @@ from copies import copy_id, first_time
 
 @pytest.mark.parametrize("n", range(15))
 def test_burst(n, isolate_fresh_database, isolate_conn):
-    assert first_time("copies", copy_id(isolate_conn, isolate_fresh_database))
+    if isolate_fresh_database.database:  # a new clone each time (schema mode recycles copies)
+        assert first_time("copies", copy_id(isolate_conn, isolate_fresh_database))
     assert isolate_conn.execute("SELECT count(*) FROM items").fetchone() == (0,)
+    assert isolate_conn.execute("SELECT last_value, is_called FROM items_id_seq").fetchone() == (1, False)
     isolate_conn.execute("INSERT INTO items (value, instance) VALUES ('left', 'test')")
 '''
 
@@ -158,7 +160,8 @@ def test_each_test_gets_a_copy_no_earlier_test_had_and_the_service_follows(
     result.assert_outcomes(passed=8)
     phases = json.loads(timings.read_text())
     assert phases["fresh_database"]["count"] == 8
-    assert phases["fresh_spare"]["count"] >= 8  # swapped in from the pool, not rebuilt
+    made = phases["fresh_spare"]["count"] + phases.get("fresh_recycle", {}).get("count", 0)
+    assert made >= 8  # swapped in from the pool, not rebuilt
     if backend is None:
         no_objects_left(request.getfixturevalue("isolate_postgres").admin_dsn, run_id_of(result))
 
@@ -176,7 +179,8 @@ def test_a_burst_of_fast_tests_waits_for_copies_and_never_gets_a_used_one(
     phases = json.loads(timings.read_text())
     if pool == "1":
         assert phases["fresh_wait"]["max"] > 0.01  # the pool ran dry: the fixture waited
-        assert phases["fresh_spare"]["count"] >= 15
+        made = phases["fresh_spare"]["count"] + phases.get("fresh_recycle", {}).get("count", 0)
+        assert made >= 15  # each test's copy made, or recycled, for it
     else:
         assert "fresh_spare" not in phases  # rebuilt in place
 
@@ -221,6 +225,74 @@ def test_a_marker_or_a_path_makes_it_the_default(suite: pytest.Pytester) -> None
     result.assert_outcomes(passed=3)
 
 
+RECYCLE_MIGRATION = """
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TABLE kinds (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text NOT NULL, mood mood NOT NULL,
+                    shout text GENERATED ALWAYS AS (upper(name)) STORED);
+INSERT INTO kinds (name, mood) VALUES ('a', 'ok'), ('b', 'happy'), ('c', 'sad');
+CREATE TABLE things (id bigserial PRIMARY KEY, kind int NOT NULL REFERENCES kinds (id), note text);
+CREATE TABLE audit (what text);
+CREATE FUNCTION audit_things() RETURNS trigger LANGUAGE plpgsql AS $$
+  BEGIN INSERT INTO audit VALUES ('thing ' || NEW.id); RETURN NEW; END $$;
+CREATE TRIGGER things_audit AFTER INSERT ON things FOR EACH ROW EXECUTE FUNCTION audit_things();
+CREATE SEQUENCE tickets START 100;
+INSERT INTO things (kind, note) VALUES (1, 'seeded');
+"""
+
+RECYCLE = """
+import psycopg
+import pytest
+
+HELD = []
+
+PRISTINE = {
+    "kinds": [(1, "a", "ok", "A"), (2, "b", "happy", "B"), (3, "c", "sad", "C")],
+    "things": [(1, 1, "seeded")],
+    "audit": [("thing 1",)],
+}
+
+
+def assert_pristine(conn):
+    for table, rows in PRISTINE.items():  # in scan order, as the migration left them
+        assert conn.execute(f"SELECT * FROM {table}").fetchall() == rows, table
+    sequences = "SELECT last_value, is_called FROM tickets UNION ALL SELECT last_value, is_called FROM things_id_seq"
+    assert conn.execute(sequences).fetchall() == [(100, False), (1, True)]
+    assert conn.execute("SELECT to_regclass('scratch'), to_regprocedure('bump(int)')").fetchone() == (None, None)
+    assert conn.execute("SELECT obj_description('things'::regclass)").fetchone() == (None,)
+    assert conn.execute("SELECT has_table_privilege('public', 'things', 'SELECT')").fetchone() == (False,)
+
+
+@pytest.mark.parametrize("n", range(3))
+def test_rows_and_sequences(n, isolate_fresh_database, isolate_conn):
+    conn = isolate_conn
+    assert_pristine(conn)
+    conn.execute("INSERT INTO things (kind, note) VALUES (2, 'mine')")  # fires the audit trigger
+    conn.execute("UPDATE kinds SET name = 'z', mood = 'sad' WHERE id = 1")
+    conn.execute("DELETE FROM kinds WHERE id = 3")
+    conn.execute("SELECT nextval('tickets'), nextval('tickets')")
+    conn.execute("TRUNCATE audit")
+    conn.execute("UPDATE things SET note = 'seeded' WHERE id = 1")  # same value, row moved
+    # Sessions left open, as a service's pool leaves them: one idle, one in a transaction.
+    HELD.append(psycopg.connect(isolate_fresh_database.dsn, autocommit=True))
+    HELD[-1].execute("INSERT INTO audit VALUES ('idle session')")
+    HELD.append(psycopg.connect(isolate_fresh_database.dsn))
+    HELD[-1].execute("INSERT INTO audit VALUES ('open transaction')")
+
+
+@pytest.mark.parametrize("n", range(2))
+def test_ddl(n, isolate_fresh_database, isolate_conn):
+    conn = isolate_conn
+    assert_pristine(conn)
+    conn.execute("CREATE TABLE scratch (v int)")
+    conn.execute("CREATE FUNCTION bump(x int) RETURNS int LANGUAGE sql AS 'SELECT x + 1'")
+    conn.execute("COMMENT ON TABLE things IS 'changed'")
+    conn.execute("GRANT SELECT ON things TO PUBLIC")
+
+
+def test_last(isolate_fresh_database, isolate_conn):
+    assert_pristine(isolate_conn)
+"""
+
 KEEP = """
 def test_1_fails(isolate_fresh_database, isolate_conn):
     isolate_conn.execute("INSERT INTO items (value, instance) VALUES ('evidence', 'test_1')")
@@ -229,6 +301,26 @@ def test_1_fails(isolate_fresh_database, isolate_conn):
 def test_2_gets_a_fresh_one(isolate_fresh_database, isolate_conn):
     assert isolate_conn.execute("SELECT count(*) FROM items").fetchone() == (0,)
 """
+
+
+def test_a_copy_whose_test_changed_only_rows_is_recycled_and_one_with_ddl_is_not(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    """Schema mode: with a pool of one, every used copy is retired before the next test
+    gets it; a copy whose test changed rows (seeded and not, through triggers, generated and
+    identity columns, an enum) and sequences is restored and handed out again, one with
+    DDL is dropped; every test sees the migrated state."""
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations" / "001.sql").write_text(RECYCLE_MIGRATION)
+    pytester.makepyfile(test_recycle=RECYCLE)
+    timings = tmp_path / "timings.json"
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly", "--isolate-fresh-pool=1",
+                                           f"--isolate-migrations={tmp_path / 'migrations'}",
+                                           f"--isolate-timings-json={timings}")  # fmt: skip
+    result.assert_outcomes(passed=6)
+    phases = json.loads(timings.read_text())
+    assert phases["fresh_recycle"]["count"] >= 3  # after each rows-only test (and the first copy)
+    assert phases["fresh_drop"]["count"] >= 2  # after each test with DDL
 
 
 @pytest.mark.parametrize("server", ["native", "external"])
@@ -266,7 +358,7 @@ DIE = """
 import os
 import signal
 
-import isolate._pool as pool
+import isolate._spares as spares
 
 
 def die_mid_statement(conn, statement):
@@ -284,8 +376,8 @@ def migrate(conn, steps, where, **kwargs):
     die_mid_statement(conn, "CREATE TABLE dying (v int); SELECT pg_sleep(2)")
 
 
-pool.clone_database = clone
-pool.run_migrations = migrate
+spares.clone_database = clone
+spares.run_migrations = migrate
 
 
 def test_dies(isolate_fresh_database):
