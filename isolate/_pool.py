@@ -1,14 +1,15 @@
 """A worker's warm pool of fresh databases, behind ``isolate_fresh_database``.
 
-A daemon thread of the worker, on superuser connections of its own, keeps ``size``
-spares ready, owned by the worker's role and named ``isolate_<worker>_s<n>_<run id>``
+Two daemon threads of the worker, each on a superuser connection of its own, keep
+``size`` spares ready, owned by the worker's role and named ``isolate_<worker>_s<n>_<run id>``
 (:mod:`isolate._spares`: clones of the run's migrated template in database mode, schemas
 migrated again in schema mode). Taking one is a swap on the fixture's own connection:
 the worker's database (or schema) is renamed ``isolate_<worker>_u<n>_<run id>`` and the
 spare renamed to the worker's name, and the sessions on the old one are ended. The
 worker's DSN never changes, so the service under test lands in the fresh one on its next
-connection. The thread then retires the used copy (schema mode: recycled into a spare if
-its test changed only rows, :mod:`isolate._recycle`; else dropped) and makes the next.
+connection. One thread (the retirer) then retires the used copy (schema mode: recycled
+into a spare if its test changed only rows, :mod:`isolate._recycle`; else dropped), while
+the other (the maker) makes new spares whenever fewer than ``size`` are ready or coming.
 
 Every name carries the run id, so what a killed worker leaves goes with the run's server
 or, on an external one, with the run's objects; the pool's sessions carry the
@@ -80,7 +81,7 @@ def set_aside_and_rebuild(db: WorkerDatabase, worker_slug: str, run_id: str, n: 
 
 
 class FreshPool:
-    """One worker's spares and the thread that keeps them coming (see the module's doc)."""
+    """One worker's spares and the threads that keep them coming (see the module's doc)."""
 
     def __init__(self, db: WorkerDatabase, worker_slug: str, run_id: str, size: int, timings: Timings,
                  *, wait_timeout: float = 600.0) -> None:  # fmt: skip
@@ -101,7 +102,10 @@ class FreshPool:
         self._error: BaseException | None = None
         self._generation = 0
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._prepared = False
+        #: Jobs under way, by thread.
+        self._busy = {"make": 0, "retire": 0}
+        self._threads: list[threading.Thread] = []
         self._conn: Conn | None = None  # the fixture's (this worker's main thread)
 
     def _name(self, kind: str) -> str:
@@ -120,9 +124,13 @@ class FreshPool:
     def start(self) -> None:
         """Start making spares in the background (idempotent)."""
         with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"isolate-pool-{self.slug}", daemon=True)
-                self._thread.start()
+            if not self._threads:
+                self._threads = [
+                    threading.Thread(target=self._run, args=(kind,), name=f"isolate-pool-{kind}-{self.slug}", daemon=True)
+                    for kind in ("make", "retire")
+                ]  # fmt: skip
+                for thread in self._threads:
+                    thread.start()
 
     def take(self) -> float:
         """Swap a spare in for the worker's database; the seconds spent waiting for one."""
@@ -160,7 +168,7 @@ class FreshPool:
                 spare = self._ready.popleft()
             finally:
                 self._waiting -= 1
-            self._cond.notify_all()  # one fewer ready: the thread makes the next
+            self._cond.notify_all()  # one fewer ready: the maker makes the next
         return spare, time.monotonic() - started
 
     def _check_alive(self, started: float) -> None:
@@ -190,19 +198,19 @@ class FreshPool:
                 self._cond.notify_all()
 
     def close(self) -> None:
-        """Stop the thread (ending what it is doing) and drop every spare and used copy
+        """Stop the threads (ending what they are doing) and drop every spare and used copy
         of this worker's; kept ones and the worker's own stay."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        thread = self._thread
-        if thread is None and self._conn is None:
+        if not self._threads and self._conn is None:
             return  # never used: nothing made
         try:
             conn = self._connection()
-            if thread is not None and thread.is_alive():
+            if any(thread.is_alive() for thread in self._threads):
                 conn.execute(end_sessions("application_name", self.app))
-                thread.join(timeout=30)
+                for thread in self._threads:
+                    thread.join(timeout=30)
             slug = self.slug.replace("_", "\\_")
             mine = re.compile(rf"^isolate_{re.escape(self.slug)}_[su]\d+_{re.escape(self.run_id)}$")
             for name in self.spares.names(conn, f"isolate\\_{slug}\\_%\\_{self.run_id}"):
@@ -214,41 +222,46 @@ class FreshPool:
             if self._conn is not None:
                 self._conn.close()
 
-    # -- the thread ----------------------------------------------------------------
+    # -- the threads ---------------------------------------------------------------
 
-    def _next_job(self) -> tuple[str, str, list[int]] | None:
-        """Under the lock: ``("retire", used copy, pids)`` or ``("make", new name, [])``;
-        ``None``: nothing to do. Used copies go first where they can be recycled (that
-        is the quickest spare), else when more than one waits or no test does."""
-        short = len(self._ready) < self.size or (self._waiting > 0 and not self._ready)
-        make = short and self._failures < MAX_FAILURES
-        if self._trash and (self.spares.recycles or not (make and self._waiting and len(self._trash) < 2)):
-            name, pids = self._trash.popleft()
-            return "retire", name, pids
-        return ("make", self._name("s"), []) if make else None
+    def _next_make(self) -> tuple[str, list[int]] | None:
+        """Under the lock, for the maker: a new spare's name, if fewer than ``size`` copies
+        are ready or on their way (being made, or, where used ones are recycled, waiting
+        to be), or a test waits with nothing ready nor coming."""
+        if self._failures >= MAX_FAILURES:
+            return None
+        coming = self._busy["make"] + (len(self._trash) + self._busy["retire"] if self.spares.recycles else 0)
+        if len(self._ready) + coming < self.size or (self._waiting and not self._ready and not coming):
+            return self._name("s"), []
+        return None
 
-    def _run(self) -> None:
+    def _next_retire(self) -> tuple[str, list[int]] | None:
+        """Under the lock, for the retirer: the next used copy and the sessions it waits for."""
+        return self._trash.popleft() if self._trash else None
+
+    def _run(self, kind: str) -> None:
+        """A thread's loop: ``make`` spares, or ``retire`` used copies (recycled into spares
+        or dropped), each on a connection of its own."""
+        pick = self._next_make if kind == "make" else self._next_retire
         conn: Conn | None = None
-        prepared = False
         while True:
             with self._cond:
-                job = None if self._stopping else self._next_job()
+                job = None if self._stopping else pick()
                 while job is None and not self._stopping:
                     self._cond.wait()
-                    job = None if self._stopping else self._next_job()
+                    job = None if self._stopping else pick()
                 if job is None:
                     break  # stopping
+                self._busy[kind] += 1
                 generation = self._generation
-            kind, name, pids = job
+            name, pids = job
             started = time.perf_counter()
             spare = None
             try:
                 if conn is None or conn.closed or conn.broken:
                     conn = self._connect()
-                if not prepared:
-                    self.spares.prepare(conn)
-                    prepared = True
                 if kind == "make":
+                    self._prepare(conn)
                     self.spares.make(conn, name)
                     spare = name
                 else:
@@ -258,6 +271,8 @@ class FreshPool:
                 if conn is not None:  # in whatever state the failure left it: a new one
                     conn.close()
                     conn = None
+                with self._cond:
+                    self._busy[kind] -= 1
                 if self._stopping:
                     break
                 self._failed(kind, name, exc)
@@ -265,6 +280,7 @@ class FreshPool:
             phase = "fresh_spare" if kind == "make" else "fresh_recycle" if spare else "fresh_drop"
             self.timings.add(phase, time.perf_counter() - started)
             with self._cond:
+                self._busy[kind] -= 1
                 if kind == "make":
                     self._failures = 0
                 if spare is not None and generation == self._generation:
@@ -274,6 +290,13 @@ class FreshPool:
                 self._cond.notify_all()
         if conn is not None:
             conn.close()
+
+    def _prepare(self, conn: Conn) -> None:
+        with self._cond:
+            if self._prepared:
+                return
+            self._prepared = True
+        self.spares.prepare(conn)
 
     def _failed(self, kind: str, name: str, exc: Exception) -> None:
         logger.warning("isolate: could not %s %s: %s", kind, name, exc)

@@ -22,8 +22,8 @@ __all__ = [
 ]  # fmt: skip
 
 #: Connections a worker's pool of fresh databases holds at most (``isolate/_pool.py``: the
-#: fixture's, its background thread's, and one to a new clone), on top of the worker's budget.
-POOL_CONNECTIONS = 3
+#: fixture's, its two background threads', and one to a copy being made), on top of the worker's budget.
+POOL_CONNECTIONS = 4
 #: The ``application_name`` of those connections starts with this and the run id.
 POOL_APP_PREFIX = "isolate-pool-"
 
