@@ -25,6 +25,7 @@ else:
     sql = lazy("psycopg.sql")
 
 __all__ = [
+    "MIGRATING",
     "Migrations",
     "TemplatePlan",
     "WorkerDatabase",
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The ``application_name`` of the session that migrates a worker's schema.
+MIGRATING = "isolate-migrations"
 
 #: A directory of ``.sql`` files, a single file, or ``callable(connection)``.
 Migrations = str | Path | Callable[["psycopg.Connection[tuple[object, ...]]"], None] | None
@@ -174,10 +178,11 @@ class WorkerDatabase:
         return psycopg.connect(self.dsn, **kwargs)  # type: ignore[arg-type]
 
     def apply_migrations(self, migrations: Migrations) -> int:
-        """Apply migrations as the worker's role; returns how many steps ran."""
+        """Apply migrations as the worker's role; returns how many steps ran. (The session
+        is named :data:`MIGRATING`: the DDL it runs is not a test's, see ``_recycle.py``.)"""
         if migrations is None:
             return 0
-        with self.connect() as conn:
+        with self.connect(application_name=MIGRATING) as conn:
             return run_migrations(conn, migrations, self.schema)
 
     def tables(self) -> list[str]:

@@ -5,9 +5,10 @@ Two records make that safe:
 
 - **the DDL log**: event triggers of the run (``ddl_command_end`` and ``sql_drop``),
   created once per run by the superuser in the run's database, note in
-  ``isolate_ddl_<run id>.dirty`` the schema of every DDL command a worker role runs: the
-  schema named after the role (the worker's copy at that moment) and the schemas of the
-  objects the command touched. A copy in the log is dropped and migrated again.
+  ``isolate_ddl_<run id>.dirty`` the schema of every DDL command a worker role runs (but
+  the worker's own migration, whose session is named ``isolate-migrations``): the schema
+  named after the role (the worker's copy at that moment) and the schemas of the objects
+  the command touched. A copy in the log is dropped and migrated again.
 - **the pristine record**, taken once from a freshly migrated copy: the rows the
   migrations left in each table (COPY text, in scan order, and a digest of them), the
   value of each sequence, and the shape of the schema (its relations, columns,
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
+
+from ._database import MIGRATING
 
 __all__ = ["DdlLog", "Pristine", "Recycler"]
 
@@ -89,7 +92,9 @@ class DdlLog:
         mark = sql.Identifier(self.schema, "mark")
         body = sql.SQL("""
             BEGIN
-              IF session_user::text !~ {roles} THEN RETURN; END IF;
+              IF session_user::text !~ {roles} OR current_setting('application_name') = {migrating} THEN
+                RETURN;  -- not a worker's session, or the worker migrating its schema
+              END IF;
               INSERT INTO {dirty} (nsp) SELECT oid FROM pg_namespace WHERE nspname = session_user::text
                 ON CONFLICT DO NOTHING;
               IF tg_event = 'sql_drop' THEN
@@ -99,7 +104,8 @@ class DdlLog:
                 INSERT INTO {dirty} (nsp) SELECT DISTINCT n.oid FROM pg_event_trigger_ddl_commands() d
                   JOIN pg_namespace n ON n.nspname = d.schema_name ON CONFLICT DO NOTHING;
               END IF;
-            END""").format(roles=sql.Literal(self.roles), dirty=sql.Identifier(self.schema, "dirty"))  # fmt: skip
+            END""").format(roles=sql.Literal(self.roles), migrating=sql.Literal(MIGRATING),
+                          dirty=sql.Identifier(self.schema, "dirty"))  # fmt: skip
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
             if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone():

@@ -145,6 +145,24 @@ def no_objects_left(admin_dsn: str, run_id: str) -> None:
         assert run_objects(conn, run_id) == []
 
 
+def nested_run(request: pytest.FixtureRequest, server: str, mode: str) -> tuple[str, list[str]]:
+    """A run id of the test's own, and the arguments that give a nested run that id, ``mode``
+    and ``server`` (``native``, or ``external``: this worker's PostgreSQL and Redis)."""
+    run_id = "f" + uuid.uuid4().hex[:9]
+    args = [f"--isolate-run-id={run_id}", f"--isolate-db-isolation={mode}"]
+    return run_id, args + (external_args(request) if server == "external" else [])
+
+
+def nothing_left(request: pytest.FixtureRequest, server: str, run_id: str) -> None:
+    """No process or run dir of the run (its cluster included), nor, on the external
+    server, any of its objects."""
+    if server == "external":
+        no_objects_left(request.getfixturevalue("isolate_postgres").admin_dsn, run_id)
+    for attempt in Retrying(stop=stop_after_delay(15), wait=wait_fixed(0.1), reraise=True):
+        with attempt:
+            assert leftovers(run_id) == []
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_each_test_gets_a_copy_no_earlier_test_had_and_the_service_follows(
@@ -329,10 +347,8 @@ def test_a_failing_tests_copy_is_kept_named_after_it_until_cleanup(
     suite: pytest.Pytester, request: pytest.FixtureRequest, mode: str, server: str
 ) -> None:
     suite.makepyfile(test_keep=KEEP)
-    args = external_args(request) if server == "external" else []
-    run_id = "k" + uuid.uuid4().hex[:9]
-    result = suite.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly", "--isolate-keep=failed",
-                                        f"--isolate-run-id={run_id}", f"--isolate-db-isolation={mode}", *args)  # fmt: skip
+    run_id, args = nested_run(request, server, mode)
+    result = suite.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly", "--isolate-keep=failed", *args)
     result.assert_outcomes(passed=1, failed=1)
     out = result.stdout.str()
     found = re.search(r"database of test_keep\.py::test_1_fails: (\S+)", out)
@@ -347,11 +363,7 @@ def test_a_failing_tests_copy_is_kept_named_after_it_until_cleanup(
     done = subprocess.run([sys.executable, "-m", "isolate", "cleanup", run_id], env=clean_env(),
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    if server == "external":
-        no_objects_left(request.getfixturevalue("isolate_postgres").admin_dsn, run_id)
-    for attempt in Retrying(stop=stop_after_delay(15), wait=wait_fixed(0.1), reraise=True):
-        with attempt:
-            assert leftovers(run_id) == []
+    nothing_left(request, server, run_id)
 
 
 DIE = """
@@ -391,21 +403,16 @@ def test_a_worker_killed_while_copies_are_made_leaves_nothing(
     suite: pytest.Pytester, request: pytest.FixtureRequest, mode: str, server: str
 ) -> None:
     suite.makepyfile(test_die=DIE)
-    args = external_args(request) if server == "external" else []
-    run_id = "d" + uuid.uuid4().hex[:9]
+    run_id, args = nested_run(request, server, mode)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-n", "1", "-p", "no:randomly", "-p", "no:cacheprovider",
-         "--max-worker-restart=0", f"--isolate-run-id={run_id}", f"--isolate-db-isolation={mode}", *args],
+         "--max-worker-restart=0", *args],
         cwd=suite.path, env=clean_env(FRESH_DIR=str(suite.path)), capture_output=True, text=True, timeout=300,
         check=False,
     )  # fmt: skip
     assert "crashed" in proc.stdout, proc.stdout
     assert "should have died" not in proc.stdout, proc.stdout
-    if server == "external":
-        no_objects_left(request.getfixturevalue("isolate_postgres").admin_dsn, run_id)
-    for attempt in Retrying(stop=stop_after_delay(15), wait=wait_fixed(0.1), reraise=True):
-        with attempt:
-            assert leftovers(run_id) == []
+    nothing_left(request, server, run_id)
 
 
 # -- pure logic -------------------------------------------------------------------------
