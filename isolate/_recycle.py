@@ -63,13 +63,25 @@ SELECT md5(concat_ws(E'\\n',
   (SELECT count(*) FROM pg_description d JOIN pg_class c ON c.oid = d.objoid
     WHERE d.classoid = 'pg_class'::regclass AND c.relnamespace = n.oid),
   n.nspacl::text))
-FROM pg_namespace n WHERE n.nspname = %s
+FROM pg_namespace n WHERE n.nspname = {schema}
 """
 
 _RELATIONS = """
 SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s AND c.relkind IN ('r', 'S', 'f') ORDER BY c.relname
 """
+
+#: What a restore with triggers and rules off would still run: triggers and rules enabled
+#: ALWAYS (they fire under ``session_replication_role = replica`` too).
+_ALWAYS = """
+SELECT EXISTS (SELECT FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = %s AND g.tgenabled = 'A')
+    OR EXISTS (SELECT FROM pg_rewrite w JOIN pg_class c ON c.oid = w.ev_class JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = %s AND w.ev_enabled = 'A')
+"""
+
+#: Migrations that leave more rows than this are not kept in memory: copies are migrated again.
+MAX_SEED_BYTES = 64 << 20
 
 _COLUMNS = """
 SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -104,6 +116,8 @@ class DdlLog:
                 INSERT INTO {dirty} (nsp) SELECT DISTINCT n.oid FROM pg_event_trigger_ddl_commands() d
                   JOIN pg_namespace n ON n.nspname = d.schema_name ON CONFLICT DO NOTHING;
               END IF;
+            EXCEPTION WHEN OTHERS THEN  -- never fail a DDL command (the shape check remains)
+              RAISE WARNING 'isolate: DDL log: %', SQLERRM;
             END""").format(roles=sql.Literal(self.roles), migrating=sql.Literal(MIGRATING),
                           dirty=sql.Identifier(self.schema, "dirty"))  # fmt: skip
         with conn.transaction():
@@ -120,12 +134,10 @@ class DdlLog:
                 conn.execute(sql.SQL("CREATE EVENT TRIGGER {} ON {} EXECUTE FUNCTION {}()").format(
                     sql.Identifier(f"isolate_ddl_{short}_{self.run_id}"), sql.SQL(event), mark))  # fmt: skip
 
-    def dirty(self, conn: Conn, schema: str) -> bool:
-        """Whether a worker role ran DDL while ``schema`` was its copy."""
-        row = conn.execute(sql.SQL("SELECT EXISTS (SELECT FROM {} d JOIN pg_namespace n ON n.oid = d.nsp "
-                                   "WHERE n.nspname = %s)").format(sql.Identifier(self.schema, "dirty")),
-                           (schema,)).fetchone()  # fmt: skip
-        return bool(row and row[0])
+    def dirty(self, schema: str) -> sql.Composed:
+        """Whether a worker role ran DDL while ``schema`` was its copy (an expression)."""
+        return sql.SQL("EXISTS (SELECT FROM {} d JOIN pg_namespace n ON n.oid = d.nsp WHERE n.nspname = {})").format(
+            sql.Identifier(self.schema, "dirty"), sql.Literal(schema))  # fmt: skip
 
 
 @dataclass
@@ -143,33 +155,41 @@ class Pristine:
     @classmethod
     def capture(cls, conn: Conn, schema: str) -> Pristine | None:
         """The record of ``schema``, a freshly migrated copy nobody used; ``None`` if its
-        copies cannot be recycled (it has foreign tables)."""
+        copies cannot be recycled (foreign tables, triggers or rules enabled ALWAYS, more
+        than :data:`MAX_SEED_BYTES` of rows)."""
         relations = conn.execute(_RELATIONS, (schema,)).fetchall()
-        if any(kind == "f" for _, kind in relations):
+        always = conn.execute(_ALWAYS, (schema, schema)).fetchone()
+        if any(kind == "f" for _, kind in relations) or (always and always[0]):
             return None
         tables = [str(name) for name, kind in relations if kind == "r"]
         sequences = [str(name) for name, kind in relations if kind == "S"]
-        state = _state(conn, schema, tables, sequences)
-        seeds = {}
+        shape, _, state = _inspect(conn, schema, tables, sequences, sql.SQL("false"))
+        seeds, size = {}, 0
         for table, digest in zip(tables, state, strict=False):
             if digest:
                 columns = [str(c) for (c,) in conn.execute(_COLUMNS, (schema, table))]
                 data = bytearray()
-                query = sql.SQL("COPY (SELECT {} FROM {} ORDER BY ctid) TO STDOUT").format(
+                query = sql.SQL("COPY (SELECT {} FROM ONLY {} ORDER BY ctid) TO STDOUT").format(
                     sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(schema, table))  # fmt: skip
                 with conn.cursor().copy(query) as copy:
                     for chunk in copy:
                         data += chunk
+                size += len(data)
+                if size > MAX_SEED_BYTES:
+                    return None
                 seeds[table] = (columns, bytes(data))
-        return cls(_shape(conn, schema), dict(zip(tables, state, strict=False)), seeds,
+        return cls(shape, dict(zip(tables, state, strict=False)), seeds,
                    dict(zip(sequences, state[len(tables):], strict=True)))  # fmt: skip
 
-    def restore(self, conn: Conn, schema: str) -> bool:
+    def restore(self, conn: Conn, schema: str, dirty: sql.Composable) -> bool:
         """Put ``schema`` (a used copy, its sessions gone) back to this record; ``False``
-        if it cannot be (its shape differs: drop it)."""
-        if _shape(conn, schema) != self.shape:
+        if it cannot be (``dirty``, an SQL expression, is true, or its shape differs)."""
+        try:
+            shape, is_dirty, state = _inspect(conn, schema, list(self.tables), list(self.sequences), dirty)
+        except psycopg.errors.UndefinedTable:  # a table went: DDL
             return False
-        state = _state(conn, schema, list(self.tables), list(self.sequences))
+        if is_dirty or shape != self.shape:
+            return False
         tables = [t for t, now in zip(self.tables, state, strict=False) if now != self.tables[t]]
         sequences = [s for s, now in zip(self.sequences, state[len(self.tables):], strict=True)
                      if now != self.sequences[s]]  # fmt: skip
@@ -178,7 +198,7 @@ class Pristine:
         with conn.transaction():
             conn.execute("SET LOCAL session_replication_role = replica")  # no triggers, no FK checks
             for table in tables:
-                conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(schema, table)))
+                conn.execute(sql.SQL("DELETE FROM ONLY {}").format(sql.Identifier(schema, table)))
                 if table in self.seeds:
                     columns, data = self.seeds[table]
                     query = sql.SQL("COPY {} ({}) FROM STDIN").format(
@@ -192,26 +212,24 @@ class Pristine:
         return True
 
 
-def _shape(conn: Conn, schema: str) -> str:
-    row = conn.execute(_SHAPE, (schema,)).fetchone()
-    return str(row[0]) if row else ""
-
-
-def _state(conn: Conn, schema: str, tables: list[str], sequences: list[str]) -> list[str]:
-    """In one query: the digest of each table's rows in scan order ("" if none), then each
-    sequence's ``last_value:is_called``."""
+def _inspect(conn: Conn, schema: str, tables: list[str], sequences: list[str],
+             dirty: sql.Composable) -> tuple[str, bool, list[str]]:  # fmt: skip
+    """In one query: the schema's shape, the value of ``dirty``, and the state of each
+    table (the digest of its own rows in scan order, "" if none) and then of each sequence
+    (``last_value:is_called``)."""
     parts = [
-        sql.SQL("(SELECT coalesce(md5(string_agg(r::text, E'\\n' ORDER BY r.ctid)), '') FROM {} r)").format(
+        sql.SQL("(SELECT coalesce(md5(string_agg(r::text, E'\\n' ORDER BY r.ctid)), '') FROM ONLY {} r)").format(
             sql.Identifier(schema, t))
         for t in tables
     ] + [
         sql.SQL("(SELECT last_value::text || ':' || is_called::text FROM {})").format(sql.Identifier(schema, s))
         for s in sequences
     ]  # fmt: skip
-    if not parts:
-        return []
-    row = conn.execute(sql.SQL("SELECT ARRAY[{}]::text[]").format(sql.SQL(", ").join(parts))).fetchone()
-    return [str(v) for v in row[0]] if row else []  # type: ignore[attr-defined]
+    state = sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(parts)) if parts else sql.SQL("ARRAY[]::text[]")
+    shape = sql.SQL(_SHAPE).format(schema=sql.Literal(schema))
+    row = conn.execute(sql.SQL("SELECT ({}), {}, {}").format(shape, dirty, state)).fetchone()
+    assert row is not None
+    return str(row[0] or ""), bool(row[1]), [str(v) for v in row[2]]  # type: ignore[attr-defined]
 
 
 class Recycler:
@@ -240,6 +258,6 @@ class Recycler:
     def recycle(self, conn: Conn, schema: str) -> bool:
         """Put ``schema`` (a used copy, its sessions gone) back to its migrated state;
         ``False`` if it must be dropped instead."""
-        if not self.usable or self.pristine is None or self.log.dirty(conn, schema):
+        if not self.usable or self.pristine is None:
             return False
-        return self.pristine.restore(conn, schema)
+        return self.pristine.restore(conn, schema, self.log.dirty(schema))

@@ -12,16 +12,21 @@ import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from suite_support import CONFTEST, HELPERS, clean_env, leftovers, run_id_of, run_objects
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 import isolate
 from isolate._config import resolve_settings
-from isolate._pool import kept_name, pool_size
+from isolate._pool import pool_size
+from isolate._recycle import Pristine
+from isolate._spares import kept_name
 
 MODES = ["schema", "database"]
 APP = Path(__file__).parent / "fixture_app"
@@ -413,6 +418,41 @@ def test_a_worker_killed_while_copies_are_made_leaves_nothing(
     assert "crashed" in proc.stdout, proc.stdout
     assert "should have died" not in proc.stdout, proc.stdout
     nothing_left(request, server, run_id)
+
+
+@pytest.fixture
+def scratch_schema(isolate_postgres: isolate.PostgresServer) -> Iterator[tuple[psycopg.Connection[Any], str]]:
+    """A superuser connection and a schema of its own on this worker's server."""
+    name = f"recycle_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(isolate_postgres.admin_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+        try:
+            yield conn, name
+        finally:
+            conn.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+def test_recycling_restores_inherited_tables_each_on_its_own(scratch_schema: tuple[Any, str]) -> None:
+    conn, schema = scratch_schema
+    conn.execute(f"CREATE TABLE {schema}.parent (v int); CREATE TABLE {schema}.child (w int) INHERITS ({schema}.parent)")
+    conn.execute(f"INSERT INTO {schema}.parent VALUES (1); INSERT INTO {schema}.child VALUES (2, 20)")
+    pristine = Pristine.capture(conn, schema)
+    assert pristine is not None
+    conn.execute(f"INSERT INTO {schema}.parent VALUES (3); DELETE FROM {schema}.child")
+    assert pristine.restore(conn, schema, sql.SQL("false"))
+    assert conn.execute(f"SELECT v FROM ONLY {schema}.parent").fetchall() == [(1,)]
+    assert conn.execute(f"SELECT v, w FROM {schema}.child").fetchall() == [(2, 20)]
+    assert not pristine.restore(conn, schema, sql.SQL("true"))  # in the DDL log: dropped instead
+
+
+def test_a_schema_with_a_trigger_enabled_always_is_never_recycled(scratch_schema: tuple[Any, str]) -> None:
+    conn, schema = scratch_schema
+    conn.execute(f"CREATE TABLE {schema}.t (v int)")
+    assert Pristine.capture(conn, schema) is not None
+    conn.execute(f"CREATE FUNCTION {schema}.f() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END'")
+    conn.execute(f"CREATE TRIGGER tr BEFORE INSERT ON {schema}.t FOR EACH ROW EXECUTE FUNCTION {schema}.f()")
+    conn.execute(f"ALTER TABLE {schema}.t ENABLE ALWAYS TRIGGER tr")  # it would fire while restoring
+    assert Pristine.capture(conn, schema) is None
 
 
 # -- pure logic -------------------------------------------------------------------------
