@@ -219,6 +219,14 @@ def _run_fresh(root: Path, migrations: Path, mode: str, pool: str) -> dict[str, 
             "timings": json.loads(timings.read_text()) if timings.exists() else {}}  # fmt: skip
 
 
+def _phase(records: list[dict[str, Any]], name: str) -> str:
+    """The median over ``records`` of a timings phase's medians ("" if none has it)."""
+    import statistics
+
+    values = [r["timings"][name]["median"] for r in records if name in r["timings"]]
+    return f"{statistics.median(values):.3f}" if values else ""
+
+
 def fresh_table(records: list[dict[str, Any]]) -> list[str]:
     """The markdown rows of the fresh-database cells (medians over repetitions) and the
     targets' verdicts."""
@@ -231,21 +239,22 @@ def fresh_table(records: list[dict[str, Any]]) -> list[str]:
            f"`isolate_fresh_database` in each of {FRESH_TESTS} tests at {FRESH_WORKERS} workers, "
            f"{FRESH_TABLES} tables of one index each; each test then works for *body* seconds. "
            "*set-up*: the test's set-up (the fixture's) as `pytest --durations` reports it, each "
-           "worker's first test left out; *spare*: making one copy in the background. Pool 0: rebuilt before "
-           "each test (re-cloned, or the schema dropped and migrated again). Medians over "
-           "repetitions.", "",
-           "| db_isolation | pool | body (s) | set-up p50 (ms) | set-up p95 (ms) | spare median (s) | wall (s) |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
+           "worker's first test left out; *spare*: making one copy in the background; *recycled*: "
+           "putting a used copy back in the background (schema mode, a test that changed only rows). "
+           "Pool 0: rebuilt before each test (re-cloned, or the schema dropped and migrated again). "
+           "Medians over repetitions.", "",
+           "| db_isolation | pool | body (s) | set-up p50 (ms) | set-up p95 (ms) | spare median (s) | recycled median (s) | wall (s) |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     keys = sorted({(r["db_isolation"], r["pool"], r["body_s"]) for r in rows}, key=lambda k: (k[0], k[2], -k[1]))
     verdicts = []
     for key in keys:
         same = [r for r in rows if (r["db_isolation"], r["pool"], r["body_s"]) == key]
         p50 = statistics.median(r["setup_p50_s"] for r in same)
         p95 = statistics.median(r["setup_p95_s"] for r in same)
-        spares = [r["timings"]["fresh_spare"]["median"] for r in same if "fresh_spare" in r["timings"]]
-        spare = f"{statistics.median(spares):.3f}" if spares else ""
+        spare, recycled = (_phase(same, name) for name in ("fresh_spare", "fresh_recycle"))
         wall = statistics.median(r["wall_s"] for r in same)
-        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {1000 * p50:.1f} | {1000 * p95:.1f} | {spare} | {wall:.1f} |")
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {1000 * p50:.1f} | {1000 * p95:.1f} | {spare} | "
+                   f"{recycled} | {wall:.1f} |")  # fmt: skip
         if key[1]:
             ok = p50 < FRESH_P50 and p95 < FRESH_P95
             verdicts.append(f"- {'met' if ok else 'MISSED'}: {key[0]} mode, pool {key[1]}, body {key[2]} s: "
