@@ -44,6 +44,8 @@ Conn = psycopg.Connection[tuple[object, ...]]
 
 #: Consecutive failures to make a spare after which the pool stops and says why.
 MAX_FAILURES = 3
+#: Seconds a test waits for a copy on its way back (recycled) before one is made anew.
+STARVED_S = 2.0
 
 
 def pool_size(budget: int, workers: int, clone_bytes: int | None, free_bytes: int | None) -> int:
@@ -98,6 +100,8 @@ class FreshPool:
         self._trash: collections.deque[tuple[str, list[int]]] = collections.deque()
         self._cond = threading.Condition()
         self._waiting = 0
+        #: A test has waited :data:`STARVED_S` for a copy: do not count on used ones coming back.
+        self._starved = False
         self._failures = 0
         self._error: BaseException | None = None
         self._generation = 0
@@ -164,10 +168,14 @@ class FreshPool:
             try:
                 while not self._ready:
                     self._check_alive(started)
-                    self._cond.wait(max(0.0, started + self.wait_timeout - time.monotonic()))
+                    self._cond.wait(min(STARVED_S, max(0.0, started + self.wait_timeout - time.monotonic())))
+                    if not self._ready and time.monotonic() - started >= STARVED_S:
+                        self._starved = True  # the maker makes one, whatever is on its way back
+                        self._cond.notify_all()
                 spare = self._ready.popleft()
             finally:
                 self._waiting -= 1
+                self._starved = False
             self._cond.notify_all()  # one fewer ready: the maker makes the next
         return spare, time.monotonic() - started
 
@@ -227,11 +235,11 @@ class FreshPool:
     def _next_make(self) -> tuple[str, list[int]] | None:
         """Under the lock, for the maker: a new spare's name, if fewer than ``size`` copies
         are ready or on their way (being made, or, where used ones are recycled, waiting
-        to be), or a test waits with nothing ready nor coming."""
+        to be), or a test waits with nothing ready nor coming (or for :data:`STARVED_S`)."""
         if self._failures >= MAX_FAILURES:
             return None
         coming = self._busy["make"] + (len(self._trash) + self._busy["retire"] if self.spares.recycles else 0)
-        if len(self._ready) + coming < self.size or (self._waiting and not self._ready and not coming):
+        if len(self._ready) + coming < self.size or (self._waiting and not self._ready and (not coming or self._starved)):
             return self._name("s"), []
         return None
 

@@ -153,6 +153,14 @@ class DatabaseSpares:
         return db.server.dsn(user=db.role, password=db.password, database=name, search_path=db.schema)
 
 
+#: End the sessions (but this one) that hold a lock on a relation of a schema; their pids.
+_LOCKING = """
+SELECT pid, pg_terminate_backend(pid) FROM (
+  SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND l.pid <> pg_backend_pid()) s
+"""
+
+
 class SchemaSpares:
     """Schema mode: schemas migrated as the worker's role; recycled after use when their
     test changed only rows and sequences, else dropped."""
@@ -197,6 +205,10 @@ class SchemaSpares:
         return [int(str(pid)) for pid, ended in cursor.fetchall() if ended]
 
     def retire(self, conn: Conn, name: str, pids: list[int], spare: str) -> bool:
+        # Another role's session (a superuser's) in a transaction that touched the copy
+        # could commit into it after the check: it is ended too.
+        locking = conn.execute(_LOCKING, (name,)).fetchall()
+        pids = [*pids, *(int(str(pid)) for pid, ended in locking if ended)]
         if pids:  # a session that was ending could still commit into it
             conn.execute(_until_gone(conn, sql.SQL("pid = ANY({})").format(sql.Literal(pids))))
         if self.recycler.recycle(conn, name):

@@ -265,8 +265,9 @@ INSERT INTO things (kind, note) VALUES (1, 'seeded');
 RECYCLE = """
 import psycopg
 import pytest
+from tenacity import Retrying, stop_after_delay, wait_fixed
 
-HELD = []
+HELD, ADMIN = [], []
 
 PRISTINE = {
     "kinds": [(1, "a", "ok", "A"), (2, "b", "happy", "B"), (3, "c", "sad", "C")],
@@ -286,7 +287,7 @@ def assert_pristine(conn):
 
 
 @pytest.mark.parametrize("n", range(3))
-def test_rows_and_sequences(n, isolate_fresh_database, isolate_conn):
+def test_rows_and_sequences(n, isolate_fresh_database, isolate_conn, isolate_postgres):
     conn = isolate_conn
     assert_pristine(conn)
     conn.execute("INSERT INTO things (kind, note) VALUES (2, 'mine')")  # fires the audit trigger
@@ -300,6 +301,10 @@ def test_rows_and_sequences(n, isolate_fresh_database, isolate_conn):
     HELD[-1].execute("INSERT INTO audit VALUES ('idle session')")
     HELD.append(psycopg.connect(isolate_fresh_database.dsn))
     HELD[-1].execute("INSERT INTO audit VALUES ('open transaction')")
+    # and a superuser's, in a transaction that wrote into the copy: it is ended before the
+    # copy is looked at, so it cannot commit into it afterwards
+    ADMIN.append(psycopg.connect(isolate_postgres.admin_dsn, options=f"-c search_path={isolate_fresh_database.schema}"))
+    ADMIN[-1].execute("INSERT INTO audit VALUES ('superuser')")
 
 
 @pytest.mark.parametrize("n", range(2))
@@ -314,6 +319,9 @@ def test_ddl(n, isolate_fresh_database, isolate_conn):
 
 def test_last(isolate_fresh_database, isolate_conn):
     assert_pristine(isolate_conn)
+    for attempt in Retrying(stop=stop_after_delay(30), wait=wait_fixed(0.1), reraise=True):
+        with attempt:  # every superuser session that wrote into a retired copy was ended
+            assert all(conn.closed or conn.broken or not conn.execute("SELECT 1") for conn in ADMIN)
 """
 
 KEEP = """
