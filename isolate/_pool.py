@@ -28,19 +28,25 @@ import shutil
 import threading
 import time
 from pathlib import Path
-
-import psycopg
+from typing import TYPE_CHECKING
 
 from ._database import WorkerDatabase, schema_name
 from ._errors import FreshDatabaseError
+from ._lazy import lazy
 from ._spares import end_sessions, kept_name, pool_app_name, spares_for
 from ._timings import Timings
+
+if TYPE_CHECKING:
+    import psycopg
+
+    Conn = psycopg.Connection[tuple[object, ...]]
+else:
+    psycopg = lazy("psycopg")
 
 __all__ = ["FreshPool", "pool_size", "set_aside_and_rebuild", "spare_space"]
 
 logger = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[object, ...]]
 
 #: Consecutive failures to make a spare after which the pool stops and says why.
 MAX_FAILURES = 3

@@ -27,17 +27,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-
-import psycopg
-from psycopg import sql
+from typing import TYPE_CHECKING
 
 from ._database import MIGRATING
+from ._lazy import lazy
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import sql
+
+    Conn = psycopg.Connection[tuple[object, ...]]
+else:
+    psycopg = lazy("psycopg")
+    sql = lazy("psycopg.sql")
 
 __all__ = ["DdlLog", "Pristine", "Recycler"]
 
 logger = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[object, ...]]
 
 #: One lock key for installing a run's DDL log (workers race to do it).
 _INSTALL_LOCK = 0x15014F

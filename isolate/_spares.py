@@ -12,18 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Protocol
-
-import psycopg
-from psycopg import pq, sql
+from typing import TYPE_CHECKING, Protocol
 
 from ._database import WorkerDatabase, clone_database, run_migrations, schema_name
+from ._lazy import lazy
 from ._postgres.server import POOL_APP_PREFIX
 from ._recycle import Recycler
 
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import pq, sql
+
+    Conn = psycopg.Connection[tuple[object, ...]]
+else:
+    psycopg = lazy("psycopg")
+    pq = lazy("psycopg.pq")
+    sql = lazy("psycopg.sql")
+
 __all__ = ["DatabaseSpares", "SchemaSpares", "Spares", "end_sessions", "kept_name", "pool_app_name", "spares_for"]
 
-Conn = psycopg.Connection[tuple[object, ...]]
 
 #: Seconds the sessions on a copy being swapped out get to end.
 SESSIONS_END_TIMEOUT = 10.0

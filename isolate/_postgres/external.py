@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from .._errors import ConfigError, ExternalServerError
 from .._lazy import lazy
-from .._run.notices import NOTICE
 from .._retry import poll_until
+from .._run.notices import NOTICE
 from .._run.registry import ProcessRecord
 from .server import POOL_APP_PREFIX, PostgresServer
 
