@@ -121,7 +121,7 @@ BACKENDS = [
     pytest.param([], id="native"),
     pytest.param(
         ["--isolate-backend=docker", "--isolate-pg-image=isolate-local/postgres:15",
-         "--isolate-redis-image=isolate-local/redis:7", "--isolate-reap-stale=false"],
+         "--isolate-redis-image=isolate-local/redis:7", "--no-isolate-reap-stale"],
         id="docker", marks=pytest.mark.docker,
     ),
     pytest.param(None, id="external"),
