@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dbmodes import dbmode_table, run_dbmodes
+from bench_dbmodes import dbmode_table, fresh_table, run_dbmodes, run_fresh
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "datastorage"
@@ -325,6 +325,7 @@ def write_markdown(rows: list[dict[str, Any]], records: list[dict[str, Any]], pa
             if value == value:
                 out.append(f"| {backend} | {phase} | {value:.3f} |")
     out += dbmode_table(records)
+    out += fresh_table(records)
     out += ["", "## Targets", "", *check_targets(rows, records), "", NOTES]
     path.write_text("\n".join(out))
 
@@ -376,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if "dbmodes" in setups:
         for repeat in range(args.repeats):
             records += run_dbmodes([int(w) for w in args.dbmode_workers.split(",")], repeat)
+            records += run_fresh(repeat)
     add_bounds(records)
     out.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "test_durations"} for r in records]

@@ -58,16 +58,17 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
-def _positive(kind: Callable[[str], Any], what: str) -> Callable[[str], Any]:
-    """A parser of numbers of type ``kind`` greater than 0 (``what`` names the unit)."""
+def _positive(kind: Callable[[str], Any], what: str, *, zero: bool = False) -> Callable[[str], Any]:
+    """A parser of numbers of type ``kind`` greater than 0 (or 0 too, with ``zero``;
+    ``what`` names the unit)."""
 
     def parse(raw: str) -> Any:
         try:
             value = kind(raw)
         except ValueError:
             raise ValueError(f"must be {what}, got {raw!r}") from None
-        if value <= 0:
-            raise ValueError(f"must be greater than 0, got {raw!r}")
+        if value < 0 or (value == 0 and not zero):
+            raise ValueError(f"must be {'0 or more' if zero else 'greater than 0'}, got {raw!r}")
         return value
 
     return parse
@@ -75,6 +76,12 @@ def _positive(kind: Callable[[str], Any], what: str) -> Callable[[str], Any]:
 
 _positive_float = _positive(float, "a number of seconds")
 _positive_int = _positive(int, "a whole number")
+_count = _positive(int, "a whole number", zero=True)
+
+
+def _paths(raw: str) -> tuple[str, ...]:
+    """Comma- or newline-separated paths (ini values may span lines)."""
+    return tuple(p.strip() for p in raw.replace(",", "\n").splitlines() if p.strip())
 
 
 def _optional_str(raw: str) -> str | None:
@@ -219,6 +226,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("cache_size", "native backend: what the template cache (<base dir>/isolate-cache-"
            "<uid>/, in memory on /dev/shm) may take; least recently used templates go first, "
            "never one a live run uses; 0: no bound", "1GB", parse_size),
+    Option("fresh_pool", "isolate_fresh_database: spare migrated databases (or schemas) each "
+           "worker keeps ready, made in the background, so that a test's fresh database costs a "
+           "rename; fewer in database mode on the native backend if they would take over half "
+           "the free space; 0: no pool, the database is rebuilt before each such test",
+           "4", _count),
+    Option("fresh_paths", "tests under these paths (comma-separated, relative to the rootdir) "
+           "get a fresh database as if they took isolate_fresh_database", "", _paths),
     Option("bootstrap", "SQL file or directory run as the superuser once per run before "
            "the migrations (CREATE EXTENSION, roles the app expects; relative to the rootdir)",
            "", _optional_str),
@@ -284,6 +298,8 @@ class Settings:
     db_isolation: DbIsolation = "schema"
     template_cache: bool = True
     cache_size: int = 1 << 30
+    fresh_pool: int = 4
+    fresh_paths: tuple[str, ...] = ()
     bootstrap: str | None = None
     ready_timeout: float = 30.0
     stop_timeout: float = 10.0

@@ -14,6 +14,7 @@ __all__ = [
     "ExternalServerError",
     "DockerUnavailableError",
     "FaultInjectionError",
+    "FreshDatabaseError",
     "ImageNotFoundError",
     "IsolateError",
     "LeaseLostError",
@@ -81,6 +82,15 @@ class ServerStartError(IsolateError):
 
 class MigrationError(IsolateError):
     """A migration failed to apply to a worker's schema."""
+
+
+class FreshDatabaseError(IsolateError):
+    """The pool behind ``isolate_fresh_database`` could not hand out a fresh database."""
+
+    default_hint = (
+        "read the error above (a migration that fails when run again, a server out of space "
+        "or connections); --isolate-fresh-pool=0 rebuilds the database before each test instead"
+    )
 
 
 class PortUnavailableError(IsolateError):

@@ -26,6 +26,7 @@ from ._containers import ContainerHandle
 from ._database import Migrations, TemplatePlan, WorkerDatabase, migrations_key, run_bootstrap
 from ._errors import ConfigError, LeaseLostError, RunStoppingError
 from ._identity import WorkerIdentity
+from ._pool import FreshPool, pool_size, set_aside_and_rebuild, spare_space
 from ._postgres import PostgresConfig, PostgresServer, tuned_settings
 from ._postgres.external import ExternalPostgresRunner
 from ._postgres.server import Seed
@@ -71,8 +72,14 @@ class WorkerStack:
         self._redis_lock = threading.Lock()  # the early start (see service()) and a fixture
         self._services: dict[str, ServiceHandle] = {}
         self._containers: dict[str, ContainerHandle] = {}
+        self._pool: FreshPool | None = None
+        #: What :meth:`set_aside` kept: ``test``, ``name``, ``dsn`` each.
+        self.fresh_kept: list[dict[str, str]] = []
         #: Set by the plugin when a test of this worker failed (``--isolate-keep=failed``).
         self.failed = False
+        #: Set by the plugin when this worker's tests take fresh databases: the pool then
+        #: starts making spares as soon as the worker's database exists.
+        self.fresh_wanted = False
 
     # -- the run, for users who add pieces of their own ------------------------
 
@@ -256,6 +263,8 @@ class WorkerStack:
             server = self.postgres(plan.seed() if plan else None)
             with self.timings.measure(self._database_phase):
                 self._database = self._create_database(server, migrations, bootstrap, plan)
+            if self.fresh_wanted:
+                self.fresh_pool()
         elif migrations is not None and migrations != self._database.migrations:
             if self._database.migrations is not None:
                 raise ConfigError(
@@ -266,6 +275,8 @@ class WorkerStack:
             with self.timings.measure(self._database_phase):
                 self._database.apply_migrations(migrations)
             self._database.migrations = migrations
+            if self._pool is not None:
+                self._pool.invalidate()  # spares made without them
         return self._database
 
     def _create_database(
@@ -294,8 +305,54 @@ class WorkerStack:
         """Whether this worker's stack stays up after the run (``--isolate-keep``)."""
         return self.settings.keep == "always" or (self.settings.keep == "failed" and self.failed)
 
+    # -- a fresh database per test --------------------------------------------------
+
+    def fresh_pool(self) -> FreshPool | None:
+        """The worker's pool of spare databases (schemas), making them from now on;
+        ``None`` with ``--isolate-fresh-pool=0``."""
+        if self._pool is None and self.settings.fresh_pool > 0:
+            db = self.database()
+            size = pool_size(self.settings.fresh_pool, self.worker.worker_count, *spare_space(db, self.run.path))
+            self._pool = FreshPool(db, self.worker.slug, self.worker.run_id, size, self.timings)
+            self._pool.start()
+        return self._pool
+
+    def fresh_database(self) -> WorkerDatabase:
+        """The worker's database (or schema), returned to its migrated state, DDL
+        included: a spare of the pool swapped in under its name (milliseconds, once
+        the pool has one), or, without a pool, rebuilt."""
+        db = self.database()
+        started = time.perf_counter()
+        pool = self.fresh_pool()
+        if pool is None:
+            db.rebuild()
+        else:
+            self.timings.add("fresh_wait", pool.take())
+        self.timings.add("fresh_database", time.perf_counter() - started)
+        return db
+
+    def set_aside(self, test: str) -> dict[str, str]:
+        """Keep the worker's database as ``test`` left it, under a name that says so
+        (``isolate_<worker>_k<n>_<test>_<run id>``), and give the worker a fresh one;
+        what was kept (``test``, ``name``, ``dsn``), in the summary of a kept run."""
+        pool = self.fresh_pool()
+        if pool is not None:
+            kept = pool.set_aside(test)
+        else:
+            kept = set_aside_and_rebuild(self.database(), self.worker.slug, self.worker.run_id,
+                                         len(self.fresh_kept) + 1, test)  # fmt: skip
+        self.fresh_kept.append(kept)
+        return kept
+
+    def close_pool(self) -> None:
+        """Stop making spares and drop them (idempotent)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
     def drop_database(self) -> None:
         """Drop the worker's schema and role (idempotent; kept with ``--isolate-keep``)."""
+        self.close_pool()
         if self._database is not None and not self.keeping:
             try:
                 self._database.drop()
@@ -497,6 +554,8 @@ class WorkerStack:
         info: dict[str, object] = {"worker": self.worker.worker_id, "pid": os.getpid()}
         if self._database is not None:
             info.update(dsn=self._database.dsn, schema=self._database.schema)
+        if self.fresh_kept:
+            info["fresh_kept"] = list(self.fresh_kept)
         if self._redis is not None:
             info["redis_url"] = self._redis.url
         #: What lives on a server isolate did not start: printed without its password.
@@ -519,6 +578,7 @@ class WorkerStack:
     def close(self) -> None:
         """Stop this worker's services and Redis, drop its schema (idempotent), or keep
         them all (``--isolate-keep``)."""
+        self.close_pool()
         if self.keeping:
             if self._database or self._redis or self._services or self._containers:
                 self.keep()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from filelock import FileLock
 from tenacity import Retrying, stop_after_delay, wait_fixed
@@ -203,3 +204,18 @@ class Run:
 
     def leftovers(self) -> list[str]:
         return leftovers(self.run_id, self.mark)
+def run_objects(conn: psycopg.Connection[tuple[object, ...]], *run_ids: str) -> list[str]:
+    """The roles, databases, schemas, event triggers and lease rows of runs ``run_ids`` on a
+    server (of its database the connection is in, for schemas and event triggers)."""
+    found = []
+    for run_id in run_ids:
+        like = f"isolate\\_%\\_{run_id}"
+        for query in ("SELECT rolname FROM pg_roles WHERE rolname LIKE %s",
+                      "SELECT datname FROM pg_database WHERE datname LIKE %s",
+                      "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s",
+                      "SELECT evtname FROM pg_event_trigger WHERE evtname LIKE %s"):  # fmt: skip
+            found += [str(name) for (name,) in conn.execute(query, (like,))]
+        if conn.execute("SELECT to_regclass('isolate_run_leases')").fetchone() != (None,):
+            found += [f"lease {r}" for (r,) in conn.execute("SELECT run_id FROM isolate_run_leases "
+                                                           "WHERE run_id = %s", (run_id,))]  # fmt: skip
+    return found

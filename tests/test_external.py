@@ -14,7 +14,7 @@ import psycopg
 import pytest
 import redis
 from psycopg import sql
-from suite_support import clean_env, run_id_of
+from suite_support import clean_env, run_id_of, run_objects
 
 import isolate
 from isolate._identity import new_run_id
@@ -40,20 +40,6 @@ def test_stack(n, isolate_database, isolate_conn, isolate_redis, isolate_redis_c
     with pytest.raises(isolate.FaultInjectionError, match="--isolate-redis-url"):
         isolate_redis.cut()
 """
-
-
-def run_objects(conn: psycopg.Connection[tuple[object, ...]], *run_ids: str) -> list[str]:
-    found = []
-    for run_id in run_ids:
-        like = f"isolate\\_%\\_{run_id}"
-        for query in ("SELECT rolname FROM pg_roles WHERE rolname LIKE %s",
-                      "SELECT datname FROM pg_database WHERE datname LIKE %s",
-                      "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s"):  # fmt: skip
-            found += [str(name) for (name,) in conn.execute(query, (like,))]
-        if conn.execute("SELECT to_regclass('isolate_run_leases')").fetchone() != (None,):
-            found += [f"lease {r}" for (r,) in conn.execute("SELECT run_id FROM isolate_run_leases "
-                                                           "WHERE run_id = %s", (run_id,))]  # fmt: skip
-    return found
 
 
 def start(path: Path, *args: str) -> subprocess.Popen[str]:

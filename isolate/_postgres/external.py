@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 
 from .._errors import ConfigError, ExternalServerError
 from .._lazy import lazy
+from .._retry import poll_until
 from .._run.notices import NOTICE
 from .._run.registry import ProcessRecord
-from .server import PostgresServer
+from .server import POOL_APP_PREFIX, PostgresServer
 
 if TYPE_CHECKING:
     import psycopg
@@ -141,6 +142,20 @@ def _tolerant(conn: psycopg.Connection[tuple[object, ...]], query: sql.Composed 
             time.sleep(0.05 * (attempt + 1))  # the other session's transaction ends
 
 
+def _end_pool_sessions(conn: psycopg.Connection[tuple[object, ...]], run_id: str) -> None:
+    """End the sessions of the run's pools of fresh databases (a dead worker's clone in
+    flight would otherwise commit after the listing below), and wait until they are gone."""
+    where = "application_name LIKE %s AND pid <> pg_backend_pid()"
+    pattern = POOL_APP_PREFIX + run_id + "%"
+    conn.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {where}", (pattern,))
+
+    def gone() -> bool:
+        return conn.execute(f"SELECT count(*) FROM pg_stat_activity WHERE {where}", (pattern,)).fetchone() == (0,)
+
+    if not poll_until(gone, 10.0):
+        logger.warning("isolate: sessions of run %s's pools did not end within 10s", run_id)
+
+
 def drop_run_objects(server: PostgresServer, run_id: str) -> list[str]:
     """Drop the databases, schemas and roles of run ``run_id``; what was dropped. Safe
     to run while another process drops the same run: what is gone is skipped, and a
@@ -149,6 +164,7 @@ def drop_run_objects(server: PostgresServer, run_id: str) -> list[str]:
     dropped: list[str] = []
     try:
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+            _end_pool_sessions(conn, run_id)
             roles = [r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (like,))]
             for role in filter(pattern.match, roles):  # its sessions end before its objects go
                 _tolerant(conn, sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))

@@ -17,7 +17,15 @@ else:
     sql = lazy("psycopg.sql")
 
 
-__all__ = ["PostgresConfig", "PostgresServer", "Seed", "prepare_database", "tuned_settings"]
+__all__ = [
+    "POOL_APP_PREFIX", "POOL_CONNECTIONS", "PostgresConfig", "PostgresServer", "Seed", "prepare_database", "tuned_settings",
+]  # fmt: skip
+
+#: Connections a worker's pool of fresh databases holds at most (``isolate/_pool.py``: the
+#: fixture's, its two background threads', and one to a copy being made), on top of the worker's budget.
+POOL_CONNECTIONS = 4
+#: The ``application_name`` of those connections starts with this and the run id.
+POOL_APP_PREFIX = "isolate-pool-"
 
 
 def tuned_settings(
@@ -25,7 +33,8 @@ def tuned_settings(
 ) -> dict[str, str]:
     """Server settings for a throwaway test database, sized for ``worker_count``.
 
-    Durability is traded for speed (nothing here must survive a crash);
+    Durability is traded for speed (nothing here must survive a crash); each worker
+    gets ``conn_per_worker`` connections plus :data:`POOL_CONNECTIONS`, and
     ``overrides`` win over every default.
     """
     settings = {
@@ -36,7 +45,7 @@ def tuned_settings(
         "max_wal_senders": "0",
         "max_wal_size": "1GB",
         "checkpoint_timeout": "30min",
-        "max_connections": str(max(worker_count, 1) * conn_per_worker + 10),
+        "max_connections": str(max(worker_count, 1) * (conn_per_worker + POOL_CONNECTIONS) + 10),
         "shared_buffers": "128MB",
         "jit": "off",
         "listen_addresses": "127.0.0.1",

@@ -6,6 +6,7 @@ Only this package imports pytest. ``_hooks`` declares the options and drives the
 """
 
 from ._fixtures import (
+    _isolate_fresh_first,
     _isolate_restore_faults,
     isolate_backend,
     isolate_bootstrap,
@@ -43,6 +44,7 @@ from ._hooks import (
 )
 
 __all__ = [
+    "_isolate_fresh_first",
     "_isolate_restore_faults",
     "isolate_backend",
     "isolate_bootstrap",

@@ -17,7 +17,7 @@ from .._redis import RedisServer
 from .._runscope import RunScope
 from .._service import ServiceHandle, ServiceSpec
 from .._stack import WorkerStack
-from ._hooks import STACK_KEY
+from ._hooks import FAILED_KEY, STACK_KEY, wants_fresh
 
 if TYPE_CHECKING:
     import psycopg
@@ -106,12 +106,28 @@ def isolate_database(
 
 
 @pytest.fixture
-def isolate_fresh_database(isolate_database: WorkerDatabase) -> WorkerDatabase:
-    """This worker's database returned to its migrated state (DDL included) before the
-    test: re-cloned from the template, or its schema dropped and migrated again. For a
-    module, write a module-scoped fixture that calls ``isolate_database.rebuild()``."""
-    isolate_database.rebuild()
-    return isolate_database
+def isolate_fresh_database(
+    request: pytest.FixtureRequest, isolate_stack: WorkerStack, isolate_database: WorkerDatabase
+) -> Iterator[WorkerDatabase]:
+    """This worker's database (or schema) in its migrated state, DDL included, for this
+    test: a spare that the worker's pool migrated ahead of time is renamed to the worker's
+    name (``--isolate-fresh-pool``; without a pool, it is rebuilt). Its DSN does not
+    change: the service's next connection lands in the fresh one, and the sessions on the
+    old one are ended. With ``--isolate-keep``, a failing test's database is kept under a
+    name that says which test. Set up before the test's other fixtures; a marker
+    (``fresh_database``) or ``--isolate-fresh-paths`` give it to tests that do not name it.
+    For a module, write a module-scoped fixture that calls ``isolate_database.rebuild()``."""
+    yield isolate_stack.fresh_database()
+    if isolate_stack.settings.keep != "never" and request.node.stash.get(FAILED_KEY, False):
+        isolate_stack.set_aside(request.node.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_fresh_first(request: pytest.FixtureRequest) -> None:
+    """A test that takes ``isolate_fresh_database`` (by name, marker or path) gets it
+    before its other fixtures (a connection opened before the swap would be ended)."""
+    if wants_fresh(request.node):
+        request.getfixturevalue("isolate_fresh_database")
 
 
 @pytest.fixture(scope="session")

@@ -46,10 +46,17 @@ _SEEN_KEY = pytest.StashKey[set[tuple[str, str]]]()
 GATE_KEY = pytest.StashKey[SerialGate]()
 _NOTICES_KEY = pytest.StashKey[logging.Handler]()
 _EXPLICIT_DIST_KEY = pytest.StashKey[bool]()
+#: On a test item: one of its reports (set-up, call) failed.
+FAILED_KEY = pytest.StashKey[bool]()
+_FRESH_PATHS_KEY = pytest.StashKey[tuple[Path, ...]]()
 
 SERIAL_MARKER = (
     "serial: run while no other test of the run runs (isolate; in an xdist run the serial "
     "tests are scheduled last and the other workers wait; without xdist, no effect)"
+)
+FRESH_MARKER = (
+    "fresh_database: the test gets isolate_fresh_database, a fresh migrated database, without "
+    "naming it (isolate; --isolate-fresh-paths does it for directories)"
 )
 
 
@@ -124,7 +131,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", SERIAL_MARKER)
+    config.addinivalue_line("markers", FRESH_MARKER)
     settings = _settings(config)
+    config.stash[_FRESH_PATHS_KEY] = tuple(config.rootpath / p for p in settings.fresh_paths)
     if STACK_KEY not in config.stash:
         _join(config, settings, early=False)
     stack = config.stash[STACK_KEY]
@@ -249,8 +258,18 @@ def pytest_collection_modifyitems(
         serial = [item.nodeid for item in items if item.get_closest_marker("serial")]
         if serial:
             record_serial_ids(stack.run.path, stack.worker.worker_id, serial)
+    if stack is not None and any(wants_fresh(item) for item in items):
+        stack.fresh_wanted = True  # its pool starts with its database: spares made ahead
     report_problems(session)
     return result
+
+
+def wants_fresh(item: pytest.Item) -> bool:
+    """Whether ``item`` takes ``isolate_fresh_database``: by name, by the
+    ``fresh_database`` marker, or by living under ``--isolate-fresh-paths``."""
+    if "isolate_fresh_database" in getattr(item, "fixturenames", ()) or item.get_closest_marker("fresh_database"):
+        return True
+    return any(item.path.is_relative_to(p) for p in item.config.stash.get(_FRESH_PATHS_KEY, ()))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -324,6 +343,9 @@ def _kept_lines(controller: RunController) -> list[str]:
             lines.append(f"  service {svc['name']}: {svc['url']} (log: {svc['log'] or 'docker logs'})")
         for box in info.get("containers") or []:  # type: ignore[attr-defined]
             lines.append(f"  container {box['name']}: {redact_password(str(box['url']))} (docker: {box['container']})")
+        for kept in info.get("fresh_kept") or []:  # type: ignore[attr-defined]
+            dsn = redact_password(kept["dsn"]) if "dsn" in external else kept["dsn"]  # type: ignore[operator]
+            lines.append(f"  database of {kept['test']}: {dsn}")
     if lines:
         if any(info.get("external") for info in controller.run.kept()):
             lines.append(f"  (*** : an external server's password, not printed; it is in "
@@ -371,6 +393,7 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed:
+        item.stash[FAILED_KEY] = True  # --isolate-keep: its fresh database is set aside
         stack = item.config.stash.get(STACK_KEY, None)
         if stack is not None:
             stack.failed = True  # --isolate-keep=failed keeps this worker's stack

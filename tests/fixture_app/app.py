@@ -1,7 +1,8 @@
 """A small real HTTP service for isolate's own tests (stdlib server + psycopg + redis).
 
 Env: PORT, DATABASE_URL, REDIS_URL, ISOLATE_INSTANCE_NAME, EXIT_AT_START (exit code),
-NEVER_READY (health always 503). SIGTERM: finish in-flight requests, exit 0.
+NEVER_READY (health always 503). SIGTERM: finish in-flight requests, exit 0. ``/pooled``
+reads through one long-lived, checked connection (a service's connection pool).
 """
 
 from __future__ import annotations
@@ -21,6 +22,24 @@ INSTANCE = os.environ.get("ISOLATE_INSTANCE_NAME", "unknown")
 DSN = os.environ.get("DATABASE_URL", "")
 REDIS = redis.Redis.from_url(os.environ["REDIS_URL"]) if os.environ.get("REDIS_URL") else None
 NEVER_READY = os.environ.get("NEVER_READY") == "1"
+POOLED: dict[str, object] = {"conn": None, "connects": 0}
+POOLED_LOCK = threading.Lock()
+
+
+def pooled() -> psycopg.Connection:
+    """One long-lived connection, checked before each use as a pool with a check does
+    (psycopg-pool ``check``, SQLAlchemy ``pool_pre_ping``): a session ended by the
+    server (a fresh database swapped in) is replaced by a new one."""
+    conn = POOLED["conn"]
+    if isinstance(conn, psycopg.Connection):
+        try:
+            conn.execute("SELECT 1")
+            return conn
+        except psycopg.Error:
+            conn.close()
+    conn = psycopg.connect(DSN, autocommit=True)
+    POOLED.update(conn=conn, connects=int(POOLED["connects"]) + 1)  # type: ignore[call-overload]
+    return conn
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -46,6 +65,10 @@ class Handler(BaseHTTPRequestHandler):
                 with psycopg.connect(DSN) as conn:
                     schema = conn.execute("SELECT current_schema()").fetchone()[0]  # type: ignore[index]
             self._send(200, {"instance": INSTANCE, "pid": os.getpid(), "schema": schema})
+        elif self.path == "/pooled":  # the items, read through the long-lived session
+            with POOLED_LOCK:
+                count = pooled().execute("SELECT count(*) FROM items").fetchone()[0]  # type: ignore[index]
+            self._send(200, {"items": count, "connects": POOLED["connects"]})
         elif self.path.startswith("/items/"):
             with psycopg.connect(DSN) as conn:
                 row = conn.execute(
