@@ -121,11 +121,6 @@ def _run_names(run_id: str) -> re.Pattern[str]:
     return re.compile(rf"^isolate_[a-z0-9_]*_{re.escape(run_id)}$")
 
 
-#: What a drop meets when another process dropped the object first (or is dropping it).
-_GONE = (psycopg.errors.UndefinedObject, psycopg.errors.InvalidCatalogName,
-         psycopg.errors.InvalidSchemaName)  # fmt: skip
-
-
 def _tolerant(conn: psycopg.Connection[tuple[object, ...]], query: sql.Composed | str,
               params: tuple[object, ...] = ()) -> None:  # fmt: skip
     """Run one drop step; an object already gone is fine, and a catalog row another
@@ -134,7 +129,8 @@ def _tolerant(conn: psycopg.Connection[tuple[object, ...]], query: sql.Composed 
         try:
             conn.execute(query, params)
             return
-        except _GONE:
+        except (psycopg.errors.UndefinedObject, psycopg.errors.InvalidCatalogName,
+                psycopg.errors.InvalidSchemaName):  # dropped first by another process  # fmt: skip
             return
         except psycopg.errors.InternalError_ as exc:
             if "concurrently" not in str(exc) or attempt == 4:
