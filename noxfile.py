@@ -80,6 +80,20 @@ def integration_docker(session: nox.Session) -> None:
     _example(session, 4, "--isolate-backend=docker", *DOCKER_IMAGES, docker=True)
 
 
+@nox.session(name="integration-docker-hybrid", python=PYTHON)
+def integration_docker_hybrid(session: nox.Session) -> None:
+    """The example suite on four workers: PostgreSQL and Redis in containers, the service
+    as a local process (``--isolate-docker-services=native``)."""
+    _example(session, 4, "--isolate-backend=docker", "--isolate-docker-services=native", *DOCKER_IMAGES, docker=True)
+
+
+@nox.session(name="integration-docker-mapped", python=PYTHON)
+def integration_docker_mapped(session: nox.Session) -> None:
+    """The example suite on four workers, docker backend in port-mapped mode (Docker
+    Desktop's: a network per run, ports published on 127.0.0.1)."""
+    _example(session, 4, "--isolate-backend=docker", "--isolate-docker-network=mapped", *DOCKER_IMAGES, docker=True)
+
+
 DOCS_DEPS = ["mkdocs==1.6.1", "mkdocs-material==9.8.1", "mkdocstrings==1.0.8", "mkdocstrings-python==2.0.11"]
 RECIPE_DEPS = ["sqlalchemy==2.1.9", "alembic==1.20.1", "django==5.2.19", "pytest-django==4.14.0"]
 

@@ -25,6 +25,7 @@ __all__ = ["OPTIONS", "Option", "Settings", "redact_password", "resolve_settings
 Backend = Literal["native", "docker", "auto"]
 RedisMode = Literal["per-worker", "shared"]
 DockerNetwork = Literal["host", "mapped", "auto"]
+DockerServices = Literal["container", "native"]
 Keep = Literal["never", "failed", "always"]
 DbIsolation = Literal["schema", "database"]
 DemoteServices = Literal["auto", "always", "never"]
@@ -242,6 +243,10 @@ OPTIONS: tuple[Option, ...] = (
            _positive_float),
     Option("docker_network", "docker backend: host networking, port-mapped (127.0.0.1 only),"
            " or auto (host on Linux)", "auto", _choice("host", "mapped", "auto")),
+    Option("docker_services", "docker backend: where the services under test run: container "
+           "(each ServiceSpec's image or build_context) or native (each ServiceSpec's command "
+           "as a local process, as on the native backend, against the PostgreSQL and Redis "
+           "containers)", "container", _choice("container", "native")),
     Option("docker_network_name", "docker backend, mapped mode: existing user-defined network"
            " the containers join; default: a private network per run", "", _optional_str),
     Option("dist", "how an xdist run hands tests to its workers when you give no --dist of "
@@ -305,6 +310,7 @@ class Settings:
     stop_timeout: float = 10.0
     docker_network: DockerNetwork = "auto"
     docker_network_name: str | None = None
+    docker_services: DockerServices = "container"
     dist: Dist = "duration"
     store_durations: str | None = None
     env: tuple[tuple[str, str], ...] = ()

@@ -112,7 +112,10 @@ class RunController:
 
     def header(self) -> list[str]:
         lines = [f"run {self.run_id}, backend {self.backend_name} ({self.backend_reason})"]
-        no_fork = fork_unavailable(self.backend_name, self.settings.fork_server)
-        if no_fork and self.backend_name == "native":  # (in a container, nothing forks anyway)
+        local = self.backend_name == "native" or self.settings.docker_services == "native"
+        if local and self.backend_name != "native":
+            lines[0] += f"; services as local processes (from {self.settings.source_of('docker_services')})"
+        no_fork = fork_unavailable(self.backend_name, self.settings.fork_server, self.settings.docker_services)
+        if no_fork and local:  # (in a container, nothing forks anyway)
             lines[0] += f"; services with an entry start as new processes ({no_fork})"
         return lines + self.backend.describe()

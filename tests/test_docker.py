@@ -339,6 +339,166 @@ def test_isolation_on_docker_at_n4(
     assert containers_of(docker_engine, run_id) == []  # the run removed its containers
 
 
+# -- the service as a local process against the containers (docker_services=native) ---
+
+HYBRID_APP = """
+import http.server, json, os, signal, sys, threading
+
+import psycopg
+import redis
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
+            (user,) = conn.execute("SELECT current_user").fetchone()
+        with redis.Redis.from_url(os.environ["REDIS_URL"]) as client:
+            hits = client.incr("hits")
+        body = json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0),
+                           "uid": os.getuid(), "user": user, "hits": hits}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def main():
+    server = http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print("hybrid app listening", flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+"""
+
+HYBRID_CONFTEST = """
+import sys
+import pytest
+import isolate
+
+@pytest.fixture(scope="session")
+def isolate_service_spec():
+    # No image, no build_context: with --isolate-docker-services=native it runs as a
+    # local process (forked from the worker's fork server) against the containers.
+    return isolate.ServiceSpec(
+        name="hybrid", command=[sys.executable, "hybridapp.py"], entry="hybridapp:main",
+        env={"PORT": "{port}", "DATABASE_URL": "{dsn}", "REDIS_URL": "{redis_url}",
+             "ISOLATE_RUN_ID": "{run_id}"},
+        health=isolate.TcpCheck(), stop_timeout=5,
+    )
+"""
+
+HYBRID_SUITE = """
+import json, os, urllib.request
+from pathlib import Path
+
+import docker
+import pytest
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.parametrize("n", range(4))
+def test_a_local_service_on_the_containers(n, isolate_service, isolate_postgres, isolate_redis,
+                                            isolate_database, isolate_stack, isolate_worker):
+    svc = isolate_service
+    assert (isolate_postgres.backend, isolate_redis.backend) == ("docker", "docker")
+    me = get(svc.url)
+    assert me["user"] == isolate_database.role  # the worker's role on the PostgreSQL container
+    assert me["pid"] == svc.pid == me["pgid"]  # a host process leading its own group
+    parent = Path(f"/proc/{me['ppid']}/cmdline").read_bytes().decode()
+    assert "_preloader.py" in parent  # forked from the worker's fork server
+    run_as = svc.launcher.run_as  # demoted by the native backend's rules
+    assert me["uid"] == (run_as.uid if run_as is not None else os.geteuid())
+    records = {record.name for record in isolate_stack.run.registry.records()}
+    assert {f"service-{svc.name}", f"forkserver-{svc.name}"} <= records  # the reaper knows them
+    client = docker.from_env()
+    found = client.containers.list(filters={"label": f"isolate.run_id={isolate_worker.run_id}"})
+    roles = {container.labels["isolate.role"] for container in found}
+    client.close()
+    assert "service" not in roles and {"postgres", "redis"} <= roles
+    hits = me["hits"]
+    assert svc.stop() == 0  # SIGTERM: it shuts down and exits 0
+    svc.start()
+    assert get(svc.url)["hits"] == hits + 1  # the same Redis container
+    assert svc.kill() == 137
+    svc.restart()
+    assert get(svc.url)["pid"] == svc.pid
+"""
+
+
+def test_services_as_local_processes_against_the_containers(
+    pytester: pytest.Pytester, images: Images, docker_engine: Any
+) -> None:
+    """``--isolate-docker-services=native``: a spec with only a command runs as a native
+    process (own group, registry, fork server, demotion rules) on the docker backend's
+    PostgreSQL and Redis, at -n 2; the header says so and the run leaves nothing."""
+    from suite_support import leftovers, run_id_of
+
+    pytester.makeconftest(HYBRID_CONFTEST)
+    pytester.makepyfile(hybridapp=HYBRID_APP, test_hybrid=HYBRID_SUITE)
+    mark = new_run_id()
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key not in clean_env():
+                mp.delenv(key)
+        mp.setenv("LEFTOVER_MARK", mark)
+        result = pytester.runpytest_subprocess(
+            "-n", "2", "-p", "no:randomly", "-p", "no:cacheprovider",
+            "--isolate-backend=docker", "--isolate-docker-services=native",
+            "--isolate-reap-stale=false", "-v",
+            f"--isolate-pg-image={images.postgres}", f"--isolate-redis-image={images.redis}",
+            timeout=240,
+        )  # fmt: skip
+    out = result.stdout.str()
+    assert result.ret == 0, out + result.stderr.str()
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines([
+        "isolate: run *, backend docker (from command line --isolate-backend); "
+        "services as local processes (from command line --isolate-docker-services)",
+        "isolate: *network host, services as local processes (--isolate-docker-services=native)",
+    ])  # fmt: skip
+    assert "start as new processes" not in out  # the fork server applies
+    run_id = run_id_of(result)
+    assert containers_of(docker_engine, run_id) == []
+    assert leftovers(run_id, mark) == []
+
+
+def test_which_services_the_docker_backend_can_run_is_a_clear_error(
+    isolate_stack: isolate.WorkerStack, settings: Settings, worker: WorkerIdentity, tmp_path: Path
+) -> None:
+    """No image or build context in container mode, no command in native mode: each
+    error names the other way to run it."""
+    from isolate._docker.backend import DockerBackend
+    from isolate._service.native import ProcessLauncher
+
+    command_only = isolate.ServiceSpec("cmd-only", [sys.executable, "-m", "http.server", "{port}"])
+    image_only = isolate.ServiceSpec("img-only", image="isolate-local/python:3")
+    bare = isolate.ServiceSpec("bare")
+    containers = DockerBackend(settings, worker, isolate_stack.run, ROOT)
+    for spec in (command_only, bare):
+        with pytest.raises(isolate.ConfigError, match="neither an image nor a build context") as err:
+            containers.service(spec, f"{spec.name}-test-x", tmp_path / "log")
+        assert "--isolate-docker-services=native" in str(err.value.hint)
+        assert ("give it a command" in str(err.value.hint)) == (spec is bare)
+    native = DockerBackend(dataclasses.replace(settings, docker_services="native"), worker, isolate_stack.run, ROOT)
+    for spec in (image_only, bare):
+        with pytest.raises(isolate.ConfigError, match="has no command") as err:
+            native.service(spec, f"{spec.name}-test-x", tmp_path / "log")
+        assert "--isolate-docker-services=container" in str(err.value.hint)
+    launcher = native.service(command_only, "cmd-only-test-x", tmp_path / "log")
+    assert isinstance(launcher, ProcessLauncher) and launcher.forkserver is None  # no entry
+
+
 # -- the service handle --------------------------------------------------------------
 
 

@@ -63,9 +63,13 @@ class ContainerLauncher:
         if spec.build_context:
             context = Path(spec.build_context)
             return build_image(self.ctx.client, spec.name, context if context.is_absolute() else rootdir / context)
+        process = "run it" if spec.command else "give it a command and run it"
         raise ConfigError(
-            f"service {spec.name!r} has neither an image nor a build context",
-            hint="set ServiceSpec(image=...) or ServiceSpec(build_context=...) for the docker backend",
+            f"service {spec.name!r} has neither an image nor a build context, which the docker "
+            "backend runs services from (--isolate-docker-services=container, the default)",
+            hint="set ServiceSpec(image=...) or ServiceSpec(build_context=...), or "
+            f"{process} as a local process against the PostgreSQL and Redis containers: "
+            "--isolate-docker-services=native (ini isolate_docker_services, env ISOLATE_DOCKER_SERVICES)",
         )
 
     @property
