@@ -674,6 +674,37 @@ def test_mapped_mode_end_to_end(
         reap_run(worker.run_id)
 
 
+@pytest.mark.docker_bridge
+def test_a_tcp_check_behind_the_proxy_waits_for_the_service_to_listen(
+    make_service: Any, settings: Settings, images: Images
+) -> None:
+    """Mapped mode: Docker's proxy accepts on the published port before anything listens
+    in the container (and hangs up); readiness must wait for the service itself."""
+    code = (
+        "import http.server, signal\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])\n"
+        "print('waiting for SIGUSR1', flush=True)\n"
+        "signal.sigwait([signal.SIGUSR1])  # listens only when told\n"
+        "http.server.HTTPServer(('0.0.0.0', 8000), http.server.SimpleHTTPRequestHandler).serve_forever()\n"
+    )
+    spec = isolate.ServiceSpec(
+        name="dk-late", image=images.python, command=["python3", "-c", code],
+        container_port=8000, health=isolate.TcpCheck(), stop_timeout=2,
+    )  # fmt: skip
+    svc = make_service(spec, dataclasses.replace(settings, docker_network="mapped"))
+    svc.start(wait=False)
+    assert isolate.TcpCheck()(svc.host, svc.port)  # the proxy accepts...
+    assert not svc.is_ready()  # ...and hangs up: nothing listens yet
+    for attempt in Retrying(stop=stop_after_delay(30), wait=wait_fixed(0.05), reraise=True):
+        with attempt:
+            assert "waiting for SIGUSR1" in svc.logs()
+    svc.signal(signal.SIGUSR1)
+    svc.wait_ready()
+    with urllib.request.urlopen(svc.url + "/", timeout=10) as resp:
+        assert resp.status == 200
+    assert svc.proxied and svc.stop() in (0, 137, 143)
+
+
 # -- backing servers --------------------------------------------------------------
 
 

@@ -100,6 +100,7 @@ def isolate_migrations() -> Path:
 def _service_env() -> dict[str, str]:
     return {
         **SERVICE_CONFIG,
+        "HOST": "{host}",  # 127.0.0.1; in a port-mapped container, 0.0.0.0
         "PORT": "{port}",
         "DATABASE_URL": "{dsn}",
         "REDIS_URL": "{redis_url}",
@@ -123,9 +124,12 @@ def isolate_service_spec() -> isolate.ServiceSpec:
         health=isolate.HttpCheck("/health/ready"),
         ready_timeout=30,
         stop_timeout=15,
-        # docker backend: the image built from the Dockerfile here runs its own CMD.
+        # docker backend: the image built from the Dockerfile here runs its own CMD
+        # (with --isolate-docker-services=native, the command above runs instead)...
         build_context=EXAMPLE_DIR,
         container_command=(),
+        # ...listening on this port inside its container in port-mapped mode.
+        container_port=8000,
     )
 # --8<-- [end:spec]
 
@@ -236,6 +240,7 @@ class SharedService:
 
     name = "datastorage-shared"
     host = "127.0.0.1"
+    proxied = False  # a local process: a closed listener refuses connections
 
     def __init__(self, directory: Path, port: int, env: dict[str, str], stack: isolate.WorkerStack) -> None:
         self.directory = directory

@@ -46,6 +46,8 @@ class ContainerLauncher:
                 hint="set ServiceSpec(container_port=<port the service listens on in its "
                 "container>), or use --isolate-docker-network=host",
             )
+        #: Its port is published through Docker's proxy (see ``ServiceHandle.proxied``).
+        self.proxied = ctx.mode == "mapped"
         self.image = self._resolve_image(Path(rootdir))
         self.container: Any = None
         self._final_logs = ""

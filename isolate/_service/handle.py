@@ -19,11 +19,15 @@ from .._process import listening_ports
 from .._retry import is_bind_failure, poll_until, start_on_free_port
 from .._run.registry import ProcessRecord
 from .._timings import Timings
-from .spec import ServiceSpec, tail_text
+from .spec import ServiceSpec, TcpCheck, tail_text
 
 __all__ = ["Launcher", "ServiceHandle"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a ``TcpCheck``'s connection must stay open behind Docker's proxy (its hang-up
+#: comes within milliseconds when nothing listens).
+PROXY_SETTLE = 0.25
 
 
 class Launcher(Protocol):
@@ -99,6 +103,12 @@ class ServiceHandle:
         self.host = "127.0.0.1"
         self.values = dict(values)
         self.launcher = launcher
+        #: Whether :attr:`url` is a port Docker publishes (port-mapped mode): Docker's proxy
+        #: accepts connections while the container runs, listening or not, and hangs up on
+        #: them when nothing listens, so a closed listener shows as a connection closed
+        #: without a response, not as refused. A ``TcpCheck`` then needs the connection to
+        #: stay open a moment.
+        self.proxied = bool(getattr(launcher, "proxied", False))
         self.ready_timeout = spec.ready_timeout or ready_timeout
         self.stop_timeout = spec.stop_timeout or stop_timeout
         self.on_start = on_start
@@ -232,7 +242,10 @@ class ServiceHandle:
 
     def is_ready(self) -> bool:
         """One health-check probe."""
-        return self.spec.health(self.host, self.port)
+        check = self.spec.health
+        if self.proxied and isinstance(check, TcpCheck) and not check.settle:
+            check = TcpCheck(settle=PROXY_SETTLE)
+        return check(self.host, self.port)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Poll the health check until it passes; raise if it exits or times out."""

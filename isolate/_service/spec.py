@@ -53,11 +53,25 @@ class HttpCheck:
 
 @dataclass(frozen=True)
 class TcpCheck:
-    """Ready when the port accepts a TCP connection."""
+    """Ready when the port accepts a TCP connection (that stays open ``settle`` seconds).
+
+    Behind a port Docker publishes (port-mapped mode) the engine's proxy accepts every
+    connection while the container runs and hangs up at once when nothing listens in
+    it; there the service handle probes with ``settle`` (see ``ServiceHandle.proxied``).
+    """
+
+    #: Seconds the accepted connection must stay open (0: accepted is enough).
+    settle: float = 0.0
 
     def __call__(self, host: str, port: int) -> bool:
         try:
-            with socket.create_connection((host, port), timeout=1.0):
+            with socket.create_connection((host, port), timeout=1.0) as sock:
+                if self.settle > 0:
+                    sock.settimeout(self.settle)
+                    try:
+                        return sock.recv(1, socket.MSG_PEEK) != b""  # b"": hung up
+                    except TimeoutError:
+                        return True  # still open, nothing said: something listens
                 return True
         except OSError:
             return False
