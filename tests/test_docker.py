@@ -1027,36 +1027,98 @@ def test_context_digest_follows_dockerignore_reincludes(tmp_path: Path, images: 
     assert context_digest(tmp_path) != first
 
 
-def test_edited_build_context_runs_the_new_code(
-    tmp_path: Path, images: Images, make_service: Any, docker_engine: Any
+class Builds:
+    """Starts services built by isolate, reads their answer to ``GET /`` and closes them;
+    the images built are removed after the test."""
+
+    def __init__(self, make_service: Any) -> None:
+        self.make_service = make_service
+        self.built: set[str] = set()
+
+    def answer(self, spec: isolate.ServiceSpec) -> str:
+        svc = self.make_service(spec)
+        svc.start()
+        self.built.add(svc.launcher.image)
+        with urllib.request.urlopen(svc.url, timeout=10) as resp:
+            body = resp.read().decode()
+        svc.close()
+        return str(body)
+
+
+@pytest.fixture
+def builds(make_service: Any, docker_engine: Any) -> Iterator[Builds]:
+    made = Builds(make_service)
+    yield made
+    for tag in made.built:
+        with contextlib.suppress(Exception):
+            docker_engine.images.remove(tag, force=True)
+
+
+def test_context_digest_follows_the_dockerfile_and_build_args(tmp_path: Path, images: Images) -> None:
+    from isolate._docker.images import context_digest
+
+    context = tmp_path / "ctx"
+    _write_context(context, images.python, "v1")
+    outside = tmp_path / "docker" / "svc.Dockerfile"
+    outside.parent.mkdir()
+    outside.write_text(STALE_DOCKERFILE.format(image=images.python))
+    default = context_digest(context)
+    assert context_digest(context, context / "Dockerfile") == default  # named or not: the same
+    elsewhere = context_digest(context, outside)
+    assert elsewhere != default
+    outside.write_text(STALE_DOCKERFILE.format(image=images.python) + "ENV EDITED=1\n")
+    assert context_digest(context, outside) != elsewhere  # its content counts, outside too
+    with_args = context_digest(context, outside, {"GREETING": "hello"})
+    assert with_args != context_digest(context, outside)
+    assert context_digest(context, outside, {"GREETING": "bye"}) != with_args
+    assert context_digest(context, outside, {"GREETING": "hello"}) == with_args
+
+
+ARG_DOCKERFILE = """
+FROM {image}
+ARG GREETING=unset
+COPY pkg/ /app/pkg/
+RUN sed -i "s/^VERSION = .*/VERSION = '$GREETING'/" /app/pkg/__main__.py
+CMD ["python3", "/app/pkg/__main__.py"]
+"""
+
+
+def test_a_dockerfile_outside_the_context_with_build_args(
+    tmp_path: Path, images: Images, builds: Builds, docker_engine: Any
 ) -> None:
+    """``ServiceSpec.dockerfile`` outside the build context (which ignores everything but
+    ``pkg/``) builds, and ``build_args`` reach the build: each value its own image."""
+    context = tmp_path / "svc"
+    _write_context(context, images.python, "from the context")
+    (context / "Dockerfile").write_text("FROM scratch-that-does-not-exist\n")  # not the one used
+    dockerfile = tmp_path / "docker" / "svc.Dockerfile"
+    dockerfile.parent.mkdir()
+    dockerfile.write_text(ARG_DOCKERFILE.format(image=images.python))
+
+    def spec(greeting: str, where: Path | str) -> isolate.ServiceSpec:
+        return isolate.ServiceSpec(
+            name="dk-args", build_context=context, dockerfile=where, build_args={"GREETING": greeting},
+            env={"PORT": "{port}"}, health=isolate.HttpCheck("/"), stop_timeout=2,
+        )  # fmt: skip
+
+    assert builds.answer(spec("hello", dockerfile)) == "hello"
+    assert builds.answer(spec("bye", "../docker/svc.Dockerfile")) == "bye"  # relative to the context
+    assert len(builds.built) == 2
+    image = docker_engine.images.get(sorted(builds.built)[0])
+    assert image.labels.get("isolate.build_context") == str(context)  # cleanup --caches finds it
+
+
+def test_edited_build_context_runs_the_new_code(tmp_path: Path, images: Images, builds: Builds) -> None:
     """Two runs of the same service: a file of its build context edited in between
     (re-included by a ``!`` line of .dockerignore) must reach the second run."""
     context = tmp_path / "svc"
-    built: set[str] = set()
-
-    def run_once(version: str) -> str:
-        _write_context(context, images.python, version)
-        spec = isolate.ServiceSpec(
-            name="dk-stale", build_context=context, env={"PORT": "{port}"},
-            health=isolate.HttpCheck("/"), stop_timeout=2,
-        )  # fmt: skip
-        svc = make_service(spec)
-        svc.start()
-        built.add(svc.launcher.image)
-        with urllib.request.urlopen(svc.url, timeout=5) as resp:
-            body = resp.read().decode()
-        svc.close()
-        return body
-
-    try:
-        assert run_once("v1") == "v1"
-        assert run_once("v2") == "v2"
-        assert len(built) == 2
-    finally:
-        for tag in built:
-            with contextlib.suppress(Exception):
-                docker_engine.images.remove(tag, force=True)
+    spec = isolate.ServiceSpec(name="dk-stale", build_context=context, env={"PORT": "{port}"},
+                               health=isolate.HttpCheck("/"), stop_timeout=2)  # fmt: skip
+    _write_context(context, images.python, "v1")
+    assert builds.answer(spec) == "v1"
+    _write_context(context, images.python, "v2")
+    assert builds.answer(spec) == "v2"
+    assert len(builds.built) == 2
 
 
 def test_cleanup_caches_keeps_the_image_a_live_run_uses(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
-from isolate import ConfigError, HttpCheck, ServiceSpec, WorkerIdentity
+from isolate import ConfigError, HttpCheck, ServiceSpec, TcpCheck, WorkerIdentity
 from isolate._database import migration_files, schema_name
 from isolate._errors import ServiceExitedError
 from isolate._identity import new_run_id, worker_from_env
@@ -90,6 +90,44 @@ def test_service_spec_validation() -> None:
         ServiceSpec("Bad Name!", ["run"])
     with pytest.raises(ConfigError, match="list of arguments"):
         ServiceSpec("api", "run --port {port}")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="need a build_context"):
+        ServiceSpec("api", image="api:1", dockerfile="api.Dockerfile")
+    with pytest.raises(ConfigError, match="need a build_context"):
+        ServiceSpec("api", build_args={"V": "1"})
+    with pytest.raises(ConfigError, match="map names to strings"):
+        ServiceSpec("api", build_context=".", build_args={"V": 3})  # type: ignore[dict-item]
+    spec = ServiceSpec("api", build_context=".", dockerfile="/abs/api.Dockerfile", build_args={"V": "3"})
+    assert (spec.dockerfile, dict(spec.build_args)) == ("/abs/api.Dockerfile", {"V": "3"})
+
+
+def test_a_tcp_check_with_settle_tells_a_listener_from_a_hang_up() -> None:
+    """What Docker's proxy does when nothing listens behind it: accept, then close."""
+    import socket
+    import threading
+
+    stop = threading.Event()
+
+    def hang_up(server: socket.socket) -> None:
+        while not stop.is_set():
+            try:
+                server.accept()[0].close()
+            except TimeoutError:
+                continue
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.1)
+        port = server.getsockname()[1]
+        assert TcpCheck(settle=0.2)("127.0.0.1", port)  # accepted (backlog), stays open
+        thread = threading.Thread(target=hang_up, args=(server,))
+        thread.start()
+        try:
+            assert TcpCheck()("127.0.0.1", port)  # accepted is enough: fooled
+            assert not TcpCheck(settle=5)("127.0.0.1", port)  # the hang-up comes before 5 s
+        finally:
+            stop.set()
+            thread.join(10)
 
 
 def test_http_check_is_false_when_nothing_listens() -> None:

@@ -66,38 +66,69 @@ def _dockerignore(context: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
-def context_digest(context: Path) -> str:
-    """Hash of what a build of ``context`` sends: each file's path, mode and content.
+def context_digest(
+    context: Path, dockerfile: Path | None = None, build_args: Mapping[str, str] | None = None
+) -> str:
+    """Hash of what a build of ``context`` sends: each file's path, mode and content, and
+    (when given) the Dockerfile's place and content, which may lie outside the context,
+    and the build arguments.
 
     The file list is the Docker SDK's own (``.dockerignore`` semantics, ``!`` lines
     included), so an edit to any file the image can see changes the digest.
     """
     from docker.utils.build import exclude_paths
 
+    inside = _inside(context, dockerfile)
     digest = hashlib.sha256()
-    for rel in sorted(exclude_paths(str(context), _dockerignore(context))):
+    # The SDK sends a Dockerfile from outside under a name of its own: no "!Dockerfile".
+    for rel in sorted(exclude_paths(str(context), _dockerignore(context), dockerfile=inside or ".dockerfile")):
         path = context / rel
         if path.is_file() and not path.is_symlink():
             digest.update(f"{rel}\0{path.stat().st_mode & 0o111}\0".encode())
             digest.update(path.read_bytes())
             digest.update(b"\0")
+    if dockerfile is not None and inside != "Dockerfile":  # the default one is hashed above
+        digest.update(f"dockerfile\0{inside or 'outside'}\0".encode() + dockerfile.read_bytes() + b"\0")
+    for name, value in sorted((build_args or {}).items()):
+        digest.update(f"arg\0{name}\0{value}\0".encode())
     return digest.hexdigest()[:12]
 
 
-def build_image(client: Any, name: str, context: Path) -> str:
-    """Build ``context`` as ``isolate-build/<name>:<hash of the context>`` (reused if present)."""
-    if not (context / "Dockerfile").is_file():
+def _inside(context: Path, dockerfile: Path | None) -> str | None:
+    """``dockerfile``'s path in ``context`` (``Dockerfile`` by default), ``None`` if outside."""
+    if dockerfile is None:
+        return "Dockerfile"
+    try:
+        return dockerfile.resolve().relative_to(context.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def build_image(
+    client: Any, name: str, context: Path, dockerfile: Path | None = None,
+    build_args: Mapping[str, str] | None = None,
+) -> str:  # fmt: skip
+    """Build ``context`` (with ``dockerfile``, default ``context/Dockerfile``, and
+    ``build_args``) as ``isolate-build/<name>:<digest>``, reused if present."""
+    if not context.is_dir():
         raise ConfigError(
-            f"build context {context} has no Dockerfile",
-            hint="point ServiceSpec.build_context at a directory with a Dockerfile "
+            f"build context {context} is not a directory",
+            hint="point ServiceSpec.build_context at the directory the image is built from "
             "(relative paths are relative to the pytest rootdir)",
         )
+    if not (dockerfile or context / "Dockerfile").is_file():
+        raise ConfigError(
+            f"build context {context} has no Dockerfile" if dockerfile is None
+            else f"Dockerfile {dockerfile} does not exist",
+            hint="point ServiceSpec.build_context at a directory with a Dockerfile, or name "
+            "one with ServiceSpec.dockerfile (relative to the build context, or absolute)",
+        )  # fmt: skip
     repo = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("._-") or "service"
-    tag = f"isolate-build/{repo}:{context_digest(context)}"
+    tag = f"isolate-build/{repo}:{context_digest(context, dockerfile, build_args)}"
     # In use for the life of this worker (its containers run the image): a shared lock,
     # so `cleanup --caches` leaves the image (and the lock) alone; built, if missing,
     # under the exclusive lock, once for every worker and run.
-    hold_image(client, tag, lambda: _build(client, context, tag))
+    hold_image(client, tag, lambda: _build(client, context, tag, dockerfile, build_args))
     return tag
 
 
@@ -132,12 +163,14 @@ def _present(client: Any, tag: str) -> bool:
     return True
 
 
-def _build(client: Any, context: Path, tag: str) -> None:
+def _build(client: Any, context: Path, tag: str, dockerfile: Path | None = None,
+           build_args: Mapping[str, str] | None = None) -> None:  # fmt: skip
     started = time.monotonic()
     try:
         client.images.build(
             path=str(context), tag=tag, rm=True, forcerm=True, pull=False,
             network_mode="host", labels={BUILD_LABEL: str(context)},
+            dockerfile=str(dockerfile) if dockerfile else None, buildargs=dict(build_args or {}),
         )  # fmt: skip
     except Exception as exc:
         build_log = getattr(exc, "build_log", None) or []

@@ -63,8 +63,9 @@ class ContainerLauncher:
             )  # fmt: skip
             return spec.image
         if spec.build_context:
-            context = Path(spec.build_context)
-            return build_image(self.ctx.client, spec.name, context if context.is_absolute() else rootdir / context)
+            context = rootdir / spec.build_context  # an absolute one stays as it is
+            dockerfile = context / spec.dockerfile if spec.dockerfile is not None else None
+            return build_image(self.ctx.client, spec.name, context, dockerfile, spec.build_args)
         process = "run it" if spec.command else "give it a command and run it"
         raise ConfigError(
             f"service {spec.name!r} has neither an image nor a build context, which the docker "

@@ -106,7 +106,14 @@ class ServiceSpec:
     inherit_env: bool = True
     #: Docker backend: the image to run (or build from ``build_context``).
     image: str | None = None
+    #: Docker backend: the directory the image is built from (relative to the pytest
+    #: rootdir, or absolute), as ``isolate-build/<name>:<digest>``.
     build_context: str | Path | None = None
+    #: Docker backend: the Dockerfile of that build, relative to ``build_context`` or
+    #: absolute, inside the context or not (default: ``Dockerfile`` in the context).
+    dockerfile: str | Path | None = None
+    #: Docker backend: build arguments (values for the Dockerfile's ``ARG`` lines); part of the digest.
+    build_args: Mapping[str, str] = field(default_factory=dict)
     #: Docker port-mapped mode: the port the service listens on inside the container.
     container_port: int | None = None
     #: Docker backend: the command run in the container (templates allowed). ``None``
@@ -150,6 +157,7 @@ class ServiceSpec:
             )
         if self.entry is not None and not self.preload:
             object.__setattr__(self, "preload", (self.entry.partition(":")[0],))
+        self._check_build()
         if isinstance(self.depends_on, str) or self.name in self.depends_on:
             raise ConfigError(
                 f"ServiceSpec.depends_on of {self.name!r} must be a list of other services' names",
@@ -165,6 +173,20 @@ class ServiceSpec:
                     hint=f"use only {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}; "
                     "write {{ and }} for literal braces",
                 )
+
+    def _check_build(self) -> None:
+        if (self.dockerfile is not None or self.build_args) and self.build_context is None:
+            raise ConfigError(
+                f"ServiceSpec.dockerfile and build_args of {self.name!r} need a build_context",
+                hint="set build_context to the directory the image is built from, e.g. "
+                "ServiceSpec(build_context='.', dockerfile='docker/api.Dockerfile')",
+            )
+        args = self.build_args
+        if not isinstance(args, Mapping) or not all(isinstance(v, str) for v in (*args, *args.values())):
+            raise ConfigError(
+                f"ServiceSpec.build_args of {self.name!r} must map names to strings",
+                hint="e.g. build_args={'PYTHON_VERSION': '3.12'}",
+            )
 
     def uses(self) -> set[str]:
         """The placeholders its templates use."""
