@@ -142,8 +142,20 @@ dockerd_running_pid() { # prints the pid of a live dockerd from its pidfile
 }
 
 DOCKERD_PID=""
+# No default bridge and no iptables rules: user-defined networks (isolate's mapped mode)
+# still work, and with no iptables a port published on 127.0.0.1 is served by the
+# userland proxy (docker-proxy, in the docker.io package): asked for explicitly, by path.
+userland_proxy() {
+    local path
+    path="$(command -v docker-proxy || true)"
+    [ -x "$path" ] || die "docker-proxy not found on PATH: published ports (isolate's mapped mode) need it; reinstall docker.io"
+    echo "$path"
+}
+
 start_dockerd() {
-    local args=(--bridge=none --iptables=false)
+    local proxy
+    proxy="$(userland_proxy)" || exit 1
+    local args=(--bridge=none --iptables=false --userland-proxy=true "--userland-proxy-path=$proxy")
     # A pidfile left by a dead dockerd makes a new one refuse to start.
     rm -f /var/run/docker.pid
     # dockerd waits (then gives up) on the containerd named in this pidfile

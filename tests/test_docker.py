@@ -5,11 +5,11 @@ CI runs these with ``-n 4 --isolate-backend=docker --isolate-pg-image=isolate-lo
 and the fixture app's image is built by isolate from ``tests/fixture_app/Dockerfile``.
 Without an engine these tests skip, except with ``CI=true``, where they fail.
 
-Nothing here needs a bridge network: everything uses host networking on
-127.0.0.1. Mapped mode is checked on the ``none`` network (port bindings, URL,
-container-side template values); the end-to-end mapped test needs a
-user-defined bridge network: it is marked ``docker_bridge``, deselected by default
-(``pytest -m docker_bridge`` runs it where bridges are allowed).
+Most tests use host networking on 127.0.0.1; mapped mode's port bindings, URL and
+container-side template values are checked on the ``none`` network. The tests that need
+a user-defined bridge network and published ports (mapped mode end to end) are marked
+``docker_bridge``; CI runs them (``.ci/docker-setup.sh``'s engine has both), and an
+engine that cannot deselects them with ``-m 'not docker_bridge'``.
 """
 
 from __future__ import annotations
