@@ -76,8 +76,12 @@ def integration(session: nox.Session, workers: int) -> None:
 
 @nox.session(name="integration-docker", python=PYTHON)
 def integration_docker(session: nox.Session) -> None:
-    """The example suite on four workers, docker backend (needs .ci/docker-setup.sh)."""
+    """The example suite on four workers, docker backend (needs .ci/docker-setup.sh), then
+    the docker how-to's service, built from its offline Dockerfile (no registry here)."""
     _example(session, 4, "--isolate-backend=docker", *DOCKER_IMAGES, docker=True)
+    session.chdir("../docker-python")
+    session.run("pytest", "-n", "4", "--isolate-backend=docker", *DOCKER_IMAGES,
+                env={"LINKS_DOCKERFILE": "offline.Dockerfile"})
 
 
 @nox.session(name="integration-docker-hybrid", python=PYTHON)

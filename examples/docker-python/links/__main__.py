@@ -1,0 +1,5 @@
+"""``python -m links``"""
+
+from links.app import main
+
+raise SystemExit(main())
