@@ -455,7 +455,7 @@ def test_services_as_local_processes_against_the_containers(
         result = pytester.runpytest_subprocess(
             "-n", "2", "-p", "no:randomly", "-p", "no:cacheprovider",
             "--isolate-backend=docker", "--isolate-docker-services=native",
-            "--isolate-reap-stale=false", "-v",
+            "--no-isolate-reap-stale", "-v",
             f"--isolate-pg-image={images.postgres}", f"--isolate-redis-image={images.redis}",
             timeout=240,
         )  # fmt: skip
