@@ -4,6 +4,7 @@ what a dead run left is found by its stale lease, not by a local pid."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -187,19 +188,28 @@ def test_shards_starting_together_against_a_stale_run_all_start(isolate_postgres
     """Two shards start at the same moment, ten times, each time against a fresh stale run:
     one claims it (under the lock) and drops its objects, the other leaves it alone, and
     both start; nothing of the stale run is left."""
-    for _ in range(10):
+    # A database of the test's own holds the lease table: no other test's nested run (they
+    # share this server) claims the stale run first.
+    own = dataclasses.replace(isolate_postgres, database=f"isolate_shards_{new_run_id()}")
+    with psycopg.connect(isolate_postgres.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(own.database)))
+    try:
+        for _ in range(10):
+            with psycopg.connect(own.admin_dsn, autocommit=True) as conn:
+                stale = _stale_run(conn)
+            leases = [RunLease(own, new_run_id()) for _ in range(2)]
+            results = _together([lease.open for lease in leases])
+            try:
+                assert all(isinstance(r, list) for r in results), results
+                assert sum(bool(r) for r in results) == 1, results  # one shard dropped it
+                with psycopg.connect(own.admin_dsn, autocommit=True) as conn:
+                    assert run_objects(conn, stale) == []
+            finally:
+                for lease in leases:
+                    lease.close()
+    finally:
         with psycopg.connect(isolate_postgres.admin_dsn, autocommit=True) as conn:
-            stale = _stale_run(conn)
-        leases = [RunLease(isolate_postgres, new_run_id()) for _ in range(2)]
-        results = _together([lease.open for lease in leases])
-        try:
-            assert all(isinstance(r, list) for r in results), results
-            assert sum(bool(r) for r in results) == 1, results  # one shard dropped it
-            with psycopg.connect(isolate_postgres.admin_dsn, autocommit=True) as conn:
-                assert run_objects(conn, stale) == []
-        finally:
-            for lease in leases:
-                lease.close()
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(own.database)))
 
 
 def test_a_run_whose_lease_was_taken_for_dead_fails_its_tests(

@@ -222,7 +222,11 @@ def as_nobody(script: str) -> None:
 
 @needs_root
 def test_files_planted_by_another_user_are_never_trusted(suite: pytest.Pytester, tmp_path: Path) -> None:
-    base = Path(default_base_dir())
+    # A base dir of the test's own, world-writable and sticky like /dev/shm: in the shared
+    # one, another test's run as nobody (test_two_users) would reap the planted runs as its
+    # own stale ones, which they are, as far as nobody is concerned.
+    base = Path(tempfile.mkdtemp(prefix="isolate-test-base-", dir=default_base_dir()))
+    os.chmod(base, 0o1777)
     victim_dir = tmp_path / "root-only"
     victim_dir.mkdir(mode=0o700)
     (victim_dir / "keep").write_text("root's")
@@ -242,7 +246,7 @@ def test_files_planted_by_another_user_are_never_trusted(suite: pytest.Pytester,
             f"echo '{{}}' > {planted[1]}/owner.json"
         )
         suite.makepyfile(test_x="def test_x(isolate_service): pass")
-        result = suite.runpytest_subprocess("-p", "no:xdist", "test_x.py")
+        result = suite.runpytest_subprocess("-p", "no:xdist", f"--isolate-base-dir={base}", "test_x.py")
         result.assert_outcomes(passed=1)
         assert "INTERNALERROR" not in result.stdout.str()
         assert victim.poll() is None  # not signalled
@@ -251,8 +255,7 @@ def test_files_planted_by_another_user_are_never_trusted(suite: pytest.Pytester,
     finally:
         victim.kill()
         victim.wait()
-        for path in planted:
-            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @needs_root
