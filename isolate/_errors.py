@@ -27,7 +27,13 @@ __all__ = [
     "ServiceExitedError",
     "ServiceNotReadyError",
     "UnexpectedFileError",
+    "tail_text",
 ]
+
+
+def tail_text(text: str, lines: int = 30) -> str:
+    """The last ``lines`` lines of ``text`` (an error's ``log_tail``)."""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 class IsolateError(Exception):

@@ -28,7 +28,6 @@ from ._errors import ConfigError, LeaseLostError, RunStoppingError
 from ._identity import WorkerIdentity
 from ._pool import FreshPool, pool_size, set_aside_and_rebuild, spare_space
 from ._postgres import PostgresConfig, PostgresServer, tuned_settings
-from ._postgres.external import ExternalPostgresRunner
 from ._postgres.server import Seed
 from ._redis import RedisConfig, RedisServer
 from ._redis.lease import DbLease, ExternalDbLease, RunDbLease
@@ -226,9 +225,6 @@ class WorkerStack:
                 start_timeout=self.settings.pg_start_timeout, seed=seed,
                 cache_size=self.settings.cache_size,
             )  # fmt: skip
-            if self.settings.pg_dsn:
-                needs_createdb = self.settings.db_isolation == "database"
-                return self._start(ExternalPostgresRunner(self.settings.pg_dsn, needs_createdb=needs_createdb)).to_json()
             return self._start(self.backend.postgres(config, self.run.path / "postgres"), shared=True).to_json()
 
     @property

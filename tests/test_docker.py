@@ -478,7 +478,7 @@ def test_which_services_the_docker_backend_can_run_is_a_clear_error(
 ) -> None:
     """No image or build context in container mode, no command in native mode: each
     error names the other way to run it."""
-    from isolate._docker.backend import DockerBackend
+    from isolate._backends.docker import DockerBackend
     from isolate._service.native import ProcessLauncher
 
     command_only = isolate.ServiceSpec("cmd-only", [sys.executable, "-m", "http.server", "{port}"])

@@ -13,11 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .._config import OPTIONS
-from .._errors import ServerStartError
+from .._errors import ServerStartError, tail_text
 from .._ports import PortLease
 from .._retry import poll_until, start_on_free_port
 from .._run.registry import ProcessRecord
-from .._service.spec import tail_text
 from .context import LABEL, MANAGED_FILTER, DockerRun, owner_of
 from .engine import engine, is_docker_error, reason
 from .images import ensure_image

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .._cache import entry_lock, hold_entry, release_entry, remove_unused
-from .._errors import ConfigError, DockerUnavailableError, ImageNotFoundError
+from .._errors import ConfigError, DockerUnavailableError, ImageNotFoundError, tail_text
 from .._fs import own_dir
-from .._service.spec import tail_text
 from .engine import is_docker_error, reason
 
 __all__ = [

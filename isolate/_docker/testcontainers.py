@@ -26,10 +26,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .._containers import ContainerHandle
-from .._errors import ConfigError, ServerStartError
+from .._errors import ConfigError, ServerStartError, tail_text
 from .._ports import PortLease
 from .._retry import start_on_free_port
-from .._service.spec import tail_text
 from .context import DockerRun
 from .engine import reason
 

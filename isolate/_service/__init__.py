@@ -2,7 +2,7 @@
 with thin launchers (``native``: a process group; ``docker``: a container)."""
 
 from .handle import Launcher, ServiceHandle
-from .spec import TEMPLATE_FIELDS, HealthCheck, HttpCheck, ServiceSpec, TcpCheck, render, tail_text
+from .spec import TEMPLATE_FIELDS, HealthCheck, HttpCheck, ServiceSpec, TcpCheck, render
 
 __all__ = [
     "TEMPLATE_FIELDS",
@@ -13,5 +13,4 @@ __all__ = [
     "ServiceSpec",
     "TcpCheck",
     "render",
-    "tail_text",
 ]

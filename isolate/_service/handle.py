@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from .._errors import ServiceExitedError, ServiceNotReadyError
+from .._errors import ServiceExitedError, ServiceNotReadyError, tail_text
 from .._ports import PortLease
 from .._process import listening_ports
 from .._retry import is_bind_failure, poll_until, start_on_free_port
 from .._run.registry import ProcessRecord
 from .._timings import Timings
-from .spec import ServiceSpec, TcpCheck, tail_text
+from .spec import ServiceSpec, TcpCheck
 
 __all__ = ["Launcher", "ServiceHandle"]
 

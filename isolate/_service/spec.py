@@ -21,7 +21,6 @@ __all__ = [
     "placeholders",
     "render",
     "start_order",
-    "tail_text",
 ]
 
 #: Placeholders a command or env template may use.
@@ -213,10 +212,6 @@ def render(template: str, values: Mapping[str, object]) -> str:
         return template.format_map(values)
     except KeyError as exc:
         raise ConfigError(f"template {template!r} needs {exc} which is not available") from None
-
-
-def tail_text(text: str, lines: int = 30) -> str:
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def start_order(specs: Sequence[ServiceSpec], started: Collection[str] = ()) -> list[ServiceSpec]:

@@ -17,12 +17,11 @@ import pytest
 
 from .._config import OPTIONS, Option, Settings, redact_password, resolve_settings
 from .._controller import WORKERINPUT_KEYS, RunController
-from .._errors import ConfigError, IsolateError, RunFixtureError
+from .._errors import ConfigError, IsolateError, RunFixtureError, tail_text
 from .._identity import new_run_id, worker_from_env
 from .._run.notices import NoticeHandler
 from .._run.rundir import RunDir
 from .._run.serial import SerialGate, record_serial_ids
-from .._service import tail_text
 from .._stack import WorkerStack
 from ._durations import DurationRecorder
 from ._env import controller_environment, early_workerinput, share_with_workers, will_have_workers

