@@ -12,6 +12,8 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
+import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ __all__ = [
     "RunAs",
     "as_user",
     "can_access",
+    "die_with_parent",
     "inherited_env",
     "listening_ports",
     "resolve_run_as",
@@ -72,6 +75,31 @@ def as_user(run_as: RunAs | None) -> dict[str, Any]:
     if run_as is None:
         return {}
     return {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child SIGKILLed when this process dies
+    (``PR_SET_PDEATHSIG``), or ``None`` where that cannot hold: off Linux, and when not
+    called from the main thread (the signal follows the thread that forked the child,
+    and only the main thread lives as long as the process). It runs after ``user=``'s
+    change of user, so the setting stays; it does nothing but one ``prctl`` call, resolved
+    here, not in the child."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # died before the line above
+            os._exit(1)
+
+    return preexec
 
 
 def inherited_env(secrets: Collection[str | None] = ()) -> dict[str, str]:
@@ -214,6 +242,7 @@ class ManagedProcess:
         run_as: RunAs | None = None,
         spawner: Spawner | None = None,
         stdin: bytes | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.argv = list(argv)
         self.log_path = log_path
@@ -223,6 +252,8 @@ class ManagedProcess:
         self.spawner = spawner
         #: What the process reads on its stdin (then end-of-file) at every start.
         self.stdin = stdin
+        #: Linux: SIGKILL it when the process that started it dies (see :func:`die_with_parent`).
+        self.die_with_parent = die_with_parent
         self._popen: Child | None = None
         self.start_ticks: int | None = None
 
@@ -253,6 +284,7 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=die_with_parent() if self.die_with_parent else None,
                 **as_user(self.run_as),
             )
         finally:

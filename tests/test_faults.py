@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -140,6 +141,43 @@ def test_a_worker_killed_while_a_server_starts_leaves_nothing(
         """
     )
     run = Run(suite.path, "-n", "1", "test_die.py")
+    out = run.finish()
+    assert "crashed" in out or "worker" in out.lower(), out
+    poll(run.leftovers, 15)
+
+
+@pytest.mark.parametrize("piece", ["valkey", "service"])
+def test_a_worker_killed_before_it_registered_what_it_spawned_leaves_nothing(
+    suite: pytest.Pytester, piece: str
+) -> None:
+    """The narrowest window: the worker dies after spawning its Valkey (or its service)
+    and before writing it to the registry, so no reaper knows of it. A worker's own
+    processes die with it (PR_SET_PDEATHSIG) when nothing may keep them up."""
+    if piece == "valkey":
+        body = """
+        def spawned_then_die(self, proc, lease):
+            os.kill(os.getpid(), signal.SIGKILL)  # spawned, not registered
+
+        def test_die(monkeypatch, isolate_stack):
+            monkeypatch.setattr(native.NativeRedisRunner, "_spawned", spawned_then_die)
+            isolate_stack.redis()
+        """
+        module = "isolate._redis.native"
+    else:
+        body = """
+        real = native.ProcessLauncher.launch
+
+        def launch_then_die(self):
+            real(self)
+            os.kill(os.getpid(), signal.SIGKILL)  # spawned, not registered
+
+        def test_die(monkeypatch, isolate_stack, isolate_service_spec):
+            monkeypatch.setattr(native.ProcessLauncher, "launch", launch_then_die)
+            isolate_stack.service(isolate_service_spec)
+        """
+        module = "isolate._service.native"
+    suite.makepyfile(test_die=f"import os, signal\nimport {module} as native\n" + textwrap.dedent(body))
+    run = Run(suite.path, "-n", "1", "--max-worker-restart=0", "test_die.py")
     out = run.finish()
     assert "crashed" in out or "worker" in out.lower(), out
     poll(run.leftovers, 15)

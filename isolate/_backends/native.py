@@ -43,6 +43,12 @@ class NativeBackend:
         assert self._run_as is not True
         return self._run_as
 
+    @property
+    def dies_with_worker(self) -> bool:
+        """Whether a worker's own processes (its Redis, its services) die with it: unless
+        ``--isolate-keep`` may keep them up after the worker is done."""
+        return self.settings.keep == "never"
+
     def postgres_binary(self) -> Binary:
         return find_postgres(self.settings.pg_bin_dir, self.settings.source_of("pg_bin_dir"))
 
@@ -54,7 +60,9 @@ class NativeBackend:
 
     def redis(self, config: RedisConfig, directory: Path, name: str, *, shared: bool,
               ) -> NativeRedisRunner:  # fmt: skip
-        return NativeRedisRunner(self.redis_binary(), config, directory, name, self.run_as, env=self.env)
+        runner = NativeRedisRunner(self.redis_binary(), config, directory, name, self.run_as, env=self.env)
+        runner.die_with_worker = not shared and self.dies_with_worker
+        return runner
 
     def service(self, spec: ServiceSpec, instance: str, log_path: Path) -> ProcessLauncher:
         cwd = service_cwd(spec, self.rootdir)
@@ -62,7 +70,9 @@ class NativeBackend:
         forks = spec.entry is not None and fork_unavailable(self.name, self.settings.fork_server) is None
         env = self.env if spec.inherit_env else {}
         server = ForkServer(spec, instance, cwd, log_path, user, env) if forks else None
-        return ProcessLauncher(spec, instance, log_path, self.rootdir, user, server, env)
+        launcher = ProcessLauncher(spec, instance, log_path, self.rootdir, user, server, env)
+        launcher.die_with_worker = self.dies_with_worker
+        return launcher
 
     def reap_run(self) -> list[str]:
         return []  # every process is in the registry

@@ -27,6 +27,9 @@ class NativeRedisRunner(NativeServer):
         super().__init__(name, binary, directory, run_as, env)
         self.config = config
         self.server: RedisServer | None = None
+        #: SIGKILLed if the worker that started it dies (a per-worker server, nothing kept):
+        #: even one the worker had no time to register goes with it.
+        self.die_with_worker = False
 
     def _config(self, port: int) -> bytes:
         """The server's config, with the admin password: it reaches the server on its
@@ -51,6 +54,7 @@ class NativeRedisRunner(NativeServer):
         proc = ManagedProcess(
             [self._bin(self.binary.path.name), "-"], log_path=self.log_path,
             env=self.env, cwd=self.directory, run_as=self.run_as, stdin=self._config(lease.port),
+            die_with_parent=self.die_with_worker,
         )  # fmt: skip
         proc.start()
         self._spawned(proc, lease)

@@ -119,6 +119,8 @@ class ProcessLauncher:
         self.run_as = run_as
         #: Starts it by forking a preloaded parent (``spec.entry``), or ``None``.
         self.forkserver = forkserver
+        #: SIGKILLed if the worker dies (unless ``--isolate-keep`` may keep it up).
+        self.die_with_worker = False
         #: What it inherits (``spec.inherit_env``: this environment without isolate's secrets).
         self.base_env = dict(env) if env is not None else (inherited_env() if spec.inherit_env else {})
         self._proc: ManagedProcess | None = None
@@ -141,7 +143,7 @@ class ProcessLauncher:
         self._proc = ManagedProcess(
             [render(arg, values) for arg in self.spec.command],
             log_path=self.log_path, env=env, cwd=self.cwd, run_as=self.run_as,
-            spawner=self.forkserver,
+            spawner=self.forkserver, die_with_parent=self.die_with_worker,
         )  # fmt: skip
 
     def warm(self, register: Callable[[ProcessRecord], None]) -> None:
