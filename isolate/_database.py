@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 import secrets
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,13 @@ def migration_files(source: str | Path) -> list[Path]:
     return files
 
 
+#: A migrations callable runs in one thread of a process at a time: the fresh-database
+#: pool migrates spare schemas in a background thread while the worker may migrate (or
+#: rebuild) in its own, and a callable is rarely thread-safe (Alembic's ``context`` is a
+#: module-level global; a Django callable repoints the default connection).
+_ONE_CALLABLE_AT_A_TIME = threading.RLock()
+
+
 def run_migrations(conn: psycopg.Connection[tuple[object, ...]], steps: Migrations, where: str,
                    *, what: str = "migration") -> int:  # fmt: skip
     """Run a directory or file of ``.sql`` files, or ``callable(conn)``, on ``conn``;
@@ -84,7 +92,8 @@ def run_migrations(conn: psycopg.Connection[tuple[object, ...]], steps: Migratio
         return 0
     if callable(steps):
         try:
-            steps(conn)
+            with _ONE_CALLABLE_AT_A_TIME:
+                steps(conn)
         except Exception as exc:
             raise MigrationError(f"{what} callable failed: {exc}", target=where) from exc
         return 1

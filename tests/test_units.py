@@ -318,3 +318,28 @@ def test_what_ran_says_it_in_one_phrase() -> None:
     assert what_ran([ev("postgres_start", "main"), ev("postgres_wait", "main")], external_pg=True,
                     external_redis=True) == "an external PostgreSQL, an external Redis on 1 worker"  # fmt: skip
     assert what_ran([ev("worker_teardown", "gw0")], external_pg=False, external_redis=False) == ""
+
+
+def test_a_migrations_callable_never_runs_in_two_threads_at_once() -> None:
+    """The fresh-database pool migrates spares in a background thread while the worker
+    migrates in its own: a callable (Alembic's, Django's: module-level state) runs in one
+    thread at a time."""
+    import threading
+    import time
+
+    from isolate._database import run_migrations
+
+    inside, overlaps = [0], []
+
+    def migrate(conn: object) -> None:
+        inside[0] += 1
+        overlaps.append(inside[0])
+        time.sleep(0.05)
+        inside[0] -= 1
+
+    threads = [threading.Thread(target=run_migrations, args=(None, migrate, "x")) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps == [1, 1, 1, 1]
