@@ -17,6 +17,7 @@ from ._fault import Fault
 from ._lazy import lazy
 from ._postgres import PostgresServer
 from ._postgres.server import Seed
+from ._retry import poll_until
 
 if TYPE_CHECKING:
     import psycopg
@@ -244,6 +245,15 @@ class WorkerDatabase:
         try:
             with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
                 conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(ident))
+                # A connection that passed the LOGIN check before that commit is still
+                # starting (not yet a session of the role): it would survive the end of
+                # the sessions below. Let those that were starting then become sessions.
+                starting = _starting_backends(conn)
+                if starting and not poll_until(lambda: not starting & _starting_backends(conn), CUT_TIMEOUT):
+                    raise FaultInjectionError(
+                        f"could not cut {self.role}: connections {sorted(starting)} were still starting "
+                        f"after {CUT_TIMEOUT:.0f}s"
+                    )
                 conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
                     (self.role,),
@@ -272,6 +282,25 @@ class WorkerDatabase:
             else:
                 conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+
+
+#: Seconds :meth:`WorkerDatabase.cut` waits for connections that were starting.
+CUT_TIMEOUT = 10.0
+
+#: Backends in their start-up transaction: they hold their own ``virtualxid`` lock but
+#: pg_stat_activity does not show them as a user's session yet (it does not show them at
+#: all before PostgreSQL 18). A connection's LOGIN check happens in that transaction.
+_STARTING = """
+SELECT DISTINCT l.pid FROM pg_locks l
+WHERE l.locktype = 'virtualxid' AND l.pid IS NOT NULL AND l.pid <> pg_backend_pid()
+  AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = l.pid
+                  AND (a.usename IS NOT NULL OR a.backend_type <> 'client backend'))
+"""
+
+
+def _starting_backends(conn: psycopg.Connection[tuple[object, ...]]) -> set[int]:
+    """The pids of the server's connections that are still starting (see ``_STARTING``)."""
+    return {int(pid) for (pid,) in conn.execute(_STARTING)}  # type: ignore[call-overload]
 
 
 def clone_database(conn: psycopg.Connection[tuple[object, ...]], server: PostgresServer, name: str,

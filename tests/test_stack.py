@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from conftest import MIGRATIONS, app_spec
 import isolate
 from isolate import ServiceHandle, WorkerDatabase, WorkerStack
 from isolate import _ports as isolate_ports
+from isolate._retry import poll_until
 
 
 def post(url: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +115,50 @@ def test_cut_makes_postgres_unavailable_to_this_worker_only(
             isolate_database.restore()
     with isolate_database.connect() as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_cut_ends_a_connection_that_was_starting_when_login_was_taken(
+    isolate_postgres: isolate.PostgresServer,
+) -> None:
+    """A connection past its LOGIN check but not yet a session (here held there by
+    ``post_auth_delay``, as a loaded machine can hold a service pool's reconnect) does not
+    survive the cut: it is ended once it is a session, before cut() returns."""
+    db = WorkerDatabase.create(isolate_postgres, f"starting{os.getpid()}", "t")
+    result: dict[str, object] = {}
+    cut_done = threading.Event()
+
+    def connect() -> None:
+        try:
+            with db.connect(options="-c post_auth_delay=2") as conn:
+                cut_done.wait(30)  # used after the cut, as a pool uses its connections
+                result["row"] = conn.execute("SELECT 1").fetchone()
+        except psycopg.OperationalError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=connect)
+    try:
+        thread.start()
+        assert poll_until(lambda: _starting(isolate_postgres), 20), "the connection never got past its LOGIN check"
+        db.cut()
+        cut_done.set()
+        thread.join(30)
+        assert "error" in result, f"the starting connection survived the cut: {result}"
+    finally:
+        cut_done.set()
+        thread.join(30)
+        db.restore()
+        db.drop()
+
+
+def _starting(server: isolate.PostgresServer) -> bool:
+    """Whether a connection is in its start-up, past authentication (a backend holding a
+    virtualxid lock that pg_stat_activity does not show as a session yet)."""
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'virtualxid' AND l.pid <> pg_backend_pid() "
+            "AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.pid = l.pid AND a.usename IS NOT NULL)"
+        ).fetchall()
+    return bool(rows)
 
 
 def test_failed_migration_names_the_file(isolate_postgres: isolate.PostgresServer, tmp_path: Any) -> None:
