@@ -204,7 +204,7 @@ def check_targets(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> 
         if 4 in by_w and 8 in by_w:
             verdict(by_w[8]["wall_median"] < by_w[4]["wall_median"], f"{backend}: 8 workers "
                     f"{by_w[8]['wall_median']:.1f}s vs 4 workers {by_w[4]['wall_median']:.1f}s")  # fmt: skip
-        iso = [r for r in records if (r["setup"], r["backend"]) == ("isolate", backend)]
+        iso = [r for r in records if (r["setup"], r["backend"], r.get("dist")) == ("isolate", backend, main_dist)]
         stack = phase_median(iso, "worker_stack_ready")
         verdict(stack < 1.0, f"{backend}: per-worker stack ready median {stack:.2f}s (target < 1.0s)")
         if backend == "native":
@@ -257,32 +257,46 @@ NOTES = """## Reading the numbers
   its longest test) and the *CPU bound* (the machine's busy CPU time during the run, from
   `/proc/stat`, divided by the usable cores), plus the measured stack start-up
   (PostgreSQL wait + worker stack ready). *wall/bound* is how far the run is from it.
-- Most of this suite's time is waiting, not computing: at 1 worker its tests sum to ~49 s
-  while the machine is busy for ~22 s (graceful-shutdown delays, DLQ drains, restarts).
-  Past 2 workers on 2 cores, the CPU bound and the tail decide.
+- Most of this suite's time is waiting, not computing: at 1 worker its tests sum to ~45 s
+  while the machine is busy for ~21 s (graceful-shutdown delays, DLQ drains, restarts).
+  Past 2 workers on 2 cores, the CPU and the start-up of the workers decide.
 - The fork server (`ServiceSpec.entry`) is what moved the 1-worker run and the CPU: on
   the same seed at 4 workers, CPU by component (sampled every 50 ms) was 11.8 s in
   spawned services without it and 2.7 s (forked services) + 1.2 s (the preloading parent)
   with it; the machine's busy time per run fell from ~30 s to ~22 s. A native restart
-  takes ~40-50 ms (was ~290 ms); a worker's first service is ready in ~0.1 s after the
-  preload, which runs while the worker's schema and Redis start.
+  takes ~40-50 ms (was ~290 ms).
 - Restart cost, native backend, the example service (medians, seconds): before is the
   spawned service (`--isolate-fork-server=off`, or this project before the fork server),
-  after is the fork server as measured above.
+  after is the fork server.
 
   | phase | before (spawned) | after (forked) |
   |---|---|---|
-  | `service_restart` | 0.282-0.291 | 0.047 |
-  | `service_ready` (a worker's first start) | 0.295 | 0.122 |
+  | `service_restart` | 0.282-0.291 | 0.035-0.050 |
 
-- Where the 4-worker run loses against its bound (per-test timeline, same seed): xdist
-  boots and collects in ~2.4 s, then one worker is handed most of the slow DLQ tests
-  (5.2 s, 2.2 s, 1.1 s ...): it is busy ~20 s while the others finish after ~13-14 s and
-  wait. The tail, not isolate's overhead, is the gap; at 8 workers it is absorbed.
+- `service_ready` is a worker's first service start, measured from the moment a test asks.
+  Under the duration scheduler a worker's first test is its longest, and asks for the
+  service at once, while the preload still runs: its `service_ready` then holds the rest
+  of the preload (0.3-0.6 s at 1-4 workers; 0.08 s under `load`, whose first tests ask
+  later). What a worker waits for in all is `worker_stack_ready`, lower with `duration`
+  (0.30-0.65 s native, 0.37-0.88 s docker at 1-4 workers) than with `load` (0.9-1.1 s
+  native, 1.9-2.0 s docker at 4).
+- Where the 4-worker native run goes (per-test timeline, one run of 21.3 s): the workers
+  boot and collect until 3.9 s; each is then busy 16.4-16.5 s and all four finish within
+  0.1 s of each other (the scheduler leaves no tail), then the serial tests run alone
+  (~1 s). The gap to the bound is not scheduling: the tests' summed time is 65.8 s at 4
+  workers against 44.8 s at 1 (four services, four pytest processes and PostgreSQL share
+  2 cores, and the tests wait on latencies that grow with it), and the bound counts the
+  1-worker durations. Under `load` the same run takes ~25 s: one worker gets most of the
+  slow DLQ tests.
+- xdist start-up per worker count (controller start to the last worker's collection done,
+  the example suite): 1.9 s at 1 worker, 2.1 s at 2, 3.9 s at 4, 6.1 s at 8, 11.4 s at 16.
+  isolate's part in a worker is its import (~60 ms, PostgreSQL and Redis clients loaded
+  lazily) and joining the run (~45 ms at 4 workers, ~180 ms at 16); the rest is Python,
+  pytest, xdist, the plugins and the suite's own imports, spawned at once on 2 cores.
 - Docker containers run under dockerd, so their CPU is in the machine's busy time but not
   in pytest's; the docker rows' start-up includes the container starts.
 - The shared-stack baseline is both slower and wrong: its tests wait on a service other
-  workers keep stopping, and 6-13% of them fail.
+  workers keep stopping (and time out), and 40% of them fail.
 """
 
 
@@ -314,16 +328,26 @@ def write_markdown(rows: list[dict[str, Any]], records: list[dict[str, Any]], pa
             f"{cell(r['bound_median'])} | {cell(r['ratio_median'], '.2f')} | {cell(part['test_bound_s'])} | "
             f"{cell(part['cpu_bound_s'])} | {cell(part['startup_s'], '.2f')} | {r['cpu_median']:.1f} |"
         )
+    counts = sorted({r["workers"] for r in records if r["setup"] == "isolate"})
     out += ["", "## isolate's own overhead (medians over runs, seconds)", "",
-            "| backend | phase | median |", "|---|---|---|"]  # fmt: skip
+            "Runs with isolate's scheduler (`duration`). *all*: over every such run; then by",
+            "worker count (on 2 cores, 8 and 16 workers start their stacks at once and wait for",
+            "the CPU).", "",
+            "| backend | phase | all | " + " | ".join(f"{w} w" for w in counts) + " |",
+            "|---|---|---|" + "---|" * len(counts)]  # fmt: skip
     phases = ["postgres_start", "postgres_wait", "schema_migrations", "redis_start", "service_ready",
               "service_restart", "worker_stack_ready", "worker_teardown", "run_teardown"]  # fmt: skip
+
+    def value(subset: list[dict[str, Any]], phase: str) -> str:
+        found = phase_median(subset, phase)
+        return f"{found:.3f}" if found == found else ""
+
     for backend in sorted({r["backend"] for r in records}):
-        iso = [r for r in records if (r["setup"], r["backend"]) == ("isolate", backend)]
+        iso = [r for r in records if (r["setup"], r["backend"], r.get("dist")) == ("isolate", backend, "duration")]
         for phase in phases:
-            value = phase_median(iso, phase)
-            if value == value:
-                out.append(f"| {backend} | {phase} | {value:.3f} |")
+            if phase_median(iso, phase) == phase_median(iso, phase):
+                by_count = [value([r for r in iso if r["workers"] == w], phase) for w in counts]
+                out.append(f"| {backend} | {phase} | {value(iso, phase)} | " + " | ".join(by_count) + " |")
     out += dbmode_table(records)
     out += fresh_table(records)
     out += ["", "## Targets", "", *check_targets(rows, records), "", NOTES]
