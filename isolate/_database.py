@@ -32,6 +32,7 @@ __all__ = [
     "TemplatePlan",
     "WorkerDatabase",
     "clone_database",
+    "end_sessions",
     "migrations_key",
     "migration_files",
     "run_bootstrap",
@@ -214,9 +215,7 @@ class WorkerDatabase:
             return
         ident, role = sql.Identifier(self.schema), sql.Identifier(self.role)
         with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (self.role,)
-            )
+            conn.execute(end_sessions("usename", self.role))
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident))
             conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(ident, role))
         self.apply_migrations(self.migrations)
@@ -254,10 +253,7 @@ class WorkerDatabase:
                         f"could not cut {self.role}: connections {sorted(starting)} were still starting "
                         f"after {CUT_TIMEOUT:.0f}s"
                     )
-                conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
-                    (self.role,),
-                )
+                conn.execute(end_sessions("usename", self.role))
         except psycopg.Error as exc:
             raise FaultInjectionError(f"could not cut {self.role}: {exc}") from exc
         return Fault(f"PostgreSQL cut for {self.role}", self.restore)
@@ -273,15 +269,20 @@ class WorkerDatabase:
         ident = sql.Identifier(self.role)
         with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(ident))
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
-                (self.role,),
-            )
+            conn.execute(end_sessions("usename", self.role))
             if self.database is not None:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.database)))
             else:
                 conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+
+
+def end_sessions(where: str, value: str) -> sql.Composed:
+    """End the sessions whose ``pg_stat_activity`` column ``where`` is ``value`` (but the
+    one running this); rows of their pids. (The call is in the select list, evaluated only
+    for the rows the ``WHERE`` keeps: in the ``WHERE`` it could run before the filter.)"""
+    return sql.SQL("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE {} = {} AND pid <> pg_backend_pid()").format(sql.Identifier(where), sql.Literal(value))  # fmt: skip
 
 
 #: Seconds :meth:`WorkerDatabase.cut` waits for connections that were starting.

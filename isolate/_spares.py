@@ -14,7 +14,7 @@ import contextlib
 import re
 from typing import TYPE_CHECKING, Protocol
 
-from ._database import WorkerDatabase, clone_database, run_migrations, schema_name
+from ._database import WorkerDatabase, clone_database, end_sessions, run_migrations, schema_name
 from ._lazy import lazy
 from ._postgres.server import POOL_APP_PREFIX
 from ._recycle import Recycler
@@ -29,7 +29,7 @@ else:
     pq = lazy("psycopg.pq")
     sql = lazy("psycopg.sql")
 
-__all__ = ["DatabaseSpares", "SchemaSpares", "Spares", "end_sessions", "kept_name", "pool_app_name", "spares_for"]
+__all__ = ["DatabaseSpares", "SchemaSpares", "Spares", "kept_name", "pool_app_name", "spares_for"]
 
 
 #: Seconds the sessions on a copy being swapped out get to end.
@@ -83,14 +83,6 @@ class Spares(Protocol):
 
     def dsn(self, name: str) -> str:
         """The worker role's DSN of copy ``name``."""
-
-
-def end_sessions(where: str, value: str) -> sql.Composed:
-    """End the sessions whose ``pg_stat_activity`` column ``where`` is ``value`` (but the
-    one running this); rows of their pids. (The call is in the select list, evaluated only
-    for the rows the ``WHERE`` keeps: in the ``WHERE`` it could run before the filter.)"""
-    return sql.SQL("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
-                   "WHERE {} = {} AND pid <> pg_backend_pid()").format(sql.Identifier(where), sql.Literal(value))  # fmt: skip
 
 
 def _until_gone(conn: Conn, condition: sql.Composable) -> sql.Composed:
