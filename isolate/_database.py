@@ -16,7 +16,7 @@ from ._errors import ConfigError, FaultInjectionError, MigrationError
 from ._fault import Fault
 from ._lazy import lazy
 from ._postgres import PostgresServer
-from ._postgres.server import Seed
+from ._postgres.server import Seed, end_sessions
 from ._retry import poll_until
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ __all__ = [
     "TemplatePlan",
     "WorkerDatabase",
     "clone_database",
-    "end_sessions",
     "migrations_key",
     "migration_files",
     "run_bootstrap",
@@ -130,7 +129,6 @@ class WorkerDatabase:
     #: Database mode: the worker's database, and the template it is cloned from.
     database: str | None = None
     template: str | None = None
-    template_owner: str | None = field(default=None, repr=False)
     #: What :meth:`rebuild` re-applies in schema mode.
     migrations: Migrations = field(default=None, compare=False, repr=False)
     #: Whether :meth:`cut` is in effect.
@@ -159,19 +157,14 @@ class WorkerDatabase:
         was most of a clone's time); the owner itself can connect to no worker's database."""
         name = schema_name(worker_slug, run_id)
         db = cls(server, schema="public", role=name, password=secrets.token_urlsafe(18),
-                 database=name, template=template, template_owner=template_owner)  # fmt: skip
+                 database=name, template=template)  # fmt: skip
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
             conn.execute(
                 sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(db.password))
             )
             conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(template_owner), sql.Identifier(name)))
-        db._clone()
+            clone_database(conn, server, name, template, name)
         return db
-
-    def _clone(self) -> None:
-        assert self.database is not None and self.template is not None
-        with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
-            clone_database(conn, self.server, self.database, self.template, self.role)
 
     @property
     def admin_dsn(self) -> str:
@@ -209,9 +202,10 @@ class WorkerDatabase:
         run's template (database mode), or drop the schema and migrate it again (schema
         mode). The worker's sessions are ended (the service's pool reconnects)."""
         if self.database is not None:
+            assert self.template is not None
             with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.database)))
-            self._clone()
+                clone_database(conn, self.server, self.database, self.template, self.role)
             return
         ident, role = sql.Identifier(self.schema), sql.Identifier(self.role)
         with psycopg.connect(self.server.admin_dsn, autocommit=True) as conn:
@@ -275,14 +269,6 @@ class WorkerDatabase:
             else:
                 conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
-
-
-def end_sessions(where: str, value: str) -> sql.Composed:
-    """End the sessions whose ``pg_stat_activity`` column ``where`` is ``value`` (but the
-    one running this); rows of their pids. (The call is in the select list, evaluated only
-    for the rows the ``WHERE`` keeps: in the ``WHERE`` it could run before the filter.)"""
-    return sql.SQL("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
-                   "WHERE {} = {} AND pid <> pg_backend_pid()").format(sql.Identifier(where), sql.Literal(value))  # fmt: skip
 
 
 #: Seconds :meth:`WorkerDatabase.cut` waits for connections that were starting.

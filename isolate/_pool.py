@@ -30,9 +30,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._database import WorkerDatabase, end_sessions, schema_name
+from ._database import WorkerDatabase, schema_name
 from ._errors import FreshDatabaseError
 from ._lazy import lazy
+from ._postgres.server import end_sessions
 from ._spares import kept_name, pool_app_name, spares_for
 from ._timings import Timings
 

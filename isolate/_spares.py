@@ -14,9 +14,9 @@ import contextlib
 import re
 from typing import TYPE_CHECKING, Protocol
 
-from ._database import WorkerDatabase, clone_database, end_sessions, run_migrations, schema_name
+from ._database import WorkerDatabase, clone_database, run_migrations, schema_name
 from ._lazy import lazy
-from ._postgres.server import POOL_APP_PREFIX
+from ._postgres.server import POOL_APP_PREFIX, end_sessions
 from ._recycle import Recycler
 
 if TYPE_CHECKING:

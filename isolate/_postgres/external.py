@@ -23,7 +23,7 @@ from .._lazy import lazy
 from .._retry import poll_until
 from .._run.notices import NOTICE
 from .._run.registry import ProcessRecord
-from .server import POOL_APP_PREFIX, PostgresServer
+from .server import POOL_APP_PREFIX, PostgresServer, end_sessions
 
 if TYPE_CHECKING:
     import psycopg
@@ -164,7 +164,7 @@ def drop_run_objects(server: PostgresServer, run_id: str) -> list[str]:
             roles = [r for (r,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (like,))]
             for role in filter(pattern.match, roles):  # its sessions end before its objects go
                 _tolerant(conn, sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
-                _tolerant(conn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+                _tolerant(conn, end_sessions("usename", role))
             for (name,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (like,)).fetchall():
                 if pattern.match(name):
                     _tolerant(conn, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -18,7 +18,7 @@ else:
 
 
 __all__ = [
-    "POOL_APP_PREFIX", "POOL_CONNECTIONS", "PostgresConfig", "PostgresServer", "Seed", "prepare_database", "tuned_settings",
+    "POOL_APP_PREFIX", "POOL_CONNECTIONS", "PostgresConfig", "PostgresServer", "Seed", "end_sessions", "prepare_database", "tuned_settings",
 ]  # fmt: skip
 
 #: Connections a worker's pool of fresh databases holds at most (``isolate/_pool.py``: the
@@ -136,3 +136,11 @@ def prepare_database(server: PostgresServer) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(server.database)))
     with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
         conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+
+
+def end_sessions(where: str, value: str) -> sql.Composed:
+    """End the sessions whose ``pg_stat_activity`` column ``where`` is ``value`` (but the
+    one running this); rows of their pids. (The call is in the select list, evaluated only
+    for the rows the ``WHERE`` keeps: in the ``WHERE`` it could run before the filter.)"""
+    return sql.SQL("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE {} = {} AND pid <> pg_backend_pid()").format(sql.Identifier(where), sql.Literal(value))  # fmt: skip
