@@ -24,6 +24,7 @@ from ._errors import ConfigError
 
 __all__ = [
     "dir_size",
+    "entries",
     "entry_lock",
     "evict",
     "format_size",
@@ -139,12 +140,18 @@ def dir_size(path: Path) -> int:
     return total
 
 
+def entries(directory: Path) -> list[Path]:
+    """The entries of a cache dir: its directories, but those still being made
+    (``<name>.tmp-<pid>``, renamed into place when done)."""
+    return [p for p in directory.iterdir() if p.is_dir() and ".tmp-" not in p.name]
+
+
 def evict(directory: Path, limit: int, keep: str = "") -> list[str]:
     """Remove the least recently used entries of ``directory`` (never ``keep``, never one
     in use) until what is left takes at most ``limit`` bytes (0: no bound); what went."""
     if limit <= 0:
         return []
-    entries = [p for p in directory.iterdir() if p.is_dir() and ".tmp-" not in p.name]
+    found = entries(directory)
 
     def last_use(entry: Path) -> float:
         try:
@@ -152,9 +159,9 @@ def evict(directory: Path, limit: int, keep: str = "") -> list[str]:
         except OSError:
             return 0.0
 
-    sizes = {entry: dir_size(entry) for entry in entries}
+    sizes = {entry: dir_size(entry) for entry in found}
     total, gone = sum(sizes.values()), []
-    for entry in sorted(entries, key=last_use):
+    for entry in sorted(found, key=last_use):
         if total <= limit:
             break
         if entry.name != keep and remove_unused(directory, f"{entry.name}.lock", entry):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from ._backends import docker_installed
-from ._cache import dir_size, format_size, remove_unused
+from ._cache import dir_size, entries, format_size, remove_unused
 from ._config import default_base_dir, resolve_settings
 from ._errors import IsolateError
 from ._fs import owned_by_me
@@ -125,7 +125,7 @@ def status(bases: Sequence[Path]) -> int:
         print("no isolate runs")
     else:
         _table(("RUN", "STATE", "OWNER", "BACKEND", "AGE", "DIR"), rows)
-    caches = [(str(path), str(sum(1 for p in path.iterdir() if p.is_dir() and ".tmp-" not in p.name)),
+    caches = [(str(path), str(len(entries(path))),
                format_size(dir_size(path))) for path in _cache_dirs(bases)]  # fmt: skip
     if caches:
         print()
@@ -164,7 +164,7 @@ def _clean_cache_dir(cache: Path, dry_run: bool) -> tuple[list[str], list[str]]:
     """Every entry of a cache dir (a template, a binary copy) that no live process holds,
     with its lock file and what a crashed build left; (removed, kept)."""
     removed, kept = [], []
-    names = {p.name for p in cache.iterdir() if p.is_dir() and ".tmp-" not in p.name}
+    names = {p.name for p in entries(cache)}
     names |= {p.name[: -len(".lock")] for p in cache.glob("*.lock")}
     for name in sorted(names):
         entry = cache / name

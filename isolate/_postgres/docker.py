@@ -25,6 +25,7 @@ from .._docker.context import DockerRun
 from .._docker.images import BUILD_LABEL, hold_image, volume_mounts
 from .._errors import ServerStartError
 from .._lazy import lazy
+from .._retry import poll_until
 from .._run.notices import NOTICE
 from .server import PostgresConfig, PostgresServer, prepare_database
 
@@ -92,16 +93,19 @@ def _commit_seed(ctx: DockerRun, base: str, tag: str, config: PostgresConfig) ->
     try:
         put_file(container, _SECRET_PATH, password)
         container.start()
-        deadline = time.monotonic() + config.start_timeout
-        while True:
+        def initialised() -> bool:
             logs = bytes(container.logs())
             done = logs.find(_INIT_DONE)
-            if done >= 0 and logs.find(_READY, done) >= 0:
-                break
+            return done >= 0 and logs.find(_READY, done) >= 0
+
+        def settled() -> bool:  # initialised, or the container gone
+            if initialised():
+                return True
             container.reload()
-            if container.status != "running" or time.monotonic() > deadline:
-                raise RuntimeError(f"{base} did not finish its init: {container_logs(container, 20)}")
-            time.sleep(0.05)
+            return bool(container.status != "running")
+
+        if not poll_until(settled, config.start_timeout, initial=0.05, maximum=0.5) or not initialised():
+            raise RuntimeError(f"{base} did not finish its init: {container_logs(container, 20)}")
         container.stop(timeout=30)  # the image's stop signal: a clean (fast) shutdown
         put_file(container, _SECRET_PATH, "")  # the password must not be in the image
         container.commit(
