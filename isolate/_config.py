@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import string
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, Literal
 
 from ._cache import parse_size
 from ._errors import ConfigError
+from ._service.spec import placeholders
 
 __all__ = ["OPTIONS", "Option", "Settings", "redact_password", "resolve_settings"]
 
@@ -135,9 +135,9 @@ def parse_env_pairs(raw: str) -> tuple[tuple[str, str], ...]:
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name.strip()):
             raise ValueError(f"expected NAME=TEMPLATE like DATABASE_URL={{dsn}}, got {item!r}")
         try:
-            used = {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template) if f}
-        except ValueError as exc:
-            raise ValueError(f"bad template in {item!r}: {exc}") from None
+            used = placeholders(template)
+        except ConfigError as exc:
+            raise ValueError(f"{exc.message} (in {item!r})") from None
         unknown = used - set(ENV_FIELDS)
         if unknown:
             raise ValueError(f"{item!r} uses {', '.join(sorted(unknown))}; --isolate-env templates may use "

@@ -115,7 +115,8 @@ class RunController:
         local = self.backend_name == "native" or self.settings.docker_services == "native"
         if local and self.backend_name != "native":
             lines[0] += f"; services as local processes (from {self.settings.source_of('docker_services')})"
-        no_fork = fork_unavailable(self.backend_name, self.settings.fork_server, self.settings.docker_services)
-        if no_fork and local:  # (in a container, nothing forks anyway)
+        # Local services are launched as the native backend does (in a container, nothing forks).
+        no_fork = local and fork_unavailable("native", self.settings.fork_server)
+        if no_fork:
             lines[0] += f"; services with an entry start as new processes ({no_fork})"
         return lines + self.backend.describe()

@@ -130,7 +130,6 @@ class RunFixtures:
         self._shown: dict[str, str] = {}  # failure key -> the worker told to show it in full
         self._finalizers: list[tuple[str, Callable[[], None]]] = []
         #: Run fixtures set up so far, in order.
-        self.set_up: list[str] = []
 
     def _run(self, call: Callable[[], T]) -> T | None:
         with self._lock:
@@ -213,7 +212,6 @@ class RunFixtures:
             self._failures[name] = failure = Failure.of(name, exc)
             raise _Failed(failure) from None
         self._values[name] = value
-        self.set_up.append(name)
         return value
 
     def _definition(self, name: str, location: Mapping[str, str | None] | None) -> RunFixtureDef:

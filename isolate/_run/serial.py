@@ -28,6 +28,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .rundir import write_json
+
 __all__ = ["SerialGate", "record_serial_ids", "serial_ids"]
 
 
@@ -77,15 +79,13 @@ def record_serial_ids(run_dir: Path, worker_id: str, nodeids: list[str]) -> None
     scheduler (which sees test ids only). Written before the worker reports its collection."""
     folder = run_dir / "serial-ids"
     folder.mkdir(mode=0o700, exist_ok=True)
-    tmp = folder / f".{worker_id}.tmp"
-    tmp.write_text(json.dumps(nodeids))
-    tmp.replace(folder / f"{worker_id}.json")
+    write_json(folder / f"{worker_id}.json", {"ids": nodeids})
 
 
 def serial_ids(run_dir: Path) -> set[str]:
     """The serial test ids the workers recorded (none if no worker wrote any)."""
     found: set[str] = set()
     for path in sorted((run_dir / "serial-ids").glob("*.json")):
-        with contextlib.suppress(OSError, ValueError):
-            found.update(str(nodeid) for nodeid in json.loads(path.read_text()))
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            found.update(str(nodeid) for nodeid in json.loads(path.read_text())["ids"])
     return found

@@ -39,12 +39,11 @@ logger = logging.getLogger(__name__)
 _PROGRAM = Path(__file__).with_name("_preloader.py")
 
 
-def fork_unavailable(backend: str, setting: str, docker_services: str = "container") -> str | None:
-    """Why services that name an ``entry`` start normally on this run, or ``None``
-    (``docker_services``: ``--isolate-docker-services``, ``native`` runs them as processes)."""
+def fork_unavailable(backend: str, setting: str) -> str | None:
+    """Why services that name an ``entry`` start normally on this run, or ``None``."""
     if setting == "off":
         return "--isolate-fork-server=off"
-    if backend != "native" and docker_services != "native":
+    if backend != "native":
         return f"the {backend} backend runs services in containers"
     if sys.platform != "linux":
         return f"fork is unsafe on {sys.platform}"

@@ -133,7 +133,7 @@ def open_run_fixtures(config: pytest.Config, controller: RunController, worker: 
     host = RunFixtures(provide, lambda location: _load(config, location))
     config.stash[_HOST_KEY] = host
     config.stash[_ASKER_KEY] = (worker, host.ask)
-    if _worker_count(config) > 1 or getattr(config.option, "dist", "no") != "no":
+    if getattr(config.option, "dist", "no") != "no":  # xdist workers will ask
         try:
             config.stash[_CHANNEL_KEY] = ChannelServer(controller.run.path, host.ask)
         except (ConfigError, OSError) as exc:  # only a run that uses run fixtures needs it
