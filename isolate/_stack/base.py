@@ -3,7 +3,6 @@ pieces' state, and starting a server so that the run's reaper can stop it."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -30,7 +29,6 @@ from .._timings import Timings
 
 __all__ = ["StackBase"]
 
-logger = logging.getLogger(__name__)
 
 S = TypeVar("S")
 
