@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._cache import entry_lock, hold_entry, release_entry
+from ._cache import hold_or_make
 from ._errors import BinaryNotFoundError
 from ._fs import own_dir
 from ._process import RunAs
@@ -173,19 +173,16 @@ def reachable_copy(binary: Binary, run_as: RunAs | None) -> Path:
     lock = f"{target.name}.lock"
     # In use (a shared lock, held for the life of this process: its servers exec from
     # the copy) once it exists; made under the exclusive lock if it does not.
-    hold_entry(cache, lock)
-    if not target.exists():
-        release_entry(cache, lock)
-        with entry_lock(cache, lock, shared=False):
-            if not target.exists():
-                logger.info("copying %s to %s so %s can run it", base, target, run_as.name)
-                staging = cache() / f"{target.name}.tmp-{os.getpid()}"
-                shutil.rmtree(staging, ignore_errors=True)
-                for directory in tree:
-                    shutil.copytree(directory, staging / directory.relative_to(base), symlinks=True)
-                for path in [staging, *staging.rglob("*")]:
-                    if path.is_dir():
-                        os.chmod(path, 0o755)
-                staging.rename(target)
-        hold_entry(cache, lock)
+    def copy() -> None:
+        logger.info("copying %s to %s so %s can run it", base, target, run_as.name)
+        staging = cache() / f"{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        for directory in tree:
+            shutil.copytree(directory, staging / directory.relative_to(base), symlinks=True)
+        for path in [staging, *staging.rglob("*")]:
+            if path.is_dir():
+                os.chmod(path, 0o755)
+        staging.rename(target)
+
+    hold_or_make(cache, lock, target.exists, copy)
     return target / binary.bin_dir.relative_to(base)

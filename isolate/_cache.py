@@ -7,6 +7,11 @@ copied) or may still use it (binaries its servers exec, an image its containers 
 for the process's life). ``python -m isolate cleanup --caches`` and the size bound remove an
 entry only under its exclusive lock, taken without waiting, so never one in use. The lock
 file's modification time is the entry's last use (least recently used goes first).
+
+An entry held for a process's life is made under a second lock, ``<name>.lock.make``, by a
+process that already holds the entry (:func:`hold_or_make`): an entry that vanished while
+others held it (``docker rmi``, ``rm -rf`` from outside) is made again at once, never after
+a wait for every holder to end.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ __all__ = [
     "evict",
     "format_size",
     "hold_entry",
+    "hold_or_make",
     "parse_size",
     "release_entry",
     "remove_unused",
@@ -84,12 +90,34 @@ _HELD: dict[str, int] = {}
 def hold_entry(directory: Callable[[], Path], name: str) -> None:
     """Hold the shared lock ``name`` until this process ends (or :func:`release_entry`):
     the entry is in use as long as what this process started may use it (binaries a
-    server execs, an image its containers run)."""
+    server execs, an image its containers run). A lock file removed under it (its dir
+    removed by hand) is no lock: the file there now is locked instead."""
     key = str(directory() / name)
-    if key not in _HELD:
-        fd = _locked(directory, name, fcntl.LOCK_SH)
-        assert fd is not None
-        _HELD[key] = fd
+    held = _HELD.get(key)
+    if held is not None:
+        try:
+            if os.path.samestat(os.fstat(held), os.lstat(key)):
+                return
+        except OSError:
+            pass
+        os.close(_HELD.pop(key))
+    fd = _locked(directory, name, fcntl.LOCK_SH)
+    assert fd is not None
+    _HELD[key] = fd
+
+
+def hold_or_make(directory: Callable[[], Path], name: str, present: Callable[[], bool],
+                 make: Callable[[], None]) -> None:  # fmt: skip
+    """Hold the entry whose lock is ``name`` for this process's life (:func:`hold_entry`),
+    made by ``make()`` first if ``present()`` says it is missing: once for every process
+    (the first to take ``<name>.make`` makes it, the others find it made), and while this
+    process holds the entry, so a clean-up cannot remove it between its making and its use."""
+    hold_entry(directory, name)
+    if present():
+        return
+    with entry_lock(directory, f"{name}.make", shared=False):
+        if not present():  # another process made it while we waited
+            make()
 
 
 def release_entry(directory: Callable[[], Path], name: str) -> None:
@@ -99,9 +127,11 @@ def release_entry(directory: Callable[[], Path], name: str) -> None:
         os.close(fd)
 
 
-def remove_unused(directory: Path, name: str, *paths: Path, dry_run: bool = False) -> bool:
-    """Remove ``paths`` (and the lock file ``name``) if no process holds the lock;
-    whether they were (or, with ``dry_run``, would be) removed."""
+def remove_unused(directory: Path, name: str, *paths: Path, dry_run: bool = False,
+                  remove: Callable[[], None] | None = None) -> bool:  # fmt: skip
+    """Remove ``paths`` (and call ``remove()``: what is not a file, an image) and the lock
+    file ``name`` if no process holds the lock, all under the lock, so no process takes the
+    entry meanwhile; whether they were (or, with ``dry_run``, would be) removed."""
     try:
         fd = _locked(lambda: directory, name, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ConfigError:  # the directory itself is gone: nothing left to remove
@@ -116,8 +146,11 @@ def remove_unused(directory: Path, name: str, *paths: Path, dry_run: bool = Fals
                 else:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(directory / name)  # still locked: nobody takes the old file for a lock
+            if remove is not None:
+                remove()
+            for lock in (f"{name}.make", name):  # no maker: a maker holds the entry
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(directory / lock)  # still locked: nobody takes the old file for a lock
     finally:
         os.close(fd)
     return True

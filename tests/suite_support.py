@@ -160,6 +160,23 @@ def leftovers(run_id: str, mark: str | None = None, base: str | None = None) -> 
     return found
 
 
+def hang_report(stderr: str | bytes | None, keep: int = 6) -> str:
+    """What faulthandler dumped of a hung run, short enough for a CI log: per thread, its
+    header and the ``keep`` innermost frames (isolate's and the tests' own first)."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+    out = []
+    for block in re.split(r"\n(?=(?:Thread|Current thread) 0x)", text):
+        lines = block.strip().splitlines()
+        if not lines or not re.match(r"(?:Thread|Current thread) 0x", lines[0]):
+            continue
+        frames = [line.strip() for line in lines[1:] if line.strip().startswith("File ")]
+        ours = [f for f in frames if "/isolate/" in f or "test_" in f or "conftest" in f]
+        shown = (ours or frames)[:keep]
+        if shown:
+            out.append(lines[0] + "\n  " + "\n  ".join(shown))
+    return "\n".join(out) or text[-4000:]
+
+
 def poll(check: object, timeout: float = 20.0) -> None:
     for attempt in Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.1), reraise=True):
         with attempt:

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 
 import pytest
 import suite_support
-from suite_support import clean_env, docker_client, signals_as_in_a_terminal
+from suite_support import clean_env, docker_client, hang_report, signals_as_in_a_terminal
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 import isolate
@@ -210,6 +209,7 @@ def isolate_service_spec():
 """
 
 INNER_ISOLATION = """
+import functools
 import json
 import os
 import time
@@ -217,7 +217,7 @@ import urllib.request
 from pathlib import Path
 
 import docker
-from tenacity import Retrying, stop_after_delay, wait_fixed
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 WORKERS = 4
 BARRIER = Path(os.environ["ISO_BARRIER"])
@@ -230,11 +230,27 @@ def call(url, value=None):
 
 
 def wait_for(path_glob, count, timeout=180):
-    for attempt in Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.05), reraise=True):
+    retry = retry_if_exception_type(AssertionError)
+    for attempt in Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.05), retry=retry, reraise=True):
         with attempt:
+            failed = sorted(p.name for p in BARRIER.glob("failed-*"))
+            if failed:  # no point waiting for a worker that will never come
+                raise RuntimeError(f"given up waiting for {path_glob}: {failed}")
             assert len(list(BARRIER.glob(path_glob))) >= count, f"waiting for {count} x {path_glob}"
 
 
+def telling_the_others(test):
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        try:
+            return test(*args, **kwargs)
+        except BaseException:
+            (BARRIER / f"failed-{os.environ['PYTEST_XDIST_WORKER']}").write_text("")
+            raise
+    return run
+
+
+@telling_the_others
 def test_isolation(isolate_service, isolate_worker, isolate_database, isolate_postgres):
     me, slug = isolate_worker.worker_id, isolate_worker.slug
     svc = isolate_service
@@ -325,7 +341,11 @@ def test_isolation_on_docker_at_n4(
             done = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=pytester.path, env=os.environ.copy(),
                                   capture_output=True, text=True, timeout=420, check=False)  # fmt: skip
         except subprocess.TimeoutExpired as exc:  # faulthandler's dump of every thread is in it
-            pytest.fail(f"the inner run did not end; what it printed:\n{exc.stdout}\n{exc.stderr}")
+            out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            (pytester.path / "inner.out").write_text(out)
+            (pytester.path / "inner.err").write_bytes(exc.stderr or b"")
+            pytest.fail(f"the inner run did not end (all it printed: {pytester.path}/inner.*); "
+                        f"where its threads were:\n{hang_report(exc.stderr)}\n{out[-3000:]}")  # fmt: skip
     out = done.stdout
     print(out)  # the inner run's timings table (shown with -s / -rP)
     assert done.returncode == 0, out + done.stderr
@@ -1132,8 +1152,9 @@ def test_cleanup_caches_keeps_the_image_a_live_run_uses(
     tmp_path: Path, images: Images, make_service: Any, docker_engine: Any
 ) -> None:
     """The image a worker's container runs, and its build lock, survive ``cleanup
-    --caches`` while the worker lives (even with the lock dir removed under it, a later
-    build goes on); once the worker is done with it, the clean-up removes the image."""
+    --caches`` while the worker lives (even with its lock file removed by hand, a later
+    build goes on); once the worker is done with it, the clean-up removes the image.
+    (Only its own lock file: the lock dir is every running test's.)"""
     from isolate._cache import release_entry
     from isolate._docker.images import _lock_name, build_locks
 
@@ -1151,7 +1172,7 @@ def test_cleanup_caches_keeps_the_image_a_live_run_uses(
         docker_engine.images.get(tag)  # still there
         svc.restart()  # and the run goes on with it
         svc.close()
-        shutil.rmtree(build_locks())  # a clean-up of an older version, say: the dir is made again
+        (build_locks() / _lock_name(tag)).unlink()  # removed by hand: no lock any more
         _write_context(context, images.python, "rebuilt")
         again = make_service(dataclasses.replace(spec, name="dk-inuse-2"))
         again.start()

@@ -501,7 +501,9 @@ def test_cleanup_caches_keeps_what_a_live_run_uses(suite: pytest.Pytester) -> No
     (private / "valkey" / "bin").mkdir(parents=True)  # an install tree: <prefix>/bin/valkey-server
     private = private / "valkey" / "bin"
     shutil.copy(valkey, private / valkey.name)
-    env = clean_env(TMPDIR=str(own), ISOLATE_BASE_DIR=str(own))
+    # No engine for it: with build locks in its own temp dir, it would take every image
+    # other tests' runs use for unused.
+    env = clean_env(TMPDIR=str(own), ISOLATE_BASE_DIR=str(own), DOCKER_HOST=f"unix://{own}/no-engine.sock")
     cleanup = [sys.executable, "-m", "isolate", "cleanup", "--caches"]
     suite.makepyfile(test_cached=CACHED)
     try:

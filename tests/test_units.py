@@ -304,6 +304,81 @@ def test_the_cache_bound_evicts_the_least_recently_used_entry_nobody_holds(tmp_p
     assert evict(tmp_path, limit=0) == []  # 0: no bound
 
 
+HOLDER = """
+import sys
+from pathlib import Path
+from isolate._cache import hold_or_make
+
+cache, name = Path(sys.argv[1]), sys.argv[2]
+entry = cache / name
+hold_or_make(lambda: cache, name + ".lock", entry.exists, entry.mkdir)
+(cache / f"made-by-{sys.argv[3]}").write_text(str(entry.exists()))
+sys.stdin.read()  # holds the entry until its stdin closes
+"""
+
+
+def test_an_entry_gone_while_held_is_made_again_without_waiting_for_its_holders(tmp_path: Path) -> None:
+    """A cache entry (a binary copy, an image) removed from outside while a live process
+    holds it is made again by the next process at once, not after its holders end (a
+    worker used to wait, for ever, on a lock that every live holder kept)."""
+    import subprocess
+    import sys
+
+    def holder(tag: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "entry", tag],
+                                stdin=subprocess.PIPE, text=True)  # fmt: skip
+
+    first = holder("first")
+    try:
+        for attempt in Retrying(stop=stop_after_delay(60), wait=wait_fixed(0.05), reraise=True):
+            with attempt:
+                assert (tmp_path / "made-by-first").exists()
+        (tmp_path / "entry").rmdir()  # docker rmi -f, rm -rf: the holder lives on
+        second = holder("second")
+        try:
+            for attempt in Retrying(stop=stop_after_delay(60), wait=wait_fixed(0.05), reraise=True):
+                with attempt:
+                    assert second.poll() is None, "the second holder died"
+                    assert (tmp_path / "made-by-second").exists(), "the second holder still waits"
+            assert (tmp_path / "entry").is_dir()
+        finally:
+            second.communicate("", timeout=30)
+    finally:
+        first.communicate("", timeout=30)
+
+
+def test_a_clean_up_removes_an_entry_under_its_lock_and_a_held_lock_survives_its_dir(tmp_path: Path) -> None:
+    """What ``cleanup --caches`` removes that is not a file (an image) goes while it holds
+    the entry's lock, so no process takes the entry in between; a process whose lock file
+    was removed with its dir (by hand) locks the one there now."""
+    import fcntl
+
+    from isolate._cache import _locked, hold_entry, release_entry, remove_unused
+
+    def cache() -> Path:
+        return tmp_path
+
+    seen: list[object] = []
+
+    def remove() -> None:  # a process taking the entry now would block, not get it
+        seen.append(_locked(cache, "img.lock", fcntl.LOCK_SH | fcntl.LOCK_NB))
+
+    (tmp_path / "img.lock.make").touch()
+    assert remove_unused(tmp_path, "img.lock", remove=remove)
+    assert seen == [None]
+    assert not (tmp_path / "img.lock").exists() and not (tmp_path / "img.lock.make").exists()
+
+    hold_entry(cache, "img.lock")
+    try:
+        (tmp_path / "img.lock").unlink()  # its dir removed and made again, say
+        assert remove_unused(tmp_path, "img.lock", remove=remove)  # nobody holds the new file
+        hold_entry(cache, "img.lock")  # held again: this time, the file there
+        assert not remove_unused(tmp_path, "img.lock", remove=remove)
+    finally:
+        release_entry(cache, "img.lock")
+    assert remove_unused(tmp_path, "img.lock")
+
+
 def test_what_ran_says_it_in_one_phrase() -> None:
     from isolate._timings import what_ran
 

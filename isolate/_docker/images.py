@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .._cache import entry_lock, hold_entry, release_entry, remove_unused
+from .._cache import hold_or_make, remove_unused
 from .._errors import ConfigError, DockerUnavailableError, ImageNotFoundError, tail_text
 from .._fs import own_dir
 from .engine import is_docker_error, reason
@@ -138,16 +138,8 @@ def build_locks() -> Path:
 
 def hold_image(client: Any, tag: str, make: Callable[[], None]) -> None:
     """Hold ``tag`` for this process's life (``cleanup --caches`` leaves it), made by
-    ``make()`` under the exclusive build lock if it is missing."""
-    lock = _lock_name(tag)
-    hold_entry(build_locks, lock)
-    if _present(client, tag):
-        return
-    release_entry(build_locks, lock)
-    with entry_lock(build_locks, lock, shared=False):
-        if not _present(client, tag):  # another worker made it while we waited
-            make()
-    hold_entry(build_locks, lock)
+    ``make()`` once for every worker and run if it is missing."""
+    hold_or_make(build_locks, _lock_name(tag), lambda: _present(client, tag), make)
 
 
 def _lock_name(tag: str) -> str:
@@ -210,13 +202,14 @@ def remove_built_images(dry_run: bool = False) -> tuple[list[str], list[str]]:
     locks = build_locks()
     for image in client.images.list(filters={"label": BUILD_LABEL}):
         for tag in image.tags or [image.id]:
-            if not remove_unused(locks, _lock_name(tag), dry_run=dry_run):
-                kept.append(f"image {tag}")
-                continue
-            if not dry_run:
+            def untag(tag: str = tag) -> None:  # under the lock: no worker takes it meanwhile
                 with contextlib.suppress(Exception):
                     client.images.remove(tag, force=True)
-            removed.append(f"image {tag}")
+
+            if remove_unused(locks, _lock_name(tag), dry_run=dry_run, remove=untag):
+                removed.append(f"image {tag}")
+            else:
+                kept.append(f"image {tag}")
     for path in sorted(locks.glob("*.lock")):  # what crashed builds left
         remove_unused(locks, path.name, dry_run=dry_run)
     return removed, kept
