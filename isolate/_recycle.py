@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ._database import MIGRATING
 from ._lazy import lazy
@@ -55,11 +55,13 @@ _SHAPE = """
 SELECT md5(concat_ws(E'\\n',
   (SELECT string_agg(concat_ws(':', c.relname, c.relkind, c.relnatts, c.relacl::text, c.relrowsecurity),
                      ',' ORDER BY c.relname) FROM pg_class c WHERE c.relnamespace = n.oid),
-  (SELECT string_agg(concat_ws(':', c.relname, a.attname, t.typname, a.atttypmod, a.attnotnull, a.atthasdef,
-                               a.attidentity, a.attgenerated, a.attacl::text), ','
-                     ORDER BY c.relname, a.attnum)
-     FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid JOIN pg_type t ON t.oid = a.atttypid
-    WHERE c.relnamespace = n.oid AND a.attnum > 0 AND NOT a.attisdropped),
+  (SELECT string_agg(concat_ws(':', c.relname, x.columns), ',' ORDER BY c.relname)
+     FROM pg_class c, LATERAL (  -- per relation, by index: a join would scan all of pg_attribute
+       SELECT string_agg(concat_ws(':', a.attname, t.typname, a.atttypmod, a.attnotnull, a.atthasdef, a.attidentity,
+                                   a.attgenerated, a.attacl::text), ',' ORDER BY a.attnum) AS columns
+         FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) x
+    WHERE c.relnamespace = n.oid),
   (SELECT string_agg(concat_ws(':', conname, contype, convalidated), ',' ORDER BY conname)
      FROM pg_constraint WHERE connamespace = n.oid),
   (SELECT string_agg(concat_ws(':', c.relname, g.tgname, g.tgenabled), ',' ORDER BY c.relname, g.tgname)
@@ -219,24 +221,55 @@ class Pristine:
         return True
 
 
+#: The tables (of those named) whose heap has pages: only they can hold rows.
+_WITH_PAGES = """
+(SELECT coalesce(array_agg(c.relname::text), '{{}}') FROM pg_class c
+  WHERE c.relnamespace = to_regnamespace({schema}) AND c.relname = ANY({tables}) AND c.relkind = 'r'
+    AND pg_relation_size(c.oid) > 0)
+"""
+
+#: PostgreSQL 18+: every named sequence's ``last_value:is_called`` in one call each, by name.
+_SEQUENCE_DATA = """
+(SELECT coalesce(jsonb_object_agg(c.relname, d.last_value::text || ':' || d.is_called::text), '{{}}')
+   FROM pg_class c, LATERAL pg_get_sequence_data(c.oid) d
+  WHERE c.relnamespace = to_regnamespace({schema}) AND c.relname = ANY({sequences}) AND c.relkind = 'S')
+"""
+
+
 def _inspect(conn: Conn, schema: str, tables: list[str], sequences: list[str],
              dirty: sql.Composable) -> tuple[str, bool, list[str]]:  # fmt: skip
-    """In one query: the schema's shape, the value of ``dirty``, and the state of each
-    table (the digest of its own rows in scan order, "" if none) and then of each sequence
-    (``last_value:is_called``)."""
-    parts = [
-        sql.SQL("(SELECT coalesce(md5(string_agg(r::text, E'\\n' ORDER BY r.ctid)), '') FROM ONLY {} r)").format(
-            sql.Identifier(schema, t))
-        for t in tables
-    ] + [
-        sql.SQL("(SELECT last_value::text || ':' || is_called::text FROM {})").format(sql.Identifier(schema, s))
-        for s in sequences
-    ]  # fmt: skip
-    state = sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(parts)) if parts else sql.SQL("ARRAY[]::text[]")
-    shape = sql.SQL(_SHAPE).format(schema=sql.Literal(schema))
-    row = conn.execute(sql.SQL("SELECT ({}), {}, {}").format(shape, dirty, state)).fetchone()
+    """The schema's shape, the value of ``dirty``, and the state of each table (the
+    digest of its own rows in scan order, "" if none) and then of each sequence
+    (``last_value:is_called``). One query, and a second for the tables with pages (a
+    table whose heap has none holds no rows: it is not read, which costs the most on a
+    copy this session has not opened before)."""
+    literal = sql.Literal(schema)
+    if conn.info.server_version >= 180000:
+        seq_state = sql.SQL(_SEQUENCE_DATA).format(schema=literal, sequences=sql.Literal(sequences))
+    else:  # a subquery each, in their order
+        parts = [sql.SQL("(SELECT last_value::text || ':' || is_called::text FROM {})").format(
+            sql.Identifier(schema, s)) for s in sequences]  # fmt: skip
+        seq_state = sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(parts) if parts else sql.SQL(""))
+    row = conn.execute(sql.SQL("SELECT ({}), {}, {}, {}").format(
+        sql.SQL(_SHAPE).format(schema=literal), dirty,
+        sql.SQL(_WITH_PAGES).format(schema=literal, tables=sql.Literal(tables)), seq_state)).fetchone()  # fmt: skip
     assert row is not None
-    return str(row[0] or ""), bool(row[1]), [str(v) for v in row[2]]  # type: ignore[attr-defined]
+    pages = set(cast("list[str]", row[2]))
+    with_pages = [t for t in tables if t in pages]
+    digests: dict[str, str] = {}
+    if with_pages:
+        parts = [
+            sql.SQL("(SELECT coalesce(md5(string_agg(r::text, E'\\n' ORDER BY r.ctid)), '') FROM ONLY {} r)").format(
+                sql.Identifier(schema, t))
+            for t in with_pages
+        ]  # fmt: skip
+        found = conn.execute(sql.SQL("SELECT ARRAY[{}]::text[]").format(sql.SQL(", ").join(parts))).fetchone()
+        assert found is not None
+        digests = dict(zip(with_pages, (str(v) for v in found[0]), strict=True))  # type: ignore[attr-defined]
+    seq_state_row = cast("dict[str, str] | list[str]", row[3])
+    values = seq_state_row if isinstance(seq_state_row, dict) else dict(zip(sequences, seq_state_row, strict=True))
+    state = [digests.get(t, "") for t in tables] + [str(values.get(s, "")) for s in sequences]
+    return str(row[0] or ""), bool(row[1]), state
 
 
 class Recycler:

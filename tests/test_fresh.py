@@ -459,18 +459,22 @@ def test_recycling_restores_inherited_tables_each_on_its_own(scratch_schema: tup
 
 
 def test_recycling_restores_every_kind_of_row_change(scratch_schema: tuple[Any, str]) -> None:
-    """Rows added, a seeded table emptied by TRUNCATE, an insert rolled back: each table
-    is put back, its identity too; a table nobody touched stays as it was."""
+    """Rows added, a seeded table emptied by TRUNCATE, an insert rolled back, a sequence
+    set back without being called: each is put back, identities too; a table nobody
+    touched stays as it was."""
     conn, schema = scratch_schema
     for name in ("untouched", "written", "rolled_back"):
         conn.execute(f"CREATE TABLE {schema}.{name} (id int GENERATED ALWAYS AS IDENTITY, v text)")
     conn.execute(f"CREATE TABLE {schema}.seeded (v text); INSERT INTO {schema}.seeded VALUES ('kept')")
+    conn.execute(f"CREATE SEQUENCE {schema}.tickets")
     pristine = Pristine.capture(conn, schema)
     assert pristine is not None
     conn.execute(f"INSERT INTO {schema}.written (v) VALUES ('a'), ('b')")
     conn.execute(f"TRUNCATE {schema}.seeded")
     conn.execute(f"BEGIN; INSERT INTO {schema}.rolled_back (v) VALUES ('x'); ROLLBACK")
+    conn.execute(f"SELECT setval('{schema}.tickets', 50, false)")  # not called: its value is hidden from some reads
     assert pristine.restore(conn, schema, sql.SQL("false"))
+    assert conn.execute(f"SELECT nextval('{schema}.tickets')").fetchone() == (1,)
     counts = {t: conn.execute(f"SELECT count(*) FROM {schema}.{t}").fetchone()[0]
               for t in ("untouched", "written", "rolled_back")}  # fmt: skip
     assert counts == {"untouched": 0, "written": 0, "rolled_back": 0}
