@@ -187,19 +187,23 @@ def _make_dedicated_user() -> pwd.struct_passwd:
     argv = [useradd or "useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
             "--shell", _NOLOGIN, "--comment", "isolate test servers", DEDICATED_USER]  # fmt: skip
     why = "useradd was not found"
-    for _ in range(5):
+    found: list[pwd.struct_passwd] = []
+
+    def made() -> bool:  # True when the user exists, or when trying again is pointless
+        nonlocal why
         if useradd is not None:
             try:
                 done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
                 why = (done.stderr or done.stdout).strip() or f"useradd exited with {done.returncode}"
             except (OSError, subprocess.SubprocessError) as exc:
                 why = str(exc)
-        try:
-            entry = pwd.getpwnam(DEDICATED_USER)
-        except KeyError:
-            if useradd is None or "lock" not in why:  # another useradd holds /etc/passwd's lock
-                break
-            continue
+        with contextlib.suppress(KeyError):
+            found.append(pwd.getpwnam(DEDICATED_USER))
+        # another useradd holding /etc/passwd's lock is worth waiting for; nothing else is
+        return bool(found) or useradd is None or "lock" not in why
+
+    poll_until(made, 30, initial=0.05, maximum=1.0)
+    for entry in found:
         logger.warning("isolate made the system user %r (uid %d; no login, no home) to run its "
                        "servers as; `userdel %s` removes it", DEDICATED_USER, entry.pw_uid, DEDICATED_USER, extra=NOTICE)  # fmt: skip
         return entry

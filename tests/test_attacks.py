@@ -306,3 +306,47 @@ def test_servers_run_as_a_user_of_their_own_by_default(pytester: pytest.Pytester
         cwd=pytester.path, capture_output=True, text=True, timeout=300, check=False, env=clean_env(),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+FAKE_USERADD = """#!/bin/sh
+# /etc/passwd's lock, held by another useradd for the first 0.5 s after the first call
+first="$COUNTER.first"
+[ -e "$first" ] || date +%s%N > "$first"
+echo x >> "$COUNTER"
+now=$(date +%s%N)
+if [ $(( (now - $(cat "$first")) / 1000000 )) -lt 500 ]; then
+    echo "useradd: cannot lock /etc/passwd; try again later." >&2
+    exit 10
+fi
+exec "$REAL_USERADD" "$@"
+"""
+
+
+@needs_root
+def test_the_run_as_user_is_made_while_another_useradd_holds_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs that start at once both run useradd: the one that finds /etc/passwd
+    locked tries again (with a pause) and gets the user, instead of failing the run."""
+    import shutil
+    import subprocess
+    import uuid
+
+    import isolate._process as process
+
+    real = shutil.which("useradd") or "/usr/sbin/useradd"
+    fake = tmp_path / "bin" / "useradd"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_USERADD)
+    fake.chmod(0o755)
+    name = f"isot{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("COUNTER", str(tmp_path / "calls"))
+    monkeypatch.setenv("REAL_USERADD", real)
+    monkeypatch.setattr(process, "DEDICATED_USER", name)
+    try:
+        entry = process._make_dedicated_user()
+        assert entry.pw_name == name and entry.pw_uid != 0
+        assert len((tmp_path / "calls").read_text().split()) >= 2  # it did find the lock held
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, check=False)
