@@ -56,6 +56,16 @@ def test_postgres_is_tuned(isolate_postgres: isolate.PostgresServer, isolate_wor
     assert int(show["max_connections"]) >= isolate_worker.worker_count * 20
 
 
+def test_a_native_servers_shared_memory_goes_with_its_data_dir(isolate_postgres: isolate.PostgresServer) -> None:
+    """Dynamic shared memory in files of the data dir, not ``/dev/shm/PostgreSQL.*``: a
+    server killed without a clean shutdown (a reaped run) leaves nothing in /dev/shm."""
+    if isolate_postgres.backend != "native":
+        pytest.skip("a container's /dev/shm goes with the container")  # CI runs this on native
+    with psycopg.connect(isolate_postgres.admin_dsn, autocommit=True) as conn:
+        assert conn.execute("SHOW dynamic_shared_memory_type").fetchone() == ("mmap",)
+        assert conn.execute("SELECT count(*) FROM pg_ls_dir('pg_dynshmem')").fetchone()[0] >= 1  # type: ignore[index]
+
+
 @pytest.fixture
 def other_worker_db(isolate_postgres: isolate.PostgresServer) -> Iterator[WorkerDatabase]:
     """A second worker's schema and role, as another worker would have it."""

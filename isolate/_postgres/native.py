@@ -39,6 +39,11 @@ __all__ = ["NativePostgresRunner"]
 
 logger = logging.getLogger(__name__)
 
+#: Dynamic shared memory in files of the data dir (``pg_dynshmem``), not in ``/dev/shm``:
+#: a server killed without a clean shutdown (a reaped run, a crash) leaves nothing
+#: outside the dir that goes with its run (under the default base dir, that dir is on tmpfs too).
+_DSM_IN_DATA_DIR = "dynamic_shared_memory_type=mmap"
+
 #: Bump when the initdb arguments change, so cached templates are rebuilt.
 _INITDB_RECIPE = 3
 
@@ -164,7 +169,7 @@ class NativePostgresRunner(NativeServer):
         self._hand_over(socket_dir)
         proc = ManagedProcess(
             [self._bin("postgres"), "-D", str(data_dir), "-c", "listen_addresses=",
-             "-c", f"unix_socket_directories={socket_dir}", "-c", "fsync=off"],
+             "-c", f"unix_socket_directories={socket_dir}", "-c", "fsync=off", "-c", _DSM_IN_DATA_DIR],
             log_path=self.log_path, env=self._env(), cwd=data_dir.parent, run_as=self.run_as,
         )  # fmt: skip
         proc.start()
@@ -216,7 +221,8 @@ class NativePostgresRunner(NativeServer):
         return len(lines) >= 8 and lines[7].strip() == "ready"
 
     def _launch(self, lease: PortLease) -> ManagedProcess:
-        settings = dict(self.config.settings)
+        key, _, value = _DSM_IN_DATA_DIR.partition("=")
+        settings = {key: value, **self.config.settings}  # --isolate-pg-settings may say otherwise
         settings.update(port=str(lease.port), unix_socket_directories=str(self.socket_dir))
         argv = [self._bin("postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
