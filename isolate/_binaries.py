@@ -172,7 +172,7 @@ def reachable_copy(binary: Binary, run_as: RunAs | None) -> Path:
     target = cache() / f"{binary.path.name}-{key}"
     lock = f"{target.name}.lock"
     # In use (a shared lock, held for the life of this process: its servers exec from
-    # the copy) once it exists; made under the exclusive lock if it does not.
+    # the copy) once it exists; made once, by the first process to need it, if it does not.
     def copy() -> None:
         logger.info("copying %s to %s so %s can run it", base, target, run_as.name)
         staging = cache() / f"{target.name}.tmp-{os.getpid()}"

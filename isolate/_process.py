@@ -203,7 +203,8 @@ def _make_dedicated_user() -> pwd.struct_passwd:
         return bool(found) or useradd is None or "lock" not in why
 
     poll_until(made, 30, initial=0.05, maximum=1.0)
-    for entry in found:
+    if found:
+        entry = found[0]
         logger.warning("isolate made the system user %r (uid %d; no login, no home) to run its "
                        "servers as; `userdel %s` removes it", DEDICATED_USER, entry.pw_uid, DEDICATED_USER, extra=NOTICE)  # fmt: skip
         return entry

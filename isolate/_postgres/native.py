@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 #: Dynamic shared memory in files of the data dir (``pg_dynshmem``), not in ``/dev/shm``:
 #: a server killed without a clean shutdown (a reaped run, a crash) leaves nothing
 #: outside the dir that goes with its run (under the default base dir, that dir is on tmpfs too).
-_DSM_IN_DATA_DIR = "dynamic_shared_memory_type=mmap"
+_DSM_IN_DATA_DIR = {"dynamic_shared_memory_type": "mmap"}
 
 #: Bump when the initdb arguments change, so cached templates are rebuilt.
 _INITDB_RECIPE = 3
@@ -167,10 +167,10 @@ class NativePostgresRunner(NativeServer):
         # Short (a socket's path has at most 107 bytes), new and ours until handed over.
         socket_dir = Path(tempfile.mkdtemp(prefix="isolate-sock-"))
         self._hand_over(socket_dir)
+        settings = {"listen_addresses": "", "unix_socket_directories": str(socket_dir), "fsync": "off", **_DSM_IN_DATA_DIR}
         proc = ManagedProcess(
-            [self._bin("postgres"), "-D", str(data_dir), "-c", "listen_addresses=",
-             "-c", f"unix_socket_directories={socket_dir}", "-c", "fsync=off", "-c", _DSM_IN_DATA_DIR],
-            log_path=self.log_path, env=self._env(), cwd=data_dir.parent, run_as=self.run_as,
+            self._postgres_argv(data_dir, settings), log_path=self.log_path, env=self._env(),
+            cwd=data_dir.parent, run_as=self.run_as,
         )  # fmt: skip
         proc.start()
         try:
@@ -220,15 +220,16 @@ class NativePostgresRunner(NativeServer):
         lines = raw.decode(errors="replace").splitlines() if raw else []
         return len(lines) >= 8 and lines[7].strip() == "ready"
 
+    def _postgres_argv(self, data_dir: Path, settings: Mapping[str, str]) -> list[str]:
+        return [self._bin("postgres"), "-D", str(data_dir),
+                *(arg for key, value in settings.items() for arg in ("-c", f"{key}={value}"))]  # fmt: skip
+
     def _launch(self, lease: PortLease) -> ManagedProcess:
-        key, _, value = _DSM_IN_DATA_DIR.partition("=")
-        settings = {key: value, **self.config.settings}  # --isolate-pg-settings may say otherwise
+        settings = {**_DSM_IN_DATA_DIR, **self.config.settings}  # --isolate-pg-settings may say otherwise
         settings.update(port=str(lease.port), unix_socket_directories=str(self.socket_dir))
-        argv = [self._bin("postgres"), "-D", str(self.data_dir)]
-        for key, value in settings.items():
-            argv += ["-c", f"{key}={value}"]
         proc = ManagedProcess(
-            argv, log_path=self.log_path, env=self._env(), cwd=self.directory, run_as=self.run_as
+            self._postgres_argv(self.data_dir, settings), log_path=self.log_path, env=self._env(),
+            cwd=self.directory, run_as=self.run_as,
         )
         proc.start()
         self._spawned(proc, lease)

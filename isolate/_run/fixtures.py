@@ -129,7 +129,6 @@ class RunFixtures:
         self._failures: dict[str, Failure] = {}
         self._shown: dict[str, str] = {}  # failure key -> the worker told to show it in full
         self._finalizers: list[tuple[str, Callable[[], None]]] = []
-        #: Run fixtures set up so far, in order.
 
     def _run(self, call: Callable[[], T]) -> T | None:
         with self._lock:

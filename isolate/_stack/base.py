@@ -29,7 +29,6 @@ from .._timings import Timings
 
 __all__ = ["StackBase"]
 
-
 S = TypeVar("S")
 
 
