@@ -5,6 +5,7 @@ durations file pytest-split reads."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -238,3 +239,65 @@ def test_the_durations_file_is_what_pytest_split_reads(pytester: pytest.Pytester
     first = pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly", "-v", "--splits", "2", "--group", "1")
     first.assert_outcomes(passed=1)
     first.stdout.fnmatch_lines(["*test_t?0.3? PASSED*"])
+
+
+SPIN_AND_WAIT = """
+import time
+import pytest
+from record import record
+
+def spin(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+@pytest.mark.parametrize("n", range(8))
+def test_wait(n):
+    record("wait", 0.3)
+
+@pytest.mark.parametrize("n", range(12))
+def test_spin(n):
+    spin(0.1)
+    record("spin")
+"""
+
+
+@pytest.mark.parametrize("args", [["-n", "2"], ["-p", "no:xdist"]])
+def test_each_test_s_cpu_time_is_recorded(pytester: pytest.Pytester, logged: Path, args: list[str]) -> None:
+    pytester.makepyfile(test_c=SPIN_AND_WAIT)
+    pytester.runpytest_subprocess(*args, "-p", "no:randomly").assert_outcomes(passed=20)
+    cpu = json.loads((pytester.path / ".pytest_cache/v/isolate/cpu").read_text())
+    assert len(cpu) == 20
+    assert all(cpu[f"test_c.py::test_spin[{n}]"] >= 0.09 for n in range(12)), cpu  # CPU time: load or not
+    assert all(cpu[f"test_c.py::test_wait[{n}]"] < 0.09 for n in range(8)), cpu
+
+
+def test_cpu_heavy_tests_start_beside_the_waiting_ones(pytester: pytest.Pytester, logged: Path) -> None:
+    # More workers than cores: with the history saying the spinning tests keep their worker
+    # busy, some worker starts on them at once (at most one per core), where longest first
+    # alone would start every worker on a waiting test and leave the spinning ones for last.
+    cores = len(os.sched_getaffinity(0))
+    workers = cores + 2
+    pytester.makepyfile(test_c=SPIN_AND_WAIT.replace("range(8)", f"range({2 * workers})"))
+    cache = pytester.path / ".pytest_cache/v/isolate"
+    cache.mkdir(parents=True)
+    waits = [f"test_c.py::test_wait[{n}]" for n in range(2 * workers)]
+    spins = [f"test_c.py::test_spin[{n}]" for n in range(12)]
+    (cache / "durations").write_text(json.dumps({**dict.fromkeys(waits, 0.3), **dict.fromkeys(spins, 0.1)}))
+    for history in ({**dict.fromkeys(waits, 0.0), **dict.fromkeys(spins, 0.1)}, None):
+        if history is None:
+            (cache / "cpu").unlink()
+        else:
+            (cache / "cpu").write_text(json.dumps(history))
+        logged.unlink(missing_ok=True)
+        # the recorded durations this run writes are not read again: each pass sets its own
+        (cache / "durations").write_text(json.dumps({**dict.fromkeys(waits, 0.3), **dict.fromkeys(spins, 0.1)}))
+        pytester.runpytest_subprocess("-n", str(workers), "-p", "no:randomly").assert_outcomes(passed=2 * workers + 12)
+        first: dict[str, dict[str, object]] = {}
+        for entry in sorted(entries(logged), key=lambda e: float(e["start"])):  # type: ignore[arg-type]
+            first.setdefault(str(entry["worker"]), entry)
+        starting_on_spin = sum(1 for entry in first.values() if entry["name"] == "spin")
+        if history is None:
+            assert starting_on_spin == 0, first  # longest first
+        else:
+            assert 1 <= starting_on_spin <= cores, first

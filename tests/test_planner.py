@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,9 +42,10 @@ class Sim:
     """Simulated xdist: workers, the controller's event loop, a clock that jumps."""
 
     def __init__(self, durations: list[float], workers: int, known: list[float | None] | None = None,
-                 serial: tuple[int, ...] = (), crash: set[int] | None = None, restarts: int = 0) -> None:  # fmt: skip
+                 serial: tuple[int, ...] = (), crash: set[int] | None = None, restarts: int = 0,
+                 cpu: list[float] | None = None, cores: float = math.inf) -> None:  # fmt: skip
         self.clock = Clock()
-        self.planner: Planner[str] = Planner(clock=self.clock)
+        self.planner: Planner[str] = Planner(clock=self.clock, cores=cores)
         self.durations = durations
         self.crash = crash or set()
         self.restarts = restarts
@@ -54,7 +56,7 @@ class Sim:
         self.shutting_down = False
         for n in range(workers):
             self._add(f"gw{n}")
-        self.apply(self.planner.load(durations if known is None else known, serial))
+        self.apply(self.planner.load(durations if known is None else known, serial, cpu or ()))
 
     def _add(self, name: str) -> None:
         self.workers[name] = Worker(name)
@@ -273,4 +275,108 @@ def test_with_full_history_the_run_ends_within_grahams_bound(seed: int) -> None:
     durations = [rng.choice([0.01, 0.1, 0.5, 2.0, 5.0]) * rng.random() for _ in range(count)]
     sim = Sim(durations, workers)
     assert sim.run() <= sum(durations) / workers + max(durations) + 1e-9
+    assert sim.ran_once() == list(range(count))
+
+
+class CpuSim(Sim):
+    """``Sim`` on a machine of ``cores`` CPUs: a heavy test needs a whole one, so while more
+    heavy tests run than there are cores they share them and each takes longer (light tests
+    mostly wait and keep their pace). Time moves in small steps."""
+
+    STEP = 0.005
+
+    def __init__(self, durations: list[float], heavy: set[int], workers: int, cores: int, aware: bool) -> None:
+        self.heavy, self.cores = heavy, cores
+        self.left: dict[str, float] = {}  # worker -> work left on the test it runs
+        cpu = [d if i in heavy else 0.01 * d for i, d in enumerate(durations)] if aware else None
+        super().__init__(durations, workers, cpu=cpu, cores=cores)
+
+    def advance(self, worker: Worker) -> None:
+        if worker.gone or worker.running is not None:
+            return
+        before = len(worker.ran)
+        super().advance(worker)
+        if len(worker.ran) > before:  # it started a test: run it by the step, not by an event
+            self.events.clear()
+            assert worker.running is not None
+            self.left[worker.name] = self.durations[worker.running]
+
+    def run(self) -> float:
+        while self.left:
+            running_heavy = sum(1 for name in self.left if self.workers[name].running in self.heavy)
+            share = min(1.0, self.cores / running_heavy) if running_heavy else 1.0
+            self.clock.now += self.STEP
+            for name in list(self.left):
+                worker = self.workers[name]
+                self.left[name] -= self.STEP * (share if worker.running in self.heavy else 1.0)
+                if self.left[name] <= 1e-9:
+                    del self.left[name]
+                    index, worker.running = worker.running, None
+                    assert index is not None
+                    self.apply(self.planner.complete(name, index, self.durations[index]))
+        assert all(w.gone for w in self.workers.values()), "a worker was never told to stop"
+        return self.clock.now
+
+
+def contended_suite() -> tuple[list[float], set[int]]:
+    """The shape of an integration suite: many short tests that keep the CPU busy (requests
+    to the service), a few long ones that mostly wait (restarts, timeouts)."""
+    light = [5.0, 3.0, 2.0, 2.0, 2.0, 1.5, 1.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8, 0.8, 0.8, 0.8] * 2
+    heavy = [0.05] * 200
+    return light + heavy, set(range(len(light), len(light) + len(heavy)))
+
+
+def test_cpu_heavy_tests_run_beside_the_waiting_ones_not_all_at_the_end() -> None:
+    durations, heavy = contended_suite()
+    blind = CpuSim(durations, heavy, workers=4, cores=2, aware=False)
+    aware = CpuSim(durations, heavy, workers=4, cores=2, aware=True)
+    blind_end, aware_end = blind.run(), aware.run()
+    assert blind.ran_once() == aware.ran_once() == list(range(len(durations)))
+    bound = sum(durations) / 4  # no CPU is short of work if the heavy tests never pile up
+    # Longest first alone ends with 200 heavy tests on 4 workers sharing 2 cores.
+    assert blind_end > 1.1 * bound
+    assert aware_end < 1.05 * bound < blind_end
+    # Never more workers on heavy tests than cores, until only heavy tests are left.
+    last_light = max(end for index, _, end in aware.runs() if index not in heavy)
+    for index, start, _ in aware.runs():
+        if index in heavy and start < last_light:
+            at_once = {
+                name for name, w in aware.workers.items()
+                for i, s, e in w.ran if i in heavy and s <= start < e
+            }  # fmt: skip
+            assert len(at_once) <= 2, (start, at_once)
+
+
+def test_heavy_tests_get_their_share_of_the_nodes() -> None:
+    planner: Planner[str] = Planner(clock=Clock(), horizon=0, cores=2)
+    for name in "abcd":
+        planner.add_node(name)
+    durations = [4.0] * 8 + [0.5] * 8  # 32 s light, 4 s heavy: 1 node of 4
+    cpu = [0.1] * 8 + [0.45] * 8
+    actions = planner.load(durations, (), cpu)
+    sent = {a.node: a.indices for a in actions if isinstance(a, Send)}
+    assert sorted(len([i for i in held if i >= 8]) for held in sent.values()) == [0, 0, 0, 2]
+    assert sorted(len([i for i in held if i < 8]) for held in sent.values()) == [0, 2, 2, 2]
+
+
+def test_with_a_core_per_node_or_no_cpu_history_it_is_longest_first() -> None:
+    durations = [3.0, 0.2, 2.0, 0.3, 1.0]
+    cpu = [0.0, 0.2, 0.0, 0.3, 0.0]
+    for cores, used in ((2, cpu), (1, [])):
+        planner: Planner[str] = Planner(clock=Clock(), horizon=0, cores=cores)
+        planner.add_node("a")
+        planner.add_node("b")
+        assert planner.load(durations, (), used) == [Send("a", (0, 3)), Send("b", (2, 4))]
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_random_suites_with_cpu_history_run_each_test_once(seed: int) -> None:
+    rng = random.Random(seed)
+    count, workers, cores = rng.randint(1, 60), rng.randint(1, 6), rng.randint(1, 4)
+    durations = [rng.choice([0.01, 0.1, 0.5, 2.0]) * rng.random() for _ in range(count)]
+    cpu = [d * rng.random() for d in durations]
+    serial = tuple(i for i in range(count) if rng.random() < 0.1)
+    sim = Sim(durations, workers, serial=serial, cpu=cpu, cores=cores, crash={0} if seed % 7 == 0 else None,
+              restarts=1)  # fmt: skip
+    sim.run()
     assert sim.ran_once() == list(range(count))

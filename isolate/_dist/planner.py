@@ -19,6 +19,15 @@ How it decides:
 * **Durations as tests finish.** A finished test's measured duration replaces its estimate.
   With no history at all, tests never seen are estimated at the median of this run's
   finished ones.
+* **CPU-heavy tests spread out.** With the CPU time each test kept its worker busy in
+  earlier runs, a test that did so for at least :data:`HEAVY` of its duration is *heavy*
+  (its worker, and the services it calls, compete for the CPU). If more nodes than the
+  machine has cores ran heavy tests at once, they would slow each other down while the
+  tests that mostly wait (timeouts, restarts, sleeps) left the CPU idle. So with more nodes
+  than cores the two kinds run side by side, each longest first: heavy tests on as many
+  nodes as their share of the expected work left asks for (at least one, at most one per
+  core), light tests on the others, so that both run out together and the CPU is about as
+  busy all along. With no CPU history, or a core for every node, it is longest first.
 * **Serial tests last and alone.** Tests marked serial are held back. When nothing parallel
   is left to hand out or steal, idle nodes are shut down except the last one (the
   *keeper*); once no other node has a test left, the keeper gets the serial tests, one
@@ -30,13 +39,14 @@ How it decides:
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["HORIZON", "RUNNING", "Action", "Planner", "Send", "Shutdown", "Steal"]
+__all__ = ["HEAVY", "HORIZON", "RUNNING", "Action", "Planner", "Send", "Shutdown", "Steal"]
 
 N = TypeVar("N", bound=Hashable)
 
@@ -47,6 +57,8 @@ RUNNING = 2
 HORIZON = 0.5
 #: The most tests one node holds (many tiny tests).
 MAX_QUEUE = 64
+#: A test whose worker was busy on the CPU for at least this share of its duration is heavy.
+HEAVY = 0.25
 
 
 @dataclass(frozen=True)
@@ -78,9 +90,12 @@ Action = Send[N] | Steal[N] | Shutdown[N]
 class Planner(Generic[N]):
     """Which test runs where, for one run. Feed it the events; carry out what it returns."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, horizon: float = HORIZON) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, horizon: float = HORIZON, cores: float = math.inf
+    ) -> None:
         self._clock = clock
         self._horizon = horizon
+        self._cores = cores
         self._queues: dict[N, list[int]] = {}
         self._since: dict[N, float] = {}  # when the head of a node's queue became its head
         self._closing: set[N] = set()
@@ -90,7 +105,9 @@ class Planner(Generic[N]):
         self._known: list[bool] = []
         self._serial: list[bool] = []
         self._rank: list[tuple[float, int]] = []
-        self._pool: list[int] = []  # parallel tests not handed out; the longest at the end
+        self._heavy: list[bool] = []
+        # Parallel tests not handed out, light and heavy, each with the longest at the end.
+        self._pools: tuple[list[int], list[int]] = ([], [])
         self._held: list[int] = []  # serial tests not handed out, in collection order
         self._default = 1.0
         self._observed: list[float] = []
@@ -106,8 +123,11 @@ class Planner(Generic[N]):
         self._since[node] = self._clock()
         return self.balance()
 
-    def load(self, estimates: Sequence[float | None], serial: Iterable[int] = ()) -> list[Action[N]]:
-        """The collection: an estimate per test (``None``: never seen) and the serial ones.
+    def load(
+        self, estimates: Sequence[float | None], serial: Iterable[int] = (), cpu: Sequence[float | None] = ()
+    ) -> list[Action[N]]:
+        """The collection: an estimate per test (``None``: never seen), the serial ones, and
+        the CPU seconds each test's worker spent on it when it last ran (``None``: unknown).
 
         Tests never seen get the median of the known estimates, or 1 s if none is known
         (and then the median of this run's finished tests, as they finish).
@@ -120,7 +140,13 @@ class Planner(Generic[N]):
         self._rank = [(e, -i) for i, e in enumerate(self._estimate)]
         held = set(serial)
         self._serial = [i in held for i in range(len(estimates))]
-        self._pool = sorted((i for i in range(len(estimates)) if i not in held), key=self._rank.__getitem__)
+        used = [*cpu, *[None] * (len(estimates) - len(cpu))]
+        self._heavy = [
+            i not in held and estimate is not None and spent is not None and spent >= HEAVY * estimate > 0
+            for i, (estimate, spent) in enumerate(zip(estimates, used, strict=True))
+        ]
+        for i in sorted((i for i in range(len(estimates)) if i not in held), key=self._rank.__getitem__):
+            self._pools[self._heavy[i]].append(i)
         self._held = sorted(held)
         self._loaded = True
         return self.balance()
@@ -182,14 +208,14 @@ class Planner(Generic[N]):
     @property
     def has_pending(self) -> bool:
         """Tests wait to be handed out or to run."""
-        return bool(self._pool or self._held or any(self._queues.values()))
+        return bool(self._pooled or self._held or any(self._queues.values()))
 
     @property
     def finished(self) -> bool:
         """Nothing left to hand out: each node runs out what it holds once told to stop."""
         return (
             self._loaded
-            and not self._pool
+            and not self._pooled
             and not self._held
             and not self._stealing
             and all(len(queue) < RUNNING for queue in self._queues.values())
@@ -212,7 +238,7 @@ class Planner(Generic[N]):
         if not self._loaded:
             return []
         actions: list[Action[N]] = self._hand_out()
-        if self._pool:
+        if self._pooled:
             return actions  # every node is busy enough
         for thief in sorted(self._idle(), key=self.remaining):
             steal = self._steal_for(thief)
@@ -226,6 +252,10 @@ class Planner(Generic[N]):
         for node in self._idle():
             actions.append(self._shutdown(node))
         return actions
+
+    @property
+    def _pooled(self) -> bool:
+        return bool(self._pools[0] or self._pools[1])
 
     def _live(self) -> list[N]:
         return [node for node in self._queues if node not in self._closing]
@@ -241,15 +271,30 @@ class Planner(Generic[N]):
 
     def _hand_out(self) -> list[Action[N]]:
         sent: dict[N, list[int]] = {}
-        while self._pool:
+        while self._pooled:
             hungry = [node for node in self._live() if self._wants(node)]
             if not hungry:
                 break
             node = min(hungry, key=self.remaining)
-            index = self._pool.pop()
+            index = self._next_for(node)
             self._push(node, index)
             sent.setdefault(node, []).append(index)
         return [Send(node, tuple(indices)) for node, indices in sent.items()]
+
+    def _next_for(self, node: N) -> int:
+        """The pooled test ``node`` takes next (see "CPU-heavy tests spread out")."""
+        light, heavy = self._pools
+        if not heavy or not light:
+            return (heavy or light).pop()
+        live = self._live()
+        if self._cores >= len(live):  # a core for every node: longest first
+            return (heavy if self._rank[heavy[-1]] > self._rank[light[-1]] else light).pop()
+        # Heavy tests on as many nodes as their share of the work left asks for (at least
+        # one, at most one per core), so that both kinds run out together.
+        left = [sum(self._estimate[i] for i in pool) for pool in self._pools]
+        wanted = min(self._cores, max(1, math.ceil(len(live) * left[1] / (left[0] + left[1] or 1))))
+        others = sum(1 for other in live if other != node and any(self._heavy[i] for i in self._queues[other]))
+        return (heavy if others < wanted else light).pop()
 
     def _push(self, node: N, index: int) -> None:
         queue = self._queues[node]
@@ -308,7 +353,7 @@ class Planner(Generic[N]):
         if self._serial[index]:
             bisect.insort(self._held, index)
         else:
-            bisect.insort(self._pool, index, key=self._rank.__getitem__)
+            bisect.insort(self._pools[self._heavy[index]], index, key=self._rank.__getitem__)
 
     def _learn(self, index: int, duration: float) -> None:
         self._estimate[index] = max(duration, 0.0)

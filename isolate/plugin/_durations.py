@@ -1,20 +1,61 @@
 """Every test's duration, recorded by the controller (or the only process) from the reports:
 kept in pytest's cache for the duration scheduler, and written in pytest-split's format
-with ``--isolate-store-durations``."""
+with ``--isolate-store-durations``. With it, the CPU time the test's process spent on each
+phase, which :class:`CpuMeter` measures where the test runs and sends along in the report
+(as ``isolate_cpu``, which xdist carries like any report attribute)."""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 
 from .._dist.durations import merge, strip_group, write_split_file
 
-__all__ = ["CACHE_KEY", "DurationRecorder"]
+__all__ = ["CACHE_KEY", "CPU_CACHE_KEY", "CpuMeter", "DurationRecorder"]
 
 #: Where in pytest's cache (``.pytest_cache/v/``) the durations live.
 CACHE_KEY = "isolate/durations"
+#: ... and the CPU seconds each test's process spent on it.
+CPU_CACHE_KEY = "isolate/cpu"
+
+_PHASE_CPU = pytest.StashKey[float]()
+
+
+class CpuMeter:
+    """In the process that runs the tests: the CPU time of each phase (setup, call,
+    teardown), put on the phase's report as ``isolate_cpu`` (seconds)."""
+
+    def _measure(self, item: pytest.Item) -> Generator[None, object, object]:
+        start = time.process_time()
+        try:
+            return (yield)
+        finally:
+            item.stash[_PHASE_CPU] = time.process_time() - start
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, object, object]:
+        return (yield from self._measure(item))
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, object, object]:
+        return (yield from self._measure(item))
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, object, object]:
+        return (yield from self._measure(item))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        cpu = item.stash.get(_PHASE_CPU, None)
+        if cpu is not None:
+            report.isolate_cpu = round(cpu, 6)  # type: ignore[attr-defined]
+            del item.stash[_PHASE_CPU]
+        return report
 
 
 class DurationRecorder:
@@ -24,20 +65,25 @@ class DurationRecorder:
         self.config = config
         self.split_file = split_file
         self.measured: defaultdict[str, float] = defaultdict(float)
+        self.cpu: defaultdict[str, float] = defaultdict(float)
         dist = getattr(config.option, "dist", None)
         self._grouped = dist == "loadgroup"
         self._each = dist == "each"  # every worker runs every test: no one duration per test
 
-    def history(self) -> dict[str, float]:
-        """The durations earlier runs recorded (empty without pytest's cache plugin)."""
+    def history(self, key: str = CACHE_KEY) -> dict[str, float]:
+        """What earlier runs recorded under ``key``, test id -> seconds: the durations, or
+        with :data:`CPU_CACHE_KEY` the CPU times (empty without pytest's cache plugin)."""
         cache = getattr(self.config, "cache", None)
-        data = cache.get(CACHE_KEY, {}) if cache is not None else {}
+        data = cache.get(key, {}) if cache is not None else {}
         return merge(data if isinstance(data, dict) else {}, {})
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.duration >= 0 and not self._each:  # a frozen clock (freezegun): negative
             nodeid = strip_group(report.nodeid) if self._grouped else report.nodeid
             self.measured[nodeid] += report.duration
+            cpu = getattr(report, "isolate_cpu", None)
+            if isinstance(cpu, int | float) and cpu >= 0:
+                self.cpu[nodeid] += cpu
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self) -> None:
@@ -46,6 +92,7 @@ class DurationRecorder:
         cache = getattr(self.config, "cache", None)
         if cache is not None:
             cache.set(CACHE_KEY, merge(self.history(), self.measured))
+            cache.set(CPU_CACHE_KEY, merge(self.history(CPU_CACHE_KEY), self.cpu))
         if self.split_file:
             path = Path(self.split_file)
             write_split_file(path if path.is_absolute() else self.config.rootpath / path, self.measured)

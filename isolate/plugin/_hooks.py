@@ -23,7 +23,7 @@ from .._run.notices import NoticeHandler
 from .._run.rundir import RunDir
 from .._run.serial import SerialGate, record_serial_ids
 from .._stack import WorkerStack
-from ._durations import DurationRecorder
+from ._durations import CpuMeter, DurationRecorder
 from ._env import controller_environment, early_workerinput, share_with_workers, will_have_workers
 from ._runfixtures import (
     close_run_fixtures,
@@ -137,6 +137,8 @@ def pytest_configure(config: pytest.Config) -> None:
         _join(config, settings, early=False)
     stack = config.stash[STACK_KEY]
     controller = config.stash.get(CONTROLLER_KEY, None)
+    if getattr(config.option, "dist", "no") == "no" or controller is None:  # it runs tests
+        config.pluginmanager.register(CpuMeter(), "isolate-cpu")
     try:
         if controller is None:  # a worker: it asks the controller for run fixtures
             connect_run_fixtures(config, stack.worker.worker_id, stack.run.path)

@@ -4,6 +4,7 @@ and carries out what the pure :class:`~isolate._dist.planner.Planner` decides.""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,14 @@ from .._dist.planner import Action, Planner, Send, Shutdown, Steal
 __all__ = ["DurationScheduling"]
 
 
+def _cores() -> int:
+    """The CPUs this process may run on (its affinity, where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class DurationScheduling:
     """Longest first from recorded durations, work stealing by expected time, serial tests
     last and alone (see :mod:`isolate._dist.planner`).
@@ -25,7 +34,9 @@ class DurationScheduling:
     Like ``load``: every node collects, the collections must be the same, each test runs
     once, and a crashed node's tests go to the others (its current one is reported as the
     crash). ``history`` maps test ids to seconds; ``serial_ids`` names the serial tests
-    once the collection is complete (the workers record them).
+    once the collection is complete (the workers record them); ``cpu`` maps test ids to the
+    CPU seconds their worker spent on them, and the machine's cores bound how many
+    CPU-heavy tests run at once.
     """
 
     def __init__(
@@ -34,16 +45,18 @@ class DurationScheduling:
         log: Producer | None,
         history: Mapping[str, float],
         serial_ids: Callable[[], set[str]],
+        cpu: Mapping[str, float] | None = None,
     ) -> None:
         self.numnodes = len(parse_tx_spec_config(config))
         self.config = config
         self.log = Producer("durationsched") if log is None else log.durationsched
         self.node2collection: dict[WorkerController, list[str]] = {}
         self.collection: list[str] | None = None
-        self.planner: Planner[WorkerController] = Planner()
+        self.planner: Planner[WorkerController] = Planner(cores=_cores())
         self._waiting: list[WorkerController] = []  # added, their collection not yet in
         self._history = history
         self._serial_ids = serial_ids
+        self._cpu = cpu or {}
 
     @property
     def nodes(self) -> list[WorkerController]:
@@ -94,7 +107,9 @@ class DurationScheduling:
                 self._do(self.planner.add_node(node))
         serial = self._serial_ids()
         indices = [i for i, nodeid in enumerate(self.collection) if nodeid in serial]
-        self._do(self.planner.load(estimates(self.collection, self._history), indices))
+        self._do(self.planner.load(
+            estimates(self.collection, self._history), indices, estimates(self.collection, self._cpu)
+        ))  # fmt: skip
 
     def mark_test_complete(self, node: WorkerController, item_index: int, duration: float = 0) -> None:
         self._sync()

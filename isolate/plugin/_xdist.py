@@ -8,7 +8,7 @@ import pytest
 
 from .._controller import RunController
 from .._run.serial import serial_ids
-from ._durations import DurationRecorder
+from ._durations import CPU_CACHE_KEY, DurationRecorder
 
 
 class XdistHooks:
@@ -31,4 +31,7 @@ class XdistHooks:
         from ._scheduler import DurationScheduling  # only a controller that schedules needs it
 
         run_dir = self.controller.run.path
-        return DurationScheduling(config, log, self.recorder.history(), lambda: serial_ids(run_dir))
+        recorder = self.recorder
+        return DurationScheduling(
+            config, log, recorder.history(), lambda: serial_ids(run_dir), recorder.history(CPU_CACHE_KEY)
+        )
