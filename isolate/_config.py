@@ -251,8 +251,8 @@ OPTIONS: tuple[Option, ...] = (
            " the containers join; default: a private network per run", "", _optional_str),
     Option("dist", "how an xdist run hands tests to its workers when you give no --dist of "
            "your own: duration (longest first, from the durations of earlier runs kept in "
-           "pytest's cache; CPU-heavy tests beside the waiting ones when workers outnumber "
-           "cores; work stealing by expected time; serial tests last, alone) or "
+           "pytest's cache; CPU-heavy tests beside the waiting ones, one per two cores; work "
+           "stealing by expected time; serial tests last, alone) or "
            "xdist (xdist's own default, load). An explicit --dist always wins", "duration",
            _choice("duration", "xdist")),
     Option("store_durations", "also write every test's duration to this file in "

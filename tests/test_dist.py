@@ -273,11 +273,12 @@ def test_each_test_s_cpu_time_is_recorded(pytester: pytest.Pytester, logged: Pat
 
 
 def test_cpu_heavy_tests_start_beside_the_waiting_ones(pytester: pytest.Pytester, logged: Path) -> None:
-    # More workers than cores: with the history saying the spinning tests keep their worker
-    # busy, some worker starts on them at once (at most one per core), where longest first
-    # alone would start every worker on a waiting test and leave the spinning ones for last.
-    cores = len(os.sched_getaffinity(0))
-    workers = cores + 2
+    # More workers than the cores feed heavy tests on (one per two cores): with the history
+    # saying the spinning tests keep their worker busy, some worker starts on them at once
+    # (as many as there are slots at most), where longest first alone would start every
+    # worker on a waiting test and leave the spinning ones for last.
+    slots = max(1, len(os.sched_getaffinity(0)) // 2)
+    workers = slots + 3
     pytester.makepyfile(test_c=SPIN_AND_WAIT.replace("range(8)", f"range({2 * workers})"))
     cache = pytester.path / ".pytest_cache/v/isolate"
     cache.mkdir(parents=True)
@@ -300,4 +301,4 @@ def test_cpu_heavy_tests_start_beside_the_waiting_ones(pytester: pytest.Pytester
         if history is None:
             assert starting_on_spin == 0, first  # longest first
         else:
-            assert 1 <= starting_on_spin <= cores, first
+            assert 1 <= starting_on_spin <= slots, first

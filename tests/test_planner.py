@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from isolate._dist.durations import estimates, merge, read_split_file, strip_group, write_split_file
-from isolate._dist.planner import Planner, Send, Shutdown, Steal
+from isolate._dist.planner import HEAVY_CORES, Planner, Send, Shutdown, Steal
 
 STOP = -1
 
@@ -279,9 +279,10 @@ def test_with_full_history_the_run_ends_within_grahams_bound(seed: int) -> None:
 
 
 class CpuSim(Sim):
-    """``Sim`` on a machine of ``cores`` CPUs: a heavy test needs a whole one, so while more
-    heavy tests run than there are cores they share them and each takes longer (light tests
-    mostly wait and keep their pace). Time moves in small steps."""
+    """``Sim`` on a machine of ``cores`` CPUs: a heavy test keeps ``HEAVY_CORES`` of them busy
+    (its worker, the service answering it), so while the heavy tests running need more than
+    there are, they share them and each takes longer (light tests mostly wait and keep
+    their pace). Time moves in small steps."""
 
     STEP = 0.005
 
@@ -304,7 +305,7 @@ class CpuSim(Sim):
     def run(self) -> float:
         while self.left:
             running_heavy = sum(1 for name in self.left if self.workers[name].running in self.heavy)
-            share = min(1.0, self.cores / running_heavy) if running_heavy else 1.0
+            share = min(1.0, self.cores / (HEAVY_CORES * running_heavy)) if running_heavy else 1.0
             self.clock.now += self.STEP
             for name in list(self.left):
                 worker = self.workers[name]
@@ -336,7 +337,8 @@ def test_cpu_heavy_tests_run_beside_the_waiting_ones_not_all_at_the_end() -> Non
     # Longest first alone ends with 200 heavy tests on 4 workers sharing 2 cores.
     assert blind_end > 1.1 * bound
     assert aware_end < 1.05 * bound < blind_end
-    # Never more workers on heavy tests than cores, until only heavy tests are left.
+    # Never more workers on heavy tests than the cores feed (one here), until only heavy
+    # tests are left.
     last_light = max(end for index, _, end in aware.runs() if index not in heavy)
     for index, start, _ in aware.runs():
         if index in heavy and start < last_light:
@@ -344,7 +346,7 @@ def test_cpu_heavy_tests_run_beside_the_waiting_ones_not_all_at_the_end() -> Non
                 name for name, w in aware.workers.items()
                 for i, s, e in w.ran if i in heavy and s <= start < e
             }  # fmt: skip
-            assert len(at_once) <= 2, (start, at_once)
+            assert len(at_once) <= 1, (start, at_once)
 
 
 def test_heavy_tests_get_their_share_of_the_nodes() -> None:
@@ -362,7 +364,7 @@ def test_heavy_tests_get_their_share_of_the_nodes() -> None:
 def test_with_a_core_per_node_or_no_cpu_history_it_is_longest_first() -> None:
     durations = [3.0, 0.2, 2.0, 0.3, 1.0]
     cpu = [0.0, 0.2, 0.0, 0.3, 0.0]
-    for cores, used in ((2, cpu), (1, [])):
+    for cores, used in ((4, cpu), (1, [])):
         planner: Planner[str] = Planner(clock=Clock(), horizon=0, cores=cores)
         planner.add_node("a")
         planner.add_node("b")

@@ -20,14 +20,16 @@ How it decides:
   With no history at all, tests never seen are estimated at the median of this run's
   finished ones.
 * **CPU-heavy tests spread out.** With the CPU time each test kept its worker busy in
-  earlier runs, a test that did so for at least :data:`HEAVY` of its duration is *heavy*
-  (its worker, and the services it calls, compete for the CPU). If more nodes than the
-  machine has cores ran heavy tests at once, they would slow each other down while the
-  tests that mostly wait (timeouts, restarts, sleeps) left the CPU idle. So with more nodes
-  than cores the two kinds run side by side, each longest first: heavy tests on as many
-  nodes as their share of the expected work left asks for (at least one, at most one per
-  core), light tests on the others, so that both run out together and the CPU is about as
-  busy all along. With no CPU history, or a core for every node, it is longest first.
+  earlier runs, a test that did so for at least :data:`HEAVY` of its duration is *heavy*.
+  It keeps about :data:`HEAVY_CORES` cores busy: its worker's, and as much again in the
+  service and the database answering it. If more heavy tests ran at once than the cores
+  can feed (the *slots*: cores / :data:`HEAVY_CORES`, at least one), they would slow each
+  other down while the tests that mostly wait (timeouts, restarts, sleeps) left the CPU
+  idle. So with more nodes than slots the two kinds run side by side, each longest first:
+  heavy tests on as many nodes as their share of the expected work left asks for (rounded
+  down, at least one, at most the slots), light tests on the others, so that both run out
+  together and the CPU is about as busy all along. With no CPU history, or slots for every
+  node, it is longest first.
 * **Serial tests last and alone.** Tests marked serial are held back. When nothing parallel
   is left to hand out or steal, idle nodes are shut down except the last one (the
   *keeper*); once no other node has a test left, the keeper gets the serial tests, one
@@ -46,7 +48,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["HEAVY", "HORIZON", "RUNNING", "Action", "Planner", "Send", "Shutdown", "Steal"]
+__all__ = ["HEAVY", "HEAVY_CORES", "HORIZON", "RUNNING", "Action", "Planner", "Send", "Shutdown", "Steal"]
 
 N = TypeVar("N", bound=Hashable)
 
@@ -59,6 +61,9 @@ HORIZON = 0.5
 MAX_QUEUE = 64
 #: A test whose worker was busy on the CPU for at least this share of its duration is heavy.
 HEAVY = 0.25
+#: The cores a heavy test keeps busy: its worker's, and about as much again in the service
+#: and the database that answer it.
+HEAVY_CORES = 2
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class Planner(Generic[N]):
     ) -> None:
         self._clock = clock
         self._horizon = horizon
-        self._cores = cores
+        self._slots = max(1, math.floor(cores / HEAVY_CORES)) if cores < math.inf else math.inf
         self._queues: dict[N, list[int]] = {}
         self._since: dict[N, float] = {}  # when the head of a node's queue became its head
         self._closing: set[N] = set()
@@ -106,8 +111,10 @@ class Planner(Generic[N]):
         self._serial: list[bool] = []
         self._rank: list[tuple[float, int]] = []
         self._heavy: list[bool] = []
-        # Parallel tests not handed out, light and heavy, each with the longest at the end.
+        # Parallel tests not handed out, light and heavy, each with the longest at the end,
+        # and the seconds each pool is expected to take.
         self._pools: tuple[list[int], list[int]] = ([], [])
+        self._pooled_work = [0.0, 0.0]
         self._held: list[int] = []  # serial tests not handed out, in collection order
         self._default = 1.0
         self._observed: list[float] = []
@@ -147,6 +154,7 @@ class Planner(Generic[N]):
         ]
         for i in sorted((i for i in range(len(estimates)) if i not in held), key=self._rank.__getitem__):
             self._pools[self._heavy[i]].append(i)
+            self._pooled_work[self._heavy[i]] += self.estimate(i)
         self._held = sorted(held)
         self._loaded = True
         return self.balance()
@@ -284,17 +292,28 @@ class Planner(Generic[N]):
     def _next_for(self, node: N) -> int:
         """The pooled test ``node`` takes next (see "CPU-heavy tests spread out")."""
         light, heavy = self._pools
-        if not heavy or not light:
-            return (heavy or light).pop()
         live = self._live()
-        if self._cores >= len(live):  # a core for every node: longest first
-            return (heavy if self._rank[heavy[-1]] > self._rank[light[-1]] else light).pop()
-        # Heavy tests on as many nodes as their share of the work left asks for (at least
-        # one, at most one per core), so that both kinds run out together.
-        left = [sum(self._estimate[i] for i in pool) for pool in self._pools]
-        wanted = min(self._cores, max(1, math.ceil(len(live) * left[1] / (left[0] + left[1] or 1))))
-        others = sum(1 for other in live if other != node and any(self._heavy[i] for i in self._queues[other]))
-        return (heavy if others < wanted else light).pop()
+        if not heavy or not light:
+            kind = bool(heavy)
+        elif self._slots >= len(live):  # the CPU feeds heavy tests on every node: longest first
+            kind = self._rank[heavy[-1]] > self._rank[light[-1]]
+        else:
+            # Heavy tests on as many nodes as their share of the expected work left asks
+            # for, rounded down, at least one, at most the slots. A node whose kind runs out
+            # takes the other, so both run out about together.
+            held = heavy_held = 0.0
+            for queue in self._queues.values():
+                for i in queue:
+                    held += self.estimate(i)
+                    heavy_held += self.estimate(i) if self._heavy[i] else 0.0
+            heavy_left = heavy_held + self._pooled_work[True]
+            total = held + self._pooled_work[False] + self._pooled_work[True]
+            wanted = min(self._slots, max(1, math.floor(len(live) * heavy_left / max(total, 1e-9))))
+            others = sum(1 for other in live if other != node and any(self._heavy[i] for i in self._queues[other]))
+            kind = others < wanted
+        index = self._pools[kind].pop()
+        self._pooled_work[kind] = max(self._pooled_work[kind] - self.estimate(index), 0.0)
+        return index
 
     def _push(self, node: N, index: int) -> None:
         queue = self._queues[node]
@@ -354,6 +373,7 @@ class Planner(Generic[N]):
             bisect.insort(self._held, index)
         else:
             bisect.insort(self._pools[self._heavy[index]], index, key=self._rank.__getitem__)
+            self._pooled_work[self._heavy[index]] += self.estimate(index)
 
     def _learn(self, index: int, duration: float) -> None:
         self._estimate[index] = max(duration, 0.0)
