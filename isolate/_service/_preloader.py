@@ -189,8 +189,12 @@ def serve(config: dict[str, Any]) -> int:
         if channel.sock.fileno() not in readable:
             continue
         request, fds = channel.hear()
-        if request is None:
-            return 0  # the worker is gone or done: what we forked is in its registry
+        if request is None:  # the worker is gone or done: what we forked is in its registry
+            # Out at once: this process only imported the app (it never ran it), and tearing
+            # the interpreter down would keep the worker waiting ~0.1 s at its end.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         _fork(channel, request, fds, (channel.sock.fileno(), *wakeup), children)
 
 
