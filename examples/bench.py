@@ -18,8 +18,10 @@ time during the run, from ``/proc/stat``, divided by the usable cores), plus the
 stack start-up (PostgreSQL wait + worker stack ready). Run it on an otherwise idle machine.
 
 Every record has ``dist``: ``duration`` is isolate's scheduler (the default: no ``--dist``),
-fed by the durations a warm-up run per backend recorded in pytest's cache first; ``load`` is
-xdist's own (``--dist load``), run at ``--load-workers`` for comparison.
+fed by the durations and CPU times a warm-up run per backend recorded in pytest's cache
+first; ``load`` is xdist's own (``--dist load``), run at ``--load-workers`` for comparison.
+Each setup and backend keeps its own pytest cache, as a team's CI keeps one per
+configuration: a shared-stack run's timeouts are not the history of an isolate run.
 """
 
 from __future__ import annotations
@@ -71,9 +73,11 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def run_suite(setup: str, backend: str, workers: int, seed: int, dist: str = "duration") -> dict[str, Any]:
+def run_suite(setup: str, backend: str, workers: int, seed: int, caches: Path,
+              dist: str = "duration") -> dict[str, Any]:  # fmt: skip
     """One run of the suite; its wall time, outcome counts, test durations and timings.
-    ``dist``: ``duration`` (isolate's scheduler, no ``--dist``) or an xdist mode."""
+    ``dist``: ``duration`` (isolate's scheduler, no ``--dist``) or an xdist mode. Each setup
+    and backend has its own pytest cache under ``caches`` (the history the scheduler reads)."""
     with tempfile.TemporaryDirectory(prefix="isolate-bench-") as tmp:
         junit = Path(tmp) / "junit.xml"
         timings = Path(tmp) / "timings.json"
@@ -81,6 +85,7 @@ def run_suite(setup: str, backend: str, workers: int, seed: int, dist: str = "du
             sys.executable, "-m", "pytest", "tests", "-q", "-n", str(workers),
             "-p", "randomly", f"--randomly-seed={seed}", f"--junitxml={junit}",
             f"--isolate-timings-json={timings}", "-o", "junit_family=xunit1",
+            "-o", f"cache_dir={caches / f'{setup}-{backend}'}",
         ]  # fmt: skip
         if backend == "docker":
             cmd += DOCKER_ARGS
@@ -386,15 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if "isolate" in setups:
         plan += [("isolate", b, int(w), "load") for b in backends for w in args.load_workers.split(",") if w]
-    for backend in backends:  # the durations the scheduler starts from: one run, not recorded
-        warm = run_suite("isolate", backend, 4, 999)
+    caches = Path(tempfile.mkdtemp(prefix="isolate-bench-caches-"))
+    for backend in backends:  # the history the scheduler starts from: one run, not recorded
+        warm = run_suite("isolate", backend, 4, 999, caches)
         print(f"warm-up  {backend:7} workers=4 wall={warm['wall_s']:7.2f}s", flush=True)
     order = random.Random(42)
     for repeat in range(args.repeats):
         order.shuffle(plan)
         for setup, backend, w, dist in plan:
             seed = 1000 + repeat
-            record = run_suite(setup, backend, w, seed, dist)
+            record = run_suite(setup, backend, w, seed, caches, dist)
             record["repeat"] = repeat
             records.append(record)
             print(f"{setup:8} {backend:7} {dist:8} workers={w} repeat={repeat} wall={record['wall_s']:7.2f}s "
@@ -403,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             records += run_dbmodes([int(w) for w in args.dbmode_workers.split(",")], repeat)
             records += run_fresh(repeat)
+    shutil.rmtree(caches, ignore_errors=True)
     add_bounds(records)
     out.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "test_durations"} for r in records]
