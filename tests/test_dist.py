@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -270,6 +272,27 @@ def test_each_test_s_cpu_time_is_recorded(pytester: pytest.Pytester, logged: Pat
     assert len(cpu) == 20
     assert all(cpu[f"test_c.py::test_spin[{n}]"] >= 0.09 for n in range(12)), cpu  # CPU time: load or not
     assert all(cpu[f"test_c.py::test_wait[{n}]"] < 0.09 for n in range(8)), cpu
+
+
+def test_a_busy_machine_does_not_make_a_computing_test_look_idle(pytester: pytest.Pytester, logged: Path) -> None:
+    # Twice as many busy loops as cores: a spinning test gets a third of a CPU or so, and
+    # its raw CPU time is a third of its duration. Scaled by the time its thread waited for
+    # a CPU, it still shows as computing all along; a waiting test still shows as waiting.
+    pytester.makepyfile(test_c=SPIN_AND_WAIT)
+    hog = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end:\n    pass\n"
+    hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(2 * len(os.sched_getaffinity(0)))]
+    try:
+        pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly").assert_outcomes(passed=20)
+    finally:
+        for process in hogs:
+            process.kill()
+            process.wait()
+    cpu = json.loads((pytester.path / ".pytest_cache/v/isolate/cpu").read_text())
+    durations = json.loads((pytester.path / ".pytest_cache/v/isolate/durations").read_text())
+    spins = [f"test_c.py::test_spin[{n}]" for n in range(12)]
+    waits = [f"test_c.py::test_wait[{n}]" for n in range(8)]
+    assert all(cpu[t] >= 0.6 * durations[t] for t in spins), [(cpu[t], durations[t]) for t in spins]
+    assert all(cpu[t] < 0.25 * durations[t] for t in waits), [(cpu[t], durations[t]) for t in waits]
 
 
 def test_cpu_heavy_tests_start_beside_the_waiting_ones(pytester: pytest.Pytester, logged: Path) -> None:

@@ -2,7 +2,8 @@
 kept in pytest's cache for the duration scheduler, and written in pytest-split's format
 with ``--isolate-store-durations``. With it, the CPU time the test's process spent on each
 phase, which :class:`CpuMeter` measures where the test runs and sends along in the report
-(as ``isolate_cpu``, which xdist carries like any report attribute)."""
+(as ``isolate_cpu``, which xdist carries like any report attribute), scaled to what it is
+on a machine with a CPU free for it (see :class:`CpuMeter`)."""
 
 from __future__ import annotations
 
@@ -19,22 +20,41 @@ __all__ = ["CACHE_KEY", "CPU_CACHE_KEY", "CpuMeter", "DurationRecorder"]
 
 #: Where in pytest's cache (``.pytest_cache/v/``) the durations live.
 CACHE_KEY = "isolate/durations"
-#: ... and the CPU seconds each test's process spent on it.
+#: ... and the CPU seconds each test's process spent on it (scaled, see :class:`CpuMeter`).
 CPU_CACHE_KEY = "isolate/cpu"
 
-_PHASE_CPU = pytest.StashKey[float]()
+_PHASE_CPU = pytest.StashKey[tuple[float, float]]()
+#: The kernel's scheduler statistics for the calling thread: CPU time, then the time it was
+#: ready to run but waited for a CPU (nanoseconds); Linux only.
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+def _waited() -> float:
+    """Seconds this thread has waited for a CPU so far (0 where the kernel does not say)."""
+    try:
+        with open(_SCHEDSTAT, "rb") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class CpuMeter:
     """In the process that runs the tests: the CPU time of each phase (setup, call,
-    teardown), put on the phase's report as ``isolate_cpu`` (seconds)."""
+    teardown), put on the phase's report as ``isolate_cpu`` (seconds).
+
+    On a busy machine a test that computes waits for a CPU, so its duration grows and its
+    CPU time does not: it would look idle, and the scheduler would take it for one that
+    waits. So the CPU time is scaled to the phase's duration without the time the test's
+    thread waited for a CPU (``/proc/thread-self/schedstat``): ``cpu * duration /
+    (duration - waited)``, its share of the time it could run times its duration.
+    """
 
     def _measure(self, item: pytest.Item) -> Generator[None, object, object]:
-        start = time.process_time()
+        start, waited = time.process_time(), _waited()
         try:
             return (yield)
         finally:
-            item.stash[_PHASE_CPU] = time.process_time() - start
+            item.stash[_PHASE_CPU] = (time.process_time() - start, _waited() - waited)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, object, object]:
@@ -51,9 +71,12 @@ class CpuMeter:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
-        cpu = item.stash.get(_PHASE_CPU, None)
-        if cpu is not None:
-            report.isolate_cpu = round(cpu, 6)  # type: ignore[attr-defined]
+        measured = item.stash.get(_PHASE_CPU, None)
+        if measured is not None:
+            cpu, waited = measured
+            could_run = max(report.duration - waited, cpu)
+            scaled = cpu * report.duration / could_run if could_run > 0 else cpu
+            report.isolate_cpu = round(scaled, 6)  # type: ignore[attr-defined]
             del item.stash[_PHASE_CPU]
         return report
 
