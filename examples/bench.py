@@ -285,19 +285,31 @@ NOTES = """## Reading the numbers
   later). What a worker waits for in all is `worker_stack_ready`, lower with `duration`
   (0.30-0.65 s native, 0.37-0.88 s docker at 1-4 workers) than with `load` (0.9-1.1 s
   native, 1.9-2.0 s docker at 4).
-- Where the 4-worker native run goes (per-test timeline, one run of 21.3 s): the workers
-  boot and collect until 3.9 s; each is then busy 16.4-16.5 s and all four finish within
-  0.1 s of each other (the scheduler leaves no tail), then the serial tests run alone
-  (~1 s). The gap to the bound is not scheduling: the tests' summed time is 65.8 s at 4
-  workers against 44.8 s at 1 (four services, four pytest processes and PostgreSQL share
-  2 cores, and the tests wait on latencies that grow with it), and the bound counts the
-  1-worker durations. Under `load` the same run takes ~25 s: one worker gets most of the
-  slow DLQ tests.
+- Where the 4-worker native run goes (one run of ~17 s, per-test timeline): the workers are
+  spawned one after another and boot and collect until ~2 s; the tests then run until
+  ~15 s, one worker on the CPU-heavy tests (the short requests to the service) and three on
+  the ones that mostly wait, and the four finish within ~0.8 s of each other; then the
+  serial test (0.05 s) and the keeper's session teardown (~0.85 s, of which 0.64 s is the
+  example service's graceful stop with its 0.5 s propagation delay); then xdist tears the
+  workers down (~0.7 s). Start-up, the keeper's end and xdist's teardown (~3.5 s) are
+  outside the bound, which is why 4 workers stay near 1.3 of it on 2 cores.
+- Before the scheduler knew each test's CPU time, the same run took ~20-21 s: longest first
+  ran the DLQ and shutdown tests (mostly waiting) on all four workers first, with the CPU
+  8-35% busy for 8 s, then ~250 short request tests on all four at once, with the CPU 100%
+  busy and each of them 2-4x slower than alone. Now one worker runs those while three run
+  the waiting ones, and the CPU is 55-70% busy all along.
+- pytest-randomly (which the bench uses, as the example's sessions do) adds ~0.4 s to the
+  workers' start-up here. This machine sets `PYTHONDONTWRITEBYTECODE=1`, so pytest cannot
+  cache the assertion-rewritten test modules, conftests and plugins (isolate among them):
+  each worker rewrites and compiles them again at every start (~0.45 s of CPU per worker
+  here). With the variable unset (the caches written once), a 4-worker native run starts
+  its tests ~0.6 s sooner.
 - xdist start-up per worker count (controller start to the last worker's collection done,
-  the example suite): 1.9 s at 1 worker, 2.1 s at 2, 3.9 s at 4, 6.1 s at 8, 11.4 s at 16.
-  isolate's part in a worker is its import (~60 ms, PostgreSQL and Redis clients loaded
-  lazily) and joining the run (~45 ms at 4 workers, ~180 ms at 16); the rest is Python,
-  pytest, xdist, the plugins and the suite's own imports, spawned at once on 2 cores.
+  the example suite, this bench's environment): XDIST_BOOT. isolate's part in a worker is
+  its import (~60 ms, PostgreSQL and Redis clients loaded lazily; ~0.14 s more of CPU when
+  pytest rewrites it, as above) and joining the run (~45 ms at 4 workers, ~180 ms at 16);
+  the rest is Python, pytest, xdist, the plugins and the suite's own imports, spawned one
+  after another and running at once on 2 cores.
 - Docker containers run under dockerd, so their CPU is in the machine's busy time but not
   in pytest's; the docker rows' start-up includes the container starts.
 - The shared-stack baseline is both slower and wrong: its tests wait on a service other

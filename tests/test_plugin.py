@@ -119,6 +119,21 @@ def test_crashed_worker_leaks_nothing(suite: pytest.Pytester) -> None:
     assert leftovers(run_id_of(result)) == []
 
 
+@pytest.mark.parametrize("dont_write", [True, False])
+def test_the_header_says_when_workers_cannot_keep_their_bytecode(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, dont_write: bool
+) -> None:
+    pytester.makepyfile(test_x="def test_x(): pass")
+    if dont_write:
+        monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    else:
+        monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    noted = any(line.startswith("isolate: note: PYTHONDONTWRITEBYTECODE is set") for line in result.outlines)
+    assert noted == dont_write, result.outlines[:12]
+
+
 def test_without_xdist(suite: pytest.Pytester) -> None:
     suite.makepyfile(
         test_plain="""

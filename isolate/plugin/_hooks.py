@@ -322,13 +322,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
+#: xdist workers start faster with pytest's caches of rewritten modules (docs/how-to/ci.md).
+BYTECODE_NOTE = (
+    "note: PYTHONDONTWRITEBYTECODE is set, so every worker rewrites and compiles the test "
+    "modules, conftests and plugins again at each start; unset it for faster starts "
+    "(PYTHONPYCACHEPREFIX keeps the caches out of the source tree)"
+)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """One line; with ``-v``, what the backend runs (binaries or images) too."""
     controller = config.stash.get(CONTROLLER_KEY, None)
     if controller is None:
         return []
     lines = controller.header()
-    return [f"isolate: {line}" for line in (lines if config.option.verbose > 0 else lines[:1])]
+    lines = lines if config.option.verbose > 0 else lines[:1]
+    if sys.dont_write_bytecode and will_have_workers(config):
+        lines.append(BYTECODE_NOTE)
+    return [f"isolate: {line}" for line in lines]
 
 
 def _kept_lines(controller: RunController) -> list[str]:
