@@ -262,8 +262,8 @@ NOTES = """## Reading the numbers
   its longest test) and the *CPU bound* (the machine's busy CPU time during the run, from
   `/proc/stat`, divided by the usable cores), plus the measured stack start-up
   (PostgreSQL wait + worker stack ready). *wall/bound* is how far the run is from it.
-- Most of this suite's time is waiting, not computing: at 1 worker its tests sum to ~45 s
-  while the machine is busy for ~21 s (graceful-shutdown delays, DLQ drains, restarts).
+- Most of this suite's time is waiting, not computing: at 1 worker its tests sum to ~48 s
+  while the machine is busy for ~19 s (graceful-shutdown delays, DLQ drains, restarts).
   Past 2 workers on 2 cores, the CPU and the start-up of the workers decide.
 - The fork server (`ServiceSpec.entry`) is what moved the 1-worker run and the CPU: on
   the same seed at 4 workers, CPU by component (sampled every 50 ms) was 11.8 s in
@@ -281,31 +281,37 @@ NOTES = """## Reading the numbers
 - `service_ready` is a worker's first service start, measured from the moment a test asks.
   Under the duration scheduler a worker's first test is its longest, and asks for the
   service at once, while the preload still runs: its `service_ready` then holds the rest
-  of the preload (0.3-0.6 s at 1-4 workers; 0.08 s under `load`, whose first tests ask
+  of the preload (0.2-0.5 s at 1-4 workers; less under `load`, whose first tests ask
   later). What a worker waits for in all is `worker_stack_ready`, lower with `duration`
-  (0.30-0.65 s native, 0.37-0.88 s docker at 1-4 workers) than with `load` (0.9-1.1 s
-  native, 1.9-2.0 s docker at 4).
-- Where the 4-worker native run goes (one run of ~17 s, per-test timeline): the workers are
-  spawned one after another and boot and collect until ~2 s; the tests then run until
-  ~15 s, one worker on the CPU-heavy tests (the short requests to the service) and three on
-  the ones that mostly wait, and the four finish within ~0.8 s of each other; then the
-  serial test (0.05 s) and the keeper's session teardown (~0.85 s, of which 0.64 s is the
-  example service's graceful stop with its 0.5 s propagation delay); then xdist tears the
-  workers down (~0.7 s). Start-up, the keeper's end and xdist's teardown (~3.5 s) are
-  outside the bound, which is why 4 workers stay near 1.3 of it on 2 cores.
-- Before the scheduler knew each test's CPU time, the same run took ~20-21 s: longest first
-  ran the DLQ and shutdown tests (mostly waiting) on all four workers first, with the CPU
-  8-35% busy for 8 s, then ~250 short request tests on all four at once, with the CPU 100%
-  busy and each of them 2-4x slower than alone. Now one worker runs those while three run
-  the waiting ones, and the CPU is 55-70% busy all along.
+  (0.28-0.53 s native, 0.61-0.96 s docker at 1-4 workers) than with `load` (0.76-0.95 s
+  native, 1.8-2.1 s docker at 4). On docker at 4 workers it rose from 0.77 s in the
+  previous bench: the worker on the CPU-heavy tests now computes while the others start
+  their containers.
+- Where the 4-worker native run goes (one run of 19.3 s in this bench's environment,
+  per-test timeline): the workers are spawned one after another and boot and collect until
+  3.0 s; the tests then run until 16.5-17.2 s, one worker on the CPU-heavy tests (the short
+  requests to the service) and three on the ones that mostly wait, with the CPU 52-73% busy
+  all along; then the serial test (0.05 s) and the keeper's session teardown (0.85 s, of
+  which 0.64 s is the example service's graceful stop with its 0.5 s propagation delay),
+  until 18.1 s; then xdist tears the workers down and pytest exits (~0.9 s). Start-up, the
+  keeper's end and the teardown (~4.8 s) are outside the bound, which is why 4 workers stay
+  at ~1.5 of it on 2 cores.
+- Before the scheduler knew each test's CPU time, the same cell took 21.8 s (previous
+  bench; 18.9 s now). A timeline of such a run: longest first ran the DLQ and shutdown
+  tests (mostly waiting) on all four workers first, with the CPU 8-35% busy for 8 s, then
+  ~250 short request tests on all four at once, with the CPU 100% busy and each of them
+  2-4x slower than alone. Now one worker runs those while three run the waiting ones. At 2
+  workers the heavy tests no longer run two at a time either (27.6 s, was 29.9 s).
 - pytest-randomly (which the bench uses, as the example's sessions do) adds ~0.4 s to the
   workers' start-up here. This machine sets `PYTHONDONTWRITEBYTECODE=1`, so pytest cannot
   cache the assertion-rewritten test modules, conftests and plugins (isolate among them):
   each worker rewrites and compiles them again at every start (~0.45 s of CPU per worker
-  here). With the variable unset (the caches written once), a 4-worker native run starts
-  its tests ~0.6 s sooner.
+  here). With the variable unset (the caches written once), the four workers finish
+  collecting after 1.6 s instead of 3.1-3.2 s (see the CI how-to; isolate's report header
+  says so when it is set).
 - xdist start-up per worker count (controller start to the last worker's collection done,
-  the example suite, this bench's environment): XDIST_BOOT. isolate's part in a worker is
+  the example suite, this bench's environment): 1.8 s at 1 worker, 1.7-1.9 s at 2, 3.2-3.4 s
+  at 4, 5.7 s at 8, 11.1-11.3 s at 16. isolate's part in a worker is
   its import (~60 ms, PostgreSQL and Redis clients loaded lazily; ~0.14 s more of CPU when
   pytest rewrites it, as above) and joining the run (~45 ms at 4 workers, ~180 ms at 16);
   the rest is Python, pytest, xdist, the plugins and the suite's own imports, spawned one
