@@ -77,7 +77,7 @@ def test_a_second_run_starts_the_longest_tests_first(pytester: pytest.Pytester, 
 
         @pytest.mark.parametrize("n", range(12))
         def test_short(n):
-            record(f"short{n}", 0.01)
+            record(f"short{n}", 0.05)  # waits: no CPU-heavy tests to run beside the long ones
 
         @pytest.mark.parametrize("seconds", [0.4, 0.8, 0.2, 0.6])
         def test_long(seconds):
@@ -275,15 +275,22 @@ def test_each_test_s_cpu_time_is_recorded(pytester: pytest.Pytester, logged: Pat
 
 
 def test_a_busy_machine_does_not_make_a_computing_test_look_idle(pytester: pytest.Pytester, logged: Path) -> None:
-    # Twice as many busy loops as cores: a spinning test gets a third of a CPU or so, and
-    # its raw CPU time is a third of its duration. Scaled by the time its thread waited for
+    # Two busy loops on the test's CPU: a spinning test gets a third of it or so, and its
+    # raw CPU time is a third of its duration. Scaled by the time its thread waited for
     # a CPU, it still shows as computing all along; a waiting test still shows as waiting.
     pytester.makepyfile(test_c=SPIN_AND_WAIT)
+    # All on one CPU (the inner run, as this process's child, and two busy loops), so that the
+    # other CPUs stay free for the rest of the suite.
+    mine = os.sched_getaffinity(0)
+    one = {max(mine)}
     hog = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end:\n    pass\n"
-    hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(2 * len(os.sched_getaffinity(0)))]
+    hogs = [subprocess.Popen([sys.executable, "-c", hog], preexec_fn=lambda: os.sched_setaffinity(0, one))
+            for _ in range(2)]  # fmt: skip
+    os.sched_setaffinity(0, one)
     try:
         pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly").assert_outcomes(passed=20)
     finally:
+        os.sched_setaffinity(0, mine)
         for process in hogs:
             process.kill()
             process.wait()

@@ -781,9 +781,14 @@ def test_postgres_starts_from_a_seeded_image_with_a_password_of_its_own(
     image = docker_engine.images.get(tag)
     assert image.labels.get("isolate.build_context") == "pg-seed"  # cleanup --caches removes it
     # the password it was made with is not in the image
-    leaked = docker_engine.containers.run(tag, entrypoint=["cat", "/tmp/isolate-postgres-password"],
-                                          network_mode="none", remove=True)  # fmt: skip
-    assert leaked == b""
+    # (run's remove=True can race the daemon's own removal: 409 "already in progress")
+    box = docker_engine.containers.run(tag, entrypoint=["cat", "/tmp/isolate-postgres-password"],
+                                       network_mode="none", detach=True)  # fmt: skip
+    try:
+        box.wait(timeout=60)
+        assert box.logs() == b""
+    finally:
+        box.remove(force=True)
     runs = [DockerPostgresRunner(ctx, config) for _ in range(2)]
     try:
         runs[0].start()

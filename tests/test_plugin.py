@@ -219,7 +219,7 @@ def test_timings_json_is_written(suite: pytest.Pytester) -> None:
     # Quiet by default: one header line and one summary line, no table...
     assert "isolate timings" not in result.stdout.str()
     lines = [line for line in result.stdout.lines if line.startswith("isolate: ")
-             and not line.startswith("isolate: warning: ")]  # (as root: the service runs as root)
+             and not line.startswith(("isolate: warning: ", "isolate: note: "))]  # (as root: the service runs as root)
     assert len(lines) == 2, lines
     assert re.fullmatch(r"isolate: run \w+ \(native\): PostgreSQL, 1 Redis, 1 service on 1 worker; "
                         r"reaped in [\d.]+s, nothing left running", lines[1]), lines  # fmt: skip

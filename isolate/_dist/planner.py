@@ -60,7 +60,7 @@ HORIZON = 0.5
 #: The most tests one node holds (many tiny tests).
 MAX_QUEUE = 64
 #: A test whose worker was busy on the CPU for at least this share of its duration is heavy.
-HEAVY = 0.25
+HEAVY = 0.5
 #: The cores a heavy test keeps busy: its worker's, and about as much again in the service
 #: and the database that answer it.
 HEAVY_CORES = 2
