@@ -41,6 +41,7 @@ How it decides:
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import statistics
 import time
@@ -147,10 +148,9 @@ class Planner(Generic[N]):
         self._rank = [(e, -i) for i, e in enumerate(self._estimate)]
         held = set(serial)
         self._serial = [i in held for i in range(len(estimates))]
-        used = [*cpu, *[None] * (len(estimates) - len(cpu))]
         self._heavy = [
             i not in held and estimate is not None and spent is not None and spent >= HEAVY * estimate > 0
-            for i, (estimate, spent) in enumerate(zip(estimates, used, strict=True))
+            for i, (estimate, spent) in enumerate(itertools.zip_longest(estimates, cpu[: len(estimates)]))
         ]
         for i in sorted((i for i in range(len(estimates)) if i not in held), key=self._rank.__getitem__):
             self._pools[self._heavy[i]].append(i)

@@ -137,7 +137,7 @@ def pytest_configure(config: pytest.Config) -> None:
         _join(config, settings, early=False)
     stack = config.stash[STACK_KEY]
     controller = config.stash.get(CONTROLLER_KEY, None)
-    if getattr(config.option, "dist", "no") == "no" or controller is None:  # it runs tests
+    if controller is None or not will_have_workers(config):  # this process runs the tests
         config.pluginmanager.register(CpuMeter(), "isolate-cpu")
     try:
         if controller is None:  # a worker: it asks the controller for run fixtures
