@@ -94,7 +94,11 @@ def test_a_second_run_starts_the_longest_tests_first(pytester: pytest.Pytester, 
     for entry in sorted(entries(logged), key=lambda e: float(e["start"])):  # type: ignore[arg-type]
         by_worker.setdefault(entry["worker"], []).append(entry)
     assert {runs[0]["name"] for runs in by_worker.values()} == {"long0.8", "long0.6"}
-    assert {runs[1]["name"] for runs in by_worker.values()} == {"long0.4", "long0.2"}
+    # the other long ones next, not at the end (the worker that collected first may run a
+    # short test before: it held the shortest one to start on 0.8 s before the other came)
+    assert {runs[1]["name"] for runs in by_worker.values()} | {runs[2]["name"] for runs in by_worker.values()} >= {
+        "long0.4", "long0.2"
+    }
 
 
 def test_a_crashed_worker_s_tests_run_on_the_others(pytester: pytest.Pytester, logged: Path) -> None:
@@ -137,6 +141,56 @@ def test_max_worker_restart_is_honoured(pytester: pytest.Pytester, logged: Path)
     assert outcomes.get("failed") == 2 and outcomes.get("passed", 0) < 38
     names = Counter(str(e["name"]) for e in entries(logged))
     assert set(names.values()) <= {1}
+
+
+def test_a_worker_starts_its_tests_while_another_still_collects(pytester: pytest.Pytester, logged: Path) -> None:
+    # gw1 finishes collecting only once a test has run; with xdist's rule (no test before
+    # every worker has collected) it gives up after 60 s and the run fails.
+    pytester.makeconftest(
+        """
+        import os
+        from pathlib import Path
+        import tenacity
+
+        def pytest_collection_finish(session):
+            if os.environ.get("PYTEST_XDIST_WORKER") != "gw1":
+                return
+            marker = Path(os.environ["DIST_LOG"])  # written by the first test that runs
+
+            @tenacity.retry(
+                stop=tenacity.stop_after_delay(60), wait=tenacity.wait_fixed(0.05),
+                retry=tenacity.retry_if_result(lambda seen: not seen), retry_error_callback=lambda state: False,
+            )
+            def a_test_ran():
+                return marker.exists()
+
+            a_test_ran()
+            assert marker.exists(), "no test ran while gw1 was collecting"
+        """
+    )
+    pytester.makepyfile(test_four=FORTY.replace("range(40)", "range(4)"))
+    result = pytester.runpytest_subprocess("-n", "2", "-v", "-p", "no:randomly", timeout=120)
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["scheduling tests via DurationScheduling"])
+    assert Counter(str(e["name"]) for e in entries(logged)) == Counter(f"n{n}" for n in range(4))
+
+
+def test_workers_that_collected_different_tests_end_the_run(pytester: pytest.Pytester, logged: Path) -> None:
+    pytester.makepyfile(
+        test_differ="""
+        import os, pytest
+        from record import record
+
+        @pytest.mark.parametrize("n", range(3 if os.environ.get("PYTEST_XDIST_WORKER") == "gw1" else 2))
+        def test_n(n):
+            record(f"n{n}")
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", timeout=120)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*Different tests were collected between gw?*", "*1 error*"])
+    assert "KeyboardInterrupt" not in result.stdout.str()
+    assert set(Counter(str(e["name"]) for e in entries(logged)).values()) <= {1}
 
 
 def test_serial_tests_last_and_alone_with_history(pytester: pytest.Pytester, logged: Path) -> None:
@@ -302,6 +356,28 @@ def test_a_busy_machine_does_not_make_a_computing_test_look_idle(pytester: pytes
     assert all(cpu[t] < 0.25 * durations[t] for t in waits), [(cpu[t], durations[t]) for t in waits]
 
 
+ALL_COLLECT_FIRST = """
+import os
+from pathlib import Path
+import tenacity
+
+def pytest_collection_finish(session):
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None:
+        return
+    here = Path(os.environ["DIST_LOG"]).with_name("collected")
+    here.mkdir(exist_ok=True)
+    (here / os.environ["PYTEST_XDIST_WORKER"]).touch()
+
+    @tenacity.retry(stop=tenacity.stop_after_delay(60), wait=tenacity.wait_fixed(0.02),
+                    retry=tenacity.retry_if_result(lambda n: n < int(workers)))
+    def arrived():
+        return len(list(here.iterdir()))
+
+    arrived()
+"""
+
+
 def test_cpu_heavy_tests_start_beside_the_waiting_ones(pytester: pytest.Pytester, logged: Path) -> None:
     # More workers than the cores feed heavy tests on (one per two cores): with the history
     # saying the spinning tests keep their worker busy, some worker starts on them at once
@@ -309,6 +385,7 @@ def test_cpu_heavy_tests_start_beside_the_waiting_ones(pytester: pytest.Pytester
     # worker on a waiting test and leave the spinning ones for last.
     slots = max(1, len(os.sched_getaffinity(0)) // 2)
     workers = slots + 3
+    pytester.makeconftest(ALL_COLLECT_FIRST)  # all start together: no latecomer gets the rest
     pytester.makepyfile(test_c=SPIN_AND_WAIT.replace("range(8)", f"range({2 * workers})"))
     cache = pytester.path / ".pytest_cache/v/isolate"
     cache.mkdir(parents=True)

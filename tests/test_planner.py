@@ -43,7 +43,8 @@ class Sim:
 
     def __init__(self, durations: list[float], workers: int, known: list[float | None] | None = None,
                  serial: tuple[int, ...] = (), crash: set[int] | None = None, restarts: int = 0,
-                 cpu: list[float] | None = None, cores: float = math.inf) -> None:  # fmt: skip
+                 cpu: list[float] | None = None, cores: float = math.inf,
+                 arrivals: tuple[float, ...] = ()) -> None:  # fmt: skip
         self.clock = Clock()
         self.planner: Planner[str] = Planner(clock=self.clock, cores=cores)
         self.durations = durations
@@ -54,9 +55,14 @@ class Sim:
         self.seq = 0
         self.crashed: list[int] = []
         self.shutting_down = False
-        for n in range(workers):
+        # Workers past the first ``workers - len(arrivals)`` join at their arrival times.
+        self.coming = len(arrivals)
+        self.planner.expect(self.coming)
+        for n in range(workers - self.coming):
             self._add(f"gw{n}")
         self.apply(self.planner.load(durations if known is None else known, serial, cpu or ()))
+        for n, at in enumerate(arrivals, start=workers - self.coming):
+            heapq.heappush(self.events, (at, -1, f"gw{n}"))
 
     def _add(self, name: str) -> None:
         self.workers[name] = Worker(name)
@@ -110,7 +116,12 @@ class Sim:
 
     def run(self) -> float:
         while self.events:
-            self.clock.now, _, name = heapq.heappop(self.events)
+            self.clock.now, seq, name = heapq.heappop(self.events)
+            if seq == -1:  # a worker arrives
+                self.coming -= 1
+                self.planner.expect(self.coming)
+                self._add(name)
+                continue
             worker = self.workers[name]
             index, worker.running = worker.running, None
             assert index is not None
@@ -146,6 +157,29 @@ def test_longest_first_to_the_node_free_first() -> None:
     assert planner.remaining("a") == 13 and planner.remaining("b") == 9
     clock.now = 5
     assert planner.complete("b", 1, 5.0) == [Send("b", (3,))]  # b (4 left) is free before a (8)
+
+
+def test_while_nodes_still_collect_the_first_ones_hold_only_what_they_run() -> None:
+    planner: Planner[str] = Planner(horizon=10)
+    planner.expect(1)  # b still collects
+    planner.add_node("a")
+    # the longest, and the shortest to let it start (not the horizon, nor 0.5 s behind 0.6 s)
+    assert planner.load([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) == [Send("a", (5, 0))]
+    planner.expect(0)
+    assert planner.add_node("b") == [Send("b", (4, 3, 1)), Send("a", (2,))]  # all in: longest first
+    # as before: with every node in, a node fills its horizon
+    planner = Planner(horizon=10)
+    planner.add_node("a")
+    assert planner.load([0.1, 0.2, 0.3]) == [Send("a", (2, 1, 0))]
+
+
+def test_nodes_that_join_late_still_get_long_tests() -> None:
+    # the four 5 s tests on four workers that join over 0.6 s: one each, not two on the first
+    durations = [5.0] * 4 + [0.1] * 20
+    sim = Sim(durations, workers=4, arrivals=(0.2, 0.4, 0.6))
+    assert sim.run() < 5.0 + 0.6 + 0.5
+    assert sim.ran_once() == list(range(24))
+    assert len({worker.name for worker in sim.workers.values() for index, _, _ in worker.ran if index < 4}) == 4
 
 
 def test_lpt_makespan_with_history() -> None:

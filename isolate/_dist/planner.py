@@ -10,6 +10,11 @@ How it decides:
   longest first (ties in collection order, so with no history it is the collection order).
   The test at the head of the pool goes to the node expected to be free first, until every
   node holds the test it runs, the next one, and about :data:`HORIZON` seconds more.
+* **Nodes join as they collect.** A node starts as soon as it has collected. While others
+  are still collecting (see :meth:`expect`), a node holds only the two tests it needs to
+  run one, and the second of them is the shortest of its kind in the pool if the first is
+  at least as long as any of that kind left there; so a node that joins late still finds the longest tests in the
+  pool, not tied to an early node behind another long one.
 * **Stealing by expected time.** When the pool is empty and a node is about to run out, it
   takes tests from the end of the queue of the node with the most expected work left, as
   long as each move shortens the longer of the two. A worker runs test *i* only once it
@@ -121,6 +126,7 @@ class Planner(Generic[N]):
         self._observed: list[float] = []
         self._learn_default = False
         self._loaded = False
+        self._coming = 0  # nodes still to join (collecting): no node holds more than it runs
 
     # -- the events -------------------------------------------------------------------
 
@@ -130,6 +136,13 @@ class Planner(Generic[N]):
         self._queues[node] = []
         self._since[node] = self._clock()
         return self.balance()
+
+    def expect(self, count: int) -> None:
+        """``count`` more nodes are still collecting (takes effect at the next event). Until
+        they join, each node holds only the tests it needs to run (no :data:`HORIZON`), so
+        that the longest tests wait in the pool for them instead of in the queues of the
+        nodes that came first."""
+        self._coming = max(count, 0)
 
     def load(
         self, estimates: Sequence[float | None], serial: Iterable[int] = (), cpu: Sequence[float | None] = ()
@@ -275,6 +288,8 @@ class Planner(Generic[N]):
         queue = self._queues[node]
         if len(queue) < RUNNING:
             return True
+        if self._coming:
+            return False
         return len(queue) < MAX_QUEUE and sum(self.estimate(i) for i in queue[1:]) < self._horizon
 
     def _hand_out(self) -> list[Action[N]]:
@@ -284,7 +299,7 @@ class Planner(Generic[N]):
             if not hungry:
                 break
             node = min(hungry, key=self.remaining)
-            index = self._next_for(node)
+            index = self._shortest(node) if self._needs_filler(node) else self._next_for(node)
             self._push(node, index)
             sent.setdefault(node, []).append(index)
         return [Send(node, tuple(indices)) for node, indices in sent.items()]
@@ -293,9 +308,10 @@ class Planner(Generic[N]):
         """The pooled test ``node`` takes next (see "CPU-heavy tests spread out")."""
         light, heavy = self._pools
         live = self._live()
+        nodes = len(live) + self._coming  # those still collecting count: they come soon
         if not heavy or not light:
             kind = bool(heavy)
-        elif self._slots >= len(live):  # the CPU feeds heavy tests on every node: longest first
+        elif self._slots >= nodes:  # the CPU feeds heavy tests on every node: longest first
             kind = self._rank[heavy[-1]] > self._rank[light[-1]]
         else:
             # Heavy tests on as many nodes as their share of the expected work left asks
@@ -308,10 +324,27 @@ class Planner(Generic[N]):
                     heavy_held += self.estimate(i) if self._heavy[i] else 0.0
             heavy_left = heavy_held + self._pooled_work[True]
             total = held + self._pooled_work[False] + self._pooled_work[True]
-            wanted = min(self._slots, max(1, math.floor(len(live) * heavy_left / max(total, 1e-9))))
+            wanted = min(self._slots, max(1, math.floor(nodes * heavy_left / max(total, 1e-9))))
             others = sum(1 for other in live if other != node and any(self._heavy[i] for i in self._queues[other]))
             kind = others < wanted
         index = self._pools[kind].pop()
+        self._pooled_work[kind] = max(self._pooled_work[kind] - self.estimate(index), 0.0)
+        return index
+
+    def _needs_filler(self, node: N) -> bool:
+        """While nodes are still coming, a node that holds a test at least as long as any in
+        the pool gets the shortest one after it (xdist starts a test once the node holds the
+        next): a second long test tied to an early node would wait for the first."""
+        queue = self._queues[node]
+        if not self._coming or len(queue) != 1:
+            return False
+        pool = self._pools[self._heavy[queue[0]]]
+        return bool(pool) and self.estimate(queue[0]) >= self.estimate(pool[-1])
+
+    def _shortest(self, node: N) -> int:
+        """The shortest pooled test of the kind ``node`` holds (so it runs one kind)."""
+        kind = self._heavy[self._queues[node][0]]
+        index = self._pools[kind].pop(0)
         self._pooled_work[kind] = max(self._pooled_work[kind] - self.estimate(index), 0.0)
         return index
 

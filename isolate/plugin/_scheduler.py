@@ -33,10 +33,13 @@ class DurationScheduling:
 
     Like ``load``: every node collects, the collections must be the same, each test runs
     once, and a crashed node's tests go to the others (its current one is reported as the
-    crash). ``history`` maps test ids to seconds; ``serial_ids`` names the serial tests
-    once the collection is complete (the workers record them); ``cpu`` maps test ids to the
-    CPU seconds their worker spent on them, and the machine's cores bound how many
-    CPU-heavy tests run at once.
+    crash). Unlike ``load``, a node starts on its tests as soon as it has collected, not once
+    every node has: the first collection is the run's, and each later one joins if it is
+    the same. A node that collected something else is reported as a collection error and
+    the run ends, as ``load`` ends it. ``history`` maps test ids to seconds;
+    ``serial_ids`` names the serial tests once a node has collected (each worker records
+    them); ``cpu`` maps test ids to the CPU seconds their worker spent on them, and the
+    machine's cores bound how many CPU-heavy tests run at once.
     """
 
     def __init__(
@@ -50,10 +53,14 @@ class DurationScheduling:
         self.numnodes = len(parse_tx_spec_config(config))
         self.config = config
         self.log = Producer("durationsched") if log is None else log.durationsched
-        self.node2collection: dict[WorkerController, list[str]] = {}
         self.collection: list[str] | None = None
         self.planner: Planner[WorkerController] = Planner(cores=_cores())
+        self.planner.expect(self.numnodes)
         self._waiting: list[WorkerController] = []  # added, their collection not yet in
+        self._first: WorkerController | None = None  # whose collection is the run's
+        self._collected = 0  # collections in, the initial nodes' and their replacements'
+        self._all_in = False  # every initial node collected: xdist shows the status line now
+        self._aborted = False  # collections differ: the run ends
         self._history = history
         self._serial_ids = serial_ids
         self._cpu = cpu or {}
@@ -64,15 +71,21 @@ class DurationScheduling:
 
     @property
     def collection_is_completed(self) -> bool:
-        return len(self.node2collection) >= self.numnodes
+        """A node collected: xdist may call :meth:`schedule` (each later node joins as it
+        collects)."""
+        return self.collection is not None
 
     @property
     def tests_finished(self) -> bool:
-        return self.collection_is_completed and self.collection is not None and self.planner.finished
+        if self._aborted:
+            return True
+        return self._collected >= self.numnodes and self.planner.finished
 
     @property
     def has_pending(self) -> bool:
-        return self.planner.has_pending
+        # xdist asks this only to show its "N workers [M items]" line when it is False at a
+        # collection: as with ``load``, that is once every initial node has collected.
+        return self.planner.has_pending and not self._all_in
 
     def add_node(self, node: WorkerController) -> None:
         assert node not in self.nodes
@@ -80,36 +93,27 @@ class DurationScheduling:
 
     def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
         assert node in self._waiting
-        if self.collection_is_completed:
-            # A node added later (replacing a crashed one): it joins if it collected the same.
-            assert self.collection is not None
-            if list(collection) != self.collection:
-                other = next(iter(self.node2collection))
-                self.log(report_collection_diff(self.collection, collection, other.gateway.id, node.gateway.id))
-                return
-            self._waiting.remove(node)
-            self._do(self.planner.add_node(node))
+        self._collected += 1
+        self._all_in = self._collected == self.numnodes
+        if self.collection is None:
+            self.collection, self._first = list(collection), node
+            serial = self._serial_ids()
+            indices = [i for i, nodeid in enumerate(self.collection) if nodeid in serial]
+            self._do(self.planner.load(
+                estimates(self.collection, self._history), indices, estimates(self.collection, self._cpu)
+            ))  # fmt: skip
+        elif list(collection) != self.collection:
+            self._abort(node, collection)
+        if self._aborted:
             return
-        self.node2collection[node] = list(collection)
+        self._waiting.remove(node)
+        self.planner.expect(self.numnodes - self._collected)
+        self._do(self.planner.add_node(node))
 
     def schedule(self) -> None:
-        assert self.collection_is_completed
-        if self.collection is not None:
+        self._all_in = False
+        if not self._aborted:
             self._do(self.planner.balance())
-            return
-        if not self._same_collections():
-            self.log("**Different tests collected, aborting run**")
-            return
-        self.collection = next(iter(self.node2collection.values()))
-        for node in list(self._waiting):
-            if node in self.node2collection:
-                self._waiting.remove(node)
-                self._do(self.planner.add_node(node))
-        serial = self._serial_ids()
-        indices = [i for i, nodeid in enumerate(self.collection) if nodeid in serial]
-        self._do(self.planner.load(
-            estimates(self.collection, self._history), indices, estimates(self.collection, self._cpu)
-        ))  # fmt: skip
 
     def mark_test_complete(self, node: WorkerController, item_index: int, duration: float = 0) -> None:
         self._sync()
@@ -157,15 +161,13 @@ class DurationScheduling:
                 # it on when the node is removed, as for any crash.
                 self.log("worker gone before", action)
 
-    def _same_collections(self) -> bool:
-        """As xdist's ``load``: every node collected the same tests, else a collection error."""
-        (first, col), *rest = self.node2collection.items()
-        same = True
-        for node, collection in rest:
-            msg = report_collection_diff(col, collection, first.gateway.id, node.gateway.id)
-            if msg:
-                same = False
-                self.log(msg)
-                report: Any = pytest.CollectReport(nodeid=node.gateway.id, outcome="failed", longrepr=msg, result=[])
-                self.config.hook.pytest_collectreport(report=report)
-        return same
+    def _abort(self, node: WorkerController, collection: Sequence[str]) -> None:
+        """As xdist's ``load``: a node that collected other tests is a collection error, and
+        the run ends (the nodes run out what they hold)."""
+        assert self.collection is not None and self._first is not None
+        msg = report_collection_diff(self.collection, list(collection), self._first.gateway.id, node.gateway.id)
+        self.log(msg)
+        self.log("**Different tests collected, aborting run**")
+        report: Any = pytest.CollectReport(nodeid=node.gateway.id, outcome="failed", longrepr=msg, result=[])
+        self.config.hook.pytest_collectreport(report=report)
+        self._aborted = True
