@@ -182,6 +182,14 @@ def test_nodes_that_join_late_still_get_long_tests() -> None:
     assert len({worker.name for worker in sim.workers.values() for index, _, _ in worker.ran if index < 4}) == 4
 
 
+@pytest.mark.parametrize("known", [[5.0, 5.0], None])
+def test_a_small_suite_waits_for_the_node_still_collecting(known: list[float] | None) -> None:
+    # two 5 s tests, two workers, the second 0.3 s late: one each, not both on the first
+    sim = Sim([5.0, 5.0], workers=2, known=known or [None, None], arrivals=(0.3,))
+    assert sim.run() == pytest.approx(5.3)
+    assert [len(worker.ran) for worker in sim.workers.values()] == [1, 1]
+
+
 def test_lpt_makespan_with_history() -> None:
     durations = [1.0] * 12 + [6.0, 5.0, 4.0, 3.0]
     sim = Sim(durations, workers=4)

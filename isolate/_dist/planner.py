@@ -13,8 +13,9 @@ How it decides:
 * **Nodes join as they collect.** A node starts as soon as it has collected. While others
   are still collecting (see :meth:`expect`), a node holds only the two tests it needs to
   run one, and the second of them is the shortest of its kind in the pool if the first is
-  at least as long as any of that kind left there; so a node that joins late still finds the longest tests in the
-  pool, not tied to an early node behind another long one.
+  at least as long as any of that kind left there, and only if each node still to come
+  finds a test left; so a node that joins late still finds the longest tests in the pool,
+  not tied to an early node behind another long one.
 * **Stealing by expected time.** When the pool is empty and a node is about to run out, it
   takes tests from the end of the queue of the node with the most expected work left, as
   long as each move shortens the longer of the two. A worker runs test *i* only once it
@@ -286,10 +287,12 @@ class Planner(Generic[N]):
 
     def _wants(self, node: N) -> bool:
         queue = self._queues[node]
+        if self._coming and queue:
+            # A second test only if each node still to come finds one left: a node that
+            # takes it also runs it (xdist's protocol), so a small suite would run on one.
+            return len(queue) < RUNNING and len(self._pools[0]) + len(self._pools[1]) > self._coming
         if len(queue) < RUNNING:
             return True
-        if self._coming:
-            return False
         return len(queue) < MAX_QUEUE and sum(self.estimate(i) for i in queue[1:]) < self._horizon
 
     def _hand_out(self) -> list[Action[N]]:
