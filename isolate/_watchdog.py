@@ -1,12 +1,16 @@
 """The run's watchdog: reaps the run when its controller dies, even by SIGKILL.
 
 Like testcontainers' Ryuk, but for both backends and without a registry image. The
-controller starts it (``python -m isolate._watchdog``) in its own session, with a
+controller starts it (this file, run as a script) in its own session, with a
 pipe on its stdin that the controller never writes to. However the controller ends,
 the kernel closes the pipe; the watchdog reads end-of-file and, if the run dir is
 still there (the controller did not close the run itself), stops every registered
 process, removes the run's containers and removes the run dir. SIGTERM makes it reap
 at once; SIGINT and SIGHUP (a terminal's Ctrl-C or hang-up) do not touch it.
+
+Until it reaps, it has imported nothing but the standard library (run by path, not with
+``-m``, so that not even the package is imported): it starts in a few milliseconds beside
+the booting workers, and after a run that closed itself it exits at once.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from ._backends import make_backend, reap_leftovers
-from ._config import resolve_settings
-from ._identity import WorkerIdentity
-from ._run.rundir import RUN_PREFIX, RunDir
+if TYPE_CHECKING:
+    from isolate._run.rundir import RunDir
+
+# Absolute imports, inside the functions that reap: this file also runs as a script.
 
 __all__ = ["Watchdog", "main", "reap_run_dir"]
 
@@ -36,7 +40,8 @@ class Watchdog:
     """The controller's handle on its watchdog process."""
 
     def __init__(self, run_dir: Path, backend: str, stop_timeout: float) -> None:
-        argv = [sys.executable, "-m", "isolate._watchdog", str(run_dir), backend, str(stop_timeout)]
+        # -P: the script's own dir (isolate/) does not go on sys.path
+        argv = [sys.executable, "-P", str(Path(__file__).resolve()), str(run_dir), backend, str(stop_timeout)]
         with open(run_dir / "watchdog.log", "ab") as log:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
@@ -59,6 +64,8 @@ def reap(run_dir: Path, backend: str, stop_timeout: float) -> list[str]:
     """Everything the run left: registered processes, containers, the run dir."""
     if not run_dir.is_dir():
         return []  # closed by the controller
+    from isolate._run.rundir import RUN_PREFIX, RunDir
+
     run = RunDir(run_dir.parent, run_dir.name[len(RUN_PREFIX) :])
     if run.is_kept():
         return []  # --isolate-keep: left up on purpose, removed by `cleanup RUN`
@@ -68,6 +75,10 @@ def reap(run_dir: Path, backend: str, stop_timeout: float) -> list[str]:
 def reap_run_dir(run: RunDir, backend: str, stop_timeout: float) -> list[str]:
     """A run's processes, its containers (``backend`` names where they run) and its dir,
     from outside the run (the watchdog, ``python -m isolate cleanup RUN``)."""
+    from isolate._backends import make_backend, reap_leftovers
+    from isolate._config import resolve_settings
+    from isolate._identity import WorkerIdentity
+
     identity = WorkerIdentity("reaper", 1, run.run_id)
     made = make_backend(backend, resolve_settings(env={}), identity, run, run.path)
     reaped = reap_leftovers(run, made, stop_timeout)
@@ -76,7 +87,7 @@ def reap_run_dir(run: RunDir, backend: str, stop_timeout: float) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m isolate._watchdog")
+    parser = argparse.ArgumentParser(prog="isolate/_watchdog.py")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("backend")
     parser.add_argument("stop_timeout", type=float)

@@ -248,7 +248,7 @@ def _watchdog_of(run: Run) -> int:
         if proc.name.isdigit():
             with contextlib.suppress(OSError):
                 cmdline = (proc / "cmdline").read_bytes()
-                if b"isolate._watchdog" in cmdline and f"isolate-run-{run.run_id}".encode() in cmdline:
+                if b"isolate/_watchdog.py" in cmdline and f"isolate-run-{run.run_id}".encode() in cmdline:
                     return int(proc.name)
     raise AssertionError(f"no watchdog for run {run.run_id}")
 
