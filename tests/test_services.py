@@ -141,3 +141,51 @@ def test_a_wrapper_leaders_children_are_stopped_with_it(pytester: pytest.Pyteste
     pytester.makeconftest(WRAPPED)
     pytester.makepyfile(test_wrapped=WRAPPED_TESTS)
     pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=2)
+
+
+SIGNALLED = (
+    "import http.server, os, signal, sys, threading\n"
+    "server = http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), http.server.BaseHTTPRequestHandler)\n"
+    "def record(sig, frame):\n"
+    "    with open(os.environ['SIGNALS'], 'a') as fh:\n"
+    "        fh.write(signal.Signals(sig).name + '\\n')\n"
+    "    threading.Thread(target=server.shutdown).start()\n"
+    "signal.signal(signal.SIGTERM, record)\n"
+    "signal.signal(signal.SIGINT, record)\n"
+    "server.serve_forever()\n"
+)
+
+
+@pytest.mark.parametrize(("close_signal", "last"), [(None, "SIGTERM"), ("signal.SIGINT", "SIGINT")])
+def test_the_last_stop_of_a_session_sends_close_signal(
+    pytester: pytest.Pytester, close_signal: str | None, last: str
+) -> None:
+    signals = pytester.path / "signals.txt"
+    extra = f", close_signal={close_signal}" if close_signal else ""
+    pytester.makeconftest(
+        f"""
+        import os, signal, sys
+        import pytest
+        import isolate
+
+        @pytest.fixture(scope="session")
+        def isolate_service_spec():
+            return isolate.ServiceSpec("sig", [sys.executable, "-c", {SIGNALLED!r}, "{{port}}"],
+                                       env={{"SIGNALS": {str(signals)!r}}}, health=isolate.TcpCheck(){extra})
+        """
+    )
+    pytester.makepyfile(
+        test_sig="""
+        def test_stop_sends_sigterm(isolate_service):
+            assert isolate_service.stop() == 0
+            isolate_service.start()
+        """
+    )
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=1)
+    assert signals.read_text().split() == ["SIGTERM", last]
+
+
+def test_close_signal_must_be_a_signal() -> None:
+    with pytest.raises(isolate.ConfigError, match="close_signal of 'svc' is 99, not a signal") as info:
+        isolate.ServiceSpec("svc", [sys.executable, "-c", "pass"], close_signal=99)
+    assert "signal.SIGINT" in str(info.value)

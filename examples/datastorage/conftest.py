@@ -124,6 +124,9 @@ def isolate_service_spec() -> isolate.ServiceSpec:
         health=isolate.HttpCheck("/health/ready"),
         ready_timeout=30,
         stop_timeout=15,
+        # the last stop of a worker's session: SIGINT skips the propagation delay that
+        # SIGTERM waits (tests still stop it with SIGTERM, see tests/test_shutdown.py)
+        close_signal=signal.SIGINT,
         # docker backend: the image built from the Dockerfile here runs its own CMD
         # (with --isolate-docker-services=native, the command above runs instead)...
         build_context=EXAMPLE_DIR,

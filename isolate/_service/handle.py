@@ -290,10 +290,11 @@ class ServiceHandle:
             )  # fmt: skip
 
     def close(self) -> None:
-        """Stop for good, release what runs it and give the port back."""
+        """Stop for good (``spec.close_signal``, the stop timeout, then SIGKILL), release
+        what runs it and give the port back."""
         try:
             if self.is_running:
-                self.stop(graceful=True)
+                self.last_exit_code = self.launcher.stop(self.spec.close_signal, self.stop_timeout)
         finally:
             self.launcher.close()
             if self.lease is not None:

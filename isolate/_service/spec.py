@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import signal
 import socket
 import string
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -129,6 +130,11 @@ class ServiceSpec:
     #: Modules the fork server imports once (default: the ``entry``'s module). They must
     #: not start threads or open connections at import time.
     preload: Sequence[str] = ()
+    #: The signal of each worker's last stop, at the end of its session (``stop()`` in a
+    #: test always sends SIGTERM). A service that drains slowly on SIGTERM (a readiness
+    #: delay for a load balancer) but ends cleanly on another signal (SIGINT, SIGQUIT) lets
+    #: every worker finish sooner. Still a graceful stop: the stop timeout, then SIGKILL.
+    close_signal: int = signal.SIGTERM
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -153,6 +159,11 @@ class ServiceSpec:
             raise ConfigError(
                 f"ServiceSpec.preload of {self.name!r} needs a list of modules and an entry",
                 hint="e.g. entry='myapi.server:main', preload=['myapi.app']",
+            )
+        if self.close_signal not in set(signal.Signals):
+            raise ConfigError(
+                f"ServiceSpec.close_signal of {self.name!r} is {self.close_signal!r}, not a signal",
+                hint="e.g. close_signal=signal.SIGINT",
             )
         if self.entry is not None and not self.preload:
             object.__setattr__(self, "preload", (self.entry.partition(":")[0],))
