@@ -124,7 +124,7 @@ def run_suite(setup: str, backend: str, workers: int, seed: int, caches: Path,
         "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "machine_cpu_s": round(busy, 3),
         "cores": usable_cores(), "passed": passed, "failed": failed, "total": total,
         "test_durations": durations, "timings": phases, "exit_code": done.returncode,
-        "failed_tests": failures,
+        "failed_tests": failures, "measured": dt.date.today().isoformat(),
     }  # fmt: skip
 
 
@@ -283,25 +283,31 @@ NOTES = """## Reading the numbers
   service at once, while the preload still runs: its `service_ready` then holds the rest
   of the preload (0.2-0.5 s at 1-4 workers; less under `load`, whose first tests ask
   later). What a worker waits for in all is `worker_stack_ready`, lower with `duration`
-  (0.28-0.53 s native, 0.61-0.96 s docker at 1-4 workers) than with `load` (0.76-0.95 s
-  native, 1.8-2.1 s docker at 4). On docker at 4 workers it rose from 0.77 s in the
-  previous bench: the worker on the CPU-heavy tests now computes while the others start
-  their containers.
-- Where the 4-worker native run goes (one run of 19.3 s in this bench's environment,
-  per-test timeline): the workers are spawned one after another and boot and collect until
-  3.0 s; the tests then run until 16.5-17.2 s, one worker on the CPU-heavy tests (the short
-  requests to the service) and three on the ones that mostly wait, with the CPU 52-73% busy
-  all along; then the serial test (0.05 s) and the keeper's session teardown (0.85 s, of
-  which 0.64 s is the example service's graceful stop with its 0.5 s propagation delay),
-  until 18.1 s; then xdist tears the workers down and pytest exits (~0.9 s). Start-up, the
-  keeper's end and the teardown (~4.8 s) are outside the bound, which is why 4 workers stay
-  at ~1.5 of it on 2 cores.
-- Before the scheduler knew each test's CPU time, the same cell took 21.8 s (previous
-  bench; 18.9 s now). A timeline of such a run: longest first ran the DLQ and shutdown
-  tests (mostly waiting) on all four workers first, with the CPU 8-35% busy for 8 s, then
-  ~250 short request tests on all four at once, with the CPU 100% busy and each of them
-  2-4x slower than alone. Now one worker runs those while three run the waiting ones. At 2
-  workers the heavy tests no longer run two at a time either (27.6 s, was 29.9 s).
+  (0.28-0.51 s native, 0.30-1.11 s docker at 1-4 workers) than with `load` (0.76-0.95 s
+  native, 1.8-2.1 s docker at 4). A worker now starts on its tests as soon as it has
+  collected, while xdist still boots the others, so on 2 cores more of each worker's
+  stack start-up runs beside other workers' imports and tests: on docker the median over
+  all cells rose from 0.96 s to 1.06 s (2.1-3.8 s at 8-16 workers) while every docker
+  cell's wall time fell (2 workers 37.3 -> 34.6 s, 4: 25.6 -> 25.4, 8: 31.4 -> 29.0, 16:
+  45.1 -> 42.5).
+- Where the 4-worker native run goes (one run of 17.3 s in this bench's environment,
+  per-test timeline, the machine's CPU sampled every 0.5 s): xdist spawns the workers one
+  after another; the first has collected after 2.4 s and starts at once, the last after
+  3.9 s (before, every worker waited for the last). The CPU is saturated until ~4 s
+  (imports), 57-71% busy while one worker runs the CPU-heavy tests and three the waiting
+  ones (until ~11.5 s), then 15-27% while the waiting ones finish on all four. The workers
+  finish within 0.55 s of each other (16.0-16.6 s); the last one's session teardown takes
+  0.15 s (its service ends on `close_signal`, SIGINT here, in 0.19 s instead of 0.69 s for
+  SIGTERM and the 0.5 s propagation delay; its Redis on SIGKILL in 4 ms instead of 0.12
+  s), then xdist tears the workers down and pytest exits (~0.6 s). Start-up and the end
+  (~3.1 s) are outside the bound; the test phase (~14 s against a test bound of 11.7 s)
+  holds the rest: the staggered start (the last worker joins 1.5 s after the first) and
+  the heavy tests slowing each other and the services down on 2 cores.
+- The same cell over the benches: 21.8 s with longest first alone, 18.9 s once the
+  scheduler knew each test's CPU time (a timeline of the former: the DLQ and shutdown tests,
+  mostly waiting, on all four workers first with the CPU 8-35% busy for 8 s, then ~250
+  short request tests on all four at once, each 2-4x slower than alone), 17.6 s now
+  (workers start as they collect, `close_signal`, the watchdog's lighter start).
 - pytest-randomly (which the bench uses, as the example's sessions do) adds ~0.4 s to the
   workers' start-up here. This machine sets `PYTHONDONTWRITEBYTECODE=1`, so pytest cannot
   cache the assertion-rewritten test modules, conftests and plugins (isolate among them):
@@ -323,6 +329,18 @@ NOTES = """## Reading the numbers
 """
 
 
+def _dates(records: list[dict[str, Any]]) -> str:
+    """When each setup was measured, if a partial bench (``--setups``) left rows of an
+    earlier one in the records."""
+    dates: dict[str, set[str]] = {}
+    for r in records:
+        dates.setdefault(r["setup"], set()).add(r.get("measured", "an earlier bench"))
+    if len(set().union(*dates.values())) <= 1:
+        return ""
+    parts = [f"{setup}: {', '.join(sorted(when))}" for setup, when in dates.items()]
+    return " Rows measured at different times: " + "; ".join(parts) + "."
+
+
 def write_markdown(rows: list[dict[str, Any]], records: list[dict[str, Any]], path: Path) -> None:
     today = dt.date.today().isoformat()
     out = [
@@ -331,7 +349,7 @@ def write_markdown(rows: list[dict[str, Any]], records: list[dict[str, Any]], pa
         f"Measured {today} on {os.cpu_count()} cores ({platform.machine()}, Python "
         f"{platform.python_version()}) by `nox -s bench` (`python examples/bench.py`): the "
         f"example suite (`examples/datastorage`, {records[0]['total']} tests), random order, "
-        f"a new seed per repetition. Raw records: `benchmarks.json`.",
+        f"a new seed per repetition. Raw records: `benchmarks.json`.{_dates(records)}",
         "",
         "![wall time and pass rate vs workers](benchmarks.png)",
         "",
