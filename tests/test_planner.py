@@ -57,6 +57,7 @@ class Sim:
         self.shutting_down = False
         # Workers past the first ``workers - len(arrivals)`` join at their arrival times.
         self.coming = len(arrivals)
+        self.named = workers
         self.planner.expect(self.coming)
         for n in range(workers - self.coming):
             self._add(f"gw{n}")
@@ -134,7 +135,8 @@ class Sim:
                 if self.restarts:
                     self.restarts -= 1
                     self.shutting_down = False
-                    self._add(f"gw{len(self.workers)}")
+                    self._add(f"gw{self.named}")  # after the workers still to arrive
+                    self.named += 1
                 continue
             self.apply(self.planner.complete(name, index, self.durations[index]))
         assert all(w.gone for w in self.workers.values()), "a worker was never told to stop"
@@ -246,6 +248,19 @@ def test_serial_tests_last_and_alone_on_one_worker() -> None:
     assert len({name for _, _, name in serial}) == 1
 
 
+@pytest.mark.parametrize("arrivals", [(0.1, 0.3), (0.1, 9.0)])
+def test_serial_tests_stay_last_and_alone_when_workers_join_late(arrivals: tuple[float, ...]) -> None:
+    # the last worker joins while the parallel tests run, or once everything has run
+    durations = [0.5] * 12 + [1.0, 1.0]
+    sim = Sim(durations, workers=3, serial=(12, 13), arrivals=arrivals)
+    sim.run()
+    assert sim.ran_once() == list(range(14))
+    parallel_end = max(end for index, _, end in sim.runs() if index < 12)
+    serial = [(start, name) for name, w in sim.workers.items() for index, start, _ in w.ran if index >= 12]
+    assert min(start for start, _ in serial) >= parallel_end
+    assert len({name for _, name in serial}) == 1
+
+
 def test_a_crashed_worker_s_tests_go_to_the_others_and_the_crash_is_reported() -> None:
     durations = [0.3] * 40
     sim = Sim(durations, workers=4, crash={7}, restarts=1)
@@ -271,7 +286,9 @@ def test_random_suites_run_each_test_once_and_near_the_bound(seed: int) -> None:
     durations = [rng.choice([0.01, 0.1, 0.5, 2.0, 5.0]) * rng.random() for _ in range(count)]
     known: list[float | None] = [d if rng.random() < 0.7 else None for d in durations]
     serial = tuple(i for i in range(count) if rng.random() < 0.1)
-    sim = Sim(durations, workers, known=known, serial=serial)
+    # in half of them, workers but the first join over the first second, as xdist starts them
+    arrivals = tuple(sorted(rng.random() for _ in range(workers - 1))) if seed % 2 else ()
+    sim = Sim(durations, workers, known=known, serial=serial, arrivals=arrivals)
     makespan = sim.run()
     assert sim.ran_once() == list(range(count))
     parallel = sum(durations[i] for i in range(count) if i not in serial)
@@ -279,7 +296,7 @@ def test_random_suites_run_each_test_once_and_near_the_bound(seed: int) -> None:
     # Graham's list-scheduling bound for the parallel part, plus one more longest test: a
     # worker holds the test after the one it runs (xdist's protocol), so a misjudged pair
     # stays together; then the serial tests one after another.
-    bound = parallel / workers + 2 * longest + sum(durations[i] for i in serial)
+    bound = parallel / workers + 2 * longest + sum(durations[i] for i in serial) + max(arrivals, default=0.0)
     assert makespan <= bound + 1e-9
 
 
@@ -420,7 +437,8 @@ def test_random_suites_with_cpu_history_run_each_test_once(seed: int) -> None:
     durations = [rng.choice([0.01, 0.1, 0.5, 2.0]) * rng.random() for _ in range(count)]
     cpu = [d * rng.random() for d in durations]
     serial = tuple(i for i in range(count) if rng.random() < 0.1)
+    arrivals = tuple(sorted(rng.random() for _ in range(workers - 1))) if seed % 2 else ()
     sim = Sim(durations, workers, serial=serial, cpu=cpu, cores=cores, crash={0} if seed % 7 == 0 else None,
-              restarts=1)  # fmt: skip
+              restarts=1, arrivals=arrivals)  # fmt: skip
     sim.run()
     assert sim.ran_once() == list(range(count))
