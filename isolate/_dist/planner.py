@@ -335,9 +335,10 @@ class Planner(Generic[N]):
         return index
 
     def _needs_filler(self, node: N) -> bool:
-        """While nodes are still coming, a node that holds a test at least as long as any in
-        the pool gets the shortest one after it (xdist starts a test once the node holds the
-        next): a second long test tied to an early node would wait for the first."""
+        """While nodes are still coming, a node that holds a test at least as long as any of
+        its kind in the pool gets the shortest of that kind after it (xdist starts a test
+        once the node holds the next): a second long test tied to an early node would wait
+        for the first."""
         queue = self._queues[node]
         if not self._coming or len(queue) != 1:
             return False
