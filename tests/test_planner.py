@@ -44,7 +44,7 @@ class Sim:
     def __init__(self, durations: list[float], workers: int, known: list[float | None] | None = None,
                  serial: tuple[int, ...] = (), crash: set[int] | None = None, restarts: int = 0,
                  cpu: list[float] | None = None, cores: float = math.inf,
-                 arrivals: tuple[float, ...] = ()) -> None:  # fmt: skip
+                 arrivals: tuple[float, ...] = (), groups: list[str] | None = None) -> None:  # fmt: skip
         self.clock = Clock()
         self.planner: Planner[str] = Planner(clock=self.clock, cores=cores)
         self.durations = durations
@@ -61,7 +61,7 @@ class Sim:
         self.planner.expect(self.coming)
         for n in range(workers - self.coming):
             self._add(f"gw{n}")
-        self.apply(self.planner.load(durations if known is None else known, serial, cpu or ()))
+        self.apply(self.planner.load(durations if known is None else known, serial, cpu or (), groups or ()))
         for n, at in enumerate(arrivals, start=workers - self.coming):
             heapq.heappush(self.events, (at, -1, f"gw{n}"))
 
@@ -288,7 +288,8 @@ def test_random_suites_run_each_test_once_and_near_the_bound(seed: int) -> None:
     serial = tuple(i for i in range(count) if rng.random() < 0.1)
     # in half of them, workers but the first join over the first second, as xdist starts them
     arrivals = tuple(sorted(rng.random() for _ in range(workers - 1))) if seed % 2 else ()
-    sim = Sim(durations, workers, known=known, serial=serial, arrivals=arrivals)
+    groups = [f"f{rng.randint(0, 3)}" for _ in range(count)] if seed % 3 else None
+    sim = Sim(durations, workers, known=known, serial=serial, arrivals=arrivals, groups=groups)
     makespan = sim.run()
     assert sim.ran_once() == list(range(count))
     parallel = sum(durations[i] for i in range(count) if i not in serial)
@@ -310,6 +311,46 @@ def test_unseen_tests_get_the_median_of_known_ones() -> None:
     without.add_node("a")
     without.complete("a", 0, 0.25)
     assert without.estimate(1) == 0.25  # learnt from this run, with no history at all
+
+
+def test_unseen_tests_get_the_median_of_their_file() -> None:
+    planner: Planner[str] = Planner(clock=Clock())
+    planner.load([1.0, None, 3.0, 10.0, None], groups=["a", "a", "b", "b", "c"])
+    assert planner.estimate(1) == 1.0  # its file's known test
+    assert planner.estimate(4) == 3.0  # a file with none known: the median of all
+    # With no history, the first finished test of a file tells what its others take: a
+    # slow file's test moves ahead of a fast one that comes first in the collection.
+    clock = Clock()
+    fresh: Planner[str] = Planner(clock=clock, horizon=0)
+    fresh.add_node("w")
+    assert fresh.load([None] * 5, groups=["fast", "slow", "fast", "fast", "slow"]) == [Send("w", (0, 1))]
+    clock.now = 0.1
+    assert fresh.complete("w", 0, 0.1) == [Send("w", (2,))]  # all alike so far: collection order
+    clock.now = 3.1
+    assert fresh.complete("w", 1, 3.0) == [Send("w", (4,))]  # 4 (slow) before 3 (fast)
+    assert fresh.estimate(3) == 0.1 and fresh.estimate(4) == 3.0
+
+
+def test_without_history_learning_by_file_ends_sooner_on_average() -> None:
+    # suites of files whose tests take alike, in random order, no history: what a file's
+    # first test took orders its others (fixed seeds: the same suites every time)
+    ratios: dict[bool, list[float]] = {False: [], True: []}
+    for seed in range(100):
+        rng = random.Random(seed)
+        files = [(f"f{k}", rng.choice([0.02, 0.1, 0.5, 2.0, 5.0])) for k in range(rng.randint(2, 8))]
+        tests = [(name, base * rng.uniform(0.5, 1.5)) for name, base in files for _ in range(rng.randint(1, 20))]
+        rng.shuffle(tests)
+        durations, groups = [t for _, t in tests], [f for f, _ in tests]
+        workers = rng.randint(2, 6)
+        bound = max(sum(durations) / workers, max(durations))
+        for grouped in (False, True):
+            sim = Sim(durations, workers, known=[None] * len(durations), groups=groups if grouped else None)
+            ratios[grouped].append(sim.run() / bound)
+            assert sim.ran_once() == list(range(len(durations)))
+    better = sum(g < u - 1e-9 for u, g in zip(ratios[False], ratios[True], strict=True))
+    worse = sum(g > u + 1e-9 for u, g in zip(ratios[False], ratios[True], strict=True))
+    assert better > 2 * worse
+    assert sum(ratios[True]) < sum(ratios[False])
 
 
 def test_durations_helpers(tmp_path: Path) -> None:

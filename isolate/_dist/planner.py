@@ -23,8 +23,11 @@ How it decides:
   after them may move, the last ones included. One request per victim is in flight; the
   worker gives back all the requested tests or none.
 * **Durations as tests finish.** A finished test's measured duration replaces its estimate.
-  With no history at all, tests never seen are estimated at the median of this run's
-  finished ones.
+  A test never seen is estimated at the median of its group's known durations (the
+  adapter groups tests by file: a file's tests take about as long as each other), from
+  history and from this run's finished tests; with none known in its group, at the median
+  of all known ones, or with no history at all, of this run's finished ones. The pool is
+  re-ordered as those medians change (at 1, 2, 4, 8... samples).
 * **CPU-heavy tests spread out.** With the CPU time each test kept its worker busy in
   earlier runs, a test that did so for at least :data:`HEAVY` of its duration is *heavy*.
   It keeps about :data:`HEAVY_CORES` cores busy: its worker's, and as much again in the
@@ -126,6 +129,13 @@ class Planner(Generic[N]):
         self._default = 1.0
         self._observed: list[float] = []
         self._learn_default = False
+        # Tests grouped by what the adapter says (their file): a test never seen is expected
+        # to take the median of its group's known durations, once there are some.
+        self._group: list[int] = []  # per test, its group (-1: none)
+        self._group_members: list[list[int]] = []
+        self._group_samples: list[list[float]] = []
+        self._group_median: list[float | None] = []
+        self._in_pool: list[bool] = []
         self._loaded = False
         self._coming = 0  # nodes still to join (collecting): no node holds more than it runs
 
@@ -146,20 +156,39 @@ class Planner(Generic[N]):
         self._coming = max(count, 0)
 
     def load(
-        self, estimates: Sequence[float | None], serial: Iterable[int] = (), cpu: Sequence[float | None] = ()
+        self,
+        estimates: Sequence[float | None],
+        serial: Iterable[int] = (),
+        cpu: Sequence[float | None] = (),
+        groups: Sequence[Hashable] = (),
     ) -> list[Action[N]]:
-        """The collection: an estimate per test (``None``: never seen), the serial ones, and
-        the CPU seconds each test's worker spent on it when it last ran (``None``: unknown).
+        """The collection: an estimate per test (``None``: never seen), the serial ones, the
+        CPU seconds each test's worker spent on it when it last ran (``None``: unknown), and
+        a group per test (its file: tests of a file take about as long as each other).
 
-        Tests never seen get the median of the known estimates, or 1 s if none is known
-        (and then the median of this run's finished tests, as they finish).
+        A test never seen gets the median of its group's known durations (from history, and
+        of this run's finished tests as they finish), else the median of all the known
+        estimates, or 1 s if none is known (and then the median of this run's finished
+        tests, as they finish).
         """
         known = [e for e in estimates if e is not None]
         self._default = statistics.median(known) if known else 1.0
         self._learn_default = not known
         self._known = [e is not None for e in estimates]
         self._estimate = [self._default if e is None else max(e, 0.0) for e in estimates]
-        self._rank = [(e, -i) for i, e in enumerate(self._estimate)]
+        ids: dict[Hashable, int] = {}
+        self._group = [ids.setdefault(key, len(ids)) for key in groups[: len(estimates)]]
+        self._group += [-1] * (len(estimates) - len(self._group))
+        self._group_members = [[] for _ in ids]
+        self._group_samples = [[] for _ in ids]
+        for i, group in enumerate(self._group):
+            if group >= 0:
+                self._group_members[group].append(i)
+                if self._known[i]:
+                    self._group_samples[group].append(self._estimate[i])
+        self._group_median = [statistics.median(samples) if samples else None for samples in self._group_samples]
+        self._rank = [(self.estimate(i), -i) for i in range(len(estimates))]
+        self._in_pool = [False] * len(estimates)
         held = set(serial)
         self._serial = [i in held for i in range(len(estimates))]
         self._heavy = [
@@ -169,6 +198,7 @@ class Planner(Generic[N]):
         for i in sorted((i for i in range(len(estimates)) if i not in held), key=self._rank.__getitem__):
             self._pools[self._heavy[i]].append(i)
             self._pooled_work[self._heavy[i]] += self.estimate(i)
+            self._in_pool[i] = True
         self._held = sorted(held)
         self._loaded = True
         return self.balance()
@@ -225,7 +255,11 @@ class Planner(Generic[N]):
 
     def estimate(self, index: int) -> float:
         """What test ``index`` is expected to take (its measured duration once it ran)."""
-        return self._estimate[index] if self._known[index] else self._default
+        if self._known[index]:
+            return self._estimate[index]
+        group = self._group[index] if index < len(self._group) else -1
+        median = self._group_median[group] if group >= 0 else None
+        return self._default if median is None else median
 
     @property
     def has_pending(self) -> bool:
@@ -330,9 +364,7 @@ class Planner(Generic[N]):
             wanted = min(self._slots, max(1, math.floor(nodes * heavy_left / max(total, 1e-9))))
             others = sum(1 for other in live if other != node and any(self._heavy[i] for i in self._queues[other]))
             kind = others < wanted
-        index = self._pools[kind].pop()
-        self._pooled_work[kind] = max(self._pooled_work[kind] - self.estimate(index), 0.0)
-        return index
+        return self._take(kind, -1)
 
     def _needs_filler(self, node: N) -> bool:
         """While nodes are still coming, a node that holds a test at least as long as any of
@@ -347,9 +379,12 @@ class Planner(Generic[N]):
 
     def _shortest(self, node: N) -> int:
         """The shortest pooled test of the kind ``node`` holds (so it runs one kind)."""
-        kind = self._heavy[self._queues[node][0]]
-        index = self._pools[kind].pop(0)
+        return self._take(self._heavy[self._queues[node][0]], 0)
+
+    def _take(self, kind: bool, position: int) -> int:
+        index = self._pools[kind].pop(position)
         self._pooled_work[kind] = max(self._pooled_work[kind] - self.estimate(index), 0.0)
+        self._in_pool[index] = False
         return index
 
     def _push(self, node: N, index: int) -> None:
@@ -411,12 +446,54 @@ class Planner(Generic[N]):
         else:
             bisect.insort(self._pools[self._heavy[index]], index, key=self._rank.__getitem__)
             self._pooled_work[self._heavy[index]] += self.estimate(index)
+            self._in_pool[index] = True
 
     def _learn(self, index: int, duration: float) -> None:
+        was_known = self._known[index]
         self._estimate[index] = max(duration, 0.0)
         self._known[index] = True
+        # Medians at 1, 2, 4, 8... samples: cheap enough, and the pool is re-ordered only then.
         if self._learn_default:
             self._observed.append(duration)
             count = len(self._observed)
-            if count & (count - 1) == 0:  # at 1, 2, 4, 8... finished tests: cheap enough
+            if count & (count - 1) == 0:
                 self._default = statistics.median(self._observed)
+                self._reorder()
+        group = self._group[index]
+        if group >= 0 and not was_known:
+            samples = self._group_samples[group]
+            samples.append(max(duration, 0.0))
+            count = len(samples)
+            if count & (count - 1) == 0:
+                self._group_median[group] = statistics.median(samples)
+                self._rerank(self._group_members[group])
+
+    def _rerank(self, members: Iterable[int]) -> None:
+        """The estimates of these tests changed: their places in the pools follow."""
+        rank = self._rank.__getitem__
+        for i in members:
+            new = (self.estimate(i), -i)
+            if self._known[i] or new == self._rank[i]:
+                continue
+            if self._in_pool[i]:
+                kind = self._heavy[i]
+                pool = self._pools[kind]
+                at = bisect.bisect_left(pool, self._rank[i], key=rank)
+                if at < len(pool) and pool[at] == i:
+                    del pool[at]
+                else:  # not where its rank says: find it the slow way
+                    pool.remove(i)
+                self._pooled_work[kind] += new[0] - self._rank[i][0]
+                self._rank[i] = new
+                bisect.insort(pool, i, key=rank)
+            else:
+                self._rank[i] = new
+
+    def _reorder(self) -> None:
+        """The default estimate changed: every test never seen may move."""
+        for i, known in enumerate(self._known):
+            if not known:
+                self._rank[i] = (self.estimate(i), -i)
+        for kind, pool in enumerate(self._pools):
+            pool.sort(key=self._rank.__getitem__)
+            self._pooled_work[kind] = sum(self.estimate(i) for i in pool)

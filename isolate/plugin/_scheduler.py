@@ -99,8 +99,9 @@ class DurationScheduling:
             self.collection, self._first = list(collection), node
             serial = self._serial_ids()
             indices = [i for i, nodeid in enumerate(self.collection) if nodeid in serial]
+            files = [nodeid.partition("::")[0] for nodeid in self.collection]
             self._do(self.planner.load(
-                estimates(self.collection, self._history), indices, estimates(self.collection, self._cpu)
+                estimates(self.collection, self._history), indices, estimates(self.collection, self._cpu), files
             ))  # fmt: skip
         elif list(collection) != self.collection:
             self._abort(node, collection)
