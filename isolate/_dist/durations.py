@@ -1,4 +1,5 @@
-"""Test durations: the estimates a run starts from, and pytest-split's ``.test_durations``.
+"""Test durations: the estimates a run starts from (and :class:`ExpectedDurations`, what
+they become as tests finish), and pytest-split's ``.test_durations``.
 
 History is a mapping of test id (pytest's node id) to seconds, the sum of a test's setup,
 call and teardown as its reports give them, as pytest-split measures. isolate keeps it in
@@ -10,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import statistics
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["estimates", "merge", "read_split_file", "strip_group", "write_split_file"]
+__all__ = ["ExpectedDurations", "estimates", "merge", "read_split_file", "strip_group", "write_split_file"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,68 @@ def estimates(collection: Sequence[str], history: Mapping[str, float]) -> list[f
         value = history.get(nodeid)
         result.append(float(value) if isinstance(value, int | float) and value >= 0 else None)
     return result
+
+
+class ExpectedDurations:
+    """What each test of a run is expected to take, and how that changes as tests finish.
+
+    A test's duration, once known (from history, or measured in this run), is its
+    estimate. A test never seen is expected to take the median of its group's known
+    durations (a group is what the caller says, its file: a file's tests take about as long
+    as each other), else the median of all the known estimates, or 1 s if none is known
+    (and then the median of this run's finished tests). The medians move at 1, 2, 4, 8...
+    samples, so that a caller re-ordering by them does so only then.
+    """
+
+    def __init__(self, known: Sequence[float | None] = (), groups: Sequence[Hashable] = ()) -> None:
+        values = [max(e, 0.0) for e in known if e is not None]
+        self._default = statistics.median(values) if values else 1.0
+        self._observed: list[float] | None = None if values else []  # learning the default
+        self._value = [None if e is None else max(e, 0.0) for e in known]
+        ids: dict[Hashable, int] = {}
+        self._group = [ids.setdefault(key, len(ids)) for key in groups[: len(known)]]
+        self._group += [-1] * (len(known) - len(self._group))  # -1: in no group
+        self._members: list[list[int]] = [[] for _ in ids]
+        self._samples: list[list[float]] = [[] for _ in ids]
+        for i, (group, value) in enumerate(zip(self._group, self._value, strict=True)):
+            if group >= 0:
+                self._members[group].append(i)
+                if value is not None:
+                    self._samples[group].append(value)
+        self._median = [statistics.median(samples) if samples else None for samples in self._samples]
+
+    def __call__(self, index: int) -> float:
+        value = self._value[index]
+        if value is not None:
+            return value
+        group = self._group[index]
+        median = self._median[group] if group >= 0 else None
+        return self._default if median is None else median
+
+    def known(self, index: int) -> bool:
+        """Whether test ``index`` has a duration of its own (history, or it ran)."""
+        return self._value[index] is not None
+
+    def learn(self, index: int, duration: float) -> tuple[bool, Sequence[int]]:
+        """Test ``index`` took ``duration``. What moved: whether the default did (then every
+        test never seen may have), and the tests whose group's median did."""
+        duration = max(duration, 0.0)
+        seen, self._value[index] = self._value[index] is not None, duration
+        observed = self._observed
+        everything = observed is not None and _sampled(observed, duration)
+        if everything and observed is not None:
+            self._default = statistics.median(observed)
+        group = self._group[index]
+        if group < 0 or seen or not _sampled(self._samples[group], duration):
+            return everything, ()
+        self._median[group] = statistics.median(self._samples[group])
+        return everything, self._members[group]
+
+
+def _sampled(samples: list[float], value: float) -> bool:
+    """Add ``value``; whether the median is due again (at 1, 2, 4, 8... samples)."""
+    samples.append(value)
+    return len(samples) & (len(samples) - 1) == 0
 
 
 def merge(history: Mapping[str, float], measured: Mapping[str, float]) -> dict[str, float]:

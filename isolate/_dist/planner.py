@@ -22,12 +22,9 @@ How it decides:
   holds test *i + 1* (xdist's protocol), so the first two of a queue stay put; any test
   after them may move, the last ones included. One request per victim is in flight; the
   worker gives back all the requested tests or none.
-* **Durations as tests finish.** A finished test's measured duration replaces its estimate.
-  A test never seen is estimated at the median of its group's known durations (the
-  adapter groups tests by file: a file's tests take about as long as each other), from
-  history and from this run's finished tests; with none known in its group, at the median
-  of all known ones, or with no history at all, of this run's finished ones. The pool is
-  re-ordered as those medians change (at 1, 2, 4, 8... samples).
+* **Durations as tests finish.** A finished test's measured duration replaces its estimate;
+  a test never seen takes its file's median (see
+  :class:`~isolate._dist.durations.ExpectedDurations`), and the pool is re-ordered as it moves.
 * **CPU-heavy tests spread out.** With the CPU time each test kept its worker busy in
   earlier runs, a test that did so for at least :data:`HEAVY` of its duration is *heavy*.
   It keeps about :data:`HEAVY_CORES` cores busy: its worker's, and as much again in the
@@ -52,11 +49,12 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-import statistics
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from .durations import ExpectedDurations
 
 __all__ = ["HEAVY", "HEAVY_CORES", "HORIZON", "RUNNING", "Action", "Planner", "Send", "Shutdown", "Steal"]
 
@@ -116,8 +114,7 @@ class Planner(Generic[N]):
         self._closing: set[N] = set()
         self._stealing: dict[N, tuple[int, ...]] = {}  # victim -> the tests asked back
         self._keeper: N | None = None
-        self._estimate: list[float] = []
-        self._known: list[bool] = []
+        self._expected = ExpectedDurations()
         self._serial: list[bool] = []
         self._rank: list[tuple[float, int]] = []
         self._heavy: list[bool] = []
@@ -126,16 +123,6 @@ class Planner(Generic[N]):
         self._pools: tuple[list[int], list[int]] = ([], [])
         self._pooled_work = [0.0, 0.0]
         self._held: list[int] = []  # serial tests not handed out, in collection order
-        self._default = 1.0
-        self._observed: list[float] = []
-        self._learn_default = False
-        # Tests grouped by what the adapter says (their file): a test never seen is expected
-        # to take the median of its group's known durations, once there are some.
-        self._group: list[int] = []  # per test, its group (-1: none)
-        self._group_members: list[list[int]] = []
-        self._group_samples: list[list[float]] = []
-        self._group_median: list[float | None] = []
-        self._in_pool: list[bool] = []
         self._loaded = False
         self._coming = 0  # nodes still to join (collecting): no node holds more than it runs
 
@@ -164,31 +151,10 @@ class Planner(Generic[N]):
     ) -> list[Action[N]]:
         """The collection: an estimate per test (``None``: never seen), the serial ones, the
         CPU seconds each test's worker spent on it when it last ran (``None``: unknown), and
-        a group per test (its file: tests of a file take about as long as each other).
-
-        A test never seen gets the median of its group's known durations (from history, and
-        of this run's finished tests as they finish), else the median of all the known
-        estimates, or 1 s if none is known (and then the median of this run's finished
-        tests, as they finish).
-        """
-        known = [e for e in estimates if e is not None]
-        self._default = statistics.median(known) if known else 1.0
-        self._learn_default = not known
-        self._known = [e is not None for e in estimates]
-        self._estimate = [self._default if e is None else max(e, 0.0) for e in estimates]
-        ids: dict[Hashable, int] = {}
-        self._group = [ids.setdefault(key, len(ids)) for key in groups[: len(estimates)]]
-        self._group += [-1] * (len(estimates) - len(self._group))
-        self._group_members = [[] for _ in ids]
-        self._group_samples = [[] for _ in ids]
-        for i, group in enumerate(self._group):
-            if group >= 0:
-                self._group_members[group].append(i)
-                if self._known[i]:
-                    self._group_samples[group].append(self._estimate[i])
-        self._group_median = [statistics.median(samples) if samples else None for samples in self._group_samples]
+        a group per test (its file), from which a test never seen is estimated
+        (:class:`~isolate._dist.durations.ExpectedDurations`)."""
+        self._expected = ExpectedDurations(estimates, groups)
         self._rank = [(self.estimate(i), -i) for i in range(len(estimates))]
-        self._in_pool = [False] * len(estimates)
         held = set(serial)
         self._serial = [i in held for i in range(len(estimates))]
         self._heavy = [
@@ -198,7 +164,6 @@ class Planner(Generic[N]):
         for i in sorted((i for i in range(len(estimates)) if i not in held), key=self._rank.__getitem__):
             self._pools[self._heavy[i]].append(i)
             self._pooled_work[self._heavy[i]] += self.estimate(i)
-            self._in_pool[i] = True
         self._held = sorted(held)
         self._loaded = True
         return self.balance()
@@ -255,11 +220,7 @@ class Planner(Generic[N]):
 
     def estimate(self, index: int) -> float:
         """What test ``index`` is expected to take (its measured duration once it ran)."""
-        if self._known[index]:
-            return self._estimate[index]
-        group = self._group[index] if index < len(self._group) else -1
-        median = self._group_median[group] if group >= 0 else None
-        return self._default if median is None else median
+        return self._expected(index)
 
     @property
     def has_pending(self) -> bool:
@@ -384,7 +345,6 @@ class Planner(Generic[N]):
     def _take(self, kind: bool, position: int) -> int:
         index = self._pools[kind].pop(position)
         self._pooled_work[kind] = max(self._pooled_work[kind] - self.estimate(index), 0.0)
-        self._in_pool[index] = False
         return index
 
     def _push(self, node: N, index: int) -> None:
@@ -446,53 +406,37 @@ class Planner(Generic[N]):
         else:
             bisect.insort(self._pools[self._heavy[index]], index, key=self._rank.__getitem__)
             self._pooled_work[self._heavy[index]] += self.estimate(index)
-            self._in_pool[index] = True
 
     def _learn(self, index: int, duration: float) -> None:
-        was_known = self._known[index]
-        self._estimate[index] = max(duration, 0.0)
-        self._known[index] = True
-        # Medians at 1, 2, 4, 8... samples: cheap enough, and the pool is re-ordered only then.
-        if self._learn_default:
-            self._observed.append(duration)
-            count = len(self._observed)
-            if count & (count - 1) == 0:
-                self._default = statistics.median(self._observed)
-                self._reorder()
-        group = self._group[index]
-        if group >= 0 and not was_known:
-            samples = self._group_samples[group]
-            samples.append(max(duration, 0.0))
-            count = len(samples)
-            if count & (count - 1) == 0:
-                self._group_median[group] = statistics.median(samples)
-                self._rerank(self._group_members[group])
+        everything, moved = self._expected.learn(index, duration)
+        if everything:
+            self._reorder()
+        elif moved:
+            self._rerank(moved)
 
     def _rerank(self, members: Iterable[int]) -> None:
-        """The estimates of these tests changed: their places in the pools follow."""
+        """The estimates of these tests changed: their places in the pools follow (ranks
+        are unique and each pool is sorted by them, so bisecting finds a pooled test)."""
         rank = self._rank.__getitem__
         for i in members:
             new = (self.estimate(i), -i)
-            if self._known[i] or new == self._rank[i]:
+            if self._expected.known(i) or new == self._rank[i]:
                 continue
-            if self._in_pool[i]:
-                kind = self._heavy[i]
-                pool = self._pools[kind]
-                at = bisect.bisect_left(pool, self._rank[i], key=rank)
-                if at < len(pool) and pool[at] == i:
-                    del pool[at]
-                else:  # not where its rank says: find it the slow way
-                    pool.remove(i)
+            kind = self._heavy[i]
+            pool = self._pools[kind]
+            at = bisect.bisect_left(pool, self._rank[i], key=rank)
+            pooled = at < len(pool) and pool[at] == i
+            if pooled:
+                del pool[at]
                 self._pooled_work[kind] += new[0] - self._rank[i][0]
-                self._rank[i] = new
+            self._rank[i] = new
+            if pooled:
                 bisect.insort(pool, i, key=rank)
-            else:
-                self._rank[i] = new
 
     def _reorder(self) -> None:
         """The default estimate changed: every test never seen may move."""
-        for i, known in enumerate(self._known):
-            if not known:
+        for i in range(len(self._rank)):
+            if not self._expected.known(i):
                 self._rank[i] = (self.estimate(i), -i)
         for kind, pool in enumerate(self._pools):
             pool.sort(key=self._rank.__getitem__)

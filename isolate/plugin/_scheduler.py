@@ -55,7 +55,6 @@ class DurationScheduling:
         self.log = Producer("durationsched") if log is None else log.durationsched
         self.collection: list[str] | None = None
         self.planner: Planner[WorkerController] = Planner(cores=_cores())
-        self.planner.expect(self.numnodes)
         self._waiting: list[WorkerController] = []  # added, their collection not yet in
         self._first: WorkerController | None = None  # whose collection is the run's
         self._collected = 0  # collections in, the initial nodes' and their replacements'
