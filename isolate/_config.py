@@ -31,6 +31,7 @@ DbIsolation = Literal["schema", "database"]
 DemoteServices = Literal["auto", "always", "never"]
 ForkServerMode = Literal["auto", "off"]
 Dist = Literal["duration", "xdist"]
+Prestart = Literal["auto", "always", "never"]
 
 
 def default_base_dir() -> str:
@@ -234,6 +235,11 @@ OPTIONS: tuple[Option, ...] = (
            "4", _count),
     Option("fresh_paths", "tests under these paths (comma-separated, relative to the rootdir) "
            "get a fresh database as if they took isolate_fresh_database", "", _paths),
+    Option("prestart", "start the run's PostgreSQL while pytest starts (in an xdist run, in the "
+           "controller while the workers start and collect) rather than when the first test "
+           "needs it: auto (when --isolate-migrations is set, or the last run used PostgreSQL, "
+           "as pytest's cache remembers), always, or never; schema mode, a PostgreSQL isolate "
+           "starts", "auto", _choice("auto", "always", "never")),
     Option("bootstrap", "SQL file or directory run as the superuser once per run before "
            "the migrations (CREATE EXTENSION, roles the app expects; relative to the rootdir)",
            "", _optional_str),
@@ -306,6 +312,7 @@ class Settings:
     cache_size: int = 1 << 30
     fresh_pool: int = 4
     fresh_paths: tuple[str, ...] = ()
+    prestart: Prestart = "auto"
     bootstrap: str | None = None
     ready_timeout: float = 30.0
     stop_timeout: float = 10.0

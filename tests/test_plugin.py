@@ -322,3 +322,78 @@ def test_a_flag_option_does_not_swallow_the_next_word(suite: pytest.Pytester) ->
     result = suite.runpytest_subprocess("--no-isolate-timings", "tests", "-p", "no:randomly")
     result.assert_outcomes(passed=1)
     assert "isolate timings" not in result.stdout.str()
+
+
+PRESTART_TESTS = """
+import psycopg
+from tenacity import Retrying, stop_after_delay, wait_fixed
+
+def test_uses_postgres(isolate_database):
+    assert isolate_database.schema
+
+def test_postgres_is_started_without_asking(isolate_stack):
+    # No fixture here starts PostgreSQL: only a start ahead of the tests can.
+    state = isolate_stack.run.path / "postgres.json"
+    for attempt in Retrying(stop=stop_after_delay(60), wait=wait_fixed(0.05), reraise=True):
+        with attempt:
+            assert state.exists()
+
+def test_sized_for_every_worker(isolate_stack, isolate_database, isolate_worker):
+    from isolate._postgres import tuned_settings
+    with psycopg.connect(isolate_database.dsn) as conn:
+        (value,) = conn.execute("SHOW max_connections").fetchone()
+    conn_per_worker = isolate_stack.settings.pg_conn_per_worker
+    assert value == tuned_settings(isolate_worker.worker_count, conn_per_worker)["max_connections"]
+
+def test_nothing():
+    pass
+"""
+
+
+def _started_postgres(result: pytest.RunResult) -> bool:
+    """What the run's summary line says it started (``PostgreSQL, ...``; no line if nothing)."""
+    return any(re.match(r"isolate: run \w+ \(native\): PostgreSQL", line) for line in result.outlines)
+
+
+def test_postgres_starts_while_the_workers_start_when_the_run_is_expected_to_use_it(
+    suite: pytest.Pytester,
+) -> None:
+    suite.makepyfile(test_prestart=PRESTART_TESTS)
+    (suite.path / "migrations").mkdir()
+    (suite.path / "migrations" / "001.sql").write_text("CREATE TABLE t (id int);\n")
+
+    def run(*args: str, passed: int = 1) -> pytest.RunResult:
+        result = suite.runpytest_subprocess("-n", "2", "-p", "no:randomly", *args)
+        result.assert_outcomes(passed=passed)
+        assert leftovers(run_id_of(result)) == []
+        return result
+
+    # No history, no migrations option: nothing ahead, and a run that needs none starts none.
+    assert not _started_postgres(run("-k", "test_nothing"))
+    run("-k", "test_uses_postgres")  # pytest's cache now says: this suite uses PostgreSQL
+    # ...so the next run starts it ahead, sized for its workers (the controller has none).
+    run("-k", "test_postgres_is_started_without_asking or test_sized_for_every_worker", passed=2)
+    # That run used it; one that does not is remembered too: nothing ahead after it.
+    assert _started_postgres(run("-k", "test_nothing"))
+    assert not _started_postgres(run("-k", "test_nothing"))
+    # The migrations option says the run will use it; so does always.
+    run("-k", "test_postgres_is_started_without_asking", "--isolate-migrations=migrations")
+    run("-k", "test_postgres_is_started_without_asking", "--isolate-prestart=always")
+    # Without xdist, the one process starts it while it collects.
+    result = suite.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly", "--isolate-prestart=always",
+                                        "-k", "test_postgres_is_started_without_asking or test_sized")  # fmt: skip
+    result.assert_outcomes(passed=2)
+    # never: not even after a run that used it.
+    run("-k", "test_uses_postgres")
+    assert not _started_postgres(run("-k", "test_nothing", "--isolate-prestart=never"))
+
+
+def test_a_run_that_ends_while_postgres_starts_ahead_leaks_nothing(suite: pytest.Pytester) -> None:
+    # A collection error ends the run at once, maybe before PostgreSQL is up: the run
+    # waits for the start to end, then reaps it.
+    suite.makepyfile(test_broken="import no_such_module_here\n")
+    result = suite.runpytest_subprocess("-n", "2", "--isolate-prestart=always")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.outlines[-15:]
+    result.stdout.fnmatch_lines(["*ERROR collecting test_broken.py*"])
+    assert _started_postgres(result)
+    assert leftovers(run_id_of(result)) == []

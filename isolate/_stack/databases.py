@@ -32,11 +32,17 @@ class DatabasePart(StackBase):
             self._postgres = PostgresServer.from_json(state)
         return self._postgres
 
-    def _start_postgres(self, seed: Seed | None) -> dict[str, object]:
+    def prestart_postgres(self, worker_count: int) -> None:
+        """Start the run's PostgreSQL now, sized for ``worker_count`` workers, unless
+        someone has: what the run's controller does while its workers start. Recorded as
+        started, not as used (``postgres_wait`` is recorded only by :meth:`postgres`)."""
+        self.shared("postgres", lambda: self._start_postgres(None, worker_count))
+
+    def _start_postgres(self, seed: Seed | None, worker_count: int | None = None) -> dict[str, object]:
         with self.timings.measure("postgres_start"):
             config = PostgresConfig(
                 settings=tuned_settings(
-                    self.worker.worker_count, self.settings.pg_conn_per_worker,
+                    worker_count or self.worker.worker_count, self.settings.pg_conn_per_worker,
                     self.settings.pg_settings,
                 ),
                 start_timeout=self.settings.pg_start_timeout, seed=seed,

@@ -25,6 +25,7 @@ from .._run.serial import SerialGate, record_serial_ids
 from .._stack import WorkerStack
 from ._durations import CpuMeter, DurationRecorder
 from ._env import controller_environment, early_workerinput, share_with_workers, will_have_workers
+from ._prestart import Prestart, remember_use
 from ._runfixtures import (
     close_run_fixtures,
     connect_run_fixtures,
@@ -48,6 +49,7 @@ _EXPLICIT_DIST_KEY = pytest.StashKey[bool]()
 #: On a test item: one of its reports (set-up, call) failed.
 FAILED_KEY = pytest.StashKey[bool]()
 _FRESH_PATHS_KEY = pytest.StashKey[tuple[Path, ...]]()
+_PRESTART_KEY = pytest.StashKey[Prestart]()
 
 SERIAL_MARKER = (
     "serial: run while no other test of the run runs (isolate; in an xdist run the serial "
@@ -146,6 +148,9 @@ def pytest_configure(config: pytest.Config) -> None:
         open_run_fixtures(config, controller, stack.worker.worker_id)  # they live here
     except IsolateError as exc:
         raise pytest.UsageError(str(exc)) from None
+    prestart = Prestart.maybe(config, settings, stack)  # PostgreSQL while the workers start
+    if prestart is not None:
+        config.stash[_PRESTART_KEY] = prestart
     recorder = DurationRecorder(config, settings.store_durations)
     config.pluginmanager.register(recorder, "isolate-durations")
     if config.pluginmanager.hasplugin("xdist"):
@@ -286,6 +291,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
+    _join_prestart(config)
     stack = config.stash.get(STACK_KEY, None)
     if stack is not None:
         stack.close()
@@ -295,6 +301,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     close_run_fixtures(config, session)  # after the last test, before the run is reaped
     summary = controller.close()
     config.stash[_SUMMARY_KEY] = summary
+    remember_use(session, summary)
     path = controller.settings.timings_json
     if path:
         target = Path(path)
@@ -302,6 +309,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             target = config.rootpath / target
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _join_prestart(config: pytest.Config) -> None:
+    prestart = config.stash.get(_PRESTART_KEY, None)
+    if prestart is not None:
+        prestart.join()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -317,6 +330,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     controller = config.stash.get(CONTROLLER_KEY, None)
     if controller is not None and controller.run.exists():
         close_run_fixtures(config)
+        _join_prestart(config)
         controller.close()  # sessionfinish did not run (internal error)
     for sig, handler in config.stash.get(_SIGNALS_KEY, {}).items():
         signal.signal(sig, handler)  # type: ignore[arg-type]

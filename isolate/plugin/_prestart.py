@@ -1,0 +1,98 @@
+"""Starting the run's PostgreSQL while pytest starts (``--isolate-prestart``).
+
+A run's PostgreSQL is otherwise started by the first worker that needs it, after that
+worker has imported everything and collected, and its first test waits for it. The
+controller of an xdist run has nothing to do while xdist starts the workers, so it starts
+PostgreSQL then, in a thread; without xdist, the one process does so while it collects.
+Whoever asks for it later finds it started, or waits for the start under way
+(:meth:`isolate._stack.WorkerStack.shared`).
+
+``auto`` starts it when the run is expected to use it: ``--isolate-migrations`` is set,
+or the last run used PostgreSQL (pytest's cache remembers; a run that did not use it
+says so for the next).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+
+import pytest
+
+from .._config import Settings
+from .._stack import WorkerStack
+from ._env import will_have_workers
+
+__all__ = ["Prestart", "remember_use"]
+
+logger = logging.getLogger(__name__)
+
+#: In pytest's cache: what the last run used (``{"postgres": bool}``).
+CACHE_KEY = "isolate/used"
+
+
+def _cache_says_used(config: pytest.Config) -> bool:
+    cache = getattr(config, "cache", None)
+    used = cache.get(CACHE_KEY, None) if cache is not None else None
+    return isinstance(used, dict) and used.get("postgres") is True
+
+
+def worker_count(config: pytest.Config) -> int | None:
+    """How many xdist workers this run starts (1 without xdist); ``None`` if unknown."""
+    if not will_have_workers(config):
+        return 1
+    processes = config.getoption("numprocesses", None)
+    if isinstance(processes, int) and processes > 0:
+        return processes
+    specs = config.getoption("tx", None) or []
+    try:  # --tx 3*popen --tx ssh=...: the multipliers
+        return sum(int(spec.split("*", 1)[0]) if "*" in spec else 1 for spec in specs) or None
+    except ValueError:
+        return None
+
+
+def wanted(config: pytest.Config, settings: Settings) -> bool:
+    """Whether this run starts its PostgreSQL early (see the module's doc)."""
+    if settings.prestart == "never" or settings.pg_dsn or settings.db_isolation != "schema":
+        return False  # database mode starts it from a cluster cached for its migrations
+    if config.getoption("collectonly", False):
+        return False
+    return settings.prestart == "always" or bool(settings.migrations) or _cache_says_used(config)
+
+
+class Prestart:
+    """The start under way, in a thread of the process that owns the run."""
+
+    def __init__(self, stack: WorkerStack, workers: int) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(stack, workers), name="isolate-prestart", daemon=True
+        )
+        self._thread.start()
+
+    @classmethod
+    def maybe(cls, config: pytest.Config, settings: Settings, stack: WorkerStack) -> Prestart | None:
+        """Start it now if :func:`wanted`; the start, or ``None``."""
+        workers = worker_count(config)
+        if workers is None or not wanted(config, settings):
+            return None
+        return cls(stack, workers)
+
+    @staticmethod
+    def _run(stack: WorkerStack, workers: int) -> None:
+        try:
+            stack.prestart_postgres(workers)
+        except Exception as exc:  # recorded in the run dir: whoever needs it gets the error
+            logger.debug("isolate: starting PostgreSQL ahead failed: %s", exc)
+
+    def join(self) -> None:
+        """Wait for the start to end: nothing may be starting while the run is reaped."""
+        self._thread.join()
+
+
+def remember_use(session: pytest.Session, summary: Mapping[str, object]) -> None:
+    """Tell the next run whether this one used PostgreSQL (its timings say so); a run
+    that ran no test (``--collect-only``, nothing selected) leaves what it found."""
+    cache = getattr(session.config, "cache", None)
+    if cache is not None and session.testscollected and not session.config.getoption("collectonly", False):
+        cache.set(CACHE_KEY, {"postgres": "postgres_wait" in summary})
