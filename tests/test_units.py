@@ -418,3 +418,15 @@ def test_a_migrations_callable_never_runs_in_two_threads_at_once() -> None:
     for thread in threads:
         thread.join()
     assert overlaps == [1, 1, 1, 1]
+
+
+def test_a_throttled_check_is_asked_at_once_then_not_again_within_its_interval() -> None:
+    from isolate._service.handle import _at_most_every
+
+    asked: list[int] = []
+    check = _at_most_every(3600.0, lambda: asked.append(1) is None)
+    assert check() is True  # asked at once: a service that exited at start is seen at once
+    assert check() is False and check() is False  # not asked again within the interval
+    assert len(asked) == 1
+    every_time = _at_most_every(0.0, lambda: asked.append(1) is None)
+    assert every_time() and every_time() and len(asked) == 3

@@ -30,6 +30,24 @@ logger = logging.getLogger(__name__)
 PROXY_SETTLE = 0.25
 
 
+#: Seconds between two checks of whether a service that is not ready yet has exited.
+EXIT_CHECK_INTERVAL = 0.1
+
+
+def _at_most_every(seconds: float, check: Callable[[], bool]) -> Callable[[], bool]:
+    """``check``, asked at once and then at most every ``seconds`` (``False`` between)."""
+    last = [float("-inf")]
+
+    def throttled() -> bool:
+        now = time.monotonic()
+        if now - last[0] < seconds:
+            return False
+        last[0] = now
+        return check()
+
+    return throttled
+
+
 class Launcher(Protocol):
     """Runs one service instance: a native process group or a container."""
 
@@ -252,10 +270,10 @@ class ServiceHandle:
         limit = self.ready_timeout if timeout is None else timeout
         started = time.monotonic()
         # Short back-off cap: each probe is a cheap loopback request, and readiness
-        # latency adds straight to every worker's stack start-up and every restart.
-        done = poll_until(
-            lambda: self.launcher.exit_code() is not None or self.is_ready(), limit, maximum=0.03
-        )
+        # latency adds straight to every worker's stack start-up and every restart. Whether
+        # it exited is asked less often: for a container, that is a call to the engine.
+        exited = _at_most_every(EXIT_CHECK_INTERVAL, lambda: self.launcher.exit_code() is not None)
+        done = poll_until(lambda: self.is_ready() or exited(), limit, maximum=0.03)
         code = self.launcher.exit_code()
         log_tail = tail_text(self.logs()[self._log_mark :])
         if code is not None:
