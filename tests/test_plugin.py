@@ -397,3 +397,23 @@ def test_a_run_that_ends_while_postgres_starts_ahead_leaks_nothing(suite: pytest
     result.stdout.fnmatch_lines(["*ERROR collecting test_broken.py*"])
     assert _started_postgres(result)
     assert leftovers(run_id_of(result)) == []
+
+
+def test_help_and_sessions_that_set_up_no_fixture_start_nothing_ahead(
+    suite: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    suite.makepyfile(test_x="def test_nothing(): pass")
+    always = ("-n", "2", "--isolate-prestart=always")
+    for quiet in ("--collect-only", "--fixtures", "--setup-plan"):
+        assert not _started_postgres(suite.runpytest_subprocess(*always, quiet)), quiet
+    assert _started_postgres(suite.runpytest_subprocess(*always))
+    # --help prints no summary: a PostgreSQL that says when it is looked at tells.
+    bindir = tmp_path_factory.mktemp("fakepg")
+    marker = bindir / "asked"
+    for name in ("postgres", "initdb"):
+        (bindir / name).write_text(f"#!/bin/sh\ntouch {marker}\necho 'postgres (PostgreSQL) 16.0'\n")
+        (bindir / name).chmod(0o755)
+    suite.runpytest_subprocess(*always, f"--isolate-pg-bin-dir={bindir}", "--help")
+    assert not marker.exists()
+    suite.runpytest_subprocess(*always, f"--isolate-pg-bin-dir={bindir}").assert_outcomes(passed=1)
+    assert marker.exists()  # a session looks at it

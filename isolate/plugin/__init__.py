@@ -39,6 +39,7 @@ from ._hooks import (
     pytest_runtest_makereport,
     pytest_runtest_protocol,
     pytest_sessionfinish,
+    pytest_sessionstart,
     pytest_terminal_summary,
     pytest_unconfigure,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "pytest_runtest_makereport",
     "pytest_runtest_protocol",
     "pytest_sessionfinish",
+    "pytest_sessionstart",
     "pytest_terminal_summary",
     "pytest_unconfigure",
 ]

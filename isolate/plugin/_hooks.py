@@ -148,9 +148,6 @@ def pytest_configure(config: pytest.Config) -> None:
         open_run_fixtures(config, controller, stack.worker.worker_id)  # they live here
     except IsolateError as exc:
         raise pytest.UsageError(str(exc)) from None
-    prestart = Prestart.maybe(config, settings, stack)  # PostgreSQL while the workers start
-    if prestart is not None:
-        config.stash[_PRESTART_KEY] = prestart
     recorder = DurationRecorder(config, settings.store_durations)
     config.pluginmanager.register(recorder, "isolate-durations")
     if config.pluginmanager.hasplugin("xdist"):
@@ -248,6 +245,17 @@ def _catch_interrupts() -> dict[int, object]:
         except ValueError:  # not the main thread
             break
     return previous
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The run's owner starts its PostgreSQL ahead (``--isolate-prestart``): before
+    xdist's own session start spawns the workers. ``--help`` and the like run no session."""
+    config = session.config
+    stack = config.stash.get(STACK_KEY, None)
+    if CONTROLLER_KEY in config.stash and stack is not None:
+        prestart = Prestart.maybe(config, stack.settings, stack)
+        if prestart is not None:
+            config.stash[_PRESTART_KEY] = prestart
 
 
 @pytest.hookimpl(wrapper=True)

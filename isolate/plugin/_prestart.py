@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 CACHE_KEY = "isolate/used"
 
 
+#: Sessions that set up no fixture: ``--collect-only``, ``--fixtures``,
+#: ``--fixtures-per-test``, ``--setup-plan``.
+_NO_FIXTURES_RUN = ("collectonly", "showfixtures", "show_fixtures_per_test", "setupplan")
+
+
 def _cache_says_used(config: pytest.Config) -> bool:
     cache = getattr(config, "cache", None)
     used = cache.get(CACHE_KEY, None) if cache is not None else None
@@ -56,7 +61,7 @@ def wanted(config: pytest.Config, settings: Settings) -> bool:
     """Whether this run starts its PostgreSQL early (see the module's doc)."""
     if settings.prestart == "never" or settings.pg_dsn or settings.db_isolation != "schema":
         return False  # database mode starts it from a cluster cached for its migrations
-    if config.getoption("collectonly", False):
+    if any(config.getoption(name, False) for name in _NO_FIXTURES_RUN):
         return False
     return settings.prestart == "always" or bool(settings.migrations) or _cache_says_used(config)
 
