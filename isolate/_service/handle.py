@@ -36,13 +36,14 @@ EXIT_CHECK_INTERVAL = 0.1
 
 def _at_most_every(seconds: float, check: Callable[[], bool]) -> Callable[[], bool]:
     """``check``, asked at once and then at most every ``seconds`` (``False`` between)."""
-    last = [float("-inf")]
+    last = float("-inf")
 
     def throttled() -> bool:
+        nonlocal last
         now = time.monotonic()
-        if now - last[0] < seconds:
+        if now - last < seconds:
             return False
-        last[0] = now
+        last = now
         return check()
 
     return throttled

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import pytest
 
-__all__ = ["controller_environment", "early_workerinput", "share_with_workers", "will_have_workers"]
+__all__ = ["controller_environment", "early_workerinput", "share_with_workers", "will_have_workers", "worker_count"]
 
 _FACTS = "ISOLATE_RUN_FACTS"
 
@@ -48,6 +48,19 @@ def will_have_workers(config: pytest.Config) -> bool:
     processes = getattr(args, "numprocesses", None)
     return bool(processes not in (None, 0, "0") or getattr(args, "tx", None)
                 or getattr(args, "dist", "no") not in (None, "no"))  # fmt: skip
+
+
+def worker_count(config: pytest.Config) -> int:
+    """How many xdist workers this run starts (1 without xdist), from the ``--tx`` specs
+    xdist makes of ``-n`` (after its ``pytest_cmdline_main``) and their multipliers
+    (``--tx 3*popen``)."""
+    if not will_have_workers(config):
+        return 1
+    count = 0
+    for spec in config.getoption("tx", None) or ():
+        head, star, _ = str(spec).partition("*")
+        count += int(head) if star and head.isdigit() else 1
+    return max(count, 1)
 
 
 #: What ``--isolate-env`` templates render to in an xdist controller, which imports the

@@ -25,7 +25,7 @@ from .._run.serial import SerialGate, record_serial_ids
 from .._stack import WorkerStack
 from ._durations import CpuMeter, DurationRecorder
 from ._env import controller_environment, early_workerinput, share_with_workers, will_have_workers
-from ._prestart import Prestart, remember_use
+from ._prestart import remember_use, start_ahead, wait_for_start
 from ._runfixtures import (
     close_run_fixtures,
     connect_run_fixtures,
@@ -49,7 +49,6 @@ _EXPLICIT_DIST_KEY = pytest.StashKey[bool]()
 #: On a test item: one of its reports (set-up, call) failed.
 FAILED_KEY = pytest.StashKey[bool]()
 _FRESH_PATHS_KEY = pytest.StashKey[tuple[Path, ...]]()
-_PRESTART_KEY = pytest.StashKey[Prestart]()
 
 SERIAL_MARKER = (
     "serial: run while no other test of the run runs (isolate; in an xdist run the serial "
@@ -253,9 +252,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     stack = config.stash.get(STACK_KEY, None)
     if CONTROLLER_KEY in config.stash and stack is not None:
-        prestart = Prestart.maybe(config, stack.settings, stack)
-        if prestart is not None:
-            config.stash[_PRESTART_KEY] = prestart
+        start_ahead(config, stack)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -299,7 +296,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
-    _join_prestart(config)
+    wait_for_start(config)
     stack = config.stash.get(STACK_KEY, None)
     if stack is not None:
         stack.close()
@@ -319,12 +316,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         target.write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _join_prestart(config: pytest.Config) -> None:
-    prestart = config.stash.get(_PRESTART_KEY, None)
-    if prestart is not None:
-        prestart.join()
-
-
 def pytest_unconfigure(config: pytest.Config) -> None:
     notices = config.stash.get(_NOTICES_KEY, None)
     if notices is not None:
@@ -338,7 +329,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     controller = config.stash.get(CONTROLLER_KEY, None)
     if controller is not None and controller.run.exists():
         close_run_fixtures(config)
-        _join_prestart(config)
+        wait_for_start(config)
         controller.close()  # sessionfinish did not run (internal error)
     for sig, handler in config.stash.get(_SIGNALS_KEY, {}).items():
         signal.signal(sig, handler)  # type: ignore[arg-type]

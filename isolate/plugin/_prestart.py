@@ -22,9 +22,9 @@ import pytest
 
 from .._config import Settings
 from .._stack import WorkerStack
-from ._env import will_have_workers
+from ._env import worker_count
 
-__all__ = ["Prestart", "remember_use"]
+__all__ = ["remember_use", "start_ahead", "wait_for_start"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +43,6 @@ def _cache_says_used(config: pytest.Config) -> bool:
     return isinstance(used, dict) and used.get("postgres") is True
 
 
-def worker_count(config: pytest.Config) -> int | None:
-    """How many xdist workers this run starts (1 without xdist); ``None`` if unknown."""
-    if not will_have_workers(config):
-        return 1
-    processes = config.getoption("numprocesses", None)
-    if isinstance(processes, int) and processes > 0:
-        return processes
-    specs = config.getoption("tx", None) or []
-    try:  # --tx 3*popen --tx ssh=...: the multipliers
-        return sum(int(spec.split("*", 1)[0]) if "*" in spec else 1 for spec in specs) or None
-    except ValueError:
-        return None
-
-
 def wanted(config: pytest.Config, settings: Settings) -> bool:
     """Whether this run starts its PostgreSQL early (see the module's doc)."""
     if settings.prestart == "never" or settings.pg_dsn or settings.db_isolation != "schema":
@@ -66,33 +52,31 @@ def wanted(config: pytest.Config, settings: Settings) -> bool:
     return settings.prestart == "always" or bool(settings.migrations) or _cache_says_used(config)
 
 
-class Prestart:
-    """The start under way, in a thread of the process that owns the run."""
+_THREAD_KEY = pytest.StashKey[threading.Thread]()
 
-    def __init__(self, stack: WorkerStack, workers: int) -> None:
-        self._thread = threading.Thread(
-            target=self._run, args=(stack, workers), name="isolate-prestart", daemon=True
-        )
-        self._thread.start()
 
-    @classmethod
-    def maybe(cls, config: pytest.Config, settings: Settings, stack: WorkerStack) -> Prestart | None:
-        """Start it now if :func:`wanted`; the start, or ``None``."""
-        workers = worker_count(config)
-        if workers is None or not wanted(config, settings):
-            return None
-        return cls(stack, workers)
+def start_ahead(config: pytest.Config, stack: WorkerStack) -> None:
+    """In the process that owns the run: start its PostgreSQL in a thread if
+    :func:`wanted`, sized for the run's workers."""
+    if wanted(config, stack.settings):
+        thread = threading.Thread(target=_start, args=(stack, worker_count(config)),
+                                  name="isolate-prestart", daemon=True)  # fmt: skip
+        thread.start()
+        config.stash[_THREAD_KEY] = thread
 
-    @staticmethod
-    def _run(stack: WorkerStack, workers: int) -> None:
-        try:
-            stack.prestart_postgres(workers)
-        except Exception as exc:  # recorded in the run dir: whoever needs it gets the error
-            logger.debug("isolate: starting PostgreSQL ahead failed: %s", exc)
 
-    def join(self) -> None:
-        """Wait for the start to end: nothing may be starting while the run is reaped."""
-        self._thread.join()
+def _start(stack: WorkerStack, workers: int) -> None:
+    try:
+        stack.prestart_postgres(workers)
+    except Exception as exc:  # recorded in the run dir: whoever needs it gets the error
+        logger.debug("isolate: starting PostgreSQL ahead failed: %s", exc)
+
+
+def wait_for_start(config: pytest.Config) -> None:
+    """Wait for a start under way to end: nothing may be starting while the run is reaped."""
+    thread = config.stash.get(_THREAD_KEY, None)
+    if thread is not None:
+        thread.join()
 
 
 def remember_use(session: pytest.Session, summary: Mapping[str, object]) -> None:

@@ -21,6 +21,7 @@ from .._run.fixture_defs import DEFINITIONS, RunFixtureDef, closure, problems
 from .._run.fixtures import Failure, RunFixtures, value_from
 from .._runscope import RunScope
 from .._stack import WorkerStack
+from ._env import worker_count
 
 __all__ = [
     "close_run_fixtures",
@@ -79,12 +80,6 @@ def connect_run_fixtures(config: pytest.Config, worker: str, run_path: Path) -> 
     config.stash[_ASKER_KEY] = (worker, lambda request: ask(run_path, request))
 
 
-def _worker_count(config: pytest.Config) -> int:
-    if getattr(config.option, "dist", "no") == "no":
-        return 1
-    return max(len(getattr(config.option, "tx", None) or ()), 1)
-
-
 def _load(config: pytest.Config, location: Mapping[str, str | None]) -> None:
     """Import, in the controller, the module that defines a run fixture: a conftest
     deeper than the ones pytest loads before collection (the controller never collects)."""
@@ -115,7 +110,7 @@ def open_run_fixtures(config: pytest.Config, controller: RunController, worker: 
 
     def run_scope() -> RunScope:
         if not scopes:
-            identity = WorkerIdentity("run", _worker_count(config), controller.run_id)
+            identity = WorkerIdentity("run", worker_count(config), controller.run_id)
             stack = WorkerStack(controller.settings, identity, controller.run,
                                 controller.backend_name, config.rootpath)  # fmt: skip
             scopes.append(RunScope(stack))
