@@ -150,8 +150,10 @@ def test_a_worker_starts_its_tests_while_another_still_collects(pytester: pytest
         """
         import os
         from pathlib import Path
+        import pytest
         import tenacity
 
+        @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reports the collection
         def pytest_collection_finish(session):
             if os.environ.get("PYTEST_XDIST_WORKER") != "gw1":
                 return
@@ -359,8 +361,10 @@ def test_a_busy_machine_does_not_make_a_computing_test_look_idle(pytester: pytes
 ALL_COLLECT_FIRST = """
 import os
 from pathlib import Path
+import pytest
 import tenacity
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reports the collection
 def pytest_collection_finish(session):
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers is None:
