@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -402,6 +403,7 @@ def test_cpu_heavy_tests_start_beside_the_waiting_ones(pytester: pytest.Pytester
         else:
             (cache / "cpu").write_text(json.dumps(history))
         logged.unlink(missing_ok=True)
+        shutil.rmtree(logged.with_name("collected"), ignore_errors=True)  # each pass its own barrier
         # the recorded durations this run writes are not read again: each pass sets its own
         (cache / "durations").write_text(json.dumps({**dict.fromkeys(waits, 0.3), **dict.fromkeys(spins, 0.1)}))
         pytester.runpytest_subprocess("-n", str(workers), "-p", "no:randomly").assert_outcomes(passed=2 * workers + 12)
