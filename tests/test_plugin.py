@@ -417,3 +417,38 @@ def test_help_and_sessions_that_set_up_no_fixture_start_nothing_ahead(
     assert not marker.exists()
     suite.runpytest_subprocess(*always, f"--isolate-pg-bin-dir={bindir}").assert_outcomes(passed=1)
     assert marker.exists()  # a session looks at it
+
+
+FINALIZED_AT_EXIT = """
+import atexit, os
+
+class Finalized:
+    def __init__(self, path):
+        self.path, self.cycle = path, self
+
+    def __del__(self, _os=os):
+        _os.close(_os.open(self.path, _os.O_CREAT | _os.O_WRONLY, 0o600))
+
+def leave_garbage():
+    # In a reference cycle: left for the interpreter's final collections.
+    Finalized(os.path.join(os.environ["MARKS"], os.environ.get("PYTEST_XDIST_WORKER", "controller")))
+
+def pytest_unconfigure(config):
+    atexit.register(leave_garbage)  # after pytest's own collections; before isolate's freeze
+"""
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fast_exit_skips_the_final_collections_of_every_process(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    # Each process leaves an object in a reference cycle whose finalizer marks a file:
+    # only the interpreter's final garbage collections can run it.
+    marks = pytester.mkdir("marks")
+    monkeypatch.setenv("MARKS", str(marks))
+    pytester.makeconftest(FINALIZED_AT_EXIT)
+    pytester.makepyfile(test_x="def test_a(): pass\ndef test_b(): pass")
+    flag = "--isolate-fast-exit" if fast else "--no-isolate-fast-exit"
+    pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", flag).assert_outcomes(passed=2)
+    finalized = sorted(p.name for p in marks.iterdir())
+    assert finalized == ([] if fast else ["controller", "gw0", "gw1"])
