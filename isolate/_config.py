@@ -235,11 +235,12 @@ OPTIONS: tuple[Option, ...] = (
            "4", _count),
     Option("fresh_paths", "tests under these paths (comma-separated, relative to the rootdir) "
            "get a fresh database as if they took isolate_fresh_database", "", _paths),
-    Option("prestart", "start the run's PostgreSQL while pytest starts (in an xdist run, in the "
-           "controller while the workers start and collect) rather than when the first test "
-           "needs it: auto (when --isolate-migrations is set, or the last run used PostgreSQL, "
-           "as pytest's cache remembers), always, or never; schema mode, a PostgreSQL isolate "
-           "starts", "auto", _choice("auto", "always", "never")),
+    Option("prestart", "start what the tests will use while pytest starts rather than when "
+           "the first test needs it: the run's PostgreSQL (in an xdist run, in the controller "
+           "while the workers start and collect; schema mode, a PostgreSQL isolate starts) and "
+           "each worker's Redis (while the worker collects). auto (what the last run used, as "
+           "pytest's cache remembers; PostgreSQL also when --isolate-migrations is set), "
+           "always, or never", "auto", _choice("auto", "always", "never")),
     Option("bootstrap", "SQL file or directory run as the superuser once per run before "
            "the migrations (CREATE EXTENSION, roles the app expects; relative to the rootdir)",
            "", _optional_str),

@@ -19,6 +19,7 @@ PHASES = (
     "schema_migrations",
     "database_ready",
     "redis_start",
+    "redis_wait",
     "service_ready",
     "service_restart",
     "worker_stack_ready",
@@ -92,7 +93,7 @@ def what_ran(events: list[dict[str, object]], *, external_pg: bool, external_red
     workers = set()
     for event in events:
         counts[str(event["phase"])] = counts.get(str(event["phase"]), 0) + 1
-        if event["phase"] in ("postgres_wait", "redis_start", "service_ready"):  # it used something
+        if event["phase"] in ("postgres_wait", "redis_start", "redis_wait", "service_ready"):  # it used something
             workers.add(str(event["worker"]))
     parts = []
     if counts.get("postgres_start"):

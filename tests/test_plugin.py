@@ -325,6 +325,7 @@ def test_a_flag_option_does_not_swallow_the_next_word(suite: pytest.Pytester) ->
 
 
 PRESTART_TESTS = """
+import json
 import psycopg
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
@@ -344,6 +345,17 @@ def test_sized_for_every_worker(isolate_stack, isolate_database, isolate_worker)
         (value,) = conn.execute("SHOW max_connections").fetchone()
     conn_per_worker = isolate_stack.settings.pg_conn_per_worker
     assert value == tuned_settings(isolate_worker.worker_count, conn_per_worker)["max_connections"]
+
+def test_uses_redis(isolate_redis):
+    assert isolate_redis.url
+
+def test_redis_is_started_without_asking(isolate_stack):
+    # No fixture here starts this worker's Redis: only a start ahead of the tests can.
+    mine = {"phase": "redis_start", "worker": isolate_stack.worker.worker_id}
+    for attempt in Retrying(stop=stop_after_delay(60), wait=wait_fixed(0.05), reraise=True):
+        with attempt:
+            lines = isolate_stack.run.timings_path.read_text().splitlines()
+            assert mine in [{k: json.loads(line)[k] for k in mine} for line in lines]
 
 def test_nothing():
     pass
@@ -388,6 +400,38 @@ def test_postgres_starts_while_the_workers_start_when_the_run_is_expected_to_use
     assert not _started_postgres(run("-k", "test_nothing", "--isolate-prestart=never"))
 
 
+def _started_redis(result: pytest.RunResult) -> int:
+    """How many Redis the run's summary line says it started."""
+    found = [re.search(r"(\d+) Redis", line) for line in result.outlines if line.startswith("isolate: run ")]
+    return next((int(m.group(1)) for m in found if m), 0)
+
+
+def test_each_worker_starts_its_redis_while_it_collects_when_the_run_is_expected_to_use_it(
+    suite: pytest.Pytester,
+) -> None:
+    suite.makepyfile(test_prestart=PRESTART_TESTS)
+
+    def run(*args: str) -> pytest.RunResult:
+        result = suite.runpytest_subprocess("-n", "2", "-p", "no:randomly", *args)
+        result.assert_outcomes(passed=1)
+        assert leftovers(run_id_of(result)) == []
+        return result
+
+    assert _started_redis(run("-k", "test_nothing")) == 0  # no history: nothing ahead
+    run("-k", "test_uses_redis")  # pytest's cache now says: this suite uses Redis
+    # ...so in the next run each worker starts its own while it collects, asked or not.
+    assert _started_redis(run("-k", "test_redis_is_started_without_asking")) == 2
+    # That run did not use it (a start ahead is not a use): nothing ahead after it.
+    assert _started_redis(run("-k", "test_nothing")) == 0
+    run("-k", "test_uses_redis")
+    assert _started_redis(run("-k", "test_nothing", "--isolate-prestart=never")) == 0
+    # Without xdist, the one process starts its Redis while it collects.
+    result = suite.runpytest_subprocess("-p", "no:xdist", "-p", "no:randomly", "--isolate-prestart=always",
+                                        "-k", "test_redis_is_started_without_asking")  # fmt: skip
+    result.assert_outcomes(passed=1)
+    assert leftovers(run_id_of(result)) == []
+
+
 def test_a_run_that_ends_while_postgres_starts_ahead_leaks_nothing(suite: pytest.Pytester) -> None:
     # A collection error ends the run at once, maybe before PostgreSQL is up: the run
     # waits for the start to end, then reaps it.
@@ -429,12 +473,13 @@ class Finalized:
     def __del__(self, _os=os):
         _os.close(_os.open(self.path, _os.O_CREAT | _os.O_WRONLY, 0o600))
 
-def leave_garbage():
+def leave_garbage(name):
     # In a reference cycle: left for the interpreter's final collections.
-    Finalized(os.path.join(os.environ["MARKS"], os.environ.get("PYTEST_XDIST_WORKER", "controller")))
+    Finalized(os.path.join(os.environ["MARKS"], name))
 
 def pytest_unconfigure(config):
-    atexit.register(leave_garbage)  # after pytest's own collections; before isolate's freeze
+    name = config.workerinput["workerid"] if hasattr(config, "workerinput") else "controller"
+    atexit.register(leave_garbage, name)  # after pytest's own collections; before isolate's freeze
 """
 
 

@@ -50,7 +50,8 @@ class StackBase:
         self._redis: RedisServer | None = None
         self._redis_runner: Runner[RedisServer] | None = None
         self._redis_lease: DbLease | None = None
-        self._redis_lock = threading.Lock()  # the early start (see service()) and a fixture
+        self._redis_lock = threading.Lock()  # the early starts (see service()) and a fixture
+        self._redis_used = False
         self._services: dict[str, ServiceHandle] = {}
         self._containers: dict[str, ContainerHandle] = {}
         self._pool: FreshPool | None = None

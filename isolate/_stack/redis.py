@@ -4,6 +4,7 @@ or a DB leased on an external server."""
 from __future__ import annotations
 
 import os
+import time
 
 from .._redis import RedisConfig, RedisServer
 from .._redis.lease import ExternalDbLease, RunDbLease
@@ -16,9 +17,22 @@ class RedisPart(StackBase):
     """This worker's Redis."""
 
     def redis(self) -> RedisServer:
-        """The worker's Redis (own server, or own DB on the shared one)."""
+        """The worker's Redis (own server, or own DB on the shared one). The first ask
+        records how long it waited (``redis_wait``): what tells the next run that this
+        one used Redis (``--isolate-prestart``)."""
+        waited = time.perf_counter()
         with self._redis_lock:
-            return self._redis_locked()
+            server = self._redis_locked()
+            first, self._redis_used = not self._redis_used, True
+        if first:
+            self.timings.add("redis_wait", time.perf_counter() - waited)
+        return server
+
+    def prestart_redis(self) -> None:
+        """Start the worker's Redis now unless it runs: what a worker does while it
+        collects, when the run is expected to use Redis. Recorded as started, not as used."""
+        with self._redis_lock:
+            self._redis_locked()
 
     def _redis_locked(self) -> RedisServer:
         if self._redis is None:

@@ -262,12 +262,14 @@ def _catch_interrupts() -> dict[int, object]:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """The run's owner starts its PostgreSQL ahead (``--isolate-prestart``): before
-    xdist's own session start spawns the workers. ``--help`` and the like run no session."""
+    """``--isolate-prestart``: the run's owner starts its PostgreSQL ahead, before xdist's
+    own session start spawns the workers; a process that runs tests starts its Redis
+    before it collects. ``--help`` and the like run no session."""
     config = session.config
     stack = config.stash.get(STACK_KEY, None)
-    if CONTROLLER_KEY in config.stash and stack is not None:
-        start_ahead(config, stack)
+    if stack is not None:
+        owner = CONTROLLER_KEY in config.stash
+        start_ahead(config, stack, owner=owner, runs_tests=not owner or not will_have_workers(config))
 
 
 @pytest.hookimpl(wrapper=True)

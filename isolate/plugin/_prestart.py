@@ -1,22 +1,24 @@
-"""Starting the run's PostgreSQL while pytest starts (``--isolate-prestart``).
+"""Starting what a run will use while pytest starts (``--isolate-prestart``).
 
 A run's PostgreSQL is otherwise started by the first worker that needs it, after that
-worker has imported everything and collected, and its first test waits for it. The
-controller of an xdist run has nothing to do while xdist starts the workers, so it starts
-PostgreSQL then, in a thread; without xdist, the one process does so while it collects.
-Whoever asks for it later finds it started, or waits for the start under way
-(:meth:`isolate._stack.WorkerStack.shared`).
+worker has imported everything and collected, and its first test waits for it; a
+worker's Redis, by that worker's first test that needs it. Instead:
 
-``auto`` starts it when the run is expected to use it: ``--isolate-migrations`` is set,
-or the last run used PostgreSQL (pytest's cache remembers; a run that did not use it
-says so for the next).
+- the controller of an xdist run, which has nothing to do while xdist starts the
+  workers, starts PostgreSQL then, in a thread (without xdist, the one process does so
+  while it collects). Whoever asks for it later finds it started, or waits for the start
+  under way (:meth:`isolate._stack.WorkerStack.shared`);
+- every process that runs tests starts its own Redis in a thread while it collects.
+
+``auto`` starts what the last run used (pytest's cache remembers; a run that did not use
+something says so for the next), and PostgreSQL whenever ``--isolate-migrations`` is set.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 
@@ -28,7 +30,7 @@ __all__ = ["remember_use", "start_ahead", "wait_for_start"]
 
 logger = logging.getLogger(__name__)
 
-#: In pytest's cache: what the last run used (``{"postgres": bool}``).
+#: In pytest's cache: what the last run used (``{"postgres": bool, "redis": bool}``).
 CACHE_KEY = "isolate/used"
 
 
@@ -37,51 +39,66 @@ CACHE_KEY = "isolate/used"
 _NO_FIXTURES_RUN = ("collectonly", "showfixtures", "show_fixtures_per_test", "setupplan")
 
 
-def _cache_says_used(config: pytest.Config) -> bool:
+def _last_run_used(config: pytest.Config, part: str) -> bool:
     cache = getattr(config, "cache", None)
     used = cache.get(CACHE_KEY, None) if cache is not None else None
-    return isinstance(used, dict) and used.get("postgres") is True
+    return isinstance(used, dict) and used.get(part) is True
+
+
+def _may_start(config: pytest.Config, settings: Settings) -> bool:
+    return settings.prestart != "never" and not any(config.getoption(name, False) for name in _NO_FIXTURES_RUN)
 
 
 def wanted(config: pytest.Config, settings: Settings) -> bool:
-    """Whether this run starts its PostgreSQL early (see the module's doc)."""
-    if settings.prestart == "never" or settings.pg_dsn or settings.db_isolation != "schema":
+    """Whether the run's owner starts its PostgreSQL early (see the module's doc)."""
+    if not _may_start(config, settings) or settings.pg_dsn or settings.db_isolation != "schema":
         return False  # database mode starts it from a cluster cached for its migrations
-    if any(config.getoption(name, False) for name in _NO_FIXTURES_RUN):
-        return False
-    return settings.prestart == "always" or bool(settings.migrations) or _cache_says_used(config)
+    return settings.prestart == "always" or bool(settings.migrations) or _last_run_used(config, "postgres")
 
 
-_THREAD_KEY = pytest.StashKey[threading.Thread]()
+def redis_wanted(config: pytest.Config, settings: Settings) -> bool:
+    """Whether a process that runs tests starts its Redis early (see the module's doc)."""
+    return _may_start(config, settings) and (settings.prestart == "always" or _last_run_used(config, "redis"))
 
 
-def start_ahead(config: pytest.Config, stack: WorkerStack) -> None:
-    """In the process that owns the run: start its PostgreSQL in a thread if
-    :func:`wanted`, sized for the run's workers."""
-    if wanted(config, stack.settings):
-        thread = threading.Thread(target=_start, args=(stack, worker_count(config)),
-                                  name="isolate-prestart", daemon=True)  # fmt: skip
+_THREADS_KEY = pytest.StashKey[list[threading.Thread]]()
+
+
+def start_ahead(config: pytest.Config, stack: WorkerStack, *, owner: bool, runs_tests: bool) -> None:
+    """Start in threads what :func:`wanted` and :func:`redis_wanted` say: the run's
+    PostgreSQL if this process owns the run (sized for the run's workers), its Redis if
+    it runs tests."""
+    starts: list[tuple[str, Callable[[], object]]] = []
+    if owner and wanted(config, stack.settings):
+        count = worker_count(config)
+        starts.append(("PostgreSQL", lambda: stack.prestart_postgres(count)))
+    if runs_tests and redis_wanted(config, stack.settings):
+        starts.append(("Redis", stack.prestart_redis))
+    threads = config.stash.setdefault(_THREADS_KEY, [])
+    for what, start in starts:
+        thread = threading.Thread(target=_start, args=(what, start), name=f"isolate-prestart-{what}", daemon=True)
         thread.start()
-        config.stash[_THREAD_KEY] = thread
+        threads.append(thread)
 
 
-def _start(stack: WorkerStack, workers: int) -> None:
+def _start(what: str, start: Callable[[], object]) -> None:
     try:
-        stack.prestart_postgres(workers)
-    except Exception as exc:  # recorded in the run dir: whoever needs it gets the error
-        logger.debug("isolate: starting PostgreSQL ahead failed: %s", exc)
+        start()
+    except Exception as exc:  # whoever needs it starts it again, and gets the error
+        logger.debug("isolate: starting %s ahead failed: %s", what, exc)
 
 
 def wait_for_start(config: pytest.Config) -> None:
-    """Wait for a start under way to end: nothing may be starting while the run is reaped."""
-    thread = config.stash.get(_THREAD_KEY, None)
-    if thread is not None:
+    """Wait for the starts under way to end: nothing may be starting while the stack is
+    closed or the run is reaped."""
+    for thread in config.stash.get(_THREADS_KEY, []):
         thread.join()
 
 
 def remember_use(session: pytest.Session, summary: Mapping[str, object]) -> None:
-    """Tell the next run whether this one used PostgreSQL (its timings say so); a run
-    that ran no test (``--collect-only``, nothing selected) leaves what it found."""
+    """Tell the next run whether this one used PostgreSQL and Redis (its timings say so:
+    ``postgres_wait`` and ``redis_wait`` are recorded by a use, not by a start ahead); a
+    run that ran no test (``--collect-only``, nothing selected) leaves what it found."""
     cache = getattr(session.config, "cache", None)
     if cache is not None and session.testscollected and not session.config.getoption("collectonly", False):
-        cache.set(CACHE_KEY, {"postgres": "postgres_wait" in summary})
+        cache.set(CACHE_KEY, {"postgres": "postgres_wait" in summary, "redis": "redis_wait" in summary})
