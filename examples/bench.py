@@ -308,8 +308,10 @@ NOTES = """## Reading the numbers
   mostly waiting, on all four workers first with the CPU 8-35% busy for 8 s, then ~250
   short request tests on all four at once, each 2-4x slower than alone), 17.6 s now
   (workers start as they collect, `close_signal`, the watchdog's lighter start).
-- pytest-randomly (which the bench uses, as the example's sessions do) adds ~0.4 s to the
-  workers' start-up here. This machine sets `PYTHONDONTWRITEBYTECODE=1`, so pytest cannot
+- pytest-randomly (which the bench uses, as the example's sessions do) imports numpy in
+  every process when numpy is installed, to reseed it (~0.08 s of CPU each): the bench
+  measures in the example's own environment, without the matplotlib (and numpy) that draws
+  its chart, and draws it afterwards. This machine sets `PYTHONDONTWRITEBYTECODE=1`, so pytest cannot
   cache the assertion-rewritten test modules, conftests and plugins (isolate among them):
   each worker rewrites and compiles them again at every start (~0.45 s of CPU per worker
   here). With the variable unset (the caches written once), the four workers finish
@@ -409,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker counts for isolate with xdist's --dist load, for comparison ('' for none)")
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
+    parser.add_argument("--no-chart", action="store_true",
+                        help="measure, write the .json and .md, not the .png (nox -s bench measures "
+                             "without matplotlib and its numpy, then renders with --render)")  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.render:
@@ -450,13 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "test_durations"} for r in records]
     (out / "benchmarks.json").write_text(json.dumps(slim, indent=1) + "\n")
-    return render(slim, out)
+    return render(slim, out, chart=not args.no_chart)
 
 
-def render(records: list[dict[str, Any]], out: Path) -> int:
+def render(records: list[dict[str, Any]], out: Path, *, chart: bool = True) -> int:
     rows = summarize(records)
     write_markdown(rows, records, out / "benchmarks.md")
-    write_chart(rows, out / "benchmarks.png")
+    if chart:
+        write_chart(rows, out / "benchmarks.png")
     print((out / "benchmarks.md").read_text())
     return 0
 
