@@ -116,8 +116,8 @@ def run_suite(setup: str, backend: str, workers: int, seed: int, caches: Path,
                 elif case.find("skipped") is None:
                     passed += 1
         phases = json.loads(timings.read_text()) if timings.exists() else {}
+    tail = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
     if total == 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
         raise SystemExit(f"bench: the suite did not run ({setup}/{backend}/{workers}):\n{tail}")
     return {
         "setup": setup, "backend": backend, "workers": workers, "seed": seed, "dist": dist,
@@ -125,6 +125,7 @@ def run_suite(setup: str, backend: str, workers: int, seed: int, caches: Path,
         "cores": usable_cores(), "passed": passed, "failed": failed, "total": total,
         "test_durations": durations, "timings": phases, "exit_code": done.returncode,
         "failed_tests": failures, "measured": dt.date.today().isoformat(),
+        **({"output_tail": tail} if done.returncode != 0 else {}),  # what went wrong, kept
     }  # fmt: skip
 
 
@@ -446,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             records.append(record)
             print(f"{setup:8} {backend:7} {dist:8} workers={w} repeat={repeat} wall={record['wall_s']:7.2f}s "
                   f"passed={record['passed']}/{record['total']} {' '.join(record['failed_tests'])}", flush=True)  # fmt: skip
+            if record.get("output_tail") and setup == "isolate":
+                print(record["output_tail"], flush=True)
     if "dbmodes" in setups:
         for repeat in range(args.repeats):
             records += run_dbmodes([int(w) for w in args.dbmode_workers.split(",")], repeat)
