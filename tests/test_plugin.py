@@ -497,3 +497,42 @@ def test_fast_exit_skips_the_final_collections_of_every_process(
     pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", flag).assert_outcomes(passed=2)
     finalized = sorted(p.name for p in marks.iterdir())
     assert finalized == ([] if fast else ["controller", "gw0", "gw1"])
+
+
+WATCH_LOG_CAPTURE = """
+import os, threading
+from _pytest import logging as pytest_logging
+
+enter = pytest_logging.catching_logs.__enter__
+
+def watched(self):
+    # pytest iterates every logger here, without a lock: a thread importing modules (each
+    # makes its logger) must not be running now.
+    starting = [t.name for t in threading.enumerate() if t.name.startswith("isolate-prestart")]
+    if starting:
+        with open(os.environ["OVERLAPS"], "a") as out:
+            out.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'controller')}: {starting}\\n")
+    return enter(self)
+
+pytest_logging.catching_logs.__enter__ = watched
+"""
+
+
+@pytest.mark.parametrize("xdist", [True, False])
+def test_starts_ahead_never_run_while_pytest_begins_capturing_logs(
+    suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, xdist: bool
+) -> None:
+    # A thread that imports while pytest iterates the loggers ends the run with an
+    # INTERNALERROR ("dictionary changed size during iteration"; 2 of 8 runs at 16 workers).
+    overlaps = suite.path / "overlaps.txt"
+    monkeypatch.setenv("OVERLAPS", str(overlaps))
+    suite.makeconftest(WATCH_LOG_CAPTURE)
+    suite.makepyfile(test_prestart=PRESTART_TESTS)
+    args = ("-n", "2") if xdist else ("-p", "no:xdist")
+    result = suite.runpytest_subprocess(*args, "-p", "no:randomly", "--isolate-prestart=always",
+                                        "-k", "test_uses_postgres or test_uses_redis")  # fmt: skip
+    result.assert_outcomes(passed=2)
+    assert _started_postgres(result)
+    assert _started_redis(result) == (2 if xdist else 1)
+    assert not overlaps.exists(), overlaps.read_text()
+    assert leftovers(run_id_of(result)) == []

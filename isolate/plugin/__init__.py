@@ -39,7 +39,6 @@ from ._hooks import (
     pytest_runtest_makereport,
     pytest_runtest_protocol,
     pytest_sessionfinish,
-    pytest_sessionstart,
     pytest_terminal_summary,
     pytest_unconfigure,
 )
@@ -76,7 +75,6 @@ __all__ = [
     "pytest_runtest_makereport",
     "pytest_runtest_protocol",
     "pytest_sessionfinish",
-    "pytest_sessionstart",
     "pytest_terminal_summary",
     "pytest_unconfigure",
 ]

@@ -27,7 +27,7 @@ from .._run.serial import SerialGate, record_serial_ids
 from .._stack import WorkerStack
 from ._durations import CpuMeter, DurationRecorder
 from ._env import controller_environment, early_workerinput, share_with_workers, will_have_workers
-from ._prestart import remember_use, start_ahead, wait_for_start
+from ._prestart import Prestart, remember_use, wait_for_start
 from ._runfixtures import (
     close_run_fixtures,
     connect_run_fixtures,
@@ -142,8 +142,12 @@ def pytest_configure(config: pytest.Config) -> None:
         _join(config, settings, early=False)
     stack = config.stash[STACK_KEY]
     controller = config.stash.get(CONTROLLER_KEY, None)
-    if controller is None or not will_have_workers(config):  # this process runs the tests
+    runs_tests = controller is None or not will_have_workers(config)
+    if runs_tests:
         config.pluginmanager.register(CpuMeter(), "isolate-cpu")
+    # --isolate-prestart: the run's PostgreSQL and this process's Redis, started ahead.
+    config.pluginmanager.register(Prestart(stack, owner=controller is not None, runs_tests=runs_tests),
+                                  "isolate-prestart")  # fmt: skip
     try:
         if controller is None:  # a worker: it asks the controller for run fixtures
             connect_run_fixtures(config, stack.worker.worker_id, stack.run.path)
@@ -259,17 +263,6 @@ def _catch_interrupts() -> dict[int, object]:
         except ValueError:  # not the main thread
             break
     return previous
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """``--isolate-prestart``: the run's owner starts its PostgreSQL ahead, before xdist's
-    own session start spawns the workers; a process that runs tests starts its Redis
-    before it collects. ``--help`` and the like run no session."""
-    config = session.config
-    stack = config.stash.get(STACK_KEY, None)
-    if stack is not None:
-        owner = CONTROLLER_KEY in config.stash
-        start_ahead(config, stack, owner=owner, runs_tests=not owner or not will_have_workers(config))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -8,7 +8,8 @@ worker's Redis, by that worker's first test that needs it. Instead:
   workers, starts PostgreSQL then, in a thread (without xdist, the one process does so
   while it collects). Whoever asks for it later finds it started, or waits for the start
   under way (:meth:`isolate._stack.WorkerStack.shared`);
-- every process that runs tests starts its own Redis in a thread while it collects.
+- every process that runs tests starts its own Redis in a thread while it collects, and
+  its first test waits for the start to end (see :class:`Prestart` for why).
 
 ``auto`` starts what the last run used (pytest's cache remembers; a run that did not use
 something says so for the next), and PostgreSQL whenever ``--isolate-migrations`` is set.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 
 import pytest
 
@@ -26,7 +27,7 @@ from .._config import Settings
 from .._stack import WorkerStack
 from ._env import worker_count
 
-__all__ = ["remember_use", "start_ahead", "wait_for_start"]
+__all__ = ["Prestart", "remember_use", "start_ahead", "wait_for_start"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +65,43 @@ def redis_wanted(config: pytest.Config, settings: Settings) -> bool:
 _THREADS_KEY = pytest.StashKey[list[threading.Thread]]()
 
 
+class Prestart:
+    """When the starts ahead run (a plugin: pytest hooks only). A start runs in a thread,
+    and importing modules there creates their loggers, which pytest's log capture iterates
+    without a lock each time it begins (``catching_logs``: before a session's collection,
+    its test loop, and every phase of every test). So a thread starts only after pytest
+    has begun capturing for a span with no such beginning inside, and is over before the
+    span ends: in a process that runs tests, its collection; in an xdist controller, its
+    test loop (it runs no test)."""
+
+    def __init__(self, stack: WorkerStack, *, owner: bool, runs_tests: bool) -> None:
+        self.stack = stack
+        self.owner = owner
+        self.runs_tests = runs_tests
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection(self, session: pytest.Session) -> None:
+        if self.runs_tests:
+            start_ahead(session.config, self.stack, owner=self.owner, runs_tests=True)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        wait_for_start(session.config)  # before the first test's log capture begins
+
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, object, object]:
+        if self.owner and not self.runs_tests:  # inside pytest's capture of the test loop
+            start_ahead(session.config, self.stack, owner=True, runs_tests=False)
+        try:
+            return (yield)
+        finally:
+            wait_for_start(session.config)  # before the session's end begins its capture
+
+
 def start_ahead(config: pytest.Config, stack: WorkerStack, *, owner: bool, runs_tests: bool) -> None:
     """Start in threads what :func:`wanted` and :func:`redis_wanted` say: the run's
     PostgreSQL if this process owns the run (sized for the run's workers), its Redis if
-    it runs tests."""
+    it runs tests. Call it where :class:`Prestart` does."""
     starts: list[tuple[str, Callable[[], object]]] = []
     if owner and wanted(config, stack.settings):
         count = worker_count(config)
@@ -90,7 +124,7 @@ def _start(what: str, start: Callable[[], object]) -> None:
 
 def wait_for_start(config: pytest.Config) -> None:
     """Wait for the starts under way to end: nothing may be starting while the stack is
-    closed or the run is reaped."""
+    closed or the run is reaped, nor while pytest begins a capture of the logs."""
     for thread in config.stash.get(_THREADS_KEY, []):
         thread.join()
 
