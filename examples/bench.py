@@ -291,24 +291,43 @@ NOTES = """## Reading the numbers
   all cells rose from 0.96 s to 1.06 s (2.1-3.8 s at 8-16 workers) while every docker
   cell's wall time fell (2 workers 37.3 -> 34.6 s, 4: 25.6 -> 25.4, 8: 31.4 -> 29.0, 16:
   45.1 -> 42.5).
-- Where the 4-worker native run goes (one run of 17.3 s in this bench's environment,
-  per-test timeline, the machine's CPU sampled every 0.5 s): xdist spawns the workers one
-  after another; the first has collected after 2.4 s and starts at once, the last after
-  3.9 s (before, every worker waited for the last). The CPU is saturated until ~4 s
-  (imports), 57-71% busy while one worker runs the CPU-heavy tests and three the waiting
-  ones (until ~11.5 s), then 15-27% while the waiting ones finish on all four. The workers
-  finish within 0.55 s of each other (16.0-16.6 s); the last one's session teardown takes
-  0.15 s (its service ends on `close_signal`, SIGINT here, in 0.19 s instead of 0.69 s for
-  SIGTERM and the 0.5 s propagation delay; its Redis on SIGKILL in 4 ms instead of 0.12
-  s), then xdist tears the workers down and pytest exits (~0.6 s). Start-up and the end
-  (~3.1 s) are outside the bound; the test phase (~14 s against a test bound of 11.7 s)
-  holds the rest: the staggered start (the last worker joins 1.5 s after the first) and
-  the heavy tests slowing each other and the services down on 2 cores.
+- Since `--isolate-prestart` (the run's PostgreSQL started in the controller while the
+  workers boot, each worker's Redis while it collects), a docker worker's first test waits
+  only for its service container: `worker_stack_ready` 0.29-0.83 s at 1-4 workers, 0.78 s
+  over all docker runs (1.06 s in the bench before; paired runs at 4 workers: 0.80-0.88 s
+  against 1.16-1.32 s without). The wait moved to the end of the worker's collection, where
+  the bound does not count it, so the bound's start-up fell (docker 4 workers: 0.73-0.83 s
+  against 1.23-1.53 s) and wall/bound rose while the wall fell (4 workers 25.4 -> 24.0 s).
+  The docker 2-worker cell took 36.7-37.8 s in this bench, with the machine busier (CPU
+  bound 18.7-19.7 s against 16.2-16.9 s); paired runs right after: 34.5 and 34.0 s with the
+  starts ahead, 34.9 and 34.1 s without.
+- Where the 4-worker native run goes (one run of 17.5 s in this bench's environment,
+  hooks timed in every process): the controller has configured after 0.7 s and xdist
+  spawns the workers one after another; the first has collected after 3.0 s and starts
+  at once, the last after 4.1 s. The CPU is saturated until ~4 s (imports), then 57-71%
+  busy while one worker runs the CPU-heavy tests and three the waiting ones, then 15-27%
+  while the waiting ones finish on all four. The workers finish within 0.35-0.7 s of each
+  other (16.5-17.3 s); the last one's teardown takes ~0.15 s (its service ends on
+  `close_signal`, SIGINT here, in 0.19 s instead of 0.69 s; its Redis on SIGKILL), and
+  the controller's session end 0.2-0.3 s. Until `--isolate-fast-exit`, each worker's
+  interpreter then spent ~0.25 s of CPU in its final garbage collections, all four at
+  once, and the controller waited 0.6-0.7 s for them in xdist's teardown; they now exit
+  within 0.05 s of their exit handlers. Start-up and the end (~3.3 s) are outside the
+  bound; the test phase (~13.5 s against a test bound of 12.2 s) holds the rest: the
+  staggered start and the heavy tests slowing each other and the services down on 2
+  cores (in one pair of runs, the suite's tests summed to 53.0 s at 4 workers against
+  49.7 s at 1: +2.0 s in the DLQ tests, +1.2 s in the shutdown tests, the example
+  service's outage and shutdown timings under load).
 - The same cell over the benches: 21.8 s with longest first alone, 18.9 s once the
   scheduler knew each test's CPU time (a timeline of the former: the DLQ and shutdown tests,
   mostly waiting, on all four workers first with the CPU 8-35% busy for 8 s, then ~250
-  short request tests on all four at once, each 2-4x slower than alone), 17.6 s now
-  (workers start as they collect, `close_signal`, the watchdog's lighter start).
+  short request tests on all four at once, each 2-4x slower than alone), 17.6 s with
+  workers that start as they collect, `close_signal` and the watchdog's lighter start,
+  17.7 s now (18.2 and 17.3 s: `--isolate-fast-exit`, Redis started ahead, the bench
+  without numpy; 17.5-17.6 s in a row of runs outside the bench).
+- With pytest's bytecode caches allowed (`PYTHONDONTWRITEBYTECODE` unset, as the CI how-to
+  advises; one run to write them first), the same cell took 15.9-16.1 s and the 1-worker
+  run 50.1 s (3.1x), against 17.5 s and 50.7 s with the variable set, measured in a row.
 - pytest-randomly (which the bench uses, as the example's sessions do) imports numpy in
   every process when numpy is installed, to reseed it (~0.08 s of CPU each): the bench
   measures in the example's own environment, without the matplotlib (and numpy) that draws
