@@ -20,6 +20,7 @@ PHASES = (
     "database_ready",
     "redis_start",
     "redis_wait",
+    "prestart_wait",
     "service_ready",
     "service_restart",
     "worker_stack_ready",

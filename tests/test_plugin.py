@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -419,8 +420,10 @@ def test_each_worker_starts_its_redis_while_it_collects_when_the_run_is_expected
 
     assert _started_redis(run("-k", "test_nothing")) == 0  # no history: nothing ahead
     run("-k", "test_uses_redis")  # pytest's cache now says: this suite uses Redis
-    # ...so in the next run each worker starts its own while it collects, asked or not.
-    assert _started_redis(run("-k", "test_redis_is_started_without_asking")) == 2
+    # ...so in the next run each worker starts its own while it collects, asked or not,
+    # and waits for it (timed) before its first test.
+    assert _started_redis(run("-k", "test_redis_is_started_without_asking", "--isolate-timings-json=t.json")) == 2
+    assert json.loads((suite.path / "t.json").read_text())["prestart_wait"]["count"] == 2
     # That run did not use it (a start ahead is not a use): nothing ahead after it.
     assert _started_redis(run("-k", "test_nothing")) == 0
     run("-k", "test_uses_redis")

@@ -86,7 +86,11 @@ class Prestart:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        wait_for_start(session.config)  # before the first test's log capture begins
+        # Before the first test's log capture begins; how long this process waited for its
+        # starts ahead is part of its stack's start-up (``prestart_wait``).
+        if session.config.stash.get(_THREADS_KEY, []):
+            with self.stack.timings.measure("prestart_wait"):
+                wait_for_start(session.config)
 
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, object, object]:
