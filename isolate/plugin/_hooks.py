@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from .._run.serial import SerialGate, record_serial_ids
 from .._stack import WorkerStack
 from ._durations import CpuMeter, DurationRecorder
 from ._env import controller_environment, early_workerinput, share_with_workers, will_have_workers
+from ._interrupts import InterruptDeadline
 from ._prestart import Prestart, remember_use, wait_for_start
 from ._runfixtures import (
     close_run_fixtures,
@@ -214,34 +214,6 @@ def _join(config: pytest.Config, settings: Settings, *, early: bool) -> None:
             os.environ.update(stack.environment(settings.env))
     except IsolateError as exc:
         raise pytest.UsageError(str(exc)) from None
-
-
-class InterruptDeadline:
-    """After Ctrl-C, SIGTERM or SIGHUP, pytest and xdist get ``grace`` seconds to finish
-    the session (and isolate to reap the run). Should anything hang in between (an xdist
-    teardown under heavy load, a plugin), the run is reaped from here and the process
-    exits with the interrupted status, rather than leave a CI job stuck."""
-
-    def __init__(self, controller: RunController, grace: float) -> None:
-        self.controller = controller
-        self.grace = grace
-        self.done = threading.Event()
-
-    def pytest_keyboard_interrupt(self) -> None:
-        threading.Thread(target=self._expire, name="isolate-interrupt-deadline", daemon=True).start()
-
-    def _expire(self) -> None:
-        if self.done.wait(self.grace):
-            return
-        sys.stderr.write(f"\nisolate: the run did not end within {self.grace:.0f}s of the interruption; "
-                         "reaping it and exiting\n")  # fmt: skip
-        try:
-            self.controller.close()
-        finally:
-            os._exit(int(pytest.ExitCode.INTERRUPTED))
-
-    def pytest_unconfigure(self) -> None:
-        self.done.set()
 
 
 def _worker_record(worker_id: str) -> str:
