@@ -182,12 +182,18 @@ def dead_owner() -> Owner:
 # -- the stack and its isolation at -n 4 ------------------------------------------
 
 INNER_CONFTEST = """
+import os
 import pytest
 from pathlib import Path
 
 import isolate
 
 CONTEXT = Path({context!r})
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the xdist controller: it owns the run
+        (Path(os.environ["ISO_BARRIER"]) / "controller-pid").write_text(str(os.getpid()))
 
 
 @pytest.fixture(scope="session")
@@ -259,7 +265,7 @@ def test_isolation(isolate_service, isolate_worker, isolate_database, isolate_po
     client = docker.from_env()
 
     # labels: this worker's service, Redis and the shared PostgreSQL
-    owner = str(os.getppid())  # the xdist controller owns the run
+    owner = (BARRIER / "controller-pid").read_text()  # the xdist controller owns the run
     labels = client.containers.get(svc.launcher.container_name).labels
     assert labels["isolate.run_id"] == isolate_worker.run_id
     assert labels["isolate.worker"] == me

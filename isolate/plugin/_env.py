@@ -21,9 +21,10 @@ __all__ = ["controller_environment", "early_workerinput", "share_with_workers", 
 _FACTS = "ISOLATE_RUN_FACTS"
 
 
-def share_with_workers(facts: Mapping[str, str]) -> None:
-    """Leave the run's facts where the workers about to start will find them."""
-    os.environ[_FACTS] = json.dumps({**facts, "controller": os.getpid()})
+def share_with_workers(facts: Mapping[str, str], zygote: int | None = None) -> None:
+    """Leave the run's facts where the workers about to start will find them (their parent
+    is this controller, or the ``zygote`` they are forked from)."""
+    os.environ[_FACTS] = json.dumps({**facts, "controller": os.getpid(), "zygote": zygote})
 
 
 def early_workerinput() -> dict[str, object] | None:
@@ -34,7 +35,7 @@ def early_workerinput() -> dict[str, object] | None:
         facts = json.loads(os.environ.get(_FACTS) or "null")
     except ValueError:
         return None
-    if not worker or not isinstance(facts, dict) or facts.get("controller") != os.getppid():
+    if not worker or not isinstance(facts, dict) or os.getppid() not in (facts.get("controller"), facts.get("zygote")):
         return None  # not a worker, or an outer run's facts
     count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")
     return {**facts, "workerid": worker, "workercount": int(count) if count.isdigit() else 1}

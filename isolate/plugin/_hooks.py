@@ -36,6 +36,7 @@ from ._runfixtures import (
     teardown_failures,
 )
 from ._xdist import XdistHooks
+from ._zygote import ZYGOTE_KEY, fork_workers, summary_line
 
 #: Signals that end a run like Ctrl-C does (CI cancel, a closed terminal).
 INTERRUPTS = (signal.SIGTERM, signal.SIGHUP)
@@ -124,11 +125,20 @@ def _from_controller(workerinput: Mapping[str, Any]) -> tuple[str, str, Path]:
 def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None, object, object]:
     """With ``--isolate-env``, this process opens (or joins) the run and exports its
     values here, before pytest's own wrapper imports the initial conftests: a conftest
-    that reads ``DATABASE_URL`` at import sees this worker's."""
+    that reads ``DATABASE_URL`` at import sees this worker's. First of all, an xdist
+    controller forks the zygote its workers are forked from (``--isolate-fork-workers``)."""
     settings = _settings(early_config, early=True)
+    if settings.fork_workers == "auto" and will_have_workers(early_config) and not _is_worker():
+        fork_workers(early_config)
     if settings.env:
         _join(early_config, settings, early=True)
     return (yield)
+
+
+def _is_worker() -> bool:
+    """An xdist worker, before xdist gives it ``workerinput``: ``python -c`` with the
+    worker's id (an outer run's id in the environment of a nested pytest is not enough)."""
+    return sys.argv[:1] == ["-c"] and bool(os.environ.get("PYTEST_XDIST_WORKER"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -193,8 +203,9 @@ def _join(config: pytest.Config, settings: Settings, *, early: bool) -> None:
             controller.open()
             config.stash[CONTROLLER_KEY] = controller
             run_id, backend, run = controller.run_id, controller.backend_name, controller.run
-            if early and will_have_workers(config):
-                share_with_workers(controller.workerinput())  # they export before their conftests
+            if early and will_have_workers(config):  # they export before their conftests
+                zygote = config.stash.get(ZYGOTE_KEY, None)
+                share_with_workers(controller.workerinput(), getattr(zygote, "pid", None))
         # Not an xdist worker: "main", whatever PYTEST_XDIST_* an outer run left in the env.
         worker = worker_from_env(
             run_id, env={} if workerinput is None else None, workerinput=workerinput
@@ -320,7 +331,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 #: xdist workers start faster with pytest's caches of rewritten modules (docs/how-to/ci.md).
 BYTECODE_NOTE = (
     "note: PYTHONDONTWRITEBYTECODE is set, so every worker rewrites and compiles the test "
-    "modules, conftests and plugins again at each start; unset it for faster starts "
+    "modules, conftests{} again at each start; unset it for faster starts "
     "(PYTHONPYCACHEPREFIX keeps the caches out of the source tree)"
 )
 
@@ -333,7 +344,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = controller.header()
     lines = lines if config.option.verbose > 0 else lines[:1]
     if sys.dont_write_bytecode and will_have_workers(config):
-        lines.append(BYTECODE_NOTE)
+        forked = not isinstance(config.stash.get(ZYGOTE_KEY, "none"), str)  # the zygote rewrote the plugins
+        lines.append(BYTECODE_NOTE.format("" if forked else " and plugins"))
     return [f"isolate: {line}" for line in lines]
 
 
@@ -377,6 +389,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     summary = config.stash.get(_SUMMARY_KEY, None)
     for notice in controller.notices if controller is not None else ():
         terminalreporter.write_line(f"isolate: warning: {notice}", yellow=True)  # whatever the verbosity
+    forked = summary_line(config)
+    if forked and (config.option.verbose > 0 or "forked" not in forked or ";" in forked):
+        terminalreporter.write_line(forked)  # quiet when every worker was forked
     if controller is None or not summary or not controller.ran:
         return  # isolate started nothing
     teardown = summary.get("run_teardown", {}).get("max", 0.0)

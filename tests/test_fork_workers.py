@@ -1,0 +1,184 @@
+"""--isolate-fork-workers: xdist workers forked from a preloaded copy of the controller
+must be what new interpreters are, and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from suite_support import Run, leftovers, poll
+
+#: Each process says what it is; each worker also what its conftest saw at import.
+RECORDER = """
+import json, os, sys
+from pathlib import Path
+
+SEEN_AT_IMPORT = os.environ.get("PYTEST_XDIST_WORKER")  # a conftest may read it here
+
+def pytest_configure(config):
+    out = Path(os.environ["RECORDS"])
+    if not hasattr(config, "workerinput"):
+        from isolate.plugin._zygote import ZYGOTE_KEY
+        zygote = config.stash.get(ZYGOTE_KEY, None)
+        (out / "controller.json").write_text(json.dumps(
+            {"pid": os.getpid(), "zygote_dir": str(getattr(zygote, "directory", ""))}))
+        return
+    name = config.workerinput["workerid"]
+    (out / f"{name}.json").write_text(json.dumps({
+        "pid": os.getpid(), "ppid": os.getppid(), "seen_at_import": SEEN_AT_IMPORT,
+        "argv": sys.argv, "main": sys.modules["__main__"].__dict__.get("__file__"),
+        "warnoptions": sys.warnoptions, "cwd": os.getcwd(),
+        "stdin_is_null": os.path.samestat(os.fstat(0), os.stat(os.devnull)),
+    }))
+"""
+
+
+def _records(path: Path) -> dict[str, dict[str, object]]:
+    return {p.stem: json.loads(p.read_text()) for p in path.glob("*.json")}
+
+
+@pytest.fixture
+def recorded(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
+    records = pytester.mkdir("records")
+    monkeypatch.setenv("RECORDS", str(records))
+    pytester.makeconftest(RECORDER)
+    return records
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_workers_are_forked_from_the_controller_and_are_what_new_interpreters_are(
+    pytester: pytest.Pytester, recorded: Path, mode: str
+) -> None:
+    pytester.makepyfile(test_x="def test_a(): pass\ndef test_b(): pass\ndef test_c(): pass")
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "-v", f"--isolate-fork-workers={mode}")
+    result.assert_outcomes(passed=3)
+    seen = _records(recorded)
+    controller = seen.pop("controller")
+    assert sorted(seen) == ["gw0", "gw1"]
+    for name, worker in seen.items():
+        # What a conftest reads at import is the worker's own: conftests are not preloaded.
+        assert worker["seen_at_import"] == name
+        assert worker["argv"] == ["-c"] and worker["main"] is None  # as `python -c` has them
+        assert worker["cwd"] == str(pytester.path)
+        assert worker["stdin_is_null"]  # execnet moved its channel off fd 0, as in a new one
+    forked = "2 xdist workers forked from the preloaded controller"
+    if mode == "auto":
+        # The parent is the zygote, not the controller; it and its directory are gone.
+        assert {w["ppid"] for w in seen.values()} != {controller["pid"]}
+        assert len({w["ppid"] for w in seen.values()}) == 1
+        result.stdout.fnmatch_lines([f"isolate: {forked}"])
+        zygote_dir = Path(str(controller["zygote_dir"]))
+        assert zygote_dir.name.startswith("isolate-zygote-") and not zygote_dir.exists()
+        assert not Path(f"/proc/{next(iter(seen.values()))['ppid']}").exists()
+    else:
+        assert {w["ppid"] for w in seen.values()} == {controller["pid"]}
+        assert forked not in result.stdout.str()
+        assert controller["zygote_dir"] == ""
+
+
+HELPER_PLUGIN = """
+def check(value):
+    assert value == 2  # a plugin's assert: pytest rewrites it in every process
+"""
+
+
+def test_a_forked_worker_rewrites_a_plugins_asserts_as_a_new_one_does(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(helperplugin=HELPER_PLUGIN, test_x="from helperplugin import check\n"
+                        "def test_a(): check(3)")  # fmt: skip
+    result = pytester.runpytest_subprocess("-n", "1", "-p", "no:randomly", "-p", "helperplugin", "-v")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["isolate: 1 xdist worker forked from the preloaded controller"])
+    result.stdout.fnmatch_lines(["E       assert 3 == 2"])  # introspected: it was rewritten
+    assert "PytestAssertRewriteWarning" not in result.stdout.str()
+
+
+CRASH = """
+import os
+def test_crash():
+    os._exit(3)
+def test_a(): pass
+def test_b(): pass
+"""
+
+
+def test_a_crashed_forked_worker_is_reported_and_replaced_by_another_forked_one(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_crash=CRASH)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "-v", "--max-worker-restart=1")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*worker 'gw*' crashed while running 'test_crash.py::test_crash'*"])
+    result.stdout.fnmatch_lines(["isolate: 3 xdist workers forked from the preloaded controller"])
+
+
+CHANGES_ENV = """
+import os
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # after the fork, before the workers start
+        os.environ["PYTHONWARNINGS"] = "error::UserWarning"
+"""
+
+
+def test_a_worker_whose_interpreter_settings_changed_starts_as_a_new_interpreter(
+    pytester: pytest.Pytester, recorded: Path
+) -> None:
+    # A plugin loaded before the fork changes the environment after it (at configure).
+    pytester.makepyfile(changes_env=CHANGES_ENV, test_x="def test_a(): pass\ndef test_b(): pass")
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "-p", "changes_env")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines([
+        "isolate: 0 xdist workers forked from the preloaded controller; the others started as new "
+        "interpreters: PYTHONWARNINGS changed after the controller started"
+    ])  # fmt: skip
+    seen = _records(recorded)
+    controller = seen.pop("controller")
+    for worker in seen.values():
+        assert worker["ppid"] == controller["pid"]
+        assert worker["warnoptions"] == ["error::UserWarning"]  # read at its start, as it must
+
+
+@pytest.mark.parametrize("options", [["-O"], ["-X", "dev"]])
+def test_a_controller_started_with_interpreter_options_starts_new_interpreters(
+    pytester: pytest.Pytester, recorded: Path, options: list[str]
+) -> None:
+    pytester.makepyfile(test_x="def test_a(): pass\ndef test_b(): pass")
+    result = pytester.run(sys.executable, *options, "-m", "pytest", "-n", "2", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["isolate: xdist workers started as new interpreters: the controller's "
+                                 "interpreter was started with *"])  # fmt: skip
+    seen = _records(recorded)
+    assert {w["ppid"] for n, w in seen.items() if n != "controller"} == {seen["controller"]["pid"]}
+
+
+HANG = """
+import os, time
+from pathlib import Path
+
+def test_hang_a():
+    Path(os.environ["FAULT_DIR"], "up-" + os.environ["PYTEST_XDIST_WORKER"]).touch()
+    time.sleep(120)
+
+def test_hang_b():
+    Path(os.environ["FAULT_DIR"], "up-" + os.environ["PYTEST_XDIST_WORKER"]).touch()
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_nothing_outlives_a_controller_killed_while_its_forked_workers_run(
+    pytester: pytest.Pytester, sig: signal.Signals
+) -> None:
+    pytester.makepyfile(test_hang=HANG)
+    run = Run(pytester.path, "-n", "2", "test_hang.py")
+    run.wait_up(2)
+    running = leftovers(run.run_id, run.mark)
+    # the controller, its zygote, two launchers and two workers at least
+    assert len([p for p in running if p.startswith("pid ")]) >= 6, running
+    os.kill(run.proc.pid, sig)
+    run.finish(60)
+    poll(run.leftovers, 60)
