@@ -192,8 +192,9 @@ CONTEXT = Path({context!r})
 
 
 def pytest_configure(config):
-    if not hasattr(config, "workerinput"):  # the xdist controller: it owns the run
-        (Path(os.environ["ISO_BARRIER"]) / "controller-pid").write_text(str(os.getpid()))
+    barrier = os.environ.get("ISO_BARRIER")  # the isolation test's
+    if barrier and not hasattr(config, "workerinput"):  # the xdist controller: it owns the run
+        (Path(barrier) / "controller-pid").write_text(str(os.getpid()))
 
 
 @pytest.fixture(scope="session")

@@ -182,3 +182,18 @@ def test_nothing_outlives_a_controller_killed_while_its_forked_workers_run(
     os.kill(run.proc.pid, sig)
     run.finish(60)
     poll(run.leftovers, 60)
+
+
+def test_pytest_main_called_by_a_program_starts_new_interpreters(
+    pytester: pytest.Pytester, recorded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fork of a program that calls pytest.main() would carry the program's state.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # this suite's own xdist worker
+    pytester.makepyfile(test_x="def test_a(): pass\ndef test_b(): pass")
+    program = "import sys, pytest; sys.exit(pytest.main(['-n', '2', '-p', 'no:randomly', '-v']))"
+    result = pytester.run(sys.executable, "-c", program)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["isolate: xdist workers started as new interpreters: pytest was "
+                                 "called by a program (pytest.main), not started as a command"])  # fmt: skip
+    seen = _records(recorded)
+    assert {w["ppid"] for n, w in seen.items() if n != "controller"} == {seen["controller"]["pid"]}

@@ -45,6 +45,8 @@ from typing import Any, NoReturn
 
 import pytest
 
+from .._retry import poll_until
+
 __all__ = ["ZYGOTE_KEY", "Zygote", "fork_workers", "start_zygote", "summary_line"]
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,13 @@ ZYGOTE_KEY = pytest.StashKey["Zygote | str"]()
 def fork_workers(early_config: pytest.Config) -> None:
     """In an xdist controller, before its conftests: start the zygote its workers will be
     forked from (``ZYGOTE_KEY`` holds it, or why there is none)."""
-    zygote = start_zygote()
+    invoked = early_config.invocation_params
+    if invoked.plugins or tuple(invoked.args) != tuple(sys.argv[1:]):
+        # pytest.main() in a program (pytester's in-process runs among them): a fork would
+        # carry that program's state into the workers.
+        zygote: Zygote | str = "pytest was called by a program (pytest.main), not started as a command"
+    else:
+        zygote = start_zygote()
     early_config.stash[ZYGOTE_KEY] = zygote
     if isinstance(zygote, Zygote):
         early_config.pluginmanager.register(zygote, "isolate-fork-workers")
@@ -146,22 +154,21 @@ class Zygote:
             return
         os.close(self._lifeline)
         self._lifeline = -1
-        deadline = time.monotonic() + _DRAIN_S + 5
-        while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(self.pid, os.WNOHANG)[0]:
-                    break
-            if not Path(f"/proc/{self.pid}").exists():
-                break
-            time.sleep(0.01)  # the zygote exits at once; this only bounds the wait
-        else:
+        if not poll_until(self._ended, _DRAIN_S + 5):  # it drains its workers for up to _DRAIN_S
             with contextlib.suppress(OSError):
                 os.kill(self.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
-        for child in self.directory.iterdir():
-            child.unlink()
-        self.directory.rmdir()
+        with contextlib.suppress(OSError):
+            for child in self.directory.iterdir():
+                child.unlink()
+            self.directory.rmdir()
+
+    def _ended(self) -> bool:
+        try:
+            return os.waitpid(self.pid, os.WNOHANG)[0] != 0
+        except ChildProcessError:  # reaped elsewhere
+            return True
 
 
 def start_zygote() -> Zygote | str:
