@@ -297,15 +297,26 @@ NOTES = """## Reading the numbers
 - Since `--isolate-prestart` (the run's PostgreSQL started in the controller while the
   workers boot, each worker's Redis while it collects), a docker worker's first test waits
   only for its service container: `worker_stack_ready` 0.29-0.83 s at 1-4 workers, 0.78 s
-  over all docker runs (1.06 s in the bench before; paired runs at 4 workers: 0.80-0.88 s
+  over all docker runs in the bench of f92984e (1.06 s in the one before; paired runs at 4 workers: 0.80-0.88 s
   against 1.16-1.32 s without). The wait moved to the end of the worker's collection, which
-  this bench's bound did not count (the bench now adds it, `prestart_wait`, to the bound's
+  that bench's bound did not count (the bench now adds it, `prestart_wait`, to the bound's
   start-up), so the bound's start-up fell (docker 4 workers: 0.73-0.83 s
   against 1.23-1.53 s) and wall/bound rose while the wall fell (4 workers 25.4 -> 24.0 s).
-  The docker 2-worker cell took 36.7-37.8 s in this bench, with the machine busier (CPU
+  The docker 2-worker cell took 36.7-37.8 s in that bench, with the machine busier (CPU
   bound 18.7-19.7 s against 16.2-16.9 s); paired runs right after: 34.5 and 34.0 s with the
   starts ahead, 34.9 and 34.1 s without.
-- Where the 4-worker native run goes (one run of 17.5 s in this bench's environment,
+- Since `--isolate-fork-workers` (xdist workers forked from a copy of the controller made
+  before its conftests, instead of new interpreters that import pytest and rewrite every
+  plugin again; this bench, from a clean clone of cba2311, against ef0519f benched the same
+  morning on the same machine): native 4 workers 14.6 s against 15.5 s (3.26x against
+  3.11x, wall/bound 1.23 against 1.30), 8 workers 11.6 s against 13.6 s, 16 workers 15.4 s
+  against 19.2 s; docker 4 workers 20.1 s against 20.8 s, 8 workers 20.0 s against 21.1 s,
+  16 workers 28.3 s against 31.7 s. At 4 workers native the workers have collected 1.1-2.0
+  s into the run instead of 2.2-3.1 s; what is left of the start-up is each worker's own
+  conftest and test modules (rewritten and compiled again with `PYTHONDONTWRITEBYTECODE`
+  set) and the stack. The machine ran faster that day than in the benches before (1 worker
+  native 47.6 s against 50.0 s), so compare the cells of one bench.
+- Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
   at once, the last after 4.1 s. The CPU is saturated until ~4 s (imports), then 57-71%
@@ -341,8 +352,8 @@ NOTES = """## Reading the numbers
   here). With the variable unset (the caches written once), the four workers finish
   collecting after 1.6 s instead of 3.1-3.2 s (see the CI how-to; isolate's report header
   says so when it is set).
-- xdist start-up per worker count (controller start to the last worker's collection done,
-  the example suite, this bench's environment): 1.8 s at 1 worker, 1.7-1.9 s at 2, 3.2-3.4 s
+- xdist start-up per worker count before `--isolate-fork-workers` (controller start to the
+  last worker's collection done, the example suite, this bench's environment): 1.8 s at 1 worker, 1.7-1.9 s at 2, 3.2-3.4 s
   at 4, 5.7 s at 8, 11.1-11.3 s at 16. isolate's part in a worker is
   its import (~60 ms, PostgreSQL and Redis clients loaded lazily; ~0.14 s more of CPU when
   pytest rewrites it, as above) and joining the run (~45 ms at 4 workers, ~180 ms at 16);

@@ -292,7 +292,7 @@ OPTIONS: tuple[Option, ...] = (
            "its plugins are loaded (before any conftest), instead of each starting a new "
            "interpreter that imports pytest and rewrites every plugin again: ~0.3-0.5 s of CPU "
            "less per worker. auto (on Linux, when the workers would be the same as new "
-           "interpreters; the summary says when not) or off", "auto", _choice("auto", "off")),
+           "interpreters; -v says how they started) or off", "auto", _choice("auto", "off")),
 )
 
 _BY_NAME = {opt.name: opt for opt in OPTIONS}

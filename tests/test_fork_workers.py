@@ -33,7 +33,13 @@ def pytest_configure(config):
         "argv": sys.argv, "main": sys.modules["__main__"].__dict__.get("__file__"),
         "warnoptions": sys.warnoptions, "cwd": os.getcwd(),
         "stdin_is_null": os.path.samestat(os.fstat(0), os.stat(os.devnull)),
+        "random": __import__("random").random(), "numpy_random": _numpy_random(),
     }))
+
+
+def _numpy_random():
+    numpy_random = sys.modules.get("numpy.random")  # imported by a plugin, before the fork
+    return None if numpy_random is None else float(numpy_random.random())
 """
 
 
@@ -129,7 +135,7 @@ def test_a_worker_whose_interpreter_settings_changed_starts_as_a_new_interpreter
 ) -> None:
     # A plugin loaded before the fork changes the environment after it (at configure).
     pytester.makepyfile(changes_env=CHANGES_ENV, test_x="def test_a(): pass\ndef test_b(): pass")
-    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "-p", "changes_env")
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "-p", "changes_env", "-v")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines([
         "isolate: 0 xdist workers forked from the preloaded controller; the others started as new "
@@ -142,12 +148,12 @@ def test_a_worker_whose_interpreter_settings_changed_starts_as_a_new_interpreter
         assert worker["warnoptions"] == ["error::UserWarning"]  # read at its start, as it must
 
 
-@pytest.mark.parametrize("options", [["-O"], ["-X", "dev"]])
+@pytest.mark.parametrize("options", [["-O"], ["-X", "dev"], ["-W", "error::UserWarning"]])
 def test_a_controller_started_with_interpreter_options_starts_new_interpreters(
     pytester: pytest.Pytester, recorded: Path, options: list[str]
 ) -> None:
     pytester.makepyfile(test_x="def test_a(): pass\ndef test_b(): pass")
-    result = pytester.run(sys.executable, *options, "-m", "pytest", "-n", "2", "-p", "no:randomly")
+    result = pytester.run(sys.executable, *options, "-m", "pytest", "-n", "2", "-p", "no:randomly", "-v")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["isolate: xdist workers started as new interpreters: the controller's "
                                  "interpreter was started with *"])  # fmt: skip
@@ -197,3 +203,20 @@ def test_pytest_main_called_by_a_program_starts_new_interpreters(
                                  "called by a program (pytest.main), not started as a command"])  # fmt: skip
     seen = _records(recorded)
     assert {w["ppid"] for n, w in seen.items() if n != "controller"} == {seen["controller"]["pid"]}
+
+
+USES_NUMPY = """
+import numpy.random  # at import: a plugin's, so the zygote holds numpy's global generator
+"""
+
+
+def test_forked_workers_draw_different_random_numbers(pytester: pytest.Pytester, recorded: Path) -> None:
+    # Workers that share a generator's state would draw the same "unique" ids.
+    pytester.makepyfile(uses_numpy=USES_NUMPY, test_x="def test_a(): pass\ndef test_b(): pass")
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "-p", "uses_numpy", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["isolate: 2 xdist workers forked from the preloaded controller"])
+    seen = _records(recorded)
+    gw0, gw1 = seen["gw0"], seen["gw1"]
+    assert gw0["random"] != gw1["random"]
+    assert gw0["numpy_random"] is not None and gw0["numpy_random"] != gw1["numpy_random"]

@@ -390,8 +390,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     for notice in controller.notices if controller is not None else ():
         terminalreporter.write_line(f"isolate: warning: {notice}", yellow=True)  # whatever the verbosity
     forked = summary_line(config)
-    if forked and (config.option.verbose > 0 or "forked" not in forked or ";" in forked):
-        terminalreporter.write_line(forked)  # quiet when every worker was forked
+    if forked and config.option.verbose > 0:
+        terminalreporter.write_line(forked)  # how the workers started, with -v
     if controller is None or not summary or not controller.ran:
         return  # isolate started nothing
     teardown = summary.get("run_teardown", {}).get("max", 0.0)

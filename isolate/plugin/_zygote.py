@@ -102,13 +102,12 @@ def unavailable(spec_python: str) -> str | None:
     """Why this controller cannot fork its workers, or ``None``."""
     if sys.platform != "linux":
         return f"fork is unsafe on {sys.platform}"
-    if threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1:
+    if threading.active_count() > 1:  # a C library's own pool (OpenBLAS's) handles fork
         return "the controller runs threads before its conftests are loaded"
     orig = getattr(sys, "orig_argv", [sys.executable])
     if len(orig) > 1 and orig[1].startswith("-") and not orig[1].startswith("-m"):  # -m, -mpytest
+        # (-W, -X, -O: new interpreters do not get them; PYTHON* variables they do get)
         return f"the controller's interpreter was started with options ({' '.join(orig[1:2])})"
-    if sys.warnoptions or getattr(sys, "_xoptions", {}):
-        return "the controller's interpreter was started with -W or -X options"
     if "//" in spec_python:
         return "the interpreter's path holds '//', which xdist's specs cannot carry"
     return None
@@ -262,7 +261,7 @@ class _Server:
         for name in _PRELOAD:
             with contextlib.suppress(ImportError):
                 __import__(name)
-        if threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1:
+        if threading.active_count() > 1:
             self.refusal = "the zygote's imports started a thread"
 
     def close_down(self) -> float:
@@ -375,6 +374,7 @@ class _Server:
             # pytest's rewrite hook of the controller: the worker's config installs its own.
             sys.meta_path[:] = [h for h in sys.meta_path if type(h).__module__ != "_pytest.assertion.rewrite"]
             _fresh_stdio()
+            _reseed()
             sys.argv = ["-c"]
             sys.dont_write_bytecode = "-B" in request["argv"] or bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
             main = types.ModuleType("__main__")
@@ -396,6 +396,16 @@ def _fresh_stdio() -> None:
                                   line_buffering=os.isatty(fd), write_through=True)  # fmt: skip
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
+
+
+def _reseed() -> None:
+    """Reseed what a fork would share with its siblings: the standard library's ``random``
+    reseeds itself after a fork; numpy's global generator (if a plugin imported it) does not,
+    and workers drawing "unique" values from it would draw the same ones."""
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        with contextlib.suppress(Exception):
+            numpy_random.seed()
 
 
 def _run(source: str, namespace: dict[str, Any]) -> int:
