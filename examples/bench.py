@@ -314,8 +314,11 @@ NOTES = """## Reading the numbers
   16 workers 28.3 s against 31.7 s. At 4 workers native the workers have collected 1.1-2.0
   s into the run instead of 2.2-3.1 s; what is left of the start-up is each worker's own
   conftest and test modules (rewritten and compiled again with `PYTHONDONTWRITEBYTECODE`
-  set) and the stack. The machine ran faster that day than in the benches before (1 worker
-  native 47.6 s against 50.0 s), so compare the cells of one bench.
+  set) and the stack. The start-up alone (controller start to the last worker's collection,
+  the tests deselected, 3 runs each) at 1 / 2 / 4 / 8 / 16 workers: 0.91-0.98 / 0.96-0.99 /
+  1.35-1.43 / 2.18-2.20 / 3.85-3.95 s forked, 1.29-1.34 / 1.34-1.37 / 2.23-2.25 / 4.11-4.19
+  / 8.0-8.44 s as new interpreters. The machine ran faster that day than in the benches
+  before (1 worker native 47.6 s against 50.0 s), so compare the cells of one bench.
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from suite_support import Run, leftovers, poll
 
 #: Each process says what it is; each worker also what its conftest saw at import.
 RECORDER = """
-import json, os, sys
+import json, os, signal, sys
 from pathlib import Path
 
 SEEN_AT_IMPORT = os.environ.get("PYTEST_XDIST_WORKER")  # a conftest may read it here
@@ -34,7 +35,15 @@ def pytest_configure(config):
         "warnoptions": sys.warnoptions, "cwd": os.getcwd(),
         "stdin_is_null": os.path.samestat(os.fstat(0), os.stat(os.devnull)),
         "random": __import__("random").random(), "numpy_random": _numpy_random(),
+        "sigint_ignored": signal.getsignal(signal.SIGINT) == signal.SIG_IGN, "umask": _umask(),
+        "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
     }))
+
+
+def _umask():
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _numpy_random():
@@ -220,3 +229,38 @@ def test_forked_workers_draw_different_random_numbers(pytester: pytest.Pytester,
     gw0, gw1 = seen["gw0"], seen["gw1"]
     assert gw0["random"] != gw1["random"]
     assert gw0["numpy_random"] is not None and gw0["numpy_random"] != gw1["numpy_random"]
+
+
+SETS_UMASK = """
+import os
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        os.umask(0o007)
+"""
+
+
+def _in_the_background() -> None:
+    """As a shell starts a background job: Ctrl-C ignored; and SIGUSR2 blocked."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_workers_inherit_the_signals_and_umask_a_new_interpreter_would(
+    pytester: pytest.Pytester, recorded: Path, mode: str
+) -> None:
+    # A plugin loaded before the fork changes the controller's umask after it.
+    pytester.makepyfile(sets_umask=SETS_UMASK, test_x="def test_a(): pass\ndef test_b(): pass")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:randomly", "-p", "sets_umask", "-v",
+         f"--isolate-fork-workers={mode}"],
+        cwd=pytester.path, capture_output=True, text=True, timeout=120, preexec_fn=_in_the_background,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("2 xdist workers forked" in done.stdout) == (mode == "auto"), done.stdout
+    seen = _records(recorded)
+    for name in ("gw0", "gw1"):
+        assert seen[name]["sigint_ignored"] is True  # Ctrl-C stays the shell's business
+        assert int(signal.SIGUSR2) in seen[name]["blocked"]  # type: ignore[operator]
+        assert seen[name]["umask"] == 0o007

@@ -361,14 +361,13 @@ class _Server:
             for fd in (self.lifeline, *self.wake):
                 os.close(fd)
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _signals_of(request)
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
                 os.close(fd)
             fds.clear()
             os.chdir(request["cwd"])
+            os.umask(int(request.get("umask", 0o022)))
             os.environ.clear()
             os.environ.update(request["env"])
             # pytest's rewrite hook of the controller: the worker's config installs its own.
@@ -396,6 +395,24 @@ def _fresh_stdio() -> None:
                                   line_buffering=os.isatty(fd), write_through=True)  # fmt: skip
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
+
+
+def _signals_of(request: dict[str, Any]) -> None:
+    """The signal dispositions and mask a new interpreter started by the launcher would
+    have: what the launcher found ignored stays ignored (SIGINT too: a run started in the
+    background ignores Ctrl-C), SIGINT is otherwise Python's KeyboardInterrupt, the rest
+    default; blocked as the launcher's were."""
+    ignored = {int(s) for s in request.get("ignored") or ()}
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        if sig in ignored:
+            handler: Any = signal.SIG_IGN
+        else:
+            handler = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        with contextlib.suppress(OSError, ValueError):  # the few the kernel keeps
+            signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [int(s) for s in request.get("blocked") or ()])
 
 
 def _reseed() -> None:

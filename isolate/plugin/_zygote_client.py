@@ -31,7 +31,14 @@ def _ask(path: str, argv: list[str]) -> tuple[socket.socket, int]:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(30)
     conn.connect(path)
-    body = json.dumps({"cwd": os.getcwd(), "env": dict(os.environ), "argv": argv}).encode()
+    # What the worker inherits besides: the signals this process found ignored (as Python
+    # starts: SIGINT ignored stays ignored) and its blocked ones.
+    ignored = [int(s) for s in signal.valid_signals() if signal.getsignal(s) == signal.SIG_IGN]
+    blocked = [int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])]
+    umask = os.umask(0o077)
+    os.umask(umask)
+    body = json.dumps({"cwd": os.getcwd(), "env": dict(os.environ), "argv": argv, "umask": umask,
+                       "ignored": ignored, "blocked": blocked}).encode()  # fmt: skip
     message = struct.pack("!I", len(body)) + body
     sent = socket.send_fds(conn, [message[:4096]], [0, 1, 2])
     conn.sendall(message[sent:])
