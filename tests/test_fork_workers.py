@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-from suite_support import Run, leftovers, poll
+from suite_support import Run, clean_env, leftovers, poll
 
 #: Each process says what it is; each worker also what its conftest saw at import.
 RECORDER = """
@@ -189,14 +191,20 @@ def test_nothing_outlives_a_controller_killed_while_its_forked_workers_run(
     pytester: pytest.Pytester, sig: signal.Signals
 ) -> None:
     pytester.makepyfile(test_hang=HANG)
-    run = Run(pytester.path, "-n", "2", "test_hang.py")
-    run.wait_up(2)
-    running = leftovers(run.run_id, run.mark)
-    # the controller, its zygote, two launchers and two workers at least
-    assert len([p for p in running if p.startswith("pid ")]) >= 6, running
-    os.kill(run.proc.pid, sig)
-    run.finish(60)
-    poll(run.leftovers, 60)
+    tmp = Path(tempfile.mkdtemp(prefix="z", dir="/tmp"))  # the zygote's dir goes here (short: a socket's path)
+    try:
+        run = Run(pytester.path, "-n", "2", "test_hang.py", env={**clean_env(), "TMPDIR": str(tmp)})
+        run.wait_up(2)
+        running = leftovers(run.run_id, run.mark)
+        # the controller, its zygote, two launchers and two workers at least
+        assert len([p for p in running if p.startswith("pid ")]) >= 6, running
+        assert len(list(tmp.glob("isolate-zygote-*"))) == 1
+        os.kill(run.proc.pid, sig)
+        run.finish(60)
+        poll(run.leftovers, 60)
+        poll(lambda: list(tmp.glob("isolate-zygote-*")), 20)  # the zygote removed its dir as it went
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_pytest_main_called_by_a_program_starts_new_interpreters(
@@ -264,3 +272,4 @@ def test_workers_inherit_the_signals_and_umask_a_new_interpreter_would(
         assert seen[name]["sigint_ignored"] is True  # Ctrl-C stays the shell's business
         assert int(signal.SIGUSR2) in seen[name]["blocked"]  # type: ignore[operator]
         assert seen[name]["umask"] == 0o007
+

@@ -40,6 +40,7 @@ import threading
 import time
 import traceback
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -61,7 +62,7 @@ _PRELOAD = ("psycopg", "redis")
 _DRAIN_S = 10.0
 
 
-def _startup_env(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+def _startup_env(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(("PYTHON", "LC_")) or k in _STARTUP_VARS}
 
 
@@ -158,16 +159,21 @@ class Zygote:
                 os.kill(self.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
-        with contextlib.suppress(OSError):
-            for child in self.directory.iterdir():
-                child.unlink()
-            self.directory.rmdir()
+        _remove(self.directory)
 
     def _ended(self) -> bool:
         try:
             return os.waitpid(self.pid, os.WNOHANG)[0] != 0
         except ChildProcessError:  # reaped elsewhere
             return True
+
+
+def _remove(directory: Path) -> None:
+    """The zygote's directory (its socket and log), by whichever of the two ends last."""
+    with contextlib.suppress(OSError):
+        for child in directory.iterdir():
+            child.unlink()
+        directory.rmdir()
 
 
 def start_zygote() -> Zygote | str:
@@ -198,6 +204,7 @@ def start_zygote() -> Zygote | str:
         except BaseException:  # nothing may unwind into the controller's frames
             code = 70
         finally:
+            _remove(directory)  # also when the controller ran no cleanup (SIGKILL)
             os._exit(code)
     listener.close()
     os.close(read_end)
