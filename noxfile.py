@@ -33,9 +33,10 @@ def tests(session: nox.Session) -> None:
     # pytest-randomly: the serial-marker tests prove it works with random order;
     # pytest-timeout: a fault test proves its os._exit kill leaves nothing behind;
     # pytest-split: it reads the durations file isolate writes; numpy: workers forked from
-    # the controller must not share its global random generator.
+    # the controller must not share its global random generator; coverage: forked workers
+    # of a run measured from every interpreter's start (COVERAGE_PROCESS_START) save theirs.
     session.install(".[embedded,docker]", "pytest-randomly==5.1.0", "pytest-timeout==2.4.0", "pytest-split==0.11.0",
-                    "numpy==2.4.6")  # fmt: skip
+                    "numpy==2.4.6", "coverage==7.17.5")  # fmt: skip
     session.run("pytest", "tests", "-n", "4", "-p", "no:randomly", *session.posargs)
 
 

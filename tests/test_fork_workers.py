@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -273,3 +274,37 @@ def test_workers_inherit_the_signals_and_umask_a_new_interpreter_would(
         assert int(signal.SIGUSR2) in seen[name]["blocked"]  # type: ignore[operator]
         assert seen[name]["umask"] == 0o007
 
+
+
+SITECUSTOMIZE = """
+import coverage
+coverage.process_startup()  # measures every interpreter that starts with COVERAGE_PROCESS_START
+"""
+
+
+def test_forked_workers_of_a_run_measured_by_coverage_from_its_start_save_their_own_data(
+    pytester: pytest.Pytester, recorded: Path
+) -> None:
+    # coverage.py measures the controller from its start; a fork keeps measuring, and saves
+    # as its own process, what a new interpreter would have measured.
+    site = pytester.mkdir("site")
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (pytester.path / ".coveragerc").write_text("[run]\nparallel = true\n")
+    pytester.makepyfile(test_x="def test_a():\n    x = 1\n\ndef test_b():\n    y = 2\n")
+    env = {**os.environ, "COVERAGE_PROCESS_START": str(pytester.path / ".coveragerc"),
+           "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:randomly", "-v"],
+                          cwd=pytester.path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "isolate: 2 xdist workers forked from the preloaded controller" in done.stdout, done.stdout
+    workers = {str(w["pid"]) for n, w in _records(recorded).items() if n != "controller"}
+    files = {m.group(1): p for p in pytester.path.glob(".coverage.*") if (m := re.search(r"\.pid(\d+)\.", p.name))}
+    assert workers <= set(files), (workers, sorted(files))  # each worker saved its own data
+    import coverage
+
+    lines: set[int] = set()
+    for pid in workers:
+        data = coverage.CoverageData(basename=str(files[pid]))
+        data.read()
+        lines |= set(data.lines(str(pytester.path / "test_x.py")) or ())
+    assert {2, 5} <= lines  # both tests' bodies, measured in the workers that ran them

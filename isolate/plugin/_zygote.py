@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 _CLIENT = Path(__file__).with_name("_zygote_client.py")
 #: What an interpreter reads from its environment when it starts: a worker whose values
 #: differ from the zygote's starts as a new interpreter.
-_STARTUP_VARS = ("LANG", "LANGUAGE", "TZ")
+_STARTUP_VARS = ("LANG", "LANGUAGE", "TZ", "COVERAGE_PROCESS_START")  # the last: coverage's startup hook
 #: isolate's own imports that a worker makes only when a test asks (its clients).
 _PRELOAD = ("psycopg", "redis")
 #: How long the zygote waits for its workers after the controller is gone.
