@@ -26,7 +26,7 @@ from ._config import default_base_dir, resolve_settings
 from ._errors import IsolateError
 from ._fs import owned_by_me
 from ._ports import lock_dir, try_lease
-from ._run.rundir import RUN_PREFIX, RunDir, reap_stale_runs, stale_runs
+from ._run.rundir import RUN_PREFIX, RunDir, reap_stale_runs, remove_stale_zygote_dirs, stale_runs
 from ._watchdog import reap_run_dir
 
 __all__ = ["build_parser", "main"]
@@ -60,6 +60,9 @@ def cleanup(bases: Sequence[Path], dry_run: bool) -> int:
         for run in stale_runs(base) if dry_run else reap_stale_runs(base):
             print(f"{verb} run dir {run.path}")
             found += 1
+    for path in remove_stale_zygote_dirs(Path(tempfile.gettempdir()), dry_run):
+        print(f"{verb} zygote dir {path}")
+        found += 1
     try:
         removed, skipped = _docker_orphans(dry_run)
     except IsolateError as exc:

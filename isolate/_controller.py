@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ._identity import WorkerIdentity
 from ._postgres.external import RunLease, check_server
 from ._run.liveness import Owner
 from ._run.notices import read_notices
-from ._run.rundir import RunDir, reap_stale_runs
+from ._run.rundir import RunDir, reap_stale_runs, remove_stale_zygote_dirs
 from ._service.forkserver import fork_unavailable
 from ._timings import Timings, read, summarize, what_ran
 from ._watchdog import Watchdog
@@ -64,6 +65,7 @@ class RunController:
         """Reap what dead runs left (if asked), create the run dir, start the watchdog."""
         if self.settings.reap_stale:
             stale = reap_stale_runs(self.run.base)
+            remove_stale_zygote_dirs(Path(tempfile.gettempdir()))
             with contextlib.suppress(Exception):  # a missing engine is not this run's problem
                 self.backend.reap_orphans()
                 labelled = [run.run_id for run in stale if run.had_containers]

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
-from suite_support import Run, clean_env, leftovers, poll
+from suite_support import Run, clean_env, leftovers, poll, reaper_lock
 
 #: Each process says what it is; each worker also what its conftest saw at import.
 RECORDER = """
@@ -308,3 +311,37 @@ def test_forked_workers_of_a_run_measured_by_coverage_from_its_start_save_their_
         data.read()
         lines |= set(data.lines(str(pytester.path / "test_x.py")) or ())
     assert {2, 5} <= lines  # both tests' bodies, measured in the workers that ran them
+
+
+def test_cleanup_removes_the_directories_of_gone_zygotes_and_nothing_else(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # A zygote SIGKILLed with its controller cannot remove its directory: `cleanup` (and the
+    # next run's start) does, if nobody listens on its socket, it is this user's, and old.
+    from isolate._run.rundir import ZYGOTE_PREFIX
+
+    tmp = Path(tempfile.mkdtemp(prefix="z", dir="/tmp"))  # short: a socket's path must fit
+    made = {}
+    try:
+        for name in ("gone", "alive", "young", "theirs"):
+            path = made[name] = tmp / (ZYGOTE_PREFIX + name)
+            path.mkdir(mode=0o700)
+        with socket.socket(socket.AF_UNIX) as dead:  # bound once, by a process now gone
+            dead.bind(str(made["gone"] / "sock"))
+        alive = socket.socket(socket.AF_UNIX)
+        alive.bind(str(made["alive"] / "sock"))
+        alive.listen(1)
+        os.chown(made["theirs"], pwd.getpwnam("nobody").pw_uid, -1)
+        old = time.time() - 3600
+        for name in ("gone", "alive", "theirs"):
+            os.utime(made[name], (old, old))
+        env = {**os.environ, "TMPDIR": str(tmp)}
+        with reaper_lock(tmp_path_factory):  # it reaps the machine's orphan containers too
+            done = subprocess.run([sys.executable, "-m", "isolate", "cleanup", "--base-dir", str(tmp)],
+                                  env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        alive.close()
+        assert done.returncode == 0, done.stderr
+        assert f"removed zygote dir {made['gone']}" in done.stdout, done.stdout
+        assert sorted(p.name for p in tmp.iterdir()) == sorted(ZYGOTE_PREFIX + n for n in ("alive", "young", "theirs"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

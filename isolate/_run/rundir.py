@@ -247,3 +247,40 @@ def reap_stale_runs(base: Path, timeout: float = 10.0) -> list[RunDir]:
         with contextlib.suppress(OSError):
             run.reap(timeout)
     return runs
+
+
+#: The directory of an xdist controller's zygote (``plugin/_zygote.py``): its socket and log.
+ZYGOTE_PREFIX = "isolate-zygote-"
+
+
+def _listening_paths() -> set[str]:
+    """Paths of the Unix sockets some process on this machine has bound."""
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return set()
+    return {fields[7] for fields in (line.split() for line in lines) if len(fields) > 7}
+
+
+def stale_zygote_dirs(tmp: Path, min_age: float = 60.0) -> list[Path]:
+    """This user's zygote dirs under ``tmp`` that no process listens in any more (a zygote
+    killed with its controller by SIGKILL cannot remove its own). A dir younger than
+    ``min_age`` seconds is left alone: its controller may be about to bind its socket."""
+    bound = _listening_paths()
+    found = []
+    for path in sorted(tmp.glob(ZYGOTE_PREFIX + "*")):
+        with contextlib.suppress(OSError):
+            if path.is_symlink() or not owned_by_me(path) or time.time() - path.lstat().st_mtime < min_age:
+                continue
+            if str(path / "sock") not in bound:
+                found.append(path)
+    return found
+
+
+def remove_stale_zygote_dirs(tmp: Path, dry_run: bool = False) -> list[Path]:
+    """Remove what :func:`stale_zygote_dirs` finds; the dirs (that would be) removed."""
+    dirs = stale_zygote_dirs(tmp)
+    for path in [] if dry_run else dirs:
+        logger.info("removing the directory of a gone zygote: %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return dirs

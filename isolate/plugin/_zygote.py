@@ -47,6 +47,7 @@ from typing import Any, NoReturn
 import pytest
 
 from .._retry import poll_until
+from .._run.rundir import ZYGOTE_PREFIX
 
 __all__ = ["ZYGOTE_KEY", "Zygote", "fork_workers", "start_zygote", "summary_line"]
 
@@ -183,7 +184,7 @@ def start_zygote() -> Zygote | str:
         return reason
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        directory = Path(tempfile.mkdtemp(prefix="isolate-zygote-"))  # mode 0700: ours alone
+        directory = Path(tempfile.mkdtemp(prefix=ZYGOTE_PREFIX))  # mode 0700: ours alone
         try:
             listener.bind(str(directory / "sock"))
         except OSError:
@@ -272,9 +273,12 @@ class _Server:
             self.refusal = "the zygote's imports started a thread"
 
     def close_down(self) -> float:
+        """No more workers: the socket closes and the directory goes now (a SIGKILL may
+        follow a SIGTERM before the workers are drained)."""
         self.selector.unregister(self.listener)
         self.listener.close()
         self.selector.unregister(self.lifeline)
+        _remove(self.log.parent)
         return time.monotonic()
 
     def accept(self) -> None:
