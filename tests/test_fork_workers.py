@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,22 @@ def _numpy_random():
 
 def _records(path: Path) -> dict[str, dict[str, object]]:
     return {p.stem: json.loads(p.read_text()) for p in path.glob("*.json")}
+
+
+def _assert_started_new(result: pytest.RunResult, recorded: Path, reason: str) -> None:
+    """Both tests passed, the summary gives ``reason``, and the workers' parent is the controller."""
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines([f"isolate: xdist workers started as new interpreters: {reason}"])
+    seen = _records(recorded)
+    assert {w["ppid"] for n, w in seen.items() if n != "controller"} == {seen["controller"]["pid"]}
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A new dir for ``TMPDIR`` whose path leaves room for a socket's (108 bytes at most)."""
+    tmp = Path(tempfile.mkdtemp(prefix="z", dir="/tmp"))
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture
@@ -169,11 +186,7 @@ def test_a_controller_started_with_interpreter_options_starts_new_interpreters(
 ) -> None:
     pytester.makepyfile(test_x="def test_a(): pass\ndef test_b(): pass")
     result = pytester.run(sys.executable, *options, "-m", "pytest", "-n", "2", "-p", "no:randomly", "-v")
-    result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["isolate: xdist workers started as new interpreters: the controller's "
-                                 "interpreter was started with *"])  # fmt: skip
-    seen = _records(recorded)
-    assert {w["ppid"] for n, w in seen.items() if n != "controller"} == {seen["controller"]["pid"]}
+    _assert_started_new(result, recorded, "the controller's interpreter was started with *")
 
 
 HANG = """
@@ -192,23 +205,19 @@ def test_hang_b():
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_nothing_outlives_a_controller_killed_while_its_forked_workers_run(
-    pytester: pytest.Pytester, sig: signal.Signals
+    pytester: pytest.Pytester, short_tmp: Path, sig: signal.Signals
 ) -> None:
     pytester.makepyfile(test_hang=HANG)
-    tmp = Path(tempfile.mkdtemp(prefix="z", dir="/tmp"))  # the zygote's dir goes here (short: a socket's path)
-    try:
-        run = Run(pytester.path, "-n", "2", "test_hang.py", env={**clean_env(), "TMPDIR": str(tmp)})
-        run.wait_up(2)
-        running = leftovers(run.run_id, run.mark)
-        # the controller, its zygote, two launchers and two workers at least
-        assert len([p for p in running if p.startswith("pid ")]) >= 6, running
-        assert len(list(tmp.glob("isolate-zygote-*"))) == 1
-        os.kill(run.proc.pid, sig)
-        run.finish(60)
-        poll(run.leftovers, 60)
-        poll(lambda: list(tmp.glob("isolate-zygote-*")), 20)  # the zygote removed its dir as it went
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    run = Run(pytester.path, "-n", "2", "test_hang.py", env={**clean_env(), "TMPDIR": str(short_tmp)})
+    run.wait_up(2)
+    running = leftovers(run.run_id, run.mark)
+    # the controller, its zygote, two launchers and two workers at least
+    assert len([p for p in running if p.startswith("pid ")]) >= 6, running
+    assert len(list(short_tmp.glob("isolate-zygote-*"))) == 1
+    os.kill(run.proc.pid, sig)
+    run.finish(60)
+    poll(run.leftovers, 60)
+    poll(lambda: list(short_tmp.glob("isolate-zygote-*")), 20)  # the zygote removed its dir as it went
 
 
 def test_pytest_main_called_by_a_program_starts_new_interpreters(
@@ -219,11 +228,7 @@ def test_pytest_main_called_by_a_program_starts_new_interpreters(
     pytester.makepyfile(test_x="def test_a(): pass\ndef test_b(): pass")
     program = "import sys, pytest; sys.exit(pytest.main(['-n', '2', '-p', 'no:randomly', '-v']))"
     result = pytester.run(sys.executable, "-c", program)
-    result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["isolate: xdist workers started as new interpreters: pytest was "
-                                 "called by a program (pytest.main), not started as a command"])  # fmt: skip
-    seen = _records(recorded)
-    assert {w["ppid"] for n, w in seen.items() if n != "controller"} == {seen["controller"]["pid"]}
+    _assert_started_new(result, recorded, "pytest was called by a program (pytest.main), not started as a command")
 
 
 USES_NUMPY = """
@@ -314,34 +319,31 @@ def test_forked_workers_of_a_run_measured_by_coverage_from_its_start_save_their_
 
 
 def test_cleanup_removes_the_directories_of_gone_zygotes_and_nothing_else(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, short_tmp: Path
 ) -> None:
     # A zygote SIGKILLed with its controller cannot remove its directory: `cleanup` (and the
     # next run's start) does, if nobody listens on its socket, it is this user's, and old.
     from isolate._run.rundir import ZYGOTE_PREFIX
 
-    tmp = Path(tempfile.mkdtemp(prefix="z", dir="/tmp"))  # short: a socket's path must fit
+    tmp = short_tmp  # a socket's path must fit
     made = {}
-    try:
-        for name in ("gone", "alive", "young", "theirs"):
-            path = made[name] = tmp / (ZYGOTE_PREFIX + name)
-            path.mkdir(mode=0o700)
-        with socket.socket(socket.AF_UNIX) as dead:  # bound once, by a process now gone
-            dead.bind(str(made["gone"] / "sock"))
-        alive = socket.socket(socket.AF_UNIX)
-        alive.bind(str(made["alive"] / "sock"))
-        alive.listen(1)
-        os.chown(made["theirs"], pwd.getpwnam("nobody").pw_uid, -1)
-        old = time.time() - 3600
-        for name in ("gone", "alive", "theirs"):
-            os.utime(made[name], (old, old))
-        env = {**os.environ, "TMPDIR": str(tmp)}
-        with reaper_lock(tmp_path_factory):  # it reaps the machine's orphan containers too
-            done = subprocess.run([sys.executable, "-m", "isolate", "cleanup", "--base-dir", str(tmp)],
-                                  env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-        alive.close()
-        assert done.returncode == 0, done.stderr
-        assert f"removed zygote dir {made['gone']}" in done.stdout, done.stdout
-        assert sorted(p.name for p in tmp.iterdir()) == sorted(ZYGOTE_PREFIX + n for n in ("alive", "young", "theirs"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("gone", "alive", "young", "theirs"):
+        path = made[name] = tmp / (ZYGOTE_PREFIX + name)
+        path.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as dead:  # bound once, by a process now gone
+        dead.bind(str(made["gone"] / "sock"))
+    alive = socket.socket(socket.AF_UNIX)
+    alive.bind(str(made["alive"] / "sock"))
+    alive.listen(1)
+    os.chown(made["theirs"], pwd.getpwnam("nobody").pw_uid, -1)
+    old = time.time() - 3600
+    for name in ("gone", "alive", "theirs"):
+        os.utime(made[name], (old, old))
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    with reaper_lock(tmp_path_factory):  # it reaps the machine's orphan containers too
+        done = subprocess.run([sys.executable, "-m", "isolate", "cleanup", "--base-dir", str(tmp)],
+                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    alive.close()
+    assert done.returncode == 0, done.stderr
+    assert f"removed zygote dir {made['gone']}" in done.stdout, done.stdout
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(ZYGOTE_PREFIX + n for n in ("alive", "young", "theirs"))
