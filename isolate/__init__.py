@@ -8,6 +8,7 @@ no other worker notices.
 
 from __future__ import annotations
 
+from . import _plainimport  # noqa: F401  first: isolate's other modules load without pytest's rewrite
 from ._backends import Backend, Runner
 from ._config import OPTIONS, Settings, resolve_settings
 from ._containers import ContainerHandle

@@ -135,6 +135,31 @@ def test_the_header_says_when_workers_cannot_keep_their_bytecode(
     assert noted == dont_write, result.outlines[:12]
 
 
+def test_isolates_own_modules_are_not_assertion_rewritten(pytester: pytest.Pytester) -> None:
+    """pytest marks every module of a plugin's distribution for rewriting; isolate's load
+    as Python loads them (from their bytecode caches), a test module is still rewritten."""
+    pytester.makeconftest(
+        """
+        import pytest
+        pytest.register_assert_rewrite("isolate")  # as pytest marks an installed plugin
+        import isolate._config, isolate._stack
+        """
+    )
+    pytester.makepyfile(
+        test_x="""
+        import sys
+
+        def test_loaders():
+            isolates = {name: type(module.__loader__).__name__ for name, module in sys.modules.items()
+                        if name.startswith("isolate.") and name != "isolate._plainimport"}
+            assert isolates and "AssertionRewritingHook" not in isolates.values(), isolates
+            assert type(sys.modules[__name__].__loader__).__name__ == "AssertionRewritingHook"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:isolate", "-p", "no:xdist")
+    result.assert_outcomes(passed=1)
+
+
 def test_without_xdist(suite: pytest.Pytester) -> None:
     suite.makepyfile(
         test_plain="""

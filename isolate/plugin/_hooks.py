@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from .. import _plainimport
 from .._config import OPTIONS, Option, Settings, redact_password, resolve_settings
 from .._controller import WORKERINPUT_KEYS, RunController
 from .._errors import ConfigError, IsolateError, RunFixtureError, tail_text
@@ -126,7 +127,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None
     """With ``--isolate-env``, this process opens (or joins) the run and exports its
     values here, before pytest's own wrapper imports the initial conftests: a conftest
     that reads ``DATABASE_URL`` at import sees this worker's. First of all, an xdist
-    controller forks the zygote its workers are forked from (``--isolate-fork-workers``)."""
+    controller forks the zygote its workers are forked from (``--isolate-fork-workers``).
+    pytest's rewrite hook is in place now: isolate's own modules go back ahead of it."""
+    _plainimport.install()
     settings = _settings(early_config, early=True)
     if settings.fork_workers == "auto" and will_have_workers(early_config) and not _is_worker():
         fork_workers(early_config)
