@@ -134,6 +134,61 @@ def test_a_forked_worker_rewrites_a_plugins_asserts_as_a_new_one_does(pytester: 
     assert "PytestAssertRewriteWarning" not in result.stdout.str()
 
 
+#: Holds xdist's workers back until the zygote has done its work ahead, then (if told)
+#: changes a test file the zygote rewrote: the workers must see the new source.
+WAITS_FOR_THE_ZYGOTE = """
+import os, time
+from pathlib import Path
+
+def pytest_xdist_setupnodes(config, specs):
+    from isolate.plugin._zygote import ZYGOTE_KEY
+    log = config.stash[ZYGOTE_KEY].log
+    deadline = time.monotonic() + 60
+    while "idle work done" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "the zygote never finished its work ahead"
+        time.sleep(0.02)
+    if os.environ.get("CHANGE_AFTER"):
+        path = Path("test_x.py")
+        path.write_text(path.read_text().replace("assert 1 == 2", "assert 1 == 1"))
+"""
+
+#: A test module that reports whether its worker took its code from the zygote.
+SHARED = """
+import sys
+from pathlib import Path
+
+def test_shared():  # this module's code is what the zygote made from this very source
+    shared = getattr(sys.modules["_pytest.assertion.rewrite"]._rewrite_test, "shared", {})
+    assert "conftest.py" in " ".join(shared), sorted(shared)
+    assert shared.get(__file__, (b"",))[0] == Path(__file__).read_bytes()
+
+def test_changed():
+    assert 1 == 2
+
+def test_introspected():
+    assert [1, 2] == [1, 3]
+"""
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_forked_workers_take_the_test_modules_the_zygote_rewrote_while_unchanged(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, changed: bool
+) -> None:
+    """With bytecode caches off, the zygote rewrites the conftests and test files while it
+    waits, and a worker takes that code for a file whose source is still the same."""
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    if changed:
+        monkeypatch.setenv("CHANGE_AFTER", "1")
+    pytester.makeconftest("")
+    pytester.makepyfile(waits=WAITS_FOR_THE_ZYGOTE, test_x=SHARED)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "waits", "-p", "no:randomly", "-v", "-rA")
+    # a changed file is rewritten again, from its new source
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*assert [[]1, 2[]] == [[]1, 3[]]*", "*At index 1 diff: 2 != 3*"])  # rewritten
+    shared_failed = any(line.startswith("FAILED test_x.py::test_shared") for line in result.outlines)
+    assert shared_failed == changed, result.outlines[-12:]
+
+
 CRASH = """
 import os
 def test_crash():
@@ -347,3 +402,39 @@ def test_cleanup_removes_the_directories_of_gone_zygotes_and_nothing_else(
     assert done.returncode == 0, done.stderr
     assert f"removed zygote dir {made['gone']}" in done.stdout, done.stdout
     assert sorted(p.name for p in tmp.iterdir()) == sorted(ZYGOTE_PREFIX + n for n in ("alive", "young", "theirs"))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["tests"], ["conftest.py", "tests/conftest.py", "tests/sub/test_b.py", "tests/test_a.py"]),
+        (["tests/test_a.py::test_x"], ["conftest.py", "tests/conftest.py", "tests/test_a.py"]),
+        ([], ["conftest.py", "tests/conftest.py", "tests/sub/test_b.py", "tests/test_a.py"]),  # testpaths
+    ],
+)
+def test_the_zygote_rewrites_what_a_worker_would_collect_in_its_order(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, args: list[str], expected: list[str]
+) -> None:
+    """Conftests from the root down first, then the test files under the run's paths as
+    pytest walks them: not a helper module, not an ignored dir or a virtualenv, not
+    outside the run's paths."""
+    from isolate.plugin._precompile import RewrittenModules
+
+    pytester.makeini("[pytest]\ntestpaths = tests\n")
+    for name in ("conftest.py", "tests/conftest.py", "tests/test_a.py", "tests/helper.py", "tests/sub/test_b.py",
+                 "tests/build/test_c.py", "tests/venv/test_d.py", "tests/.hidden/test_e.py", "other/test_f.py"):  # fmt: skip
+        path = pytester.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("def test_x():\n    assert 1\n")
+    (pytester.path / "tests/venv/pyvenv.cfg").write_text("home = /usr/bin\n")
+    config = pytester.parseconfig(*args)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    ahead = RewrittenModules(config)
+    while ahead.step():
+        pass
+    assert [Path(p).relative_to(pytester.path).as_posix() for p in ahead.code] == expected
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # pytest caches them: nothing to do ahead
+    ahead = RewrittenModules(config)
+    while ahead.step():
+        pass
+    assert ahead.code == {}

@@ -39,6 +39,7 @@ import pytest
 
 from .._retry import poll_until
 from .._run.rundir import ZYGOTE_PREFIX
+from ._precompile import RewrittenModules
 from ._zygote_server import DRAIN_S, Server
 
 __all__ = ["ZYGOTE_KEY", "Zygote", "fork_workers", "start_zygote", "summary_line"]
@@ -58,7 +59,7 @@ def fork_workers(early_config: pytest.Config) -> None:
         # carry that program's state into the workers.
         zygote: Zygote | str = "pytest was called by a program (pytest.main), not started as a command"
     else:
-        zygote = start_zygote()
+        zygote = start_zygote(RewrittenModules(early_config))
     early_config.stash[ZYGOTE_KEY] = zygote
     if isinstance(zygote, Zygote):
         early_config.pluginmanager.register(zygote, "isolate-fork-workers")
@@ -148,8 +149,9 @@ class Zygote:
             return True
 
 
-def start_zygote() -> Zygote | str:
-    """Fork the zygote from this process; or why not."""
+def start_zygote(rewritten: RewrittenModules | None = None) -> Zygote | str:
+    """Fork the zygote from this process; or why not. While it waits for requests, it
+    rewrites the test modules and conftests of ``rewritten`` for its workers."""
     reason = unavailable(shlex.join([sys.executable, str(_CLIENT)]))
     if reason:
         return reason
@@ -172,7 +174,8 @@ def start_zygote() -> Zygote | str:
         os.close(write_end)
         code = 0
         try:
-            Server(listener, read_end, directory / "workers.log").serve()
+            idle, in_worker = (rewritten.step, rewritten.install) if rewritten is not None else (None, None)
+            Server(listener, read_end, directory / "workers.log", idle, in_worker).serve()
         except BaseException:  # nothing may unwind into the controller's frames
             code = 70
         finally:

@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -45,7 +45,10 @@ def _startup_env(env: Mapping[str, str]) -> dict[str, str]:
 class Server:
     """The zygote: forks a worker per request until the controller is gone."""
 
-    def __init__(self, listener: socket.socket, lifeline: int, log: Path) -> None:
+    def __init__(self, listener: socket.socket, lifeline: int, log: Path,
+                 idle: Callable[[], bool] | None = None, in_worker: Callable[[], None] | None = None) -> None:  # fmt: skip
+        """``idle`` does one step of work while no request waits (``False``: none left);
+        ``in_worker`` runs in each forked worker before it becomes one."""
         self.listener = listener
         self.lifeline = lifeline
         self.log = log
@@ -53,6 +56,8 @@ class Server:
         self.children: dict[int, socket.socket] = {}  # a worker's pid: its launcher
         self.selector = selectors.DefaultSelector()
         self.refusal: str | None = None
+        self.idle = idle
+        self.in_worker = in_worker
 
     def note(self, line: str) -> None:
         with self.log.open("a") as f:
@@ -75,9 +80,13 @@ class Server:
         self.selector.register(self.lifeline, selectors.EVENT_READ, "lifeline")
         self.selector.register(wake_r, selectors.EVENT_READ, "signal")
         closing_at: float | None = None
+        busy = self.idle is not None
         while closing_at is None or self.children:
             timeout = None if closing_at is None else max(0.0, closing_at + DRAIN_S - time.monotonic())
-            for key, _ in self.selector.select(timeout):
+            events = self.selector.select(0 if busy and closing_at is None else timeout)
+            if not events and busy and closing_at is None:
+                busy = self.idle_step()
+            for key, _ in events:
                 if key.data == "accept":
                     self.accept()
                 elif key.data == "signal":
@@ -94,6 +103,18 @@ class Server:
                 for pid in self.children:
                     os.kill(pid, signal.SIGKILL)
                 self.reap(block=True)
+
+    def idle_step(self) -> bool:
+        """One step of the idle work (requests come first); ``False`` when done or failed."""
+        assert self.idle is not None
+        try:
+            more = self.idle()
+        except Exception as exc:  # work ahead is never worth a worker
+            self.note(f"idle work stopped: {type(exc).__name__}: {exc}")
+            return False
+        if not more:
+            self.note("idle work done")
+        return more
 
     def preload(self) -> None:
         for name in _PRELOAD:
@@ -213,6 +234,9 @@ class Server:
             os.environ.update(request["env"])
             # pytest's rewrite hook of the controller: the worker's config installs its own.
             sys.meta_path[:] = [h for h in sys.meta_path if type(h).__module__ != "_pytest.assertion.rewrite"]
+            if self.in_worker is not None:
+                with contextlib.suppress(Exception):  # help ahead, never a worker's failure
+                    self.in_worker()
             _fresh_stdio()
             _reseed()
             sys.argv = ["-c"]
