@@ -29,7 +29,8 @@ DockerServices = Literal["container", "native"]
 Keep = Literal["never", "failed", "always"]
 DbIsolation = Literal["schema", "database"]
 DemoteServices = Literal["auto", "always", "never"]
-ForkServerMode = Literal["auto", "off"]
+ForkServerMode = Literal["auto", "worker", "off"]
+ForkWorkersMode = Literal["auto", "off"]
 Dist = Literal["duration", "xdist"]
 Prestart = Literal["auto", "always", "never"]
 
@@ -215,8 +216,9 @@ OPTIONS: tuple[Option, ...] = (
            "else as root, with a warning), always (an error if it cannot), never",
            "auto", _choice("auto", "always", "never")),
     Option("fork_server", "native backend: start a service that names an entry by forking a "
-           "preloaded Python parent per worker (auto: on Linux), or always as a new process "
-           "(off)", "auto", _choice("auto", "off")),
+           "preloaded Python parent (auto: on Linux, one preload per run, forked for each "
+           "worker, where the workers' environments match; worker: one preloaded parent per "
+           "worker), or always as a new process (off)", "auto", _choice("auto", "worker", "off")),
     Option("migrations", "directory of ordered .sql files applied to each worker's schema "
            "(relative to the rootdir)", "", _optional_str),
     Option("db_isolation", "schema: a schema and role per worker in one database; database: "
@@ -339,7 +341,7 @@ class Settings:
     keep: Keep = "never"
     reap_stale: bool = True
     fast_exit: bool = True
-    fork_workers: ForkServerMode = "auto"
+    fork_workers: ForkWorkersMode = "auto"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property

@@ -1,16 +1,25 @@
-"""The fork server: a service that names an ``entry`` is forked from a per-worker parent
-that preloaded it, and behaves exactly like a spawned one (native backend)."""
+"""The fork server: a service that names an ``entry`` is forked from a parent that
+preloaded it (once per run, forked for each worker; or one per worker), and behaves exactly
+like a spawned one (native backend)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
-from suite_support import leftovers, run_id_of
+from suite_support import leftovers, needs_root, run_id_of
 
 from isolate import ConfigError, ServiceSpec
-from isolate._service.forkserver import fork_unavailable, python_argv
+from isolate._run.groups import children
+from isolate._service.forkserver import _PROGRAM, fork_unavailable, python_argv
 
 APP = '''
 import http.server, json, os, signal, sys, threading
@@ -222,3 +231,89 @@ def test_a_fork_server_that_dies_leaves_its_child_stoppable_and_says_so(
     result = pytester.runpytest_subprocess("-p", "no:randomly", "--timeout=60")
     result.assert_outcomes(passed=1)
     assert leftovers(run_id_of(result), mark) == []
+
+
+WHERE = """
+import json, os, urllib.request
+from pathlib import Path
+
+def test_where(isolate_service, isolate_worker):
+    with urllib.request.urlopen(isolate_service.url + "/", timeout=10) as resp:
+        me = json.loads(resp.read())
+    server = me["ppid"]
+    parent = int(Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    Path(os.environ["RECORDS"], isolate_worker.worker_id).write_text(json.dumps({
+        "server": server, "parent": parent, "worker": os.getpid(), "boot_who": me["boot_who"],
+        "parent_cmdline": Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace"),
+    }))
+"""
+
+
+@pytest.mark.parametrize("mode", ["auto", "worker"])
+def test_the_run_preloads_once_and_forks_a_server_for_each_worker(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mode: str
+) -> None:
+    """By default one process per run imports the preload, and forks for each worker the
+    process that forks that worker's services; ``worker`` gives each worker its own."""
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv("LEFTOVER_MARK", mark)
+    monkeypatch.setenv("RECORDS", str(tmp_path))
+    monkeypatch.setenv("WHO", "the run")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(forkapp=APP, test_where=WHERE)
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "each", "-p", "no:randomly",
+                                           f"--isolate-fork-server={mode}")  # fmt: skip
+    result.assert_outcomes(passed=2)
+    seen = {p.name: json.loads(p.read_text()) for p in tmp_path.iterdir()}
+    assert sorted(seen) == ["gw0", "gw1"]
+    assert seen["gw0"]["server"] != seen["gw1"]["server"]
+    assert all(r["boot_who"] == "the run" for r in seen.values())  # imported with the run's environment
+    if mode == "auto":
+        assert seen["gw0"]["parent"] == seen["gw1"]["parent"], seen
+        assert "hub_fd" in seen["gw0"]["parent_cmdline"]
+        assert seen["gw0"]["parent"] not in (seen["gw0"]["worker"], seen["gw1"]["worker"])
+    else:
+        assert all(r["parent"] == r["worker"] for r in seen.values()), seen
+    assert leftovers(run_id_of(result), mark) == []
+
+
+CLIENT = """
+import json, socket, sys
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+conn.connect(sys.argv[1])
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+socket.send_fds(conn, [json.dumps({"env": {}}).encode()], [b.fileno(), 1])
+conn.settimeout(30)
+print(repr(conn.recv(4096)))
+"""
+
+
+@needs_root
+def test_the_runs_fork_server_answers_only_the_uid_that_started_it() -> None:
+    """Reached by another uid (here its socket is made reachable on purpose; in a run it
+    lives in the run dir), the run's fork server forks nothing for it and says nothing."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="isolate-hub-test-"))  # below /tmp: nobody reaches it
+    tmp_path.chmod(0o755)
+    path = tmp_path / "hub.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(8)
+    path.chmod(0o777)
+    config = {"preload": [], "path0": str(tmp_path), "hub_fd": listener.fileno(), "clients": [os.getuid()]}
+    hub = subprocess.Popen([sys.executable, str(_PROGRAM), json.dumps(config)], pass_fds=(listener.fileno(),),
+                           stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    listener.close()
+    client = tmp_path / "client.py"
+    client.write_text(CLIENT)
+    client.chmod(0o644)
+    try:
+        other = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", f"/usr/bin/python3 {client} {path}"],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert other.stdout.strip() == "b''", other  # closed unanswered
+        assert children(hub.pid, None) == []  # and nothing forked for it
+        mine = subprocess.run([sys.executable, str(client), str(path)], capture_output=True, text=True, timeout=60)
+        assert '"pid"' in mine.stdout, mine  # the starting uid is served
+    finally:
+        hub.kill()
+        hub.wait()
+        shutil.rmtree(tmp_path)

@@ -66,7 +66,10 @@ class NativeBackend:
         user = service_user(spec, cwd, self.run_as, self.settings.demote_services)
         forks = spec.entry is not None and fork_unavailable(self.name, self.settings.fork_server) is None
         env = self.env if spec.inherit_env else {}
-        server = ForkServer(spec, instance, cwd, log_path, user, env) if forks else None
+        # One preload per run where the workers' environments match (not with
+        # --isolate-env, which gives each worker its own values).
+        shared = self.settings.fork_server == "auto" and not self.settings.env
+        server = ForkServer(spec, instance, cwd, log_path, user, env, shared=shared) if forks else None
         launcher = ProcessLauncher(spec, instance, log_path, self.rootdir, user, server, env)
         launcher.die_with_worker = self.dies_with_worker
         return launcher

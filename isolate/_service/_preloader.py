@@ -19,6 +19,13 @@ Replies: ``{"ready": pid}`` (or ``{"error": text}``) once, ``{"pid": n}`` (or
 when the socket reaches end-of-file (the worker closed it, or died) and, on Linux, when
 the thread that started it ends (``PR_SET_PDEATHSIG``); the children it leaves are
 registered with the run's reaper by the worker that asked for them.
+
+Run with ``CONFIG["hub_fd"]`` instead, it is the *run's* fork server for a spec: it imports
+the preload once and listens on that socket (``SOCK_SEQPACKET``, in the run dir) for the
+workers; each sends ``{"env": {...}}`` with its channel and its log attached, and gets
+``{"pid": n}``, the process forked to serve it as above (on that channel, with that log as
+its stdout and stderr, that environment). A connection from a uid not in
+``CONFIG["clients"]`` is closed unanswered. It runs until the run's end stops it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import traceback
 from collections.abc import Callable
@@ -156,20 +164,34 @@ def _reap(channel: Channel, children: set[int]) -> None:
 
 
 def serve(config: dict[str, Any]) -> int:
+    if "hub_fd" in config:
+        return _hub(config)
     channel = Channel(config["fd"])
     if config.get("die_with_parent"):
         _die_with_parent(config["parent"])
+    failure = _preload(config, own=config["fd"])
+    if failure:
+        channel.say({"error": failure})
+        return 1
+    return _serve_channel(channel)
+
+
+def _preload(config: dict[str, Any], own: int) -> str | None:
+    """Import the preload modules; why this process cannot serve, or ``None``."""
     sys.path[0] = config["path0"]  # as `python -m` (the cwd) or `python script` would
     try:
         for module in config["preload"]:
             importlib.import_module(module)
     except BaseException:
-        channel.say({"error": "importing the preload modules failed:\n" + traceback.format_exc()})
-        return 1
-    reasons = unsafe_to_fork(own=config["fd"])
+        return "importing the preload modules failed:\n" + traceback.format_exc()
+    reasons = unsafe_to_fork(own=own)
     if reasons:
-        channel.say({"error": "after importing " + ", ".join(config["preload"]) + ": " + "; ".join(reasons)})
-        return 1
+        return "after importing " + ", ".join(config["preload"]) + ": " + "; ".join(reasons)
+    return None
+
+
+def _serve_channel(channel: Channel) -> int:
+    """Fork a service per request on ``channel`` until it reaches end-of-file."""
     wakeup = os.pipe()
     for fd in wakeup:
         os.set_blocking(fd, False)
@@ -196,6 +218,94 @@ def serve(config: dict[str, Any]) -> int:
             sys.stderr.flush()
             os._exit(0)
         _fork(channel, request, fds, (channel.sock.fileno(), *wakeup), children)
+
+
+def _hub(config: dict[str, Any]) -> int:
+    """The run's fork server for the workers whose services share an interpreter, preload,
+    directory, user and environment: it imports the preload once, then forks, for each
+    worker that connects, the process that serves that worker (its channel and log come
+    with the request; ``{"pid": n}`` answers it). It runs until the run's end stops it."""
+    listener = socket.socket(fileno=config["hub_fd"])
+    failure, output = _captured(lambda: _preload(config, own=config["hub_fd"]))
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the workers' servers are nobody's to wait for
+    clients = {int(uid) for uid in config["clients"]}
+    while True:
+        conn, _ = listener.accept()
+        fds: list[int] = []
+        try:
+            data, fds, _, _ = socket.recv_fds(conn, _MAX_MESSAGE, 2)
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            if struct.unpack("3i", creds)[1] not in clients or len(fds) != 2 or not data:
+                continue  # not a worker of this run: nothing is forked, the connection closes
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                conn.close()
+                _become_server(json.loads(data), fds, failure, output)
+            conn.send(json.dumps({"pid": pid}).encode())
+        except (OSError, ValueError) as exc:
+            print(f"isolate fork server: a request failed: {exc}", file=sys.stderr)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+
+
+def _captured(work: Callable[[], str | None]) -> tuple[str | None, bytes]:
+    """``work()`` and what it wrote to stdout and stderr (also written to our own log), so
+    that each worker's service log holds what the preload printed, as its own parent's
+    would. In a memfd: importing ``tempfile`` (and ``random`` with it) here made every
+    restart of a forked service ~20 ms slower."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    capture = os.memfd_create("isolate-preload-output")
+    try:
+        os.dup2(capture, 1)
+        os.dup2(capture, 2)
+        try:
+            result = work()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, target in zip(saved, (1, 2), strict=True):
+                os.dup2(fd, target)
+                os.close(fd)
+        output = os.pread(capture, os.fstat(capture).st_size, 0)
+    finally:
+        os.close(capture)
+    os.write(1, output)
+    return result, output
+
+
+def _become_server(request: dict[str, Any], fds: list[int], failure: str | None, output: bytes) -> None:
+    """In a child of the run's fork server: serve one worker, on its channel and its log
+    (which gets what the preload printed first), with its environment. Never returns."""
+    code = 1
+    try:
+        channel_fd, log = fds
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        if output:
+            os.write(1, output)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        channel = Channel(channel_fd)
+        if failure:
+            channel.say({"error": failure})
+        else:
+            code = _serve_channel(channel)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
 
 
 def _fork(channel: Channel, request: dict[str, Any], fds: list[int], closing: tuple[int, ...],

@@ -17,6 +17,7 @@ from .._docker.images import build_image, ensure_image
 from .._errors import ConfigError, ServiceError
 from .._retry import poll_until
 from .._run.registry import ProcessRecord
+from .forkserver import RunHost
 from .spec import ServiceSpec, render
 
 __all__ = ["ContainerLauncher"]
@@ -188,7 +189,7 @@ class ContainerLauncher:
         """Containers are reaped by their run label, not through the registry."""
         return None
 
-    def warm(self, register: Callable[[ProcessRecord], None]) -> None:
+    def warm(self, register: Callable[[ProcessRecord], None], host: RunHost | None = None) -> None:
         """Nothing to start early: the image is built when the stack starts."""
 
     def close(self) -> None:

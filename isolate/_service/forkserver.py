@@ -3,7 +3,9 @@ instead of starting a new interpreter that re-imports the app.
 
 The server (``_preloader.py``, run with the service's own interpreter) imports the
 spec's ``preload`` modules once, refuses to serve if that left threads or sockets, and
-forks one child per start; the child calls ``entry``. The worker talks to it over its
+forks one child per start; the child calls ``entry``. By default the import is done once
+per run: the run's fork server (started by the first worker to ask, in ``run.shared``)
+forks each worker's server from its preloaded self. The worker talks to it over its
 private socket; a reader thread turns its messages into :class:`ForkedChild` objects that
 behave like :class:`subprocess.Popen` for :class:`~isolate._process.ManagedProcess`.
 """
@@ -11,6 +13,7 @@ behave like :class:`subprocess.Popen` for :class:`~isolate._process.ManagedProce
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -21,8 +24,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from .._errors import ConfigError, ServerStartError
 from .._fs import open_log
@@ -32,11 +36,28 @@ from .._run.liveness import is_alive, process_start_ticks
 from .._run.registry import ProcessRecord
 from .spec import ServiceSpec
 
-__all__ = ["ForkServer", "ForkedChild", "fork_unavailable", "python_argv"]
+__all__ = ["ForkServer", "ForkedChild", "RunHost", "fork_unavailable", "hub_env", "python_argv"]
 
 logger = logging.getLogger(__name__)
 
 _PROGRAM = Path(__file__).with_name("_preloader.py")
+#: Run fork servers started by this process: kept referenced (they outlive its handles).
+_HUBS: list[subprocess.Popen[bytes]] = []
+
+
+class RunHost(Protocol):
+    """Where a run's fork server lives: the run dir (``RunDir``)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    def shared(self, name: str, start: Callable[[], Mapping[str, object]]) -> dict[str, object]: ...
+
+
+def hub_env(env: Mapping[str, str]) -> dict[str, str]:
+    """What a run's fork server imports with: a worker's environment without what differs
+    from one worker to the next (xdist's ids, pytest's current test)."""
+    return {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST_") and k != "PYTEST_CURRENT_TEST"}
 
 
 def fork_unavailable(backend: str, setting: str) -> str | None:
@@ -131,15 +152,18 @@ class ForkServer:
     """One preloaded parent for ``spec`` on this worker (see module docs)."""
 
     def __init__(self, spec: ServiceSpec, instance: str, cwd: Path, log_path: Path,
-                 run_as: RunAs | None, env: Mapping[str, str] | None = None) -> None:  # fmt: skip
+                 run_as: RunAs | None, env: Mapping[str, str] | None = None, *, shared: bool = False) -> None:  # fmt: skip
         self.spec = spec
+        #: Served by the run's fork server (one preload per run), where the run has one.
+        self.shared = shared
         self.name = f"forkserver-{instance}"
         self.log_path = log_path
         self.cwd = cwd
         self.run_as = run_as
         #: What it runs with (the worker's environment without isolate's secrets).
         self.env = dict(env) if env is not None else {}
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None  # our own preloaded parent
+        self._server: tuple[int, int | None] | None = None  # or the run fork server's child
         self._sock: socket.socket | None = None
         self._replies: queue.Queue[ForkedChild | str] = queue.Queue()
         self._children: dict[int, ForkedChild] = {}
@@ -147,33 +171,110 @@ class ForkServer:
         self._failed: str | None = None  # why it cannot serve, once known
         self._gone: str | None = None  # why it stopped serving after it was ready
         self._lock = threading.Lock()  # one request (and its reply) at a time
+        self._hub_record: ProcessRecord | None = None  # the run's fork server, if we started it
 
-    def start(self) -> None:
-        """Launch it (not waiting: the preload runs while the worker does other things)."""
+    def start(self, host: RunHost | None = None) -> None:
+        """Launch it (not waiting: the preload runs while the worker does other things).
+        With ``host`` and :attr:`shared`, the run's fork server for this spec (started by
+        the first worker to ask) forks the one that serves this worker; else we start our own."""
         _, path0 = python_argv(self.spec.command, self.cwd)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        config = {"preload": list(self.spec.preload), "path0": path0, "fd": theirs.fileno(),
-                  "parent": os.getpid(),
-                  # PR_SET_PDEATHSIG follows the thread that forks: only the main one lives
-                  # as long as the worker.
-                  "die_with_parent": threading.current_thread() is threading.main_thread()}  # fmt: skip
         log = open_log(self.log_path)
         try:
-            self._proc = subprocess.Popen(
-                [self.spec.command[0], str(_PROGRAM), json.dumps(config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(theirs.fileno(),),
-                env=self.env, cwd=self.cwd, start_new_session=True, **as_user(self.run_as),
-            )  # fmt: skip
+            hub = self._hub(host, path0) if host is not None and self.shared else None
+            if hub is not None:
+                try:  # our channel's other end and our log go to the process it forks for us
+                    socket.send_fds(hub, [json.dumps({"env": self.env}).encode()], [theirs.fileno(), log])
+                except OSError as exc:
+                    logger.info("isolate: %s: the run's fork server cannot serve (%s)", self.name, exc)
+                    hub.close()
+                    hub = None
+            if hub is None:
+                config = {"preload": list(self.spec.preload), "path0": path0, "fd": theirs.fileno(),
+                          "parent": os.getpid(),
+                          # PR_SET_PDEATHSIG follows the thread that forks: only the main one
+                          # lives as long as the worker.
+                          "die_with_parent": threading.current_thread() is threading.main_thread()}  # fmt: skip
+                self._proc = subprocess.Popen(
+                    [self.spec.command[0], str(_PROGRAM), json.dumps(config)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(theirs.fileno(),),
+                    env=self.env, cwd=self.cwd, start_new_session=True, **as_user(self.run_as),
+                )  # fmt: skip
         finally:
             os.close(log)
             theirs.close()
         self._sock = ours
-        threading.Thread(target=self._read, args=(ours,), name=self.name, daemon=True).start()
+        reader = (self._read_via, (hub, ours)) if hub is not None else (self._read, (ours,))
+        threading.Thread(target=reader[0], args=reader[1], name=self.name, daemon=True).start()
+
+    def _hub(self, host: RunHost, path0: str) -> socket.socket | None:
+        """A connection to the run's fork server for this spec, started if need be; ``None``
+        where there is none (we start our own)."""
+        env = hub_env(self.env)
+        uid = (self.run_as.uid, self.run_as.gid) if self.run_as is not None else None
+        key = hashlib.sha256(json.dumps([self.spec.command[0], list(self.spec.preload), path0, str(self.cwd), uid,
+                                         sorted(env.items())]).encode()).hexdigest()[:16]  # fmt: skip
+        try:
+            state = host.shared(f"forkserver-{key}", lambda: self._start_hub(host.path, key, path0, env))
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                conn.connect(str(state["socket"]))
+            except OSError:
+                conn.close()
+                raise
+        except Exception as exc:  # no run fork server: this worker preloads its own
+            logger.info("isolate: %s: the run's fork server cannot serve (%s)", self.name, exc)
+            return None
+        return conn
+
+    def _start_hub(self, directory: Path, key: str, path0: str, env: Mapping[str, str]) -> dict[str, object]:
+        """Start the run's fork server (in ``run.shared``: once per run). It listens on a
+        socket in the run dir, which only this user reaches, and answers only this uid."""
+        path = directory / f"forkserver-{key}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            listener.bind(str(path))
+            listener.listen(64)
+            config = {"preload": list(self.spec.preload), "path0": path0, "hub_fd": listener.fileno(),
+                      "clients": [os.getuid()]}  # fmt: skip
+            log = open_log(directory / f"forkserver-{key}.log")
+            try:
+                proc = subprocess.Popen(
+                    [self.spec.command[0], str(_PROGRAM), json.dumps(config)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(listener.fileno(),),
+                    env=env, cwd=self.cwd, start_new_session=True, **as_user(self.run_as),
+                )  # fmt: skip
+            finally:
+                os.close(log)
+        finally:
+            listener.close()
+        _HUBS.append(proc)
+        self._hub_record = ProcessRecord(name=f"forkserver-{key}", pid=proc.pid,
+                                         start_ticks=process_start_ticks(proc.pid), scope="run")  # fmt: skip
+        return {"socket": str(path), "pid": proc.pid}
+
+    def _read_via(self, hub: socket.socket, ours: socket.socket) -> None:
+        """The run's fork server answers with the pid of the process it forked for us once
+        its preload is done; then read our channel as usual."""
+        try:
+            with hub:
+                reply = hub.recv(4096)
+            pid = int(json.loads(reply)["pid"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            why = f"the run's fork server did not answer ({type(exc).__name__}: {exc})"
+            self._failed = why
+            self._ready.set()
+            self._replies.put(why)
+            return
+        self._server = (pid, process_start_ticks(pid))
+        self._read(ours)
 
     def record(self) -> ProcessRecord | None:
-        if self._proc is None:
-            return None
-        return ProcessRecord(name=self.name, pid=self._proc.pid, start_ticks=process_start_ticks(self._proc.pid))
+        """What the run's reaper must stop: our own preloaded parent (this worker's), or
+        the run's fork server if this worker started it (the run's)."""
+        if self._proc is not None:
+            return ProcessRecord(name=self.name, pid=self._proc.pid, start_ticks=process_start_ticks(self._proc.pid))
+        return self._hub_record
 
     def _read(self, sock: socket.socket) -> None:
         """Turn its messages into children and exits. Whatever ends this (end-of-file, a
@@ -257,16 +358,21 @@ class ForkServer:
 
     def close(self) -> None:
         """Stop it (the children it forked are stopped by their own handles)."""
-        if self._proc is None:
-            return
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)  # end-of-file: it exits by itself
             self._sock.close()
             self._sock = None
-        try:
-            self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        elif self._server is not None:  # the run fork server's child: not ours to wait for
+            pid, ticks = self._server
+            if not poll_until(lambda: not is_alive(pid, ticks), 5):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            self._server = None

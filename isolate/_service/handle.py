@@ -19,6 +19,7 @@ from .._process import listening_ports
 from .._retry import is_bind_failure, poll_until, start_on_free_port
 from .._run.registry import ProcessRecord
 from .._timings import Timings
+from .forkserver import RunHost
 from .spec import ServiceSpec, TcpCheck
 
 __all__ = ["Launcher", "ServiceHandle"]
@@ -52,9 +53,10 @@ def _at_most_every(seconds: float, check: Callable[[], bool]) -> Callable[[], bo
 class Launcher(Protocol):
     """Runs one service instance: a native process group or a container."""
 
-    def warm(self, register: Callable[[ProcessRecord], None]) -> None:
+    def warm(self, register: Callable[[ProcessRecord], None], host: RunHost | None = None) -> None:
         """Begin what can start before the template values are known (the fork server's
-        preload), ``register``-ing any process it starts for the reaper."""
+        preload, or the run's fork server's fork for this worker: ``host`` is the run dir),
+        ``register``-ing any process it starts for the reaper."""
 
     def prepare(self, values: Mapping[str, object]) -> None:
         """(Re)configure for these template values; forgets an earlier configuration."""

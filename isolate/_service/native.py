@@ -15,7 +15,7 @@ from .._fs import open_log
 from .._process import ManagedProcess, RunAs, inherited_env
 from .._run.notices import NOTICE
 from .._run.registry import ProcessRecord
-from .forkserver import ForkServer
+from .forkserver import ForkServer, RunHost
 from .spec import ServiceSpec, render
 
 __all__ = ["ProcessLauncher", "service_cwd", "service_user", "shell_exit_code", "wrapped_programs"]
@@ -146,10 +146,10 @@ class ProcessLauncher:
             spawner=self.forkserver, die_with_parent=self.die_with_worker,
         )  # fmt: skip
 
-    def warm(self, register: Callable[[ProcessRecord], None]) -> None:
+    def warm(self, register: Callable[[ProcessRecord], None], host: RunHost | None = None) -> None:
         """Start the fork server's preload now, while the worker prepares the rest."""
         if self.forkserver is not None:
-            self.forkserver.start()
+            self.forkserver.start(host)
             record = self.forkserver.record()
             if record is not None:
                 register(record)

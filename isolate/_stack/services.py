@@ -51,7 +51,7 @@ class ServicesPart(DatabasePart, RedisPart, ContainersPart):
         values["containers"] = dict(self._containers)  # {containers[NAME].url}
         self._refuse_if_stopping()
         launcher = self.backend.service(spec, instance, self.run.worker_dir(self.worker.slug) / f"{instance}.log")
-        launcher.warm(self.run.registry.register)  # a fork server preloads meanwhile
+        launcher.warm(self.run.registry.register, self.run)  # a fork server preloads meanwhile
         early = self._start_redis_early(spec)  # Redis starts while the database is made
         try:
             for field_name in sorted(spec.uses() - set(values) - {"port", "url"}):
