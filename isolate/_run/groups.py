@@ -89,6 +89,14 @@ def children(pid: int, start_ticks: int | None) -> list[int]:
     return [p for p, fields in _processes() if int(fields[1]) == pid]
 
 
+def live_leaders() -> set[int] | None:
+    """The groups and sessions that have a live member (their leaders' pids, whether or
+    not the leader still runs), in one pass; ``None`` without ``/proc``."""
+    if not HAVE_PROC:
+        return None
+    return {int(led) for _, fields in _processes() for led in (fields[2], fields[3])}
+
+
 def group_alive(pid: int, start_ticks: int | None) -> bool:
     """Whether the leader or any process of its group or session still runs."""
     return bool(members(pid, start_ticks))

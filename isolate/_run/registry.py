@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .._fs import owned_by_me
 from .._retry import poll_until
-from .groups import children, group_alive, members, send, stop_group
+from .groups import children, group_alive, live_leaders, members, send, stop_group
 from .liveness import is_alive, process_start_ticks
 
 __all__ = ["ProcessRecord", "ProcessRegistry", "stop_tree"]
@@ -38,8 +38,14 @@ def stop_tree(pid: int, start_ticks: int | None, sig: int, timeout: float) -> No
     own = set(members(pid, start_ticks))
     kids = [(kid, process_start_ticks(kid)) for kid in children(pid, start_ticks) if kid not in own]
     stop_group(pid, start_ticks, sig, timeout)
+    if not kids:
+        return
+    # A parent that stops its children (PostgreSQL's eight lead sessions of their own) has
+    # left nothing of them: one pass over /proc finds what is left, not one per child.
+    live = live_leaders()
     for kid, ticks in kids:
-        stop_group(kid, ticks, signal.SIGTERM, timeout)
+        if live is None or kid in live:
+            stop_group(kid, ticks, signal.SIGTERM, timeout)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -140,6 +141,20 @@ class ForkedChild:
             os.kill(self.pid, sig)
 
 
+def _wait_gone(pid: int, start_ticks: int | None, timeout: float) -> bool:
+    """Wait until ``pid`` (not our child) has ended: on its pidfd, which becomes readable
+    the moment it does, else by polling."""
+    pidfd = _pidfd(pid)
+    if pidfd is None:
+        return poll_until(lambda: not is_alive(pid, start_ticks), timeout)
+    try:
+        if not is_alive(pid, start_ticks):  # gone, or the pid names another process now
+            return True
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
 def _pidfd(pid: int) -> int | None:
     """A pidfd of ``pid`` (Linux 5.3+), or ``None`` where there is none."""
     try:
@@ -249,8 +264,9 @@ class ForkServer:
         finally:
             listener.close()
         _HUBS.append(proc)
-        self._hub_record = ProcessRecord(name=f"forkserver-{key}", pid=proc.pid,
-                                         start_ticks=process_start_ticks(proc.pid), scope="run")  # fmt: skip
+        # It holds nothing to shut down cleanly: the run's end kills it at once.
+        self._hub_record = ProcessRecord(name=f"forkserver-{key}", pid=proc.pid, start_ticks=process_start_ticks(proc.pid),
+                                         stop_signal=signal.SIGKILL, scope="run")  # fmt: skip
         return {"socket": str(path), "pid": proc.pid}
 
     def _read_via(self, hub: socket.socket, ours: socket.socket) -> None:
@@ -372,7 +388,7 @@ class ForkServer:
             self._proc = None
         elif self._server is not None:  # the run fork server's child: not ours to wait for
             pid, ticks = self._server
-            if not poll_until(lambda: not is_alive(pid, ticks), 5):
+            if not _wait_gone(pid, ticks, 5):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
             self._server = None
