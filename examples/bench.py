@@ -319,6 +319,19 @@ NOTES = """## Reading the numbers
   1.35-1.43 / 2.18-2.20 / 3.85-3.95 s forked, 1.29-1.34 / 1.34-1.37 / 2.23-2.25 / 4.11-4.19
   / 8.0-8.44 s as new interpreters. The machine ran faster that day than in the benches
   before (1 worker native 47.6 s against 50.0 s), so compare the cells of one bench.
+- Since then (this bench, from a clean clone of 997f74f; the previous published bench was of
+  cba2311): isolate's own modules are no longer assertion-rewritten (pytest's configuration
+  of the controller 0.36 s instead of 0.48 s), the zygote rewrites the conftests and test
+  modules once for all workers while it waits, and the fork server preloads the service once
+  per run and forks each worker's server from it (a worker's first service ready after
+  0.06-0.12 s instead of 0.47-0.52 s in paired runs; `service_ready` median over the bench
+  125 ms, was 305 ms). Native 4 workers: 14.2 s against 14.6 s, 8 workers 10.7 s against
+  11.6 s, 16 workers 12.0 s against 15.4 s. The bound's start-up (the stack's waits) fell
+  with it (native 4 workers 0.20 s against 0.34 s), so wall/bound at 4 workers moved less
+  than the wall: 1.22 here, 1.20 in a bench of c357b51 an hour before (14.1 s against a
+  bound of 11.8 s), against 1.23. Paired runs at 4 workers, native, alternated: 14.29-14.38 s
+  against 14.65-14.91 s for the first two changes, then 13.75-14.00 s against 14.32-14.41 s
+  for the run's fork server.
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
