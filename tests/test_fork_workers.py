@@ -137,16 +137,16 @@ def test_a_forked_worker_rewrites_a_plugins_asserts_as_a_new_one_does(pytester: 
 #: Holds xdist's workers back until the zygote has done its work ahead, then (if told)
 #: changes a test file the zygote rewrote: the workers must see the new source.
 WAITS_FOR_THE_ZYGOTE = """
-import os, time
+import os
 from pathlib import Path
+from tenacity import Retrying, stop_after_delay, wait_fixed
 
 def pytest_xdist_setupnodes(config, specs):
     from isolate.plugin._zygote import ZYGOTE_KEY
     log = config.stash[ZYGOTE_KEY].log
-    deadline = time.monotonic() + 60
-    while "idle work done" not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline, "the zygote never finished its work ahead"
-        time.sleep(0.02)
+    for attempt in Retrying(stop=stop_after_delay(60), wait=wait_fixed(0.02), reraise=True):
+        with attempt:
+            assert "idle work done" in (log.read_text() if log.exists() else ""), "the zygote never finished its work ahead"
     if os.environ.get("CHANGE_AFTER"):
         path = Path("test_x.py")
         path.write_text(path.read_text().replace("assert 1 == 2", "assert 1 == 1"))

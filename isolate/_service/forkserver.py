@@ -192,29 +192,16 @@ class ForkServer:
         """Launch it (not waiting: the preload runs while the worker does other things).
         With ``host`` and :attr:`shared`, the run's fork server for this spec (started by
         the first worker to ask) forks the one that serves this worker; else we start our own."""
-        _, path0 = python_argv(self.spec.command, self.cwd)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log = open_log(self.log_path)
         try:
-            hub = self._hub(host, path0) if host is not None and self.shared else None
-            if hub is not None:
-                try:  # our channel's other end and our log go to the process it forks for us
-                    socket.send_fds(hub, [json.dumps({"env": self.env}).encode()], [theirs.fileno(), log])
-                except OSError as exc:
-                    logger.info("isolate: %s: the run's fork server cannot serve (%s)", self.name, exc)
-                    hub.close()
-                    hub = None
+            hub = self._ask_hub(host, theirs, log) if host is not None and self.shared else None
             if hub is None:
-                config = {"preload": list(self.spec.preload), "path0": path0, "fd": theirs.fileno(),
-                          "parent": os.getpid(),
-                          # PR_SET_PDEATHSIG follows the thread that forks: only the main one
-                          # lives as long as the worker.
-                          "die_with_parent": threading.current_thread() is threading.main_thread()}  # fmt: skip
-                self._proc = subprocess.Popen(
-                    [self.spec.command[0], str(_PROGRAM), json.dumps(config)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(theirs.fileno(),),
-                    env=self.env, cwd=self.cwd, start_new_session=True, **as_user(self.run_as),
-                )  # fmt: skip
+                self._proc = self._launch({"fd": theirs.fileno(), "parent": os.getpid(),
+                                           # PR_SET_PDEATHSIG follows the thread that forks: only
+                                           # the main one lives as long as the worker.
+                                           "die_with_parent": threading.current_thread() is threading.main_thread()},
+                                          theirs.fileno(), log, self.env)  # fmt: skip
         finally:
             os.close(log)
             theirs.close()
@@ -222,47 +209,48 @@ class ForkServer:
         reader = (self._read_via, (hub, ours)) if hub is not None else (self._read, (ours,))
         threading.Thread(target=reader[0], args=reader[1], name=self.name, daemon=True).start()
 
-    def _hub(self, host: RunHost, path0: str) -> socket.socket | None:
-        """A connection to the run's fork server for this spec, started if need be; ``None``
-        where there is none (we start our own)."""
+    def _launch(self, config: Mapping[str, object], fd: int, log: int, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        """Run the fork server's program on ``config`` (the preload added), passing it ``fd``."""
+        _, path0 = python_argv(self.spec.command, self.cwd)
+        config = {"preload": list(self.spec.preload), "path0": path0, **config}
+        return subprocess.Popen(
+            [self.spec.command[0], str(_PROGRAM), json.dumps(config)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(fd,),
+            env=env, cwd=self.cwd, start_new_session=True, **as_user(self.run_as),
+        )  # fmt: skip
+
+    def _ask_hub(self, host: RunHost, theirs: socket.socket, log: int) -> socket.socket | None:
+        """Ask the run's fork server for this spec (started if need be) to fork the process
+        that serves this worker on ``theirs`` and ``log``; the connection its answer comes
+        on, or ``None`` where it cannot (we start our own)."""
         env = hub_env(self.env)
         uid = (self.run_as.uid, self.run_as.gid) if self.run_as is not None else None
+        _, path0 = python_argv(self.spec.command, self.cwd)
         key = hashlib.sha256(json.dumps([self.spec.command[0], list(self.spec.preload), path0, str(self.cwd), uid,
                                          sorted(env.items())]).encode()).hexdigest()[:16]  # fmt: skip
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            state = host.shared(f"forkserver-{key}", lambda: self._start_hub(host.path, key, path0, env))
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                conn.connect(str(state["socket"]))
-            except OSError:
-                conn.close()
-                raise
+            state = host.shared(f"forkserver-{key}", lambda: self._start_hub(host.path, key, env))
+            conn.connect(str(state["socket"]))
+            socket.send_fds(conn, [json.dumps({"env": self.env}).encode()], [theirs.fileno(), log])
         except Exception as exc:  # no run fork server: this worker preloads its own
             logger.info("isolate: %s: the run's fork server cannot serve (%s)", self.name, exc)
+            conn.close()
             return None
         return conn
 
-    def _start_hub(self, directory: Path, key: str, path0: str, env: Mapping[str, str]) -> dict[str, object]:
+    def _start_hub(self, directory: Path, key: str, env: Mapping[str, str]) -> dict[str, object]:
         """Start the run's fork server (in ``run.shared``: once per run). It listens on a
         socket in the run dir, which only this user reaches, and answers only this uid."""
         path = directory / f"forkserver-{key}.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
             listener.bind(str(path))
             listener.listen(64)
-            config = {"preload": list(self.spec.preload), "path0": path0, "hub_fd": listener.fileno(),
-                      "clients": [os.getuid()]}  # fmt: skip
             log = open_log(directory / f"forkserver-{key}.log")
             try:
-                proc = subprocess.Popen(
-                    [self.spec.command[0], str(_PROGRAM), json.dumps(config)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(listener.fileno(),),
-                    env=env, cwd=self.cwd, start_new_session=True, **as_user(self.run_as),
-                )  # fmt: skip
+                proc = self._launch({"hub_fd": listener.fileno(), "clients": [os.getuid()]}, listener.fileno(), log, env)
             finally:
                 os.close(log)
-        finally:
-            listener.close()
         _HUBS.append(proc)
         # It holds nothing to shut down cleanly: the run's end kills it at once.
         self._hub_record = ProcessRecord(name=f"forkserver-{key}", pid=proc.pid, start_ticks=process_start_ticks(proc.pid),
@@ -277,10 +265,7 @@ class ForkServer:
                 reply = hub.recv(4096)
             pid = int(json.loads(reply)["pid"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            why = f"the run's fork server did not answer ({type(exc).__name__}: {exc})"
-            self._failed = why
-            self._ready.set()
-            self._replies.put(why)
+            self._done(f"the run's fork server did not answer ({type(exc).__name__}: {exc})")
             return
         self._server = (pid, process_start_ticks(pid))
         self._read(ours)
@@ -305,6 +290,10 @@ class ForkServer:
             logger.warning("isolate: %s: %s", self.name, why)
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)  # it reads end-of-file and exits
+        self._done(why)
+
+    def _done(self, why: str) -> None:
+        """It serves no more: before it was ready (a failure) or after (gone)."""
         if not self._ready.is_set():
             self._failed = why
             self._ready.set()

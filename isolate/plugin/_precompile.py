@@ -50,29 +50,24 @@ class RewrittenModules:
         self._config = early_config
         self._module: Any = sys.modules.get(_REWRITE_MODULE)
         rewrite = getattr(self._module, _REWRITE_FUNCTION, None)
-        self._rewrite: Callable[[Path, pytest.Config], object] | None = rewrite if callable(rewrite) else None
-        self._todo: Iterator[Path] | None = None
+        rewrites = callable(rewrite) and early_config.getoption("assertmode", "rewrite") == "rewrite"
+        #: pytest's rewrite, where this run rewrites asserts the way this module knows.
+        self._rewrite: Callable[[Path, pytest.Config], object] | None = rewrite if rewrites else None
+        self._todo = self._candidates()  # a generator: the walk happens step by step
         self.code: dict[str, tuple[bytes, object]] = {}  # path: (its source, pytest's result)
         self._bytes = 0
 
-    @property
-    def usable(self) -> bool:
-        """pytest rewrites asserts in this run, the way this module knows."""
-        return self._rewrite is not None and self._config.getoption("assertmode", "rewrite") == "rewrite"
-
     def step(self) -> bool:
         """Rewrite the next file; ``False`` once there is nothing left to do."""
-        if not self.usable or len(self.code) >= MAX_FILES or self._bytes >= MAX_BYTES:
+        rewrite = self._rewrite
+        if rewrite is None or len(self.code) >= MAX_FILES or self._bytes >= MAX_BYTES:
             return False
-        if self._todo is None:
-            self._todo = self._candidates()
         for path in self._todo:
             if not _uncached(path):
                 continue
             with contextlib.suppress(Exception):  # a file pytest cannot parse: the worker reports it
                 source = path.read_bytes()
-                assert self._rewrite is not None
-                self.code[str(path)] = (source, self._rewrite(path, self._config))
+                self.code[str(path)] = (source, rewrite(path, self._config))
                 self._bytes += len(source)
             return True
         return False
