@@ -438,3 +438,33 @@ def test_the_zygote_rewrites_what_a_worker_would_collect_in_its_order(
     while ahead.step():
         pass
     assert ahead.code == {}
+
+
+@pytest.mark.parametrize("ahead_s", [60.0, 0.0])
+def test_a_request_waits_for_the_work_ahead_within_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ahead_s: float
+) -> None:
+    """A worker forked before the zygote's work ahead is done would redo the rest itself,
+    beside the zygote: a request first lets the zygote finish, for up to ``AHEAD_S`` from
+    the first request on."""
+    from isolate.plugin import _zygote_server
+
+    monkeypatch.setattr(_zygote_server, "AHEAD_S", ahead_s)
+    steps: list[int] = []
+
+    def idle() -> bool:
+        steps.append(len(steps))
+        return len(steps) < 5
+
+    read_end, write_end = os.pipe()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server = _zygote_server.Server(listener, read_end, tmp_path / "workers.log", idle)
+        server.work_ahead()
+        assert (steps, server.busy) == (([0, 1, 2, 3, 4], False) if ahead_s else ([], True))
+        server.work_ahead()  # the bound counts from the first request
+        assert len(steps) == (5 if ahead_s else 0)
+    finally:
+        listener.close()
+        os.close(read_end)
+        os.close(write_end)

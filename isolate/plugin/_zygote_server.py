@@ -36,6 +36,9 @@ _STARTUP_VARS = ("LANG", "LANGUAGE", "TZ", "COVERAGE_PROCESS_START")  # the last
 _PRELOAD = ("psycopg", "redis")
 #: How long the zygote waits for its workers after the controller is gone.
 DRAIN_S = 10.0
+#: How long, from the first request on, a request waits for the idle work to be done
+#: before its worker is forked: a worker forked earlier does the rest itself, again.
+AHEAD_S = 1.0
 
 
 def _startup_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -57,6 +60,8 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.refusal: str | None = None
         self.idle = idle
+        self.busy = idle is not None  # idle work left to do
+        self.ahead_until: float | None = None  # requests wait for it until then
         self.in_worker = in_worker
 
     def note(self, line: str) -> None:
@@ -80,12 +85,11 @@ class Server:
         self.selector.register(self.lifeline, selectors.EVENT_READ, "lifeline")
         self.selector.register(wake_r, selectors.EVENT_READ, "signal")
         closing_at: float | None = None
-        busy = self.idle is not None
         while closing_at is None or self.children:
             timeout = None if closing_at is None else max(0.0, closing_at + DRAIN_S - time.monotonic())
-            events = self.selector.select(0 if busy and closing_at is None else timeout)
-            if not events and busy and closing_at is None:
-                busy = self.idle_step()
+            events = self.selector.select(0 if self.busy and closing_at is None else timeout)
+            if not events and self.busy and closing_at is None:
+                self.busy = self.idle_step()
             for key, _ in events:
                 if key.data == "accept":
                     self.accept()
@@ -104,8 +108,16 @@ class Server:
                     os.kill(pid, signal.SIGKILL)
                 self.reap(block=True)
 
+    def work_ahead(self) -> None:
+        """Before a worker is forked: finish the idle work, within ``AHEAD_S`` of the first
+        request (the worker would otherwise redo what is left, beside the zygote)."""
+        if self.ahead_until is None:
+            self.ahead_until = time.monotonic() + AHEAD_S
+        while self.busy and time.monotonic() < self.ahead_until:
+            self.busy = self.idle_step()
+
     def idle_step(self) -> bool:
-        """One step of the idle work (requests come first); ``False`` when done or failed."""
+        """One step of the idle work; ``False`` when done or failed."""
         assert self.idle is not None
         try:
             more = self.idle()
@@ -144,6 +156,7 @@ class Server:
                 conn.sendall(f"no {reason}\n".encode())
                 conn.close()
                 return
+            self.work_ahead()
             pid = os.fork()
             if pid == 0:
                 self.become_worker(fds, request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,12 @@ from tenacity import (
 )
 
 T = TypeVar("T")
+
+#: The service speaks plain HTTP, yet httpx builds a TLS context for every client made
+#: without one (``httpx.get`` included), loading the CA bundle (~18 ms of CPU each time).
+#: Tests that make their own clients pass this one, which loads nothing: it trusts no
+#: certificate, so a stray ``https://`` fails (conftest's ``api`` fixture has its own).
+NO_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "https://datastorage.example/problems/"

@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from _support import eventually, list_events, new_event, wait_until
+from _support import NO_TLS, eventually, list_events, new_event, wait_until
 
 pytestmark = pytest.mark.shutdown
 
@@ -48,7 +48,7 @@ def connection_refused(service) -> bool:
     publishes (``service.proxied``: port-mapped mode) the engine's proxy accepts the
     connection and hangs up on it without a response instead of refusing it."""
     try:
-        httpx.get(service.url + "/health/live", timeout=1.0)
+        httpx.get(service.url + "/health/live", timeout=1.0, verify=NO_TLS)
     except httpx.ConnectError:
         return True
     except (httpx.RemoteProtocolError, httpx.ReadError):
@@ -206,7 +206,7 @@ def test_restart_keeps_url_and_port(isolate_service):
     url, port = isolate_service.url, isolate_service.port
     isolate_service.restart()
     assert (isolate_service.url, isolate_service.port) == (url, port)
-    assert httpx.get(url + "/health/ready").status_code == 200
+    assert httpx.get(url + "/health/ready", verify=NO_TLS).status_code == 200
 
 
 def test_data_persists_across_graceful_restart(api, cid, isolate_service):

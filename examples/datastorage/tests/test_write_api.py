@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from _support import assert_problem, eventually, list_events, new_event, new_id, ts
+from _support import NO_TLS, assert_problem, eventually, list_events, new_event, new_id, ts
 
 
 def test_post_event_returns_201_with_location_and_stored_db(api, cid):
@@ -184,7 +184,7 @@ def test_schema_version_shape(api):
 
 def test_concurrent_writes_are_all_stored(api, cid, isolate_service):
     def post(i):
-        with httpx.Client(base_url=isolate_service.url, timeout=10) as client:
+        with httpx.Client(base_url=isolate_service.url, timeout=10, verify=NO_TLS) as client:
             return client.post("/events", json=new_event(cid, actor=f"w{i}")).status_code
 
     with ThreadPoolExecutor(8) as pool:
