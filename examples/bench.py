@@ -332,7 +332,7 @@ NOTES = """## Reading the numbers
   bound of 11.8 s), against 1.23. Paired runs at 4 workers, native, alternated: 14.29-14.38 s
   against 14.65-14.91 s for the first two changes, then 13.75-14.00 s against 14.32-14.41 s
   for the run's fork server.
-- Since then (this bench, from a clean clone of 6d835e5; the workload changed, so compare
+- Since then (the bench of 6d835e5, from a clean clone; the workload changed, so compare
   the cells of one bench): the example suite's tests are cheaper. Its HTTP clients share one
   TLS context that loads no CA bundle (httpx loaded it into a new context for every client,
   ~18 ms of CPU each: ~40% of the workers' CPU), and it no longer loads two plugins it does
@@ -350,6 +350,21 @@ NOTES = """## Reading the numbers
   5 s test then takes ~6 s beside seven others, and the serial test and the run's end
   follow (a timeline of one run: first tests at 1.15-1.64 s, the bulk done at 7.5-7.7 s, a
   last test misjudged at 0.6 s that took 1.25 s until 8.62 s, the serial test until 9.03 s).
+- Since then (this bench, from a clean clone of 15f75ab): an xdist controller starts the
+  run's PostgreSQL while xdist starts the workers, no longer after, so no worker waits for
+  it (`postgres_wait` ~1 ms against 0.2-0.4 s at 4-16 workers native). Native 1 / 2 / 4 / 8
+  / 16 workers: 40.7 / 21.9 / 12.0 / 8.6 / 8.4 s against 41.8 / 21.9 / 12.4 / 8.5 / 8.7 s in
+  the bench of 6d835e5; docker 4 / 8 / 16 workers: 18.0 / 15.8 / 22.3 s against 18.1 /
+  17.5 / 24.1 s. The bound counts that wait, so wall/bound hardly moves: native 4 workers
+  1.196 and 1.208 (1.18 and 1.20 before), 8 workers 1.49 and 1.57 (the bound there is the
+  longest test, as above). `service_ready` (a worker's first service start, from the
+  test's ask) rose to a median of 225 ms from 95 ms: the run's fork server preloads the
+  service from the first ask on, and that preload used to run while the worker waited for
+  PostgreSQL; it now shows in the service's start. A worker's whole wait for its stack
+  (`worker_stack_ready`) is 0.08-0.45 s native. Docker 4 workers, wall/bound 1.32-1.33
+  (1.23-1.29 before) at the same wall: its bound's start-up fell with `postgres_wait`.
+  The shared-stack baseline varies from run to run as much as before: 92-95% passed at 2
+  workers; at 4, 83% in one run (31 s) and 57% in the other (199 s, waiting out timeouts).
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
@@ -396,10 +411,10 @@ NOTES = """## Reading the numbers
 - Docker containers run under dockerd, so their CPU is in the machine's busy time but not
   in pytest's; the docker rows' start-up includes the container starts.
 - The shared-stack baseline is wrong, and slower where it runs its course: its tests wait on a
-  service other workers keep stopping (and time out). In this bench 7-8% of its tests failed
-  at 2 workers (34 s against isolate's 21.9 s), and at 4 workers 40% in one run (81 s) and
-  95% in the other, where the shared service was gone within seconds and every later test
-  failed at once (7 s).
+  service other workers keep stopping (and time out). In the bench of 6d835e5, 7-8% of its
+  tests failed at 2 workers (34 s against isolate's 21.9 s), and at 4 workers 40% in one run
+  (81 s) and 95% in the other, where the shared service was gone within seconds and every
+  later test failed at once (7 s); this bench's runs are in the note above.
 """
 
 
