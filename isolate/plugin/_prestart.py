@@ -7,8 +7,8 @@ worker's Redis, by that worker's first test that needs it. Instead:
 - the controller of an xdist run, which has nothing to do while xdist starts the
   workers, starts PostgreSQL then, in a thread (without xdist, the one process does so
   while it collects); it waits for the start to end before it hands out any test, which
-  the workers would wait for anyway. Whoever asks for it later finds it started, or waits for the start
-  under way (:meth:`isolate._stack.WorkerStack.shared`);
+  the workers would wait for anyway. Whoever asks for it later finds it started, or waits
+  for the start under way (:meth:`isolate._stack.WorkerStack.shared`);
 - every process that runs tests starts its own Redis in a thread while it collects, and
   its first test waits for the start to end (see :class:`Prestart` for why).
 
@@ -95,15 +95,23 @@ class Prestart:
 
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_sessionstart(self, session: pytest.Session) -> Generator[None, object, object]:
+        if not self.owner or self.runs_tests:
+            return (yield)
         # Inside pytest's capture of the session's start, around xdist's, which starts the
         # workers one after another: PostgreSQL starts meanwhile, and is ready (or failed)
         # before the collection's capture begins.
-        if self.owner and not self.runs_tests:
-            start_ahead(session.config, self.stack, owner=True, runs_tests=False)
+        start_ahead(session.config, self.stack, owner=True, runs_tests=False)
         try:
             return (yield)
         finally:
             wait_for_start(session.config)
+
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, object, object]:
+        try:
+            return (yield)
+        finally:
+            wait_for_start(session.config)  # before the session's end begins its capture
 
 
 def start_ahead(config: pytest.Config, stack: WorkerStack, *, owner: bool, runs_tests: bool) -> None:
