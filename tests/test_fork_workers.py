@@ -468,3 +468,47 @@ def test_a_request_waits_for_the_work_ahead_within_its_bound(
         listener.close()
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_launcher_request_decodes_to_what_the_launcher_had() -> None:
+    """The launcher's request (built without ``json``: it must start fast) carries a
+    process's strings, undecodable bytes and ``=`` in values included."""
+    from isolate.plugin._zygote_client import decode, encode
+
+    env = {b"A": b"1=2", b"ODD": b"caf\xe9", b"EMPTY": b""}
+    packed = encode(b"/w/d\xe9", 0o022, [13, 2], [], [b"-u", b"-c", b"import sys"], env)
+    request = decode(packed[4:])
+    assert int.from_bytes(packed[:4], "big") == len(packed) - 4
+    assert request == {
+        "cwd": os.fsdecode(b"/w/d\xe9"), "umask": 0o022, "ignored": [13, 2], "blocked": [],
+        "argv": ["-u", "-c", "import sys"], "env": {"A": "1=2", "ODD": os.fsdecode(b"caf\xe9"), "EMPTY": ""},
+    }  # fmt: skip
+    for bad in (b"", b"isolate-zygote/1\0/\x0018\0\0\0\x000", packed[4:] + b"\0NOEQUALS", packed[4:-40]):
+        with pytest.raises(ValueError, match="malformed"):
+            decode(bad)
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_the_bootstrap_runs_the_gateway_compiled_once_and_the_rest_where_it_stands(
+    monkeypatch: pytest.MonkeyPatch, known: bool
+) -> None:
+    """What execnet's bootstrap line receives starts with its gateway's source, which the
+    zygote compiles once: the rest runs after it, in the same namespace, on its own line
+    numbers; a source that does not start with it runs as sent."""
+    import io
+    import traceback
+
+    from isolate.plugin._zygote_server import _bootstrap
+
+    gateway = "GATEWAY = 1\n\ndef double(x):\n    return 2 * x\n"
+    compiled = compile(gateway, "<string>", "exec", dont_inherit=True)
+    rest = "RESULT = double(GATEWAY) + len(sys.argv)\nraise LookupError(RESULT)"
+    sent = (gateway if known else gateway.replace("2 *", "3 *")) + "\n" + rest
+    monkeypatch.setattr(sys, "stdin", io.StringIO(repr(sent) + "\n"))
+    namespace: dict[str, object] = {}
+    with pytest.raises(LookupError) as caught:
+        _bootstrap(namespace, (gateway, compiled))
+    assert namespace["RESULT"] == (2 if known else 3) + len(sys.argv)
+    assert namespace["sys"] is sys
+    where = traceback.extract_tb(caught.value.__traceback__)[-1]
+    assert (where.filename, where.lineno) == ("<string>", sent.count("\n") + 1)
