@@ -568,6 +568,47 @@ def test_url_stable_and_graceful_stop_host_mode(
         docker_engine.containers.get(container_id)
 
 
+def test_whether_a_container_runs_is_asked_of_the_kernel_while_its_init_runs(
+    make_service: Any, docker_engine: Any
+) -> None:
+    """Asked before every test: no call to the engine while the init it last saw running
+    runs; a container killed behind isolate's back is seen stopped as soon as its init is
+    gone, and the next test's ``ensure_running`` starts it again."""
+    svc = make_service(app_spec("dk-stable"))
+    svc.start()
+    container = svc.launcher.container
+    asked: list[int] = []
+    reload = container.reload
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        asked.append(1)
+        return reload(*args, **kwargs)
+
+    container.reload = counted
+    assert all(svc.is_running for _ in range(50)) and asked == []
+    docker_engine.containers.get(container.id).kill()  # not through isolate
+    for attempt in Retrying(stop=stop_after_delay(10), wait=wait_fixed(0.02), reraise=True):
+        with attempt:
+            assert not svc.is_running
+    assert asked, "the engine was not asked once the init had gone"
+    svc.ensure_running()
+    assert svc.is_running and get_json(svc.url + "/health")["instance"] == svc.name
+    assert docker_engine.containers.get(container.id).attrs["State"]["Running"]
+
+
+def test_an_init_watch_is_only_taken_on_a_process_in_the_containers_cgroup() -> None:
+    """A pid the engine reports that is not this machine's container init (another pid
+    namespace, a remote engine, a pid reused since) is never watched: the engine is asked."""
+    from isolate._docker.containers import InitWatch
+
+    class Stranger:
+        id = "f" * 64
+
+    assert InitWatch.of(Stranger(), {"Running": True, "Pid": os.getpid()}) is None  # ours, not its cgroup
+    assert InitWatch.of(Stranger(), {"Running": True, "Pid": 2**22 + 1}) is None  # no such process
+    assert InitWatch.of(Stranger(), {"Running": False, "Pid": os.getpid()}) is None
+
+
 def test_stop_kills_a_container_ignoring_sigterm_after_the_timeout(
     make_service: Any, images: Images
 ) -> None:

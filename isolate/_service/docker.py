@@ -6,11 +6,12 @@ import contextlib
 import math
 import re
 import signal
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .._docker.containers import container_logs, container_state, remove_container
+from .._docker.containers import InitWatch, container_logs, container_state, remove_container
 from .._docker.context import DockerRun
 from .._docker.engine import reason
 from .._docker.images import build_image, ensure_image
@@ -52,6 +53,7 @@ class ContainerLauncher:
         self.image = self._resolve_image(Path(rootdir))
         self.container: Any = None
         self._final_logs = ""
+        self._watch: InitWatch | None = None  # see is_running
 
     def _resolve_image(self, rootdir: Path) -> str:
         spec = self.spec
@@ -132,9 +134,17 @@ class ContainerLauncher:
             ) from None
 
     def _state(self) -> dict[str, Any]:
-        return container_state(self.container) if self.container is not None else {}
+        """The engine's word on the container (and the watch on its init re-armed from it)."""
+        state = container_state(self.container) if self.container is not None else {}
+        if self._watch is not None and not self._watch.alive():
+            self._watch = None
+        if self._watch is None and state.get("Running"):
+            self._watch = InitWatch.of(self.container, state)
+        return state
 
     def exit_code(self) -> int | None:
+        if self._watch is not None and self._watch.alive():
+            return None  # its init runs: so does the container
         state = self._state()
         if not state or state.get("Running") or state.get("Status") == "created":
             return None
@@ -143,11 +153,15 @@ class ContainerLauncher:
     def wait_exit(self, timeout: float) -> int | None:
         if self.container is None:
             return None
-        poll_until(lambda: not self._state().get("Running"), timeout, initial=0.01, maximum=0.1)
+        deadline = time.monotonic() + timeout
+        if self._watch is not None and not self._watch.wait(timeout):
+            return None  # its init still runs
+        # The engine marks it stopped a moment after its init is gone (or, unwatched, whenever).
+        poll_until(lambda: not self._state().get("Running"), deadline - time.monotonic(), initial=0.01, maximum=0.1)
         return self.exit_code()
 
     def stop(self, sig: int, timeout: float) -> int | None:
-        if not self._state().get("Running"):
+        if not self.is_running:
             return self.exit_code()
         if sig == signal.SIGTERM:
             # docker stop -t: the image's stop signal (SIGTERM by default), then SIGKILL.
@@ -161,19 +175,23 @@ class ContainerLauncher:
         return self.exit_code()
 
     def kill(self) -> int | None:
-        if self._state().get("Running"):
+        if self.is_running:
             with contextlib.suppress(Exception):  # it may exit between the check and the kill
                 self.container.kill()
             self.wait_exit(10.0)
         return self.exit_code()
 
     def signal(self, sig: int) -> None:
-        if self._state().get("Running"):
+        if self.is_running:
             with contextlib.suppress(Exception):
                 self.container.kill(signal=int(sig))
 
     @property
     def is_running(self) -> bool:
+        """Asked before every test: the kernel answers while the init the engine last saw
+        running still runs (:class:`~isolate._docker.containers.InitWatch`), else the engine."""
+        if self._watch is not None and self._watch.alive():
+            return True
         return bool(self._state().get("Running"))
 
     @property
@@ -194,6 +212,9 @@ class ContainerLauncher:
 
     def close(self) -> None:
         """Remove the container (and its volumes), keeping its logs."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self.container is not None:
             self._final_logs = container_logs(self.container)
             remove_container(self.container)

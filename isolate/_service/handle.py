@@ -278,6 +278,8 @@ class ServiceHandle:
         exited = _at_most_every(EXIT_CHECK_INTERVAL, lambda: self.launcher.exit_code() is not None)
         done = poll_until(lambda: self.is_ready() or exited(), limit, maximum=0.03)
         code = self.launcher.exit_code()
+        if done and code is None:
+            return
         log_tail = tail_text(self.logs()[self._log_mark :])
         if code is not None:
             self.last_exit_code = code
