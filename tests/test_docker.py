@@ -609,6 +609,21 @@ def test_an_init_watch_is_only_taken_on_a_process_in_the_containers_cgroup() -> 
     assert InitWatch.of(Stranger(), {"Running": False, "Pid": os.getpid()}) is None
 
 
+@pytest.mark.parametrize(("cgroups", "inside"), [
+    ("0::/system.slice/docker-{id}.scope\n", True),
+    ("12:memory:/docker/{id}\n0::/\n", True),
+    ("0::/docker/{id}/\n", True),
+    ("0::/user.slice/docker-{id}.scope.evil\n", False),
+    ("0::/user.slice/{id}-planted/child\n", False),
+    ("0::/\n", False),
+])  # fmt: skip
+def test_a_process_is_in_a_containers_cgroup_only_where_a_path_ends_with_it(cgroups: str, inside: bool) -> None:
+    from isolate._docker.containers import _in_cgroup_of
+
+    container_id = "ab" * 32
+    assert _in_cgroup_of(cgroups.format(id=container_id), container_id) is inside
+
+
 def test_stop_kills_a_container_ignoring_sigterm_after_the_timeout(
     make_service: Any, images: Images
 ) -> None:

@@ -82,7 +82,7 @@ class InitWatch:
         try:
             # Read after the pidfd is taken, and trusted only if the process behind it
             # still runs afterwards: then /proc named that process, not a reuse of its pid.
-            names = str(container.id) in Path(f"/proc/{pid}/cgroup").read_text()
+            names = _in_cgroup_of(Path(f"/proc/{pid}/cgroup").read_text(), str(container.id))
         except OSError:
             names = False
         if names and watch.alive():
@@ -108,6 +108,14 @@ class InitWatch:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+
+
+def _in_cgroup_of(cgroups: str, container_id: str) -> bool:
+    """Whether a process's ``/proc/<pid>/cgroup`` puts it in the container's own cgroup:
+    the last part of a path is the id (cgroupfs: ``/docker/<id>``) or names its systemd
+    scope (``docker-<id>.scope``), not merely holds it."""
+    ends = (container_id, f"docker-{container_id}.scope")
+    return any(line.rpartition(":")[2].rstrip("/").rpartition("/")[2] in ends for line in cgroups.splitlines())
 
 
 def put_file(container: Any, path: str, text: str, mode: int = 0o644) -> None:
