@@ -350,7 +350,7 @@ NOTES = """## Reading the numbers
   5 s test then takes ~6 s beside seven others, and the serial test and the run's end
   follow (a timeline of one run: first tests at 1.15-1.64 s, the bulk done at 7.5-7.7 s, a
   last test misjudged at 0.6 s that took 1.25 s until 8.62 s, the serial test until 9.03 s).
-- Since then (this bench, from a clean clone of 15f75ab): an xdist controller starts the
+- Then (the bench of 15f75ab): an xdist controller starts the
   run's PostgreSQL while xdist starts the workers, no longer after, so no worker waits for
   it (`postgres_wait` ~1 ms against 0.2-0.4 s at 4-16 workers native). Native 1 / 2 / 4 / 8
   / 16 workers: 40.7 / 21.9 / 12.0 / 8.6 / 8.4 s against 41.8 / 21.9 / 12.4 / 8.5 / 8.7 s in
@@ -365,6 +365,26 @@ NOTES = """## Reading the numbers
   (1.23-1.29 before) at the same wall: its bound's start-up fell with `postgres_wait`.
   The shared-stack baseline varies from run to run as much as before: 92-95% passed at 2
   workers; at 4, 83% in one run (31 s) and 57% in the other (199 s, waiting out timeouts).
+- Since then (this bench: a clean clone of 13f6410, 3 repetitions; the shared-stack
+  baseline from a 2-repetition bench of 56fb614 the same day): a forked worker's part of
+  xdist's one-after-another start is shorter (its launcher imports only modules built into
+  the interpreter, ~7 ms instead of ~17 ms, and the worker no longer compiles execnet's
+  gateway: 8 workers set up in 0.53-0.60 s instead of ~0.76 s, and no test starts before);
+  the docker backend asks the kernel whether a service container runs (a pidfd of its
+  init) instead of `docker inspect` before every test (237 inspects at 1 worker instead of
+  767); the example blocks platformdirs' pytest plugin too. Native 1 / 2 / 4 / 8 / 16
+  workers: 41.2 / 21.6 / 12.1 / 8.5 / 8.1 s against 40.7 / 21.9 / 12.0 / 8.6 / 8.4 s;
+  docker 4 / 8 / 16 workers 17.8 / 15.6 / 20.8 s against 18.0 / 15.8 / 22.3 s. The ratios
+  stay where they were: native 4 workers 1.197-1.213 (the median, 1.203, is over the
+  line), 8 workers 1.49-1.63 (its bound is still the 5.45 s DLQ test plus ~0.1 s), docker 4
+  workers 1.28-1.34. What the changes save is mostly inside the bound too (a test's
+  inspect is part of the 1-worker test time the bound divides), or a few tens of ms of the
+  start: the rest of the gap is the workers' boot on 2 cores (first tests at 0.75-1.1 s at
+  4 workers, 1.0-1.8 s at 8), the serial test and the run's end (~0.5 s), and the tests
+  slowing each other down (in one pair of runs, native: 43.0 s of tests at 4 workers
+  against 40.7 s at 1; docker: 62 s against 52 s, mostly service restarts and first
+  starts, while the machine is about half idle). The first service start's median is
+  192 ms (225 ms before; target < 150 ms, still missed).
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
