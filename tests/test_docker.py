@@ -1205,6 +1205,50 @@ def test_a_dockerfile_outside_the_context_with_build_args(
     assert image.labels.get("isolate.build_context") == str(context)  # cleanup --caches finds it
 
 
+@pytest.mark.parametrize("error", [
+    "failed to export image: failed to set parent sha256:{h}: unknown parent image ID sha256:{h}",
+    "failed to get digest sha256:{h}: open /var/lib/docker/image/overlay2/imagedb/content/sha256/{h}: "
+    "no such file or directory",
+])  # fmt: skip
+def test_a_build_whose_cached_layer_was_removed_meanwhile_goes_again(
+    tmp_path: Path, images: Images, docker_engine: Any, monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
+    """``isolate cleanup --caches`` in another shell (or ``docker image prune``) may remove
+    an image whose layers a build is taking from the cache; the engine then fails the
+    build with one of these errors (seen: 3 of 40 builds beside a loop of clean-ups). The
+    build goes again, from what is left; a Dockerfile's own error is not tried twice."""
+    import docker.errors
+    import docker.models.images
+
+    from isolate._docker.images import build_image
+
+    _write_context(tmp_path, images.python, "cache gone")
+    builds: list[str] = []
+    injected: list[str] = []
+    real = docker.models.images.ImageCollection.build
+
+    def build(self: Any, **kwargs: Any) -> Any:
+        builds.append(kwargs["tag"])
+        if not injected:  # the engine's answer when the race happens, once
+            injected.append(error)
+            raise docker.errors.BuildError(error.format(h="ab" * 32), build_log=[])
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(docker.models.images.ImageCollection, "build", build)
+    tag = build_image(docker_engine, "dk-cachegone", tmp_path)
+    try:
+        assert builds == [tag, tag]
+        docker_engine.images.get(tag)
+        (tmp_path / "Dockerfile").write_text(f"FROM {images.python}\nRUN exit 3\n")
+        builds.clear()
+        with pytest.raises(isolate.ImageNotFoundError, match="building image"):
+            build_image(docker_engine, "dk-cachegone", tmp_path)
+        assert len(builds) == 1
+    finally:
+        with contextlib.suppress(Exception):
+            docker_engine.images.remove(tag, force=True)
+
+
 def test_edited_build_context_runs_the_new_code(tmp_path: Path, images: Images, builds: Builds) -> None:
     """Two runs of the same service: a file of its build context edited in between
     (re-included by a ``!`` line of .dockerignore) must reach the second run."""

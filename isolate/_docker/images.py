@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .._cache import hold_or_make, remove_unused
 from .._errors import ConfigError, DockerUnavailableError, ImageNotFoundError, tail_text
@@ -154,30 +154,47 @@ def _present(client: Any, tag: str) -> bool:
     return True
 
 
+#: What the engine says when an image a build took a cached layer from was removed
+#: meanwhile (``isolate cleanup --caches`` in another shell, ``docker image prune``).
+_CACHE_GONE = re.compile(r"unknown parent image|failed to get digest|no such image: sha256|layer does not exist", re.I)
+#: Builds of one image: a build whose cached layers were removed meanwhile goes again.
+_BUILD_ATTEMPTS = 3
+
+
 def _build(client: Any, context: Path, tag: str, dockerfile: Path | None = None,
            build_args: Mapping[str, str] | None = None) -> None:  # fmt: skip
     started = time.monotonic()
-    try:
-        client.images.build(
-            path=str(context), tag=tag, rm=True, forcerm=True, pull=False,
-            network_mode="host", labels={BUILD_LABEL: str(context)},
-            dockerfile=str(dockerfile) if dockerfile else None, buildargs=dict(build_args or {}),
-        )  # fmt: skip
-    except Exception as exc:
-        build_log = getattr(exc, "build_log", None) or []
-        text = "".join(
-            str(chunk.get("stream") or chunk.get("error") or "")
-            for chunk in build_log
-            if isinstance(chunk, dict)
-        )
-        raise ImageNotFoundError(
-            f"building image {tag} from {context} failed: {reason(exc)}",
-            log_tail=tail_text(text, 20) or None,
-            hint="fix the Dockerfile (base images must exist locally or be pullable), "
-            "or set ServiceSpec.image to an image that exists",
-            context=context,
-        ) from None
+    for attempt in range(1, _BUILD_ATTEMPTS + 1):
+        try:
+            client.images.build(
+                path=str(context), tag=tag, rm=True, forcerm=True, pull=False,
+                network_mode="host", labels={BUILD_LABEL: str(context)},
+                dockerfile=str(dockerfile) if dockerfile else None, buildargs=dict(build_args or {}),
+            )  # fmt: skip
+            break
+        except Exception as exc:
+            if attempt < _BUILD_ATTEMPTS and _CACHE_GONE.search(reason(exc)):
+                logger.info("building %s again: a layer it took from the cache was removed (%s)", tag, reason(exc))
+                continue
+            _build_failed(exc, context, tag)
     logger.info("built %s in %.1fs", tag, time.monotonic() - started)
+
+
+def _build_failed(exc: Exception, context: Path, tag: str) -> NoReturn:
+    """The build's error, with the tail of its log."""
+    build_log = getattr(exc, "build_log", None) or []
+    text = "".join(
+        str(chunk.get("stream") or chunk.get("error") or "")
+        for chunk in build_log
+        if isinstance(chunk, dict)
+    )
+    raise ImageNotFoundError(
+        f"building image {tag} from {context} failed: {reason(exc)}",
+        log_tail=tail_text(text, 20) or None,
+        hint="fix the Dockerfile (base images must exist locally or be pullable), "
+        "or set ServiceSpec.image to an image that exists",
+        context=context,
+    ) from None
 
 
 def volume_mounts(image: Any, labels: Mapping[str, str]) -> list[Any]:
