@@ -92,22 +92,29 @@ class InitWatch:
 
     def alive(self) -> bool:
         """The init still runs (``False`` once it exited, and from then on)."""
-        if self._pidfd is None:
-            return False
-        if select.select([self._pidfd], [], [], 0)[0]:
+        if self._pidfd is not None and _exited(self._pidfd, 0):
             self.close()
         return self._pidfd is not None
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the init to exit; whether it has."""
-        if self._pidfd is not None and select.select([self._pidfd], [], [], max(timeout, 0.0))[0]:
+        if self._pidfd is not None and _exited(self._pidfd, timeout):
             self.close()
         return self._pidfd is None
+
 
     def close(self) -> None:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+
+
+def _exited(pidfd: int, timeout: float) -> bool:
+    """Whether the process of ``pidfd`` exits within ``timeout`` seconds (poll, not select:
+    a worker may hold more descriptors than select takes)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
 def _in_cgroup_of(cgroups: str, container_id: str) -> bool:
