@@ -102,7 +102,6 @@ class InitWatch:
             self.close()
         return self._pidfd is None
 
-
     def close(self) -> None:
         if self._pidfd is not None:
             os.close(self._pidfd)

@@ -136,14 +136,19 @@ class ContainerLauncher:
     def _state(self) -> dict[str, Any]:
         """The engine's word on the container (and the watch on its init re-armed from it)."""
         state = container_state(self.container) if self.container is not None else {}
-        if self._watch is not None and not self._watch.alive():
-            self._watch = None
-        if self._watch is None and state.get("Running"):
+        if not self._init_runs() and state.get("Running"):
             self._watch = InitWatch.of(self.container, state)
         return state
 
+    def _init_runs(self) -> bool:
+        """The init the engine last saw running still runs (the kernel says; no watch,
+        or one whose init has exited, says nothing)."""
+        if self._watch is not None and not self._watch.alive():
+            self._watch = None
+        return self._watch is not None
+
     def exit_code(self) -> int | None:
-        if self._watch is not None and self._watch.alive():
+        if self._init_runs():
             return None  # its init runs: so does the container
         state = self._state()
         if not state or state.get("Running") or state.get("Status") == "created":
@@ -190,9 +195,7 @@ class ContainerLauncher:
     def is_running(self) -> bool:
         """Asked before every test: the kernel answers while the init the engine last saw
         running still runs (:class:`~isolate._docker.containers.InitWatch`), else the engine."""
-        if self._watch is not None and self._watch.alive():
-            return True
-        return bool(self._state().get("Running"))
+        return self._init_runs() or bool(self._state().get("Running"))
 
     @property
     def pid(self) -> int | None:
