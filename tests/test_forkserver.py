@@ -124,6 +124,31 @@ def test_a_forked_service_behaves_like_a_spawned_one(
     assert leftovers(run_id_of(result), mark) == []
 
 
+MANY_FDS = """
+import os, resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+HELD = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # held until the worker exits
+assert HELD[-1] >= 1024, "RLIMIT_NOFILE too low for this test: raise its hard limit"
+"""
+
+
+def test_a_worker_holding_more_descriptors_than_select_takes_ends_its_fork_server(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose tests keep over 1,024 descriptors open: the descriptor isolate opens
+    to wait for its fork server at the end is above select's limit, so the wait polls;
+    the run ends cleanly and leaves nothing."""
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv("LEFTOVER_MARK", mark)
+    _suite(pytester, forked=True)
+    pytester.makeconftest(CONFTEST + MANY_FDS)
+    result = pytester.runpytest_subprocess("-n", "1", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    assert "Error" not in result.stdout.str() + result.stderr.str()
+    assert leftovers(run_id_of(result), mark) == []
+
+
 def test_with_the_fork_server_off_it_is_spawned_and_the_header_says_so(pytester: pytest.Pytester) -> None:
     _suite(pytester, forked=False)
     result = pytester.runpytest_subprocess("-p", "no:randomly", "--isolate-fork-server=off")

@@ -8,7 +8,6 @@ import io
 import logging
 import math
 import os
-import select
 import tarfile
 import time
 from collections.abc import Callable, Mapping
@@ -19,6 +18,7 @@ from .._config import OPTIONS
 from .._errors import ServerStartError, tail_text
 from .._ports import PortLease
 from .._retry import poll_until, start_on_free_port
+from .._run.liveness import pidfd_exited
 from .._run.registry import ProcessRecord
 from .context import LABEL, MANAGED_FILTER, DockerRun, owner_of
 from .engine import engine, is_docker_error, reason
@@ -92,13 +92,13 @@ class InitWatch:
 
     def alive(self) -> bool:
         """The init still runs (``False`` once it exited, and from then on)."""
-        if self._pidfd is not None and _exited(self._pidfd, 0):
+        if self._pidfd is not None and pidfd_exited(self._pidfd, 0):
             self.close()
         return self._pidfd is not None
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the init to exit; whether it has."""
-        if self._pidfd is not None and _exited(self._pidfd, timeout):
+        if self._pidfd is not None and pidfd_exited(self._pidfd, timeout):
             self.close()
         return self._pidfd is None
 
@@ -107,13 +107,6 @@ class InitWatch:
             os.close(self._pidfd)
             self._pidfd = None
 
-
-def _exited(pidfd: int, timeout: float) -> bool:
-    """Whether the process of ``pidfd`` exits within ``timeout`` seconds (poll, not select:
-    a worker may hold more descriptors than select takes)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
 def _in_cgroup_of(cgroups: str, container_id: str) -> bool:

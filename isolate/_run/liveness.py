@@ -9,12 +9,13 @@ a container of the same run are always judged alike.
 from __future__ import annotations
 
 import os
+import select
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Owner", "is_alive", "process_start_ticks", "stat_fields"]
+__all__ = ["Owner", "is_alive", "pidfd_exited", "process_start_ticks", "stat_fields"]
 
 
 #: Linux: read ``/proc`` directly (cheap, and what the kernel says); elsewhere (macOS,
@@ -62,6 +63,15 @@ def is_alive(pid: int, start_ticks: int | None = None) -> bool:
     if fields is None or fields[0] in {"Z", "X"}:
         return False
     return start_ticks is None or int(fields[19]) == start_ticks
+
+
+def pidfd_exited(pidfd: int, timeout: float) -> bool:
+    """Whether the process of ``pidfd`` exits within ``timeout`` seconds (its pidfd becomes
+    readable then). Polls, not ``select``: a worker may hold more than the 1,024 descriptors
+    ``select`` takes, and a pidfd opened late is numbered above them."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
 def _read(path: str) -> str:

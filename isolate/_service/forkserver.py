@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import queue
-import select
 import signal
 import socket
 import subprocess
@@ -33,7 +32,7 @@ from .._errors import ConfigError, ServerStartError
 from .._fs import open_log
 from .._process import RunAs, as_user, tail
 from .._retry import poll_until
-from .._run.liveness import is_alive, process_start_ticks
+from .._run.liveness import is_alive, pidfd_exited, process_start_ticks
 from .._run.registry import ProcessRecord
 from .spec import ServiceSpec
 
@@ -150,7 +149,7 @@ def _wait_gone(pid: int, start_ticks: int | None, timeout: float) -> bool:
     try:
         if not is_alive(pid, start_ticks):  # gone, or the pid names another process now
             return True
-        return bool(select.select([pidfd], [], [], timeout)[0])
+        return pidfd_exited(pidfd, timeout)
     finally:
         os.close(pidfd)
 
