@@ -175,6 +175,25 @@ def test_while_nodes_still_collect_the_first_ones_hold_only_what_they_run() -> N
     assert planner.load([0.1, 0.2, 0.3]) == [Send("a", (2, 1, 0))]
 
 
+def test_a_node_on_a_long_test_takes_nothing_more_while_it_runs() -> None:
+    clock = Clock()
+    planner: Planner[str] = Planner(clock=clock)  # the default horizon
+    planner.expect(1)
+    planner.add_node("a")
+    assert planner.load([5.0, 1.0, 1.0, 1.0, 0.1, 0.1]) == [Send("a", (0, 5))]  # its filler behind
+    planner.expect(0)
+    # b comes: a would run out of tests to start only in 5 s, so the 1 s tests are not tied
+    # to it (should the 5 s test run long, they would wait behind it): they stay pooled.
+    assert planner.add_node("b") == [Send("b", (1, 2))]
+    clock.now = 1.0
+    assert planner.complete("b", 1, 1.0) == [Send("b", (3,))]
+    clock.now = 4.6  # a test this long may run past its estimate: a still takes nothing
+    assert planner.complete("b", 2, 3.6) == [Send("b", (4,))]
+    assert planner.pending("a") == [0, 5]
+    clock.now = 5.0  # a's test ends: its filler runs once it holds one more, or is told to stop
+    assert planner.complete("a", 0, 5.0) == [Shutdown("a")]
+
+
 def test_nodes_that_join_late_still_get_long_tests() -> None:
     # the four 5 s tests on four workers that join over 0.6 s: one each, not two on the first
     durations = [5.0] * 4 + [0.1] * 20

@@ -9,7 +9,9 @@ How it decides:
 * **Longest first.** The parallel tests wait in a pool ordered by their expected duration,
   longest first (ties in collection order, so with no history it is the collection order).
   The test at the head of the pool goes to the node expected to be free first, until every
-  node holds the test it runs, the next one, and about :data:`HORIZON` seconds more.
+  node holds the test it runs, the next one, and more only while it would otherwise run out
+  within :data:`HORIZON` seconds: a node on a long test takes no more until that test nears
+  its end, so a misjudged test never keeps another waiting behind it.
 * **Nodes join as they collect.** A node starts as soon as it has collected. While others
   are still collecting (see :meth:`expect`), a node holds only the two tests it needs to
   run one, and the second of them is the shortest of its kind in the pool if the first is
@@ -64,8 +66,8 @@ N = TypeVar("N", bound=Hashable)
 
 #: A worker needs two tests in hand to run the first: xdist starts test i once it holds i + 1.
 RUNNING = 2
-#: Seconds of expected work a node holds beyond the test it runs, so that it never waits for
-#: the controller's next message; longer tests than that are handed out one at a time.
+#: A node is given more while it would run out of tests to start within this many seconds,
+#: so that it never waits for the controller's next message.
 HORIZON = 0.5
 #: The most tests one node holds (many tiny tests).
 MAX_QUEUE = 64
@@ -295,7 +297,11 @@ class Planner(Generic[N]):
             return len(queue) < RUNNING and len(self._pools[0]) + len(self._pools[1]) > self._coming
         if len(queue) < RUNNING:
             return True
-        return len(queue) < MAX_QUEUE and sum(self.estimate(i) for i in queue[1:]) < self._horizon
+        # More only if the node would otherwise stall within the horizon: it runs each test
+        # once it holds the next, so it stalls when everything but its last test has run.
+        # A node on a long test takes nothing more until that test nears its end, so what
+        # it would take stays in the pool for whichever node is free first.
+        return len(queue) < MAX_QUEUE and self.remaining(node) - self.estimate(queue[-1]) < self._horizon
 
     def _hand_out(self) -> list[Action[N]]:
         sent: dict[N, list[int]] = {}
