@@ -11,7 +11,8 @@ How it decides:
   The test at the head of the pool goes to the node expected to be free first, until every
   node holds the test it runs, the next one, and more only while it would otherwise run out
   within :data:`HORIZON` seconds: a node on a long test takes no more until that test nears
-  its end, so a misjudged test never keeps another waiting behind it.
+  its end (ends, for a test of a second or more), so a misjudged test never keeps another
+  waiting behind it.
 * **Nodes join as they collect.** A node starts as soon as it has collected. While others
   are still collecting (see :meth:`expect`), a node holds only the two tests it needs to
   run one, and the second of them is the shortest of its kind in the pool if the first is
@@ -299,8 +300,9 @@ class Planner(Generic[N]):
             return True
         # More only if the node would otherwise stall within the horizon: it runs each test
         # once it holds the next, so it stalls when everything but its last test has run.
-        # A node on a long test takes nothing more until that test nears its end, so what
-        # it would take stays in the pool for whichever node is free first.
+        # A node on a long test takes nothing more until that test nears its end (one of a
+        # second or more: until it ends, as :meth:`remaining` never expects less than half
+        # the time it has run), so what it would take stays pooled for the node free first.
         return len(queue) < MAX_QUEUE and self.remaining(node) - self.estimate(queue[-1]) < self._horizon
 
     def _hand_out(self) -> list[Action[N]]:
