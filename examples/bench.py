@@ -365,8 +365,8 @@ NOTES = """## Reading the numbers
   (1.23-1.29 before) at the same wall: its bound's start-up fell with `postgres_wait`.
   The shared-stack baseline varies from run to run as much as before: 92-95% passed at 2
   workers; at 4, 83% in one run (31 s) and 57% in the other (199 s, waiting out timeouts).
-- Since then (this bench: a clean clone of 13f6410, 3 repetitions; the shared-stack
-  baseline from a 2-repetition bench of 56fb614 the same day): a forked worker's part of
+- Since then (the bench of 13f6410, 3 repetitions; the shared-stack baseline from a
+  2-repetition bench of 56fb614 the same day): a forked worker's part of
   xdist's one-after-another start is shorter (its launcher imports only modules built into
   the interpreter, ~7 ms instead of ~17 ms, and the worker no longer compiles execnet's
   gateway: 8 workers set up in 0.53-0.60 s instead of ~0.76 s, and no test starts before);
@@ -385,6 +385,24 @@ NOTES = """## Reading the numbers
   against 40.7 s at 1; docker: 62 s against 52 s, mostly service restarts and first
   starts, while the machine is about half idle). The first service start's median is
   192 ms (225 ms before; target < 150 ms, still missed).
+- Since then (this bench: a clean clone of 0e5cc66, 3 repetitions; the shared-stack
+  baseline is still the one of 56fb614): the duration scheduler counts a test as CPU-heavy
+  once its worker was busy a tenth of its duration (half before; the worker's CPU is only
+  the client's part of a request, so most of the example's short request tests counted as
+  waiting and ran all at once at the end: the 2 cores 90-98% busy for the last 1.3 s of a
+  4-worker run, 5-40% for the 8 s before), and gives a worker more tests only while it would
+  otherwise run out of tests to start within half a second (before: half a second of tests
+  beyond the one it ran, so a 1 s test could wait behind the 5.5 s DLQ test). The machine
+  was slower this day (native 1 worker 42.4 s against 41.2 s; docker 52.6 s against 52.1 s),
+  so the ratios say more than the walls: native 4 workers wall/bound 1.15-1.20, median 1.18
+  (1.197-1.213 before), 8 workers 1.45-1.50 (1.49-1.63; still its bound is the DLQ test),
+  docker 4 workers 1.29-1.30 (1.28-1.34) and 2.96x (2.92x). Native 4 workers 3.47x, 8
+  workers 5.24x (4.82x). Paired runs the same day, alternated, the two scheduler changes
+  against the commit before each: 4 workers 12.08 s against 12.42 s (11 pairs, heavy line)
+  and 12.01 s against 12.25 s (5 pairs, hand-out); 8 workers 8.17 s against 8.42 s (6
+  pairs, hand-out); 2 and 16 workers and docker at 4 within their noise. The first
+  service start, native, is 230 ms (192 ms before): at 1-2 workers 0.22-0.25 s (0.20-0.25
+  before), at 4 workers 0.09-0.24 s, whatever runs beside the preload.
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
