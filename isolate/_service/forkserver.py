@@ -179,6 +179,8 @@ class ForkServer:
         self._proc: subprocess.Popen[bytes] | None = None  # our own preloaded parent
         self._server: tuple[int, int | None] | None = None  # or the run fork server's child
         self._sock: socket.socket | None = None
+        self._hub_sock: socket.socket | None = None  # where the run's fork server answers first
+        self._reader: threading.Thread | None = None
         self._replies: queue.Queue[ForkedChild | str] = queue.Queue()
         self._children: dict[int, ForkedChild] = {}
         self._ready = threading.Event()
@@ -204,9 +206,10 @@ class ForkServer:
         finally:
             os.close(log)
             theirs.close()
-        self._sock = ours
+        self._sock, self._hub_sock = ours, hub
         reader = (self._read_via, (hub, ours)) if hub is not None else (self._read, (ours,))
-        threading.Thread(target=reader[0], args=reader[1], name=self.name, daemon=True).start()
+        self._reader = threading.Thread(target=reader[0], args=reader[1], name=self.name, daemon=True)
+        self._reader.start()
 
     def _launch(self, config: Mapping[str, object], fd: int, log: int, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
         """Run the fork server's program on ``config`` (the preload added), passing it ``fd``."""
@@ -363,10 +366,16 @@ class ForkServer:
     def close(self) -> None:
         """Stop it (the children it forked are stopped by their own handles)."""
         if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)  # end-of-file: it exits by itself
+            for sock in (self._sock, self._hub_sock):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)  # end-of-file: it exits by itself
+            if self._reader is not None:
+                # Our reader reads end-of-file now and stops; closing the socket under it
+                # would make its next read fail ("Bad file descriptor").
+                self._reader.join(5)
             self._sock.close()
-            self._sock = None
+            self._sock = self._hub_sock = None
         if self._proc is not None:
             try:
                 self._proc.wait(5)
