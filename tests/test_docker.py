@@ -1226,7 +1226,9 @@ def test_a_build_whose_cached_layer_was_removed_meanwhile_goes_again(
 
     from isolate._docker.images import build_image
 
-    _write_context(tmp_path, images.python, "cache gone")
+    # A context of its own: the other case, maybe on another worker, must not have built
+    # (or be removing) the same image meanwhile.
+    _write_context(tmp_path, images.python, f"cache gone {new_run_id()}")
     builds: list[str] = []
     injected: list[str] = []
     real = docker.models.images.ImageCollection.build
