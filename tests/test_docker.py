@@ -844,6 +844,9 @@ def test_postgres_starts_from_a_seeded_image_with_a_password_of_its_own(
     assert seeded_image(ctx, ctx.settings.pg_image, config) == tag  # made once
     image = docker_engine.images.get(tag)
     assert image.labels.get("isolate.build_context") == "pg-seed"  # cleanup --caches removes it
+    # none of the seeding run's labels: a container made from it is not that run's (its
+    # reaper, or the next run's, would remove it)
+    assert {k: v for k, v in image.labels.items() if k.startswith("isolate.") and v} == {"isolate.build_context": "pg-seed"}
     # the password it was made with is not in the image
     # (run's remove=True can race the daemon's own removal: 409 "already in progress")
     box = docker_engine.containers.run(tag, entrypoint=["cat", "/tmp/isolate-postgres-password"],

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 _SECRET_PATH = "/tmp/isolate-postgres-password"  # noqa: S105, S108 - a path in the container
 #: The seeded cluster's data directory: not the image's ``VOLUME``, so a commit keeps it.
 _SEED_DATA = "/var/lib/postgresql/isolate-data"
-_SEED_RECIPE = "2"
+_SEED_RECIPE = "3"  # 3: without the seeding run's labels
 _PASSWORD_SQL = "/tmp/isolate-postgres-password.sql"  # noqa: S105, S108 - a path in the container
 #: A seeded container's entrypoint: set the run's password in single-user mode, then start
 #: the server; both through the image's own entrypoint (which drops to the postgres user).
@@ -108,9 +108,13 @@ def _commit_seed(ctx: DockerRun, base: str, tag: str, config: PostgresConfig) ->
             raise RuntimeError(f"{base} did not finish its init: {container_logs(container, 20)}")
         container.stop(timeout=30)  # the image's stop signal: a clean (fast) shutdown
         put_file(container, _SECRET_PATH, "")  # the password must not be in the image
+        # A commit keeps the container's labels, and every container made from the image
+        # inherits them: this run's would mark those as its own, and once it is gone the
+        # next run's reaper would remove them. Docker cannot drop a label: blank them.
+        blank = " ".join(f'{key}=""' for key in labels)
         container.commit(
             repository=tag.split(":")[0], tag=tag.split(":")[1],
-            changes=[f"ENV PGDATA={_SEED_DATA}", f"LABEL {BUILD_LABEL}=pg-seed"],
+            changes=[f"ENV PGDATA={_SEED_DATA}", f"LABEL {blank}", f"LABEL {BUILD_LABEL}=pg-seed"],
         )  # fmt: skip
     finally:
         remove_container(container)
