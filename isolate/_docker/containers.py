@@ -18,7 +18,7 @@ from .._config import OPTIONS
 from .._errors import ServerStartError, tail_text
 from .._ports import PortLease
 from .._retry import poll_until, start_on_free_port
-from .._run.liveness import pidfd_exited
+from .._run.liveness import open_pidfd, pidfd_exited
 from .._run.registry import ProcessRecord
 from .context import LABEL, MANAGED_FILTER, DockerRun, owner_of
 from .engine import engine, is_docker_error, reason
@@ -74,9 +74,8 @@ class InitWatch:
         pid = int(state.get("Pid") or 0)
         if not state.get("Running") or pid <= 0 or not getattr(container, "id", None):
             return None
-        try:
-            pidfd = os.pidfd_open(pid)
-        except (AttributeError, OSError):  # not Linux 5.3+, or not a pid of ours
+        pidfd = open_pidfd(pid)
+        if pidfd is None:  # not Linux 5.3+, or not a pid of ours
             return None
         watch = cls(pidfd)
         try:
@@ -106,7 +105,6 @@ class InitWatch:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
-
 
 
 def _in_cgroup_of(cgroups: str, container_id: str) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Owner", "is_alive", "pidfd_exited", "process_start_ticks", "stat_fields"]
+__all__ = ["Owner", "is_alive", "open_pidfd", "pidfd_exited", "process_start_ticks", "stat_fields"]
 
 
 #: Linux: read ``/proc`` directly (cheap, and what the kernel says); elsewhere (macOS,
@@ -63,6 +63,15 @@ def is_alive(pid: int, start_ticks: int | None = None) -> bool:
     if fields is None or fields[0] in {"Z", "X"}:
         return False
     return start_ticks is None or int(fields[19]) == start_ticks
+
+
+def open_pidfd(pid: int) -> int | None:
+    """A pidfd of ``pid`` (Linux 5.3+), or ``None`` where there is none (another platform,
+    an older kernel, a pid that is not running)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def pidfd_exited(pidfd: int, timeout: float) -> bool:

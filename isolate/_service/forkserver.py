@@ -32,7 +32,7 @@ from .._errors import ConfigError, ServerStartError
 from .._fs import open_log
 from .._process import RunAs, as_user, tail
 from .._retry import poll_until
-from .._run.liveness import is_alive, pidfd_exited, process_start_ticks
+from .._run.liveness import is_alive, open_pidfd, pidfd_exited, process_start_ticks
 from .._run.registry import ProcessRecord
 from .spec import ServiceSpec
 
@@ -94,7 +94,7 @@ class ForkedChild:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._pidfd = _pidfd(pid)
+        self._pidfd = open_pidfd(pid)
         self.start_ticks = process_start_ticks(pid)
         self.returncode: int | None = None
         self._changed = threading.Event()  # it exited, or became an orphan
@@ -143,7 +143,7 @@ class ForkedChild:
 def _wait_gone(pid: int, start_ticks: int | None, timeout: float) -> bool:
     """Wait until ``pid`` (not our child) has ended: on its pidfd, which becomes readable
     the moment it does, else by polling."""
-    pidfd = _pidfd(pid)
+    pidfd = open_pidfd(pid)
     if pidfd is None:
         return poll_until(lambda: not is_alive(pid, start_ticks), timeout)
     try:
@@ -152,14 +152,6 @@ def _wait_gone(pid: int, start_ticks: int | None, timeout: float) -> bool:
         return pidfd_exited(pidfd, timeout)
     finally:
         os.close(pidfd)
-
-
-def _pidfd(pid: int) -> int | None:
-    """A pidfd of ``pid`` (Linux 5.3+), or ``None`` where there is none."""
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
 
 
 class ForkServer:
