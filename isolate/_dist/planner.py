@@ -10,9 +10,7 @@ How it decides:
   longest first (ties in collection order, so with no history it is the collection order).
   The test at the head of the pool goes to the node expected to be free first, until every
   node holds the test it runs, the next one, and more only while it would otherwise run out
-  within :data:`HORIZON` seconds: a node on a long test takes no more until that test nears
-  its end (ends, for a test of a second or more), so a misjudged test never keeps another
-  waiting behind it.
+  within :data:`HORIZON` seconds: nothing waits behind a long test that runs long.
 * **Nodes join as they collect.** A node starts as soon as it has collected. While others
   are still collecting (see :meth:`expect`), a node holds only the two tests it needs to
   run one, and the second of them is the shortest of its kind in the pool if the first is
@@ -29,9 +27,7 @@ How it decides:
   a test never seen takes its file's median (see
   :class:`~isolate._dist.durations.ExpectedDurations`), and the pool is re-ordered as it moves.
 * **CPU-heavy tests spread out.** With the CPU time each test kept its worker busy in
-  earlier runs, a test that did so for at least :data:`HEAVY` of its duration is *heavy*
-  (the worker's CPU is the client's part only: a test that makes requests keeps it busy
-  10% of its time or more, one that mostly waits a few percent).
+  earlier runs, a test that did so for at least :data:`HEAVY` of its duration is *heavy*.
   It keeps about :data:`HEAVY_CORES` cores busy: its worker's, and as much again in the
   service and the database answering it. If more heavy tests ran at once than the cores
   can feed (the *slots*: cores / :data:`HEAVY_CORES`, at least one), they would slow each
@@ -72,12 +68,9 @@ RUNNING = 2
 HORIZON = 0.5
 #: The most tests one node holds (many tiny tests).
 MAX_QUEUE = 64
-#: A test whose worker was busy on the CPU for at least this share of its duration is heavy.
-#: The worker's CPU is only the client's part: while it waits for an answer, the service and
-#: the database work. A test that mostly waits (a timeout, a restart, a drain interval)
-#: keeps its worker busy a few percent of its duration; one that makes requests, 10% or
-#: more (the example after a 4-worker run: its 33 tests over 0.3 s all under 6%, 266 of its
-#: 277 others at 10% or more).
+#: A test whose worker was busy on the CPU for at least this share of its duration is heavy:
+#: that is only the client's part of a request (the example's waiting tests stay under 6%,
+#: 266 of its 277 short ones are over 10%; docs/design.md).
 HEAVY = 0.1
 #: The cores a heavy test keeps busy: its worker's, and about as much again in the service
 #: and the database that answer it.
@@ -298,11 +291,8 @@ class Planner(Generic[N]):
             return len(queue) < RUNNING and len(self._pools[0]) + len(self._pools[1]) > self._coming
         if len(queue) < RUNNING:
             return True
-        # More only if the node would otherwise stall within the horizon: it runs each test
-        # once it holds the next, so it stalls when everything but its last test has run.
-        # A node on a long test takes nothing more until that test nears its end (one of a
-        # second or more: until it ends, as :meth:`remaining` never expects less than half
-        # the time it has run), so what it would take stays pooled for the node free first.
+        # More only if it would stall within the horizon: it stalls once all but its last
+        # test has run. On a test of a second or more that is at its end (:meth:`remaining`).
         return len(queue) < MAX_QUEUE and self.remaining(node) - self.estimate(queue[-1]) < self._horizon
 
     def _hand_out(self) -> list[Action[N]]:
