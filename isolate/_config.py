@@ -239,10 +239,11 @@ OPTIONS: tuple[Option, ...] = (
            "get a fresh database as if they took isolate_fresh_database", "", _paths),
     Option("prestart", "start what the tests will use while pytest starts rather than when "
            "the first test needs it: the run's PostgreSQL (in an xdist run, in the controller "
-           "while the workers start and collect; schema mode, a PostgreSQL isolate starts) and "
-           "each worker's Redis (while the worker collects). auto (what the last run used, as "
-           "pytest's cache remembers; PostgreSQL also when --isolate-migrations is set), "
-           "always, or never", "auto", _choice("auto", "always", "never")),
+           "while the workers start and collect; schema mode, a PostgreSQL isolate starts), "
+           "each worker's Redis (while the worker collects) and the run's fork servers (in the "
+           "controller, from what the last run started them from, kept in this user's cache "
+           "dir). auto (what the last run used, as pytest's cache remembers; PostgreSQL also "
+           "when --isolate-migrations is set), always, or never", "auto", _choice("auto", "always", "never")),
     Option("bootstrap", "SQL file or directory run as the superuser once per run before "
            "the migrations (CREATE EXTENSION, roles the app expects; relative to the rootdir)",
            "", _optional_str),

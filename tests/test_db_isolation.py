@@ -3,16 +3,10 @@ migrations paid once per run in database mode, the bootstrap hook, and ``rebuild
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from isolate._config import default_base_dir
 
 HERE = Path(__file__).parent
 
@@ -184,16 +178,6 @@ if os.environ.get("CACHE_KEY"):
 def isolate_migrations():
     return migrate
 """
-
-
-@pytest.fixture
-def private_base() -> Iterator[str]:
-    """A base dir of the test's own: its template cache is not another test's, and no
-    concurrent ``cleanup --caches`` (the two-users test runs one) empties it in between."""
-    base = tempfile.mkdtemp(prefix="isolate-test-base-", dir=default_base_dir())
-    os.chmod(base, 0o755)  # the run-as user traverses it
-    yield f"--isolate-base-dir={base}"
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_the_migrated_template_is_cached_across_runs_by_content(

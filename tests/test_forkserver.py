@@ -19,7 +19,9 @@ from suite_support import leftovers, needs_root, run_id_of
 
 from isolate import ConfigError, ServiceSpec
 from isolate._run.groups import children
-from isolate._service.forkserver import _PROGRAM, fork_unavailable, python_argv
+from isolate._service.forkserver import fork_unavailable, python_argv
+from isolate._service.hubs import PROGRAM as _PROGRAM
+from isolate._service.hubs import HubRecipe, recall
 
 APP = '''
 import http.server, json, os, signal, sys, threading
@@ -266,9 +268,11 @@ def test_where(isolate_service, isolate_worker):
     with urllib.request.urlopen(isolate_service.url + "/", timeout=10) as resp:
         me = json.loads(resp.read())
     server = me["ppid"]
-    parent = int(Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    ppid = lambda pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    parent = ppid(server)
     Path(os.environ["RECORDS"], isolate_worker.worker_id).write_text(json.dumps({
         "server": server, "parent": parent, "worker": os.getpid(), "boot_who": me["boot_who"],
+        "launcher": ppid(parent), "controller": os.environ.get("CONTROLLER_PID"),
         "parent_cmdline": Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace"),
     }))
 """
@@ -300,6 +304,76 @@ def test_the_run_preloads_once_and_forks_a_server_for_each_worker(
     else:
         assert all(r["parent"] == r["worker"] for r in seen.values()), seen
     assert leftovers(run_id_of(result), mark) == []
+
+
+def test_the_next_run_starts_the_fork_server_before_a_worker_asks(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, private_base: str
+) -> None:
+    """A run remembers what its fork server was started from; the next run's controller
+    starts it while the workers start, and the workers' services fork from it."""
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv("LEFTOVER_MARK", mark)
+    monkeypatch.setenv("RECORDS", str(tmp_path))
+    pytester.makeconftest(CONFTEST + CONTROLLER_PID)
+    pytester.makepyfile(forkapp=APP, test_where=WHERE)
+    launchers = []
+    for _ in range(2):
+        result = pytester.runpytest_subprocess("-n", "2", "--dist", "each", "-p", "no:randomly", private_base)
+        result.assert_outcomes(passed=2)
+        seen = [json.loads(p.read_text()) for p in tmp_path.iterdir()]
+        assert len({r["parent"] for r in seen}) == 1, seen  # one fork server for the run
+        assert len({r["controller"] for r in seen}) == 1, seen
+        launcher = seen[0]["launcher"]
+        launchers.append("controller" if str(launcher) == seen[0]["controller"]
+                         else "worker" if launcher in {r["worker"] for r in seen} else launcher)  # fmt: skip
+        assert leftovers(run_id_of(result), mark) == []
+    assert launchers == ["worker", "controller"], (launchers, seen)
+    # --isolate-prestart=never: a worker starts it, as in a first run
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "each", "-p", "no:randomly", private_base,
+                                           "--isolate-prestart=never")  # fmt: skip
+    result.assert_outcomes(passed=2)
+    seen = [json.loads(p.read_text()) for p in tmp_path.iterdir()]
+    assert seen[0]["launcher"] in {r["worker"] for r in seen}
+    assert leftovers(run_id_of(result), mark) == []
+
+
+CONTROLLER_PID = """
+import os
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller: its workers inherit this
+        os.environ["CONTROLLER_PID"] = str(os.getpid())
+"""
+
+
+def _recipe(**changes: object) -> dict[str, object]:
+    recipe: dict[str, object] = {"python": sys.executable, "preload": ["json"], "path0": "/", "cwd": "/",
+                                 "user": None, "inherit_env": True}  # fmt: skip
+    recipe.update(changes)
+    return recipe
+
+
+@needs_root
+def test_only_a_memory_this_user_wrote_is_read(tmp_path: Path) -> None:
+    """The remembered recipes name a program to run: a file of another user's, one others
+    may write, a link, junk or a malformed recipe is not read."""
+    project = tmp_path / "project"
+    memory = tmp_path / "forkservers.json"
+    memory.write_text(json.dumps({str(project): [_recipe(), _recipe(python=7), _recipe(user=[1, "x"]), "junk"]}))
+    memory.chmod(0o600)
+    assert recall(memory, project) == [HubRecipe(sys.executable, ("json",), "/", "/", None)]
+    assert recall(memory, tmp_path / "other") == []
+    memory.chmod(0o666)
+    assert recall(memory, project) == []
+    memory.chmod(0o600)
+    os.chown(memory, 65534, 65534)
+    assert recall(memory, project) == []
+    os.chown(memory, 0, 0)
+    link = tmp_path / "link.json"
+    link.symlink_to(memory)
+    assert recall(link, project) == []
+    memory.write_text("{not json")
+    assert recall(memory, project) == []
 
 
 CLIENT = """

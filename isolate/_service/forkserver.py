@@ -13,7 +13,6 @@ behave like :class:`subprocess.Popen` for :class:`~isolate._process.ManagedProce
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,19 +29,17 @@ from typing import Protocol
 
 from .._errors import ConfigError, ServerStartError
 from .._fs import open_log
-from .._process import RunAs, as_user, tail
+from .._process import RunAs, tail
 from .._retry import poll_until
 from .._run.liveness import is_alive, open_pidfd, pidfd_exited, process_start_ticks
 from .._run.registry import ProcessRecord
+from .hubs import HubRecipe, launch_preloader, start_hub
 from .spec import ServiceSpec
 
-__all__ = ["ForkServer", "ForkedChild", "RunHost", "fork_unavailable", "hub_env", "python_argv"]
+__all__ = ["ForkServer", "ForkedChild", "RunHost", "fork_unavailable", "python_argv"]
 
 logger = logging.getLogger(__name__)
 
-_PROGRAM = Path(__file__).with_name("_preloader.py")
-#: Run fork servers started by this process: kept referenced (they outlive its handles).
-_HUBS: list[subprocess.Popen[bytes]] = []
 
 
 class RunHost(Protocol):
@@ -52,12 +49,6 @@ class RunHost(Protocol):
     def path(self) -> Path: ...
 
     def shared(self, name: str, start: Callable[[], Mapping[str, object]]) -> dict[str, object]: ...
-
-
-def hub_env(env: Mapping[str, str]) -> dict[str, str]:
-    """What a run's fork server imports with: a worker's environment without what differs
-    from one worker to the next (xdist's ids, pytest's current test)."""
-    return {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST_") and k != "PYTEST_CURRENT_TEST"}
 
 
 def fork_unavailable(backend: str, setting: str) -> str | None:
@@ -168,6 +159,10 @@ class ForkServer:
         self.run_as = run_as
         #: What it runs with (the worker's environment without isolate's secrets).
         self.env = dict(env) if env is not None else {}
+        user = (run_as.uid, run_as.gid) if run_as is not None else None
+        #: What it (or the run's fork server for it) is started from.
+        self.recipe = HubRecipe(spec.command[0], tuple(spec.preload), python_argv(spec.command, cwd)[1], str(cwd),
+                                user, spec.inherit_env)  # fmt: skip
         self._proc: subprocess.Popen[bytes] | None = None  # our own preloaded parent
         self._server: tuple[int, int | None] | None = None  # or the run fork server's child
         self._sock: socket.socket | None = None
@@ -190,11 +185,12 @@ class ForkServer:
         try:
             hub = self._ask_hub(host, theirs, log) if host is not None and self.shared else None
             if hub is None:
-                self._proc = self._launch({"fd": theirs.fileno(), "parent": os.getpid(),
-                                           # PR_SET_PDEATHSIG follows the thread that forks: only
-                                           # the main one lives as long as the worker.
-                                           "die_with_parent": threading.current_thread() is threading.main_thread()},
-                                          theirs.fileno(), log, self.env)  # fmt: skip
+                self._proc = launch_preloader(self.recipe, {
+                    "fd": theirs.fileno(), "parent": os.getpid(),
+                    # PR_SET_PDEATHSIG follows the thread that forks: only the main one
+                    # lives as long as the worker.
+                    "die_with_parent": threading.current_thread() is threading.main_thread(),
+                }, theirs.fileno(), log, self.env, self.run_as)  # fmt: skip
         finally:
             os.close(log)
             theirs.close()
@@ -203,28 +199,14 @@ class ForkServer:
         self._reader = threading.Thread(target=reader[0], args=reader[1], name=self.name, daemon=True)
         self._reader.start()
 
-    def _launch(self, config: Mapping[str, object], fd: int, log: int, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-        """Run the fork server's program on ``config`` (the preload added), passing it ``fd``."""
-        _, path0 = python_argv(self.spec.command, self.cwd)
-        config = {"preload": list(self.spec.preload), "path0": path0, **config}
-        return subprocess.Popen(
-            [self.spec.command[0], str(_PROGRAM), json.dumps(config)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(fd,),
-            env=env, cwd=self.cwd, start_new_session=True, **as_user(self.run_as),
-        )  # fmt: skip
-
     def _ask_hub(self, host: RunHost, theirs: socket.socket, log: int) -> socket.socket | None:
         """Ask the run's fork server for this spec (started if need be) to fork the process
         that serves this worker on ``theirs`` and ``log``; the connection its answer comes
         on, or ``None`` where it cannot (we start our own)."""
-        env = hub_env(self.env)
-        uid = (self.run_as.uid, self.run_as.gid) if self.run_as is not None else None
-        _, path0 = python_argv(self.spec.command, self.cwd)
-        key = hashlib.sha256(json.dumps([self.spec.command[0], list(self.spec.preload), path0, str(self.cwd), uid,
-                                         sorted(env.items())]).encode()).hexdigest()[:16]  # fmt: skip
+        key = self.recipe.key(self.env)
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            state = host.shared(f"forkserver-{key}", lambda: self._start_hub(host.path, key, env))
+            state = host.shared(f"forkserver-{key}", lambda: self._start_hub(host.path, key))
             conn.connect(str(state["socket"]))
             socket.send_fds(conn, [json.dumps({"env": self.env}).encode()], [theirs.fileno(), log])
         except Exception as exc:  # no run fork server: this worker preloads its own
@@ -233,23 +215,10 @@ class ForkServer:
             return None
         return conn
 
-    def _start_hub(self, directory: Path, key: str, env: Mapping[str, str]) -> dict[str, object]:
-        """Start the run's fork server (in ``run.shared``: once per run). It listens on a
-        socket in the run dir, which only this user reaches, and answers only this uid."""
-        path = directory / f"forkserver-{key}.sock"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
-            listener.bind(str(path))
-            listener.listen(64)
-            log = open_log(directory / f"forkserver-{key}.log")
-            try:
-                proc = self._launch({"hub_fd": listener.fileno(), "clients": [os.getuid()]}, listener.fileno(), log, env)
-            finally:
-                os.close(log)
-        _HUBS.append(proc)
-        # It holds nothing to shut down cleanly: the run's end kills it at once.
-        self._hub_record = ProcessRecord(name=f"forkserver-{key}", pid=proc.pid, start_ticks=process_start_ticks(proc.pid),
-                                         stop_signal=signal.SIGKILL, scope="run")  # fmt: skip
-        return {"socket": str(path), "pid": proc.pid}
+    def _start_hub(self, directory: Path, key: str) -> dict[str, object]:
+        """Start the run's fork server (see :func:`~isolate._service.hubs.start_hub`)."""
+        state, self._hub_record = start_hub(directory, self.recipe, key, self.env, self.run_as)
+        return state
 
     def _read_via(self, hub: socket.socket, ours: socket.socket) -> None:
         """The run's fork server answers with the pid of the process it forked for us once

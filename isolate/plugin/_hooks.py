@@ -28,7 +28,7 @@ from .._stack import WorkerStack
 from ._durations import CpuMeter, DurationRecorder
 from ._env import controller_environment, early_workerinput, share_with_workers, will_have_workers
 from ._interrupts import InterruptDeadline
-from ._prestart import Prestart, remember_use, wait_for_start
+from ._prestart import Prestart, remember_fork_servers, remember_use, wait_for_start
 from ._runfixtures import (
     close_run_fixtures,
     connect_run_fixtures,
@@ -300,6 +300,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if controller is None:
         return
     close_run_fixtures(config, session)  # after the last test, before the run is reaped
+    if stack is not None:
+        remember_fork_servers(session, stack)
     summary = controller.close()
     config.stash[_SUMMARY_KEY] = summary
     remember_use(session, summary)

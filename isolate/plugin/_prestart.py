@@ -10,25 +10,31 @@ worker's Redis, by that worker's first test that needs it. Instead:
   the workers would wait for anyway. Whoever asks for it later finds it started, or waits
   for the start under way (:meth:`isolate._stack.WorkerStack.shared`);
 - every process that runs tests starts its own Redis in a thread while it collects, and
-  its first test waits for the start to end (see :class:`Prestart` for why).
+  its first test waits for the start to end (see :class:`Prestart` for why);
+- the run's owner starts the run's fork servers the last run started (their preload is
+  what a worker's first service start waits for otherwise; :mod:`isolate._service.hubs`).
 
 ``auto`` starts what the last run used (pytest's cache remembers; a run that did not use
-something says so for the next), and PostgreSQL whenever ``--isolate-migrations`` is set.
+something says so for the next; the fork servers are remembered in this user's cache
+dir), and PostgreSQL whenever ``--isolate-migrations`` is set.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable, Generator, Mapping
+from pathlib import Path
 
 import pytest
 
 from .._config import Settings
+from .._errors import IsolateError
 from .._stack import WorkerStack
 from ._env import worker_count
 
-__all__ = ["Prestart", "remember_use", "start_ahead", "wait_for_start"]
+__all__ = ["Prestart", "remember_fork_servers", "remember_use", "start_ahead", "wait_for_start"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,24 @@ def wanted(config: pytest.Config, settings: Settings) -> bool:
 def redis_wanted(config: pytest.Config, settings: Settings) -> bool:
     """Whether a process that runs tests starts its Redis early (see the module's doc)."""
     return _may_start(config, settings) and (settings.prestart == "always" or _last_run_used(config, "redis"))
+
+
+def fork_servers_wanted(config: pytest.Config, settings: Settings) -> bool:
+    """Whether the run's owner starts the run's fork servers the last run started: where
+    services fork from one (``--isolate-fork-server=auto``, local services, Linux)."""
+    local = settings.backend == "native" or settings.docker_services == "native"
+    shared = settings.fork_server == "auto" and not settings.env  # as the native backend's service()
+    return _may_start(config, settings) and local and shared and sys.platform == "linux"
+
+
+def _start_fork_servers(config: pytest.Config, stack: WorkerStack) -> None:
+    from .._backends.native import NativeBackend  # what the controller does not load otherwise
+    from .._service import hubs
+
+    native = NativeBackend(stack.settings, config.rootpath)  # its services' environment and user
+    recipes = hubs.recall(hubs.memory_path(Path(stack.settings.base_path)), config.rootpath)
+    if recipes:
+        hubs.prestart(stack.run, recipes, native.env, native.run_as)
 
 
 _THREADS_KEY = pytest.StashKey[list[threading.Thread]]()
@@ -122,6 +146,8 @@ def start_ahead(config: pytest.Config, stack: WorkerStack, *, owner: bool, runs_
     if owner and wanted(config, stack.settings):
         count = worker_count(config)
         starts.append(("PostgreSQL", lambda: stack.prestart_postgres(count)))
+    if owner and fork_servers_wanted(config, stack.settings):
+        starts.append(("fork servers", lambda: _start_fork_servers(config, stack)))
     if runs_tests and redis_wanted(config, stack.settings):
         starts.append(("Redis", stack.prestart_redis))
     threads = config.stash.setdefault(_THREADS_KEY, [])
@@ -152,3 +178,15 @@ def remember_use(session: pytest.Session, summary: Mapping[str, object]) -> None
     cache = getattr(session.config, "cache", None)
     if cache is not None and session.testscollected and not session.config.getoption("collectonly", False):
         cache.set(CACHE_KEY, {"postgres": "postgres_wait" in summary, "redis": "redis_wait" in summary})
+
+
+def remember_fork_servers(session: pytest.Session, stack: WorkerStack) -> None:
+    """Tell the next run which fork servers this one started (before the run dir goes);
+    as :func:`remember_use`, a run that ran no test leaves what it found."""
+    if session.testscollected and not session.config.getoption("collectonly", False):
+        from .._service import hubs
+
+        try:
+            hubs.remember(stack.run, hubs.memory_path(Path(stack.settings.base_path)), session.config.rootpath)
+        except (OSError, IsolateError) as exc:  # the next run starts them as before
+            logger.debug("isolate: cannot remember the run's fork servers: %s", exc)
