@@ -309,32 +309,36 @@ def test_the_run_preloads_once_and_forks_a_server_for_each_worker(
 def test_the_next_run_starts_the_fork_server_before_a_worker_asks(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, private_base: str
 ) -> None:
-    """A run remembers what its fork server was started from; the next run's controller
-    starts it while the workers start, and the workers' services fork from it."""
+    """A run remembers what the fork server its workers used was started from; the next
+    run's controller starts it while the workers start, and their services fork from it.
+    One started ahead that no worker used is forgotten."""
     mark = uuid.uuid4().hex
     monkeypatch.setenv("LEFTOVER_MARK", mark)
     monkeypatch.setenv("RECORDS", str(tmp_path))
     pytester.makeconftest(CONFTEST + CONTROLLER_PID)
-    pytester.makepyfile(forkapp=APP, test_where=WHERE)
-    launchers = []
-    for _ in range(2):
-        result = pytester.runpytest_subprocess("-n", "2", "--dist", "each", "-p", "no:randomly", private_base)
+    pytester.makepyfile(forkapp=APP, test_where=WHERE, test_plain="def test_plain():\n    pass\n")
+
+    def launched_by(*args: str) -> str | None:
+        """Who started the run's fork server: the run's controller or a worker."""
+        for record in tmp_path.iterdir():
+            record.unlink()
+        result = pytester.runpytest_subprocess("-n", "2", "--dist", "each", "-p", "no:randomly", private_base, *args)
+        assert leftovers(run_id_of(result), mark) == []
         result.assert_outcomes(passed=2)
+        if "test_plain.py" in args:
+            return None
         seen = [json.loads(p.read_text()) for p in tmp_path.iterdir()]
         assert len({r["parent"] for r in seen}) == 1, seen  # one fork server for the run
-        assert len({r["controller"] for r in seen}) == 1, seen
         launcher = seen[0]["launcher"]
-        launchers.append("controller" if str(launcher) == seen[0]["controller"]
-                         else "worker" if launcher in {r["worker"] for r in seen} else launcher)  # fmt: skip
-        assert leftovers(run_id_of(result), mark) == []
-    assert launchers == ["worker", "controller"], (launchers, seen)
-    # --isolate-prestart=never: a worker starts it, as in a first run
-    result = pytester.runpytest_subprocess("-n", "2", "--dist", "each", "-p", "no:randomly", private_base,
-                                           "--isolate-prestart=never")  # fmt: skip
-    result.assert_outcomes(passed=2)
-    seen = [json.loads(p.read_text()) for p in tmp_path.iterdir()]
-    assert seen[0]["launcher"] in {r["worker"] for r in seen}
-    assert leftovers(run_id_of(result), mark) == []
+        if str(launcher) == seen[0]["controller"]:
+            return "controller"
+        return "worker" if launcher in {r["worker"] for r in seen} else str(seen)
+
+    assert launched_by("test_where.py") == "worker"  # nothing remembered yet
+    assert launched_by("test_where.py") == "controller"
+    assert launched_by("test_where.py", "--isolate-prestart=never") == "worker"
+    assert launched_by("test_plain.py") is None  # started ahead, used by no worker: forgotten
+    assert launched_by("test_where.py") == "worker"
 
 
 CONTROLLER_PID = """

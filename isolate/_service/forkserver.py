@@ -33,7 +33,7 @@ from .._process import RunAs, tail
 from .._retry import poll_until
 from .._run.liveness import is_alive, open_pidfd, pidfd_exited, process_start_ticks
 from .._run.registry import ProcessRecord
-from .hubs import HubRecipe, launch_preloader, start_hub
+from .hubs import HubRecipe, launch_preloader, mark_used, start_hub
 from .spec import ServiceSpec
 
 __all__ = ["ForkServer", "ForkedChild", "RunHost", "fork_unavailable", "python_argv"]
@@ -213,6 +213,8 @@ class ForkServer:
             logger.info("isolate: %s: the run's fork server cannot serve (%s)", self.name, exc)
             conn.close()
             return None
+        with contextlib.suppress(OSError):  # the next run starts it ahead (or not: no harm)
+            mark_used(host.path, key)
         return conn
 
     def _start_hub(self, directory: Path, key: str) -> dict[str, object]:

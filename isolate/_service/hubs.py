@@ -13,6 +13,7 @@ started, its preload done or under way; any other asks for one of its own, as be
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from .._run.liveness import process_start_ticks
 from .._run.registry import ProcessRecord
 from .._run.rundir import RunDir, write_json
 
-__all__ = ["HubRecipe", "hub_env", "launch_preloader", "memory_path", "prestart", "recall", "remember", "start_hub"]
+__all__ = ["HubRecipe", "hub_env", "launch_preloader", "mark_used", "memory_path", "prestart", "recall", "remember", "start_hub"]
 
 #: The fork server's program: run by path with the service's interpreter (it imports
 #: nothing of isolate).
@@ -124,12 +125,21 @@ def start_hub(directory: Path, recipe: HubRecipe, key: str, env: Mapping[str, st
     return {"socket": str(path), "pid": proc.pid, "recipe": recipe.to_json()}, record
 
 
+def mark_used(directory: Path, key: str) -> None:
+    """Note in the run dir ``directory`` that a worker's services fork from the run's fork
+    server ``key`` (what :func:`remember` remembers)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(directory / f"forkserver-{key}.used", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+
+
 def remember(run: RunDir, memory: Path, project: Path) -> None:
-    """Write down what the run's fork servers (their states in ``run``) were started
-    from, for the next run of ``project`` (its rootdir), in ``memory`` (this user's
-    cache): none if this run started none. It holds the last :data:`_PROJECTS` projects."""
+    """Write down what the run's fork servers that served a worker (their states in
+    ``run``) were started from, for the next run of ``project`` (its rootdir), in
+    ``memory`` (this user's cache): none if none did. It holds the last :data:`_PROJECTS` projects."""
     recipes: list[dict[str, object]] = []
     for state_file in sorted(run.path.glob("forkserver-*.json")):
+        if not (run.path / f"{state_file.stem}.used").exists():
+            continue  # started ahead from an older recipe, and no worker asked for it
         state = run.state(state_file.stem)
         recipe = HubRecipe.from_json(state.get("recipe") if state is not None else None)
         if recipe is not None and len(recipes) < _REMEMBERED:
