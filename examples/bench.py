@@ -385,7 +385,7 @@ NOTES = """## Reading the numbers
   against 40.7 s at 1; docker: 62 s against 52 s, mostly service restarts and first
   starts, while the machine is about half idle). The first service start's median is
   192 ms (225 ms before; target < 150 ms, still missed).
-- Since then (this bench: a clean clone of 0e5cc66, 3 repetitions; the shared-stack
+- Then (the bench of 0e5cc66, 3 repetitions; the shared-stack
   baseline is still the one of 56fb614): the duration scheduler counts a test as CPU-heavy
   once its worker was busy a tenth of its duration (half before; the worker's CPU is only
   the client's part of a request, so most of the example's short request tests counted as
@@ -403,6 +403,23 @@ NOTES = """## Reading the numbers
   pairs, hand-out); 2 and 16 workers and docker at 4 within their noise. The first
   service start, native, is 230 ms (192 ms before): at 1-2 workers 0.22-0.25 s (0.20-0.25
   before), at 4 workers 0.09-0.24 s, whatever runs beside the preload.
+- Since then (this bench: a clean clone of 4680b82, 3 repetitions; the shared-stack
+  baseline is still the one of 56fb614): the run's fork servers start while the workers
+  start, from what the last run's were started from, so a worker's first service start no
+  longer waits for the app's imports: native `service_ready` median 57 ms (230 ms before;
+  target < 150 ms, met at last), 0.04-0.11 s in every cell at 1-8 workers. The machine was
+  faster this day (native 1 worker 41.2 s against 42.4 s, docker 51.1 s against 52.6 s, and
+  less of the machine's CPU per run: native 16 workers 11.6-11.9 s against 14.1-15.3 s), and
+  the walls fell at every worker count: native 1 / 2 / 4 / 8 / 16 workers 41.2 / 21.0 / 11.6
+  / 7.6 / 7.7 s (42.4 / 21.5 / 12.2 / 8.1 / 8.3), docker 51.1 / 27.8 / 16.4 / 14.0 / 16.9 s
+  (52.6 / 28.3 / 17.7 / 16.3 / 22.5). The CPU bound fell with the machine's CPU, so native 16
+  workers is now over the line at 1.27 (1.08 before; its bound is the CPU bound, 5.9 s, and
+  the gap the boot of 16 workers on 2 cores) while its wall fell 0.6 s; native 4 workers
+  1.17 (1.18), 8 workers 1.44 (1.49), docker 4 workers 1.26 (1.29) and 3.12x (2.96x).
+  Paired runs of the change alone (native, alternated, the second run of each on):
+  `service_ready` 0.04-0.05 s against 0.34-0.37 s at 1 worker (walls 42.7-43.9 s against
+  43.4-44.3 s, 3 pairs), against 0.27-0.32 s at 2 workers (5 pairs), 0.05-0.07 s against
+  0.05-0.31 s at 4 workers (6 pairs, walls within their noise).
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts

@@ -41,7 +41,6 @@ __all__ = ["ForkServer", "ForkedChild", "RunHost", "fork_unavailable", "python_a
 logger = logging.getLogger(__name__)
 
 
-
 class RunHost(Protocol):
     """Where a run's fork server lives: the run dir (``RunDir``)."""
 
