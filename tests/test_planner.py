@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from isolate._dist.durations import estimates, merge, read_split_file, strip_group, write_split_file
+from isolate._dist.durations import (
+    estimates,
+    merge,
+    read_split_file,
+    scaled_cpu,
+    strip_group,
+    write_split_file,
+)
 from isolate._dist.planner import HEAVY_CORES, Planner, Send, Shutdown, Steal
 
 STOP = -1
@@ -385,6 +392,17 @@ def test_durations_helpers(tmp_path: Path) -> None:
     assert list(json.loads(path.read_text())) == sorted(written)
     path.write_text("{not json")
     assert read_split_file(path) == {}
+
+
+def test_cpu_time_is_scaled_over_the_whole_test() -> None:
+    # computing throughout, a third of a CPU: all of its duration
+    assert scaled_cpu(0.1, 0.3, 0.2) == pytest.approx(0.3)
+    # a setup that computed 20 ms and waited 40 ms for a CPU, then a 0.4 s wait: ~5%, not
+    # the 60 ms of the setup (heavy) that scaling the setup on its own would say
+    assert scaled_cpu(0.02, 0.46, 0.04) / 0.46 == pytest.approx(0.02 / 0.42)
+    assert scaled_cpu(0.02, 0.42, 0.0) == 0.02  # an idle machine: as measured
+    assert scaled_cpu(0.0, 0.0, 0.0) == 0.0
+    assert scaled_cpu(0.05, 0.05, 0.2) == pytest.approx(0.05)  # clocks that disagree: never more than its duration
 
 
 @pytest.mark.parametrize("seed", range(200))

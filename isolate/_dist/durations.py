@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["ExpectedDurations", "estimates", "merge", "read_split_file", "strip_group", "write_split_file"]
+__all__ = ["ExpectedDurations", "estimates", "merge", "read_split_file", "scaled_cpu", "strip_group", "write_split_file"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,16 @@ def merge(history: Mapping[str, float], measured: Mapping[str, float]) -> dict[s
     merged = {k: float(v) for k, v in history.items() if isinstance(v, int | float)}
     merged.update(measured)
     return merged
+
+
+def scaled_cpu(cpu: float, duration: float, waited: float) -> float:
+    """A test's CPU time as it would be with a CPU free for it: ``cpu * duration /
+    (duration - waited)``, its share of the time it could run (not waiting for a CPU) times
+    its duration. Over the whole test, not phase by phase: a fixture's short computing
+    setup that waited for a CPU on a busy machine is all CPU within its phase, and scaled
+    on its own it would make a test that then sleeps look as if it computed throughout."""
+    could_run = max(duration - waited, cpu)
+    return cpu * duration / could_run if could_run > 0 else cpu
 
 
 def strip_group(nodeid: str) -> str:

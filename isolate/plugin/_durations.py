@@ -1,9 +1,11 @@
 """Every test's duration, recorded by the controller (or the only process) from the reports:
 kept in pytest's cache for the duration scheduler, and written in pytest-split's format
 with ``--isolate-store-durations``. With it, the CPU time the test's process spent on each
-phase, which :class:`CpuMeter` measures where the test runs and sends along in the report
-(as ``isolate_cpu``, which xdist carries like any report attribute), scaled to what it is
-on a machine with a CPU free for it (see :class:`CpuMeter`)."""
+phase and the time its thread waited for a CPU, which :class:`CpuMeter` measures where the
+test runs and sends along in the report (as ``isolate_cpu`` and ``isolate_cpu_wait``, which
+xdist carries like any report attribute); the recorder scales each test's CPU time to what
+it is on a machine with a CPU free for it
+(:func:`~isolate._dist.durations.scaled_cpu`)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .._dist.durations import merge, strip_group, write_split_file
+from .._dist.durations import merge, scaled_cpu, strip_group, write_split_file
 
 __all__ = ["CACHE_KEY", "CPU_CACHE_KEY", "CpuMeter", "DurationRecorder"]
 
@@ -40,13 +42,13 @@ def _waited() -> float:
 
 class CpuMeter:
     """In the process that runs the tests: the CPU time of each phase (setup, call,
-    teardown), put on the phase's report as ``isolate_cpu`` (seconds).
+    teardown) and the time the test's thread waited for a CPU meanwhile, put on the
+    phase's report as ``isolate_cpu`` and ``isolate_cpu_wait`` (seconds).
 
     On a busy machine a test that computes waits for a CPU, so its duration grows and its
     CPU time does not: it would look idle, and the scheduler would take it for one that
-    waits. So the CPU time is scaled to the phase's duration without the time the test's
-    thread waited for a CPU (``/proc/thread-self/schedstat``): ``cpu * duration /
-    (duration - waited)``, its share of the time it could run times its duration.
+    waits. The wait (``/proc/thread-self/schedstat``) lets the recorder scale it back
+    (:func:`~isolate._dist.durations.scaled_cpu`).
     """
 
     def _measure(self, item: pytest.Item) -> Generator[None, object, object]:
@@ -74,9 +76,8 @@ class CpuMeter:
         measured = item.stash.get(_PHASE_CPU, None)
         if measured is not None:
             cpu, waited = measured
-            could_run = max(report.duration - waited, cpu)
-            scaled = cpu * report.duration / could_run if could_run > 0 else cpu
-            report.isolate_cpu = round(scaled, 6)  # type: ignore[attr-defined]
+            report.isolate_cpu = round(cpu, 6)  # type: ignore[attr-defined]
+            report.isolate_cpu_wait = round(waited, 6)  # type: ignore[attr-defined]
             del item.stash[_PHASE_CPU]
         return report
 
@@ -88,7 +89,8 @@ class DurationRecorder:
         self.config = config
         self.split_file = split_file
         self.measured: defaultdict[str, float] = defaultdict(float)
-        self.cpu: defaultdict[str, float] = defaultdict(float)
+        self.cpu: defaultdict[str, float] = defaultdict(float)  # raw, until the session ends
+        self.waited: defaultdict[str, float] = defaultdict(float)
         dist = getattr(config.option, "dist", None)
         self._grouped = dist == "loadgroup"
         self._each = dist == "each"  # every worker runs every test: no one duration per test
@@ -107,6 +109,16 @@ class DurationRecorder:
             cpu = getattr(report, "isolate_cpu", None)
             if isinstance(cpu, int | float) and cpu >= 0:
                 self.cpu[nodeid] += cpu
+                waited = getattr(report, "isolate_cpu_wait", None)
+                if isinstance(waited, int | float) and waited >= 0:
+                    self.waited[nodeid] += waited
+
+    def scaled(self) -> dict[str, float]:
+        """Each test's CPU time so far, scaled to a machine with a CPU free for it."""
+        return {
+            nodeid: round(scaled_cpu(cpu, self.measured[nodeid], self.waited.get(nodeid, 0.0)), 6)
+            for nodeid, cpu in self.cpu.items()
+        }
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self) -> None:
@@ -115,7 +127,7 @@ class DurationRecorder:
         cache = getattr(self.config, "cache", None)
         if cache is not None:
             cache.set(CACHE_KEY, merge(self.history(), self.measured))
-            cache.set(CPU_CACHE_KEY, merge(self.history(CPU_CACHE_KEY), self.cpu))
+            cache.set(CPU_CACHE_KEY, merge(self.history(CPU_CACHE_KEY), self.scaled()))
         if self.split_file:
             path = Path(self.split_file)
             write_split_file(path if path.is_absolute() else self.config.rootpath / path, self.measured)
