@@ -272,6 +272,25 @@ def test_liveness_on_each_platform(monkeypatch: pytest.MonkeyPatch, have_proc: b
     assert owner.start_ticks == me and not owner.gone()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux's /proc")
+def test_a_command_name_with_parentheses_and_spaces_does_not_shift_the_fields(tmp_path: Path) -> None:
+    import subprocess
+
+    from isolate._run import groups, liveness
+
+    odd = tmp_path / "a) b (c d)"  # the kernel's command name: the file's, 15 bytes at most
+    shutil.copy("/bin/sleep", odd)
+    proc = subprocess.Popen([str(odd), "30"], start_new_session=True)
+    try:
+        fields = liveness.stat_fields(proc.pid)
+        assert fields is not None and fields[0] in {"R", "S"} and int(fields[1]) == os.getpid()
+        assert int(fields[2]) == int(fields[3]) == proc.pid  # its own group and session
+        assert groups.members(proc.pid, liveness.process_start_ticks(proc.pid)) == [proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_sizes_parse_as_powers_of_1024() -> None:
     from isolate._cache import parse_size
 

@@ -24,12 +24,21 @@ HAVE_PROC = Path("/proc/self/stat").exists()
 
 
 def stat_fields(pid: int) -> list[str] | None:
-    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or ``None``."""
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or ``None``.
+
+    Read with one ``read(2)`` into bytes: a stop scans every process's file this way
+    (:mod:`isolate._run.groups`), about four times faster than through a text file object."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    return raw[raw.rfind(")") + 2 :].split()
+    try:
+        raw = os.read(fd, 4096)  # ~300 bytes; the kernel hands the whole file to one read
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return raw[raw.rfind(b")") + 2 :].decode("ascii", "replace").split()
 
 
 def _psutil_state(pid: int) -> tuple[bool, int | None]:
