@@ -520,3 +520,26 @@ def test_random_suites_with_cpu_history_run_each_test_once(seed: int) -> None:
               restarts=1, arrivals=arrivals)  # fmt: skip
     sim.run()
     assert sim.ran_once() == list(range(count))
+
+
+def test_the_planner_s_work_per_test_does_not_grow_with_the_queues(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Thousands of short tests on 16 workers: each hand-out asks every node what it holds.
+    # Summed afresh, that was a walk over every queue (up to 64 tests each) per test,
+    # ~1,400 estimates per test here; kept as the queues change, a few per node.
+    rng = random.Random(1)
+    durations = [rng.uniform(0.001, 0.02) for _ in range(4000)]
+    cpu = [d * rng.choice([0.0, 0.5]) for d in durations]
+    asked = 0
+    estimate = Planner.estimate
+
+    def counted(self: Planner[str], index: int) -> float:
+        nonlocal asked
+        asked += 1
+        return estimate(self, index)
+
+    monkeypatch.setattr(Planner, "estimate", counted)
+    workers = 16
+    sim = Sim(durations, workers, cpu=cpu, cores=2)
+    sim.run()
+    assert sorted(i for w in sim.workers.values() for i, _, _ in w.ran) == list(range(4000))
+    assert asked / len(durations) < 10 * workers, asked / len(durations)

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .durations import ExpectedDurations
+from .queues import Queues
 
 __all__ = ["HEAVY", "HEAVY_CORES", "HORIZON", "RUNNING", "Action", "Planner", "Send", "Shutdown", "Steal"]
 
@@ -112,7 +113,7 @@ class Planner(Generic[N]):
         self._clock = clock
         self._horizon = horizon
         self._slots = max(1, math.floor(cores / HEAVY_CORES)) if cores < math.inf else math.inf
-        self._queues: dict[N, list[int]] = {}
+        self._queues: Queues[N] = Queues(self.estimate, lambda index: self._heavy[index])
         self._since: dict[N, float] = {}  # when the head of a node's queue became its head
         self._closing: set[N] = set()
         self._stealing: dict[N, tuple[int, ...]] = {}  # victim -> the tests asked back
@@ -134,7 +135,7 @@ class Planner(Generic[N]):
     def add_node(self, node: N) -> list[Action[N]]:
         """A node that has collected the run's tests."""
         assert node not in self._queues, node
-        self._queues[node] = []
+        self._queues.add(node)
         self._since[node] = self._clock()
         return self.balance()
 
@@ -173,7 +174,7 @@ class Planner(Generic[N]):
 
     def complete(self, node: N, index: int, duration: float) -> list[Action[N]]:
         """``node`` finished test ``index`` in ``duration`` seconds."""
-        self._queues[node].remove(index)
+        self._queues.remove(node, index)
         self._since[node] = self._clock()
         self._learn(index, duration)
         return self.balance()
@@ -181,10 +182,9 @@ class Planner(Generic[N]):
     def unscheduled(self, node: N, indices: Sequence[int]) -> list[Action[N]]:
         """``node`` answered a steal: it gave back ``indices`` (possibly none)."""
         self._stealing.pop(node, None)
-        queue = self._queues.get(node, [])  # a node already gone gave its tests back then
         for index in indices:
-            if index in queue:
-                queue.remove(index)
+            if node in self._queues and index in self._queues[node]:  # a node gone gave them back then
+                self._queues.remove(node, index)
                 self._release(index)
         return self.balance()
 
@@ -248,8 +248,8 @@ class Planner(Generic[N]):
             return 0.0
         # A test past its estimate was misjudged: expect it to run about half as long again.
         elapsed = self._clock() - self._since[node]
-        head = max(self.estimate(queue[0]) - elapsed, elapsed / 2)
-        return head + sum(self.estimate(i) for i in queue[1:])
+        first = self.estimate(queue[0])
+        return max(first - elapsed, elapsed / 2) + max(self._queues.work(node) - first, 0.0)
 
     # -- the decisions --------------------------------------------------------------------
 
@@ -320,15 +320,11 @@ class Planner(Generic[N]):
             # Heavy tests on as many nodes as their share of the expected work left asks
             # for, rounded down, at least one, at most the slots. A node whose kind runs out
             # takes the other, so both run out about together.
-            held = heavy_held = 0.0
-            for queue in self._queues.values():
-                for i in queue:
-                    held += self.estimate(i)
-                    heavy_held += self.estimate(i) if self._heavy[i] else 0.0
+            held, heavy_held = self._queues.total()
             heavy_left = heavy_held + self._pooled_work[True]
             total = held + self._pooled_work[False] + self._pooled_work[True]
             wanted = min(self._slots, max(1, math.floor(nodes * heavy_left / max(total, 1e-9))))
-            others = sum(1 for other in live if other != node and any(self._heavy[i] for i in self._queues[other]))
+            others = sum(1 for other in live if other != node and self._queues.holds_heavy(other))
             kind = others < wanted
         return self._take(kind, -1)
 
@@ -356,7 +352,7 @@ class Planner(Generic[N]):
         queue = self._queues[node]
         if not queue:
             self._since[node] = self._clock()
-        queue.append(index)
+        self._queues.append(node, index)
 
     def _steal_for(self, thief: N) -> Steal[N] | None:
         """The tests that moving from the busiest node to ``thief`` shortens the longer of
@@ -396,7 +392,7 @@ class Planner(Generic[N]):
         if any(queue for node, queue in self._queues.items() if node != keeper):
             return actions  # the other nodes' last tests still run
         held, self._held = self._held, []
-        self._queues[keeper].extend(held)
+        self._queues.extend(keeper, held)
         actions.append(Send(keeper, tuple(held)))
         return actions
 
@@ -416,8 +412,10 @@ class Planner(Generic[N]):
         everything, moved = self._expected.learn(index, duration)
         if everything:
             self._reorder()
+            self._queues.refresh()
         elif moved:
             self._rerank(moved)
+            self._queues.refresh(moved)
 
     def _rerank(self, members: Iterable[int]) -> None:
         """The estimates of these tests changed: their places in the pools follow (ranks
