@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -449,3 +450,41 @@ def test_a_throttled_check_is_asked_at_once_then_not_again_within_its_interval()
     assert len(asked) == 1
     every_time = _at_most_every(0.0, lambda: asked.append(1) is None)
     assert every_time() and every_time() and len(asked) == 3
+
+
+@pytest.mark.skipif(not Path("/proc/thread-self/schedstat").exists(), reason="Linux's schedstat")
+def test_the_run_queue_clock_reads_the_calling_thread_even_after_a_fork() -> None:
+    import threading
+
+    from isolate.plugin._durations import _RunQueueClock
+
+    def cpu_ns(clock: _RunQueueClock) -> int:  # the first field: CPU time of the task it reads
+        return int(os.pread(clock._fd, 128, 0).split()[0])
+
+    clock = _RunQueueClock()
+    assert clock() >= 0.0
+    end = time.thread_time() + 0.05
+    while time.thread_time() < end:
+        pass
+    mine = cpu_ns(clock)
+    assert mine >= 40_000_000  # this thread's, 50 ms spent
+    other: list[int] = []
+    thread = threading.Thread(target=lambda: (clock(), other.append(cpu_ns(clock))))
+    thread.start()
+    thread.join()
+    assert other and other[0] < mine  # a new thread's, not this one's
+    clock()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            clock()
+            os.write(write, str(cpu_ns(clock)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = int(os.read(read, 64) or b"-1")
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert 0 <= child < mine  # the forked child's own, not its parent's
+    clock.close()
