@@ -29,6 +29,11 @@ IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 and not IN_CI, reason="acts as another user (su nobody): needs root"
 )
+#: Tests that read Linux's per-thread scheduler statistics under ``/proc``: elsewhere (macOS)
+#: they skip, but not in CI, which runs on Linux.
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/thread-self/schedstat").exists() and not IN_CI, reason="reads Linux's /proc"
+)
 
 
 def docker_client(what: str) -> Iterator[Any]:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from suite_support import needs_proc
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from isolate import ConfigError, HttpCheck, ServiceSpec, TcpCheck, WorkerIdentity
@@ -273,7 +274,7 @@ def test_liveness_on_each_platform(monkeypatch: pytest.MonkeyPatch, have_proc: b
     assert owner.start_ticks == me and not owner.gone()
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux's /proc")
+@needs_proc
 def test_a_command_name_with_parentheses_and_spaces_does_not_shift_the_fields(tmp_path: Path) -> None:
     import subprocess
 
@@ -452,7 +453,7 @@ def test_a_throttled_check_is_asked_at_once_then_not_again_within_its_interval()
     assert every_time() and every_time() and len(asked) == 3
 
 
-@pytest.mark.skipif(not Path("/proc/thread-self/schedstat").exists(), reason="Linux's schedstat")
+@needs_proc
 def test_the_run_queue_clock_reads_the_calling_thread_even_after_a_fork() -> None:
     import threading
 

@@ -29,8 +29,7 @@ class Queues(Generic[N]):
         self._work: dict[N, float] = {}
         self._heavy_work: dict[N, float] = {}
         self._heavy_count: dict[N, int] = {}
-        self._holder: dict[int, N] = {}
-        self._counted: dict[int, float] = {}  # the estimate each held test is counted with
+        self._held: dict[int, tuple[N, float]] = {}  # each held test: its node, the estimate counted
 
     # -- reading ----------------------------------------------------------------------
 
@@ -83,26 +82,24 @@ class Queues(Generic[N]):
         """Forget ``node``; the tests it held."""
         queue = self._lists.pop(node)
         for index in queue:
-            self._holder.pop(index, None)
-            self._counted.pop(index, None)
+            del self._held[index]
         del self._work[node], self._heavy_work[node], self._heavy_count[node]
         return queue
 
     def refresh(self, indices: Iterable[int] | None = None) -> None:
         """These tests' estimates changed (all of them: ``None``): count them anew."""
-        for index in list(self._counted) if indices is None else indices:
-            node = self._holder.get(index)
-            if node is not None:
+        for index in list(self._held) if indices is None else indices:
+            if index in self._held:
+                node = self._held[index][0]
                 self._count(node, index, -1)
                 self._count(node, index, 1)
 
     def _count(self, node: N, index: int, sign: int) -> None:
         if sign > 0:
-            value = self._counted[index] = self._estimate(index)
-            self._holder[index] = node
+            value = self._estimate(index)
+            self._held[index] = (node, value)
         else:
-            value = self._counted.pop(index)
-            del self._holder[index]
+            value = self._held.pop(index)[1]
         self._work[node] += sign * value
         if self._heavy(index):
             self._heavy_work[node] += sign * value
