@@ -31,6 +31,7 @@ DbIsolation = Literal["schema", "database"]
 DemoteServices = Literal["auto", "always", "never"]
 ForkServerMode = Literal["auto", "worker", "off"]
 ForkWorkersMode = Literal["auto", "off"]
+CollectSlots = int | Literal["auto", "all"]
 Dist = Literal["duration", "xdist"]
 Prestart = Literal["auto", "always", "never"]
 
@@ -85,6 +86,18 @@ _count = _positive(int, "a whole number", zero=True)
 def _paths(raw: str) -> tuple[str, ...]:
     """Comma- or newline-separated paths (ini values may span lines)."""
     return tuple(p.strip() for p in raw.replace(",", "\n").splitlines() if p.strip())
+
+
+def _collect_slots(raw: str) -> CollectSlots:
+    value = raw.strip().lower()
+    if value == "auto":
+        return "auto"
+    if value == "all":
+        return "all"
+    try:
+        return int(_positive_int(value))
+    except ValueError:
+        raise ValueError(f"must be auto, all or a whole number greater than 0, got {raw!r}") from None
 
 
 def _optional_str(raw: str) -> str | None:
@@ -296,6 +309,11 @@ OPTIONS: tuple[Option, ...] = (
            "interpreter that imports pytest and rewrites every plugin again: ~0.3-0.5 s of CPU "
            "less per worker. auto (on Linux, when the workers would be the same as new "
            "interpreters; -v says how they started) or off", "auto", _choice("auto", "off")),
+    Option("collect_slots", "how many xdist workers import their conftests and collect at "
+           "once; the others wait their turn, so with more workers than cores the first "
+           "ones start testing sooner (a worker whose turn has not moved for 10 s collects "
+           "anyway). auto (the CPUs pytest may use), a number, or all (every worker at once, "
+           "as xdist starts them)", "auto", _collect_slots),
 )
 
 _BY_NAME = {opt.name: opt for opt in OPTIONS}
@@ -343,6 +361,7 @@ class Settings:
     reap_stale: bool = True
     fast_exit: bool = True
     fork_workers: ForkWorkersMode = "auto"
+    collect_slots: CollectSlots = "auto"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property

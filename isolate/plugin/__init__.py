@@ -32,6 +32,7 @@ from ._fixtures import (
 from ._hooks import (
     pytest_addoption,
     pytest_cmdline_main,
+    pytest_collection_finish,
     pytest_collection_modifyitems,
     pytest_configure,
     pytest_load_initial_conftests,
@@ -68,6 +69,7 @@ __all__ = [
     "isolate_worker",
     "pytest_addoption",
     "pytest_cmdline_main",
+    "pytest_collection_finish",
     "pytest_collection_modifyitems",
     "pytest_configure",
     "pytest_load_initial_conftests",

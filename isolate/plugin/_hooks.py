@@ -8,7 +8,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Generator, Mapping
 from pathlib import Path
@@ -27,7 +26,7 @@ from .._run.serial import SerialGate, record_serial_ids
 from .._stack import WorkerStack
 from ._durations import CpuMeter, DurationRecorder
 from ._env import controller_environment, early_workerinput, share_with_workers, will_have_workers
-from ._interrupts import InterruptDeadline
+from ._interrupts import InterruptDeadline, catch_interrupts, restore_interrupts
 from ._prestart import Prestart, remember_fork_servers, remember_use, wait_for_start
 from ._runfixtures import (
     close_run_fixtures,
@@ -36,14 +35,11 @@ from ._runfixtures import (
     report_problems,
     teardown_failures,
 )
+from ._slots import release_slot, share_slots, take_slot
 from ._xdist import XdistHooks
 from ._zygote import ZYGOTE_KEY, fork_workers, summary_line
 
-#: Signals that end a run like Ctrl-C does (CI cancel, a closed terminal).
-INTERRUPTS = (signal.SIGTERM, signal.SIGHUP)
-
 STACK_KEY = pytest.StashKey[WorkerStack]()
-_SIGNALS_KEY = pytest.StashKey[dict[int, object]]()
 CONTROLLER_KEY = pytest.StashKey[RunController]()
 _SUMMARY_KEY = pytest.StashKey[dict[str, dict[str, float]]]()
 _SEEN_KEY = pytest.StashKey[set[tuple[str, str]]]()
@@ -130,6 +126,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None
     controller forks the zygote its workers are forked from (``--isolate-fork-workers``).
     pytest's rewrite hook is in place now: isolate's own modules go back ahead of it."""
     _plainimport.install()
+    if _is_worker():  # its turn to collect (--isolate-collect-slots)
+        take_slot(early_config)
     settings = _settings(early_config, early=True)
     if settings.fork_workers == "auto" and will_have_workers(early_config) and not _is_worker():
         fork_workers(early_config)
@@ -156,6 +154,8 @@ def pytest_configure(config: pytest.Config) -> None:
     stack = config.stash[STACK_KEY]
     controller = config.stash.get(CONTROLLER_KEY, None)
     runs_tests = controller is None or not will_have_workers(config)
+    if controller is not None and not runs_tests:  # its workers start after this
+        share_slots(config, settings, controller.workerinput(), getattr(config.stash.get(ZYGOTE_KEY, None), "pid", None))
     if runs_tests:
         config.pluginmanager.register(CpuMeter(), "isolate-cpu")
     # --isolate-prestart: the run's PostgreSQL and this process's Redis, started ahead.
@@ -175,7 +175,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(XdistHooks(controller, recorder, duration), "isolate-xdist")
     config.pluginmanager.register(InterruptDeadline(controller, settings.stop_timeout + 20),
                                   "isolate-interrupt-deadline")  # fmt: skip
-    config.stash[_SIGNALS_KEY] = _catch_interrupts()
+    catch_interrupts(config)
 
 
 def _exit_fast() -> None:
@@ -234,23 +234,6 @@ def _worker_record(worker_id: str) -> str:
     return f"worker-{worker_id}-{os.getpid()}"
 
 
-def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"isolate: {signal.Signals(signum).name} received")
-
-
-def _catch_interrupts() -> dict[int, object]:
-    """SIGTERM and SIGHUP end the run as Ctrl-C does: pytest stops, the session
-    finishes and the run is reaped. A handler set by someone else is kept."""
-    previous: dict[int, object] = {}
-    for sig in INTERRUPTS:
-        try:
-            if signal.getsignal(sig) is signal.SIG_DFL:
-                previous[sig] = signal.signal(sig, _interrupted)
-        except ValueError:  # not the main thread
-            break
-    return previous
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
@@ -269,6 +252,13 @@ def pytest_collection_modifyitems(
         stack.fresh_wanted = True  # its pool starts with its database: spares made ahead
     report_problems(session)
     return result
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    waited = release_slot(session.config)  # the next worker collects now
+    if waited is not None and STACK_KEY in session.config.stash:
+        session.config.stash[STACK_KEY].timings.add("collect_slot_wait", waited)
 
 
 def wants_fresh(item: pytest.Item) -> bool:
@@ -315,6 +305,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    release_slot(config)
     notices = config.stash.get(_NOTICES_KEY, None)
     if notices is not None:
         logging.getLogger("isolate").removeHandler(notices)
@@ -329,8 +320,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         close_run_fixtures(config)
         wait_for_start(config)
         controller.close()  # sessionfinish did not run (internal error)
-    for sig, handler in config.stash.get(_SIGNALS_KEY, {}).items():
-        signal.signal(sig, handler)  # type: ignore[arg-type]
+    restore_interrupts(config)
 
 
 #: xdist workers start faster with pytest's caches of rewritten modules (docs/how-to/ci.md).

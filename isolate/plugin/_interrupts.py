@@ -1,8 +1,10 @@
-"""The deadline of an interrupted run (a plugin: pytest hooks only)."""
+"""Interrupts: SIGTERM and SIGHUP end a run as Ctrl-C does, and the deadline of an
+interrupted run."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 
@@ -10,7 +12,35 @@ import pytest
 
 from .._controller import RunController
 
-__all__ = ["InterruptDeadline"]
+__all__ = ["INTERRUPTS", "InterruptDeadline", "catch_interrupts", "restore_interrupts"]
+
+#: Signals that end a run like Ctrl-C does (CI cancel, a closed terminal).
+INTERRUPTS = (signal.SIGTERM, signal.SIGHUP)
+
+_SIGNALS_KEY = pytest.StashKey[dict[int, object]]()
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"isolate: {signal.Signals(signum).name} received")
+
+
+def catch_interrupts(config: pytest.Config) -> None:
+    """SIGTERM and SIGHUP end the run as Ctrl-C does: pytest stops, the session
+    finishes and the run is reaped. A handler set by someone else is kept."""
+    previous: dict[int, object] = {}
+    for sig in INTERRUPTS:
+        try:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, _interrupted)
+        except ValueError:  # not the main thread
+            break
+    config.stash[_SIGNALS_KEY] = previous
+
+
+def restore_interrupts(config: pytest.Config) -> None:
+    """Put back the handlers :func:`catch_interrupts` replaced."""
+    for sig, handler in config.stash.get(_SIGNALS_KEY, {}).items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 class InterruptDeadline:

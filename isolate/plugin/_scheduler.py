@@ -4,7 +4,6 @@ and carries out what the pure :class:`~isolate._dist.planner.Planner` decides.""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,16 +14,9 @@ from xdist.workermanage import WorkerController, parse_tx_spec_config
 
 from .._dist.durations import estimates
 from .._dist.planner import Action, Planner, Send, Shutdown, Steal
+from .._run.slots import usable_cores
 
 __all__ = ["DurationScheduling"]
-
-
-def _cores() -> int:
-    """The CPUs this process may run on (its affinity, where the platform has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class DurationScheduling:
@@ -54,7 +46,7 @@ class DurationScheduling:
         self.config = config
         self.log = Producer("durationsched") if log is None else log.durationsched
         self.collection: list[str] | None = None
-        self.planner: Planner[WorkerController] = Planner(cores=_cores())
+        self.planner: Planner[WorkerController] = Planner(cores=usable_cores())
         self._waiting: list[WorkerController] = []  # added, their collection not yet in
         self._first: WorkerController | None = None  # whose collection is the run's
         self._collected = 0  # collections in, the initial nodes' and their replacements'
