@@ -233,6 +233,23 @@ def test_a_preload_that_prints_is_served_and_its_output_logged(pytester: pytest.
     result.assert_outcomes(passed=1)
 
 
+@pytest.mark.parametrize("mode", ["auto", "worker"])
+def test_a_preload_that_keeps_more_descriptors_than_select_takes_is_served(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A preload that keeps over 1,024 descriptors open: what the fork server opens after
+    it (its wakeup pipe; the run's fork server: each worker's channel) is above select's
+    limit; services are still forked, stopped, killed and restarted, and nothing is left."""
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv("LEFTOVER_MARK", mark)
+    _suite(pytester, forked=True)
+    pytester.makeconftest(CONFTEST.replace('entry="forkapp:main"', 'entry="forkapp:main", preload=["manyfds", "forkapp"]'))
+    pytester.makepyfile(manyfds=MANY_FDS.replace("the worker exits", "the fork server exits"))
+    result = pytester.runpytest_subprocess("-n", "1", "-p", "no:randomly", f"--isolate-fork-server={mode}")
+    result.assert_outcomes(passed=2)
+    assert leftovers(run_id_of(result), mark) == []
+
+
 def test_a_fork_server_that_dies_leaves_its_child_stoppable_and_says_so(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:

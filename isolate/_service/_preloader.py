@@ -198,12 +198,14 @@ def _serve_channel(channel: Channel) -> int:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wakeup[1])
     children: set[int] = set()
+    # poll, not select: a preload that keeps over 1,021 descriptors open puts the channel
+    # and the pipe above select's limit (FD_SETSIZE).
+    poller = select.poll()
+    for fd in (channel.sock.fileno(), wakeup[0]):
+        poller.register(fd, select.POLLIN)
     channel.say({"ready": os.getpid()})
     while True:
-        try:
-            readable, _, _ = select.select([channel.sock.fileno(), wakeup[0]], [], [])
-        except InterruptedError:
-            continue
+        readable = {fd for fd, _ in poller.poll()}
         if wakeup[0] in readable:
             with contextlib.suppress(BlockingIOError):
                 os.read(wakeup[0], 4096)
