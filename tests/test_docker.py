@@ -1246,7 +1246,10 @@ def test_a_build_whose_cached_layer_was_removed_meanwhile_goes_again(
     monkeypatch.setattr(docker.models.images.ImageCollection, "build", build)
     tag = build_image(docker_engine, "dk-cachegone", tmp_path)
     try:
-        assert builds == [tag, tag]
+        # The injected failure, then the build again. Another test's clean-up on another
+        # worker may remove a layer this build takes from the cache meanwhile (the race
+        # itself, for real): the engine's error then costs it one more attempt.
+        assert builds[:2] == [tag, tag] and len(builds) <= 3, builds
         docker_engine.images.get(tag)
         (tmp_path / "Dockerfile").write_text(f"FROM {images.python}\nRUN exit 3\n")
         builds.clear()
