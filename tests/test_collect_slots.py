@@ -49,8 +49,13 @@ def windows_dir(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> P
     return folder
 
 
-def test_with_one_slot_the_workers_collect_one_after_another(pytester: pytest.Pytester, windows_dir: Path) -> None:
-    seen = _windows(pytester, "--isolate-collect-slots=1")
+# Workers forked from the zygote, new interpreters, and a run whose controller shares its
+# facts before its conftests (--isolate-env).
+@pytest.mark.parametrize("how", ["--isolate-fork-workers=auto", "--isolate-fork-workers=off", "--isolate-env=WHO={worker}"])
+def test_with_one_slot_the_workers_collect_one_after_another(
+    pytester: pytest.Pytester, windows_dir: Path, how: str
+) -> None:
+    seen = _windows(pytester, "--isolate-collect-slots=1", how)
     assert sorted(seen) == ["gw0", "gw1", "gw2"]
     assert {w["slots"] for w in seen.values()} == {"1"}
     spans = sorted((w["began"], w["collected"]) for w in seen.values())
