@@ -201,7 +201,7 @@ def clean_caches(bases: Sequence[Path], dry_run: bool) -> list[str]:
 
         images, in_use = remove_built_images(dry_run)
         done += [f"{verb} {item}" for item in images]
-        done += [f"kept {item} (a live run uses it)" for item in in_use]
+        done += [f"kept {item}" for item in in_use]
     else:
         locks = tmp / f"isolate-build-locks-{uid}"
         for path in sorted(locks.glob("*.lock")) if owned_by_me(locks) else ():

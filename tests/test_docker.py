@@ -1274,6 +1274,51 @@ def test_edited_build_context_runs_the_new_code(tmp_path: Path, images: Images, 
     assert len(builds.built) == 2
 
 
+CLEANUP_CACHES = [sys.executable, "-m", "isolate", "cleanup", "--caches"]
+
+
+def _started_build(context: Path, images: Images, make_service: Any, name: str) -> tuple[isolate.ServiceSpec, Any]:
+    """A service built from ``context`` (its image tagged for it), started."""
+    _write_context(context, images.python, name)
+    spec = isolate.ServiceSpec(name=name, build_context=context, env={"PORT": "{port}"},
+                               health=isolate.HttpCheck("/"), stop_timeout=2)  # fmt: skip
+    svc = make_service(spec)
+    svc.start()
+    return spec, svc
+
+
+def test_cleanup_caches_keeps_an_image_a_container_was_made_from_whatever_its_locks_say(
+    tmp_path: Path, images: Images, make_service: Any, docker_engine: Any
+) -> None:
+    """A clean-up that cannot see the run's build lock (another user's run, whose locks
+    are its own; a shell with another ``TMPDIR``) keeps an image a container was made
+    from, running or stopped: the run restarts its service from it. Once the container is
+    gone, the image goes."""
+    from isolate._cache import release_entry
+    from isolate._docker.images import _lock_name, build_locks
+
+    _, svc = _started_build(tmp_path / "svc", images, make_service, "dk-othertmp")
+    tag = svc.launcher.image
+    other_tmp = tmp_path / "other-tmp"
+    other_tmp.mkdir()
+    env = clean_env(TMPDIR=str(other_tmp))  # its build locks are elsewhere: none held there
+    try:
+        svc.stop()  # the container stays, stopped: `docker rmi -f` would untag its image
+        out = subprocess.run(CLEANUP_CACHES, env=env, capture_output=True, text=True, timeout=180, check=True).stdout
+        assert re.search(rf"kept image {re.escape(tag)} \(container \S+ was made from it\)", out), out
+        docker_engine.images.get(tag)  # still there
+        svc.start()  # and the run goes on with it
+        svc.close()  # its container is removed
+        release_entry(build_locks, _lock_name(tag))
+        out = subprocess.run(CLEANUP_CACHES, env=env, capture_output=True, text=True, timeout=180, check=True).stdout
+        assert f"kept image {tag}" not in out, out
+        with pytest.raises(Exception, match=r"No such image|not found"):
+            docker_engine.images.get(tag)
+    finally:
+        with contextlib.suppress(Exception):
+            docker_engine.images.remove(tag, force=True)
+
+
 def test_cleanup_caches_keeps_the_image_a_live_run_uses(
     tmp_path: Path, images: Images, make_service: Any, docker_engine: Any
 ) -> None:
@@ -1285,13 +1330,9 @@ def test_cleanup_caches_keeps_the_image_a_live_run_uses(
     from isolate._docker.images import _lock_name, build_locks
 
     context = tmp_path / "svc"
-    _write_context(context, images.python, "in-use")
-    spec = isolate.ServiceSpec(name="dk-inuse", build_context=context, env={"PORT": "{port}"},
-                               health=isolate.HttpCheck("/"), stop_timeout=2)  # fmt: skip
-    svc = make_service(spec)
-    svc.start()
+    spec, svc = _started_build(context, images, make_service, "dk-inuse")
     tag = svc.launcher.image
-    cleanup = [sys.executable, "-m", "isolate", "cleanup", "--caches"]
+    cleanup = CLEANUP_CACHES
     try:
         out = subprocess.run(cleanup, env=clean_env(), capture_output=True, text=True, timeout=180, check=True).stdout
         assert f"kept image {tag} (a live run uses it)" in out, out

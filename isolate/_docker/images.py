@@ -197,6 +197,15 @@ def _build_failed(exc: Exception, context: Path, tag: str) -> NoReturn:
     ) from None
 
 
+def _containers_from(client: Any, image_id: str) -> list[str]:
+    """The names of the containers made from the image (running or not, anyone's); on
+    an error, a placeholder: keep the image rather than guess."""
+    try:
+        return [c.name for c in client.containers.list(all=True, filters={"ancestor": image_id})]
+    except Exception as exc:
+        return [f"(unknown: the engine could not list them: {reason(exc)})"]
+
+
 def volume_mounts(image: Any, labels: Mapping[str, str]) -> list[Any]:
     """Labelled anonymous volumes for the image's ``VOLUME``s (instead of unlabelled ones)."""
     from docker.types import Mount
@@ -211,22 +220,27 @@ def volume_mounts(image: Any, labels: Mapping[str, str]) -> list[Any]:
 def remove_built_images(dry_run: bool = False) -> tuple[list[str], list[str]]:
     """Remove the images isolate made (service images ``isolate-build/*``, seeded
     PostgreSQL images ``isolate-pgseed:*``) that no live run uses (a worker holds the
-    image's build lock while it lives); (removed, kept)."""
+    image's build lock while it lives) and no container was made from (another user's
+    run, whose locks are its own, or a run with another ``TMPDIR``); (removed, kept: each
+    with why)."""
     from .engine import engine
 
     client = engine()
     removed, kept = [], []
     locks = build_locks()
     for image in client.images.list(filters={"label": BUILD_LABEL}):
+        users = _containers_from(client, image.id)
         for tag in image.tags or [image.id]:
             def untag(tag: str = tag) -> None:  # under the lock: no worker takes it meanwhile
                 with contextlib.suppress(Exception):
                     client.images.remove(tag, force=True)
 
-            if remove_unused(locks, _lock_name(tag), dry_run=dry_run, remove=untag):
+            if not users and remove_unused(locks, _lock_name(tag), dry_run=dry_run, remove=untag):
                 removed.append(f"image {tag}")
+            elif users and remove_unused(locks, _lock_name(tag), dry_run=True):  # no lock held
+                kept.append(f"image {tag} (container {users[0]} was made from it)")
             else:
-                kept.append(f"image {tag}")
+                kept.append(f"image {tag} (a live run uses it)")
     for path in sorted(locks.glob("*.lock")):  # what crashed builds left
         remove_unused(locks, path.name, dry_run=dry_run)
     return removed, kept
