@@ -1293,24 +1293,22 @@ def test_cleanup_caches_keeps_an_image_a_container_was_made_from_whatever_its_lo
     """A clean-up that cannot see the run's build lock (another user's run, whose locks
     are its own; a shell with another ``TMPDIR``) keeps an image a container was made
     from, running or stopped: the run restarts its service from it. Once the container is
-    gone, the image goes."""
+    gone, the image goes. (The lock is let go here, as such a clean-up sees it: a clean-up
+    with another ``TMPDIR`` would also remove what the other tests hold meanwhile.)"""
     from isolate._cache import release_entry
     from isolate._docker.images import _lock_name, build_locks
 
-    _, svc = _started_build(tmp_path / "svc", images, make_service, "dk-othertmp")
+    _, svc = _started_build(tmp_path / "svc", images, make_service, "dk-nolock")
     tag = svc.launcher.image
-    other_tmp = tmp_path / "other-tmp"
-    other_tmp.mkdir()
-    env = clean_env(TMPDIR=str(other_tmp))  # its build locks are elsewhere: none held there
     try:
         svc.stop()  # the container stays, stopped: `docker rmi -f` would untag its image
-        out = subprocess.run(CLEANUP_CACHES, env=env, capture_output=True, text=True, timeout=180, check=True).stdout
+        release_entry(build_locks, _lock_name(tag))  # no lock this clean-up can see
+        out = subprocess.run(CLEANUP_CACHES, env=clean_env(), capture_output=True, text=True, timeout=180, check=True).stdout
         assert re.search(rf"kept image {re.escape(tag)} \(container \S+ was made from it\)", out), out
         docker_engine.images.get(tag)  # still there
         svc.start()  # and the run goes on with it
         svc.close()  # its container is removed
-        release_entry(build_locks, _lock_name(tag))
-        out = subprocess.run(CLEANUP_CACHES, env=env, capture_output=True, text=True, timeout=180, check=True).stdout
+        out = subprocess.run(CLEANUP_CACHES, env=clean_env(), capture_output=True, text=True, timeout=180, check=True).stdout
         assert f"kept image {tag}" not in out, out
         with pytest.raises(Exception, match=r"No such image|not found"):
             docker_engine.images.get(tag)
