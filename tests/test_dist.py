@@ -144,8 +144,13 @@ def test_max_worker_restart_is_honoured(pytester: pytest.Pytester, logged: Path)
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "--max-worker-restart=1")
     result.stdout.fnmatch_lines(["*maximum crashed workers reached: 1*"])
     outcomes = result.parseoutcomes()
-    assert outcomes.get("failed") == 2 and outcomes.get("passed", 0) < 38
-    names = Counter(str(e["name"]) for e in entries(logged))
+    assert outcomes.get("failed") == 2  # both crashes reported
+    # One replacement, no second: after the limit the workers left run what they hold (as
+    # with xdist's load: how much that is depends on timing) and the run ends.
+    assert result.stdout.str().count("replacing crashed worker") == 1
+    runs = entries(logged)
+    assert {str(e["worker"]) for e in runs} <= {"gw0", "gw1", "gw2"}
+    names = Counter(str(e["name"]) for e in runs)
     assert set(names.values()) <= {1}
 
 
