@@ -44,7 +44,22 @@ def pytest_configure(config):
         "random": __import__("random").random(), "numpy_random": _numpy_random(),
         "sigint_ignored": signal.getsignal(signal.SIGINT) == signal.SIG_IGN, "umask": _umask(),
         "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+        "frozen": __import__("gc").get_freeze_count(), "cycle_collected": _cycle_collected(),
     }))
+
+
+def _cycle_collected():
+    import gc, weakref
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gone = weakref.ref(a)
+    del a, b
+    gc.collect()
+    return gone() is None
 
 
 def _umask():
@@ -103,6 +118,9 @@ def test_workers_are_forked_from_the_controller_and_are_what_new_interpreters_ar
         assert worker["argv"] == ["-c"] and worker["main"] is None  # as `python -c` has them
         assert worker["cwd"] == str(pytester.path)
         assert worker["stdin_is_null"]  # execnet moved its channel off fd 0, as in a new one
+        assert worker["cycle_collected"]  # the worker's own garbage is collected
+        # Forked: what it inherited is frozen (its collections never walk it).
+        assert (int(str(worker["frozen"])) > 1000) == (mode == "auto"), worker["frozen"]
     forked = "2 xdist workers forked from the preloaded controller"
     if mode == "auto":
         # The parent is the zygote, not the controller; it and its directory are gone.

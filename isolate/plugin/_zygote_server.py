@@ -166,6 +166,9 @@ class Server:
                 conn.close()
                 return
             self.work_ahead()
+            # What the worker inherits, its collections never walk: less CPU, and the pages
+            # stay shared instead of being copied when the collector touches each object.
+            gc.freeze()
             pid = os.fork()
             if pid == 0:
                 self.become_worker(fds, request)
