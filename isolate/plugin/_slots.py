@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from .._config import Settings
+from .._controller import WORKERINPUT_KEYS
 from .._run.rundir import RunDir
 from .._run.slots import CollectSlot, slot_count, usable_cores
 from ._env import early_workerinput, share_with_workers, worker_count
@@ -29,13 +30,14 @@ def share_slots(config: pytest.Config, settings: Settings, facts: dict[str, str]
 def take_slot(config: pytest.Config) -> None:
     """In an xdist worker, before its initial conftests: wait for its turn to collect, if
     its controller set slots."""
-    facts = early_workerinput()
-    slots = str(facts.get(_FACT) or "") if facts else ""
-    if facts and slots.isdigit() and int(slots) > 0:
-        run = RunDir(Path(str(facts["isolate_base_dir"])), str(facts["isolate_run_id"]))
-        slot = CollectSlot.take(run.path, str(facts["workerid"]), int(slots))
-        if slot is not None:
-            config.stash[_SLOT_KEY] = slot
+    facts = early_workerinput() or {}
+    slots = str(facts.get(_FACT, ""))
+    if not slots.isdigit() or int(slots) == 0:
+        return
+    run_id, _, base = (str(facts[key]) for key in WORKERINPUT_KEYS)
+    slot = CollectSlot.take(RunDir(Path(base), run_id).path, str(facts["workerid"]), int(slots))
+    if slot is not None:
+        config.stash[_SLOT_KEY] = slot
 
 
 def release_slot(config: pytest.Config) -> float | None:
