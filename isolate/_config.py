@@ -228,10 +228,11 @@ OPTIONS: tuple[Option, ...] = (
            "user too: auto (when that user can reach the program and working directory, "
            "else as root, with a warning), always (an error if it cannot), never",
            "auto", _choice("auto", "always", "never")),
-    Option("fork_server", "native backend: start a service that names an entry by forking a "
-           "preloaded Python parent (auto: on Linux, one preload per run, forked for each "
+    Option("fork_server", "start a service that names an entry by forking a preloaded Python "
+           "parent (native backend, auto: on Linux, one preload per run, forked for each "
            "worker, where the workers' environments match; worker: one preloaded parent per "
-           "worker), or always as a new process (off)", "auto", _choice("auto", "worker", "off")),
+           "worker; docker backend, auto or worker: a parent in each worker's container, "
+           "which starts once), or always as a new process (off)", "auto", _choice("auto", "worker", "off")),
     Option("migrations", "directory of ordered .sql files applied to each worker's schema "
            "(relative to the rootdir)", "", _optional_str),
     Option("db_isolation", "schema: a schema and role per worker in one database; database: "

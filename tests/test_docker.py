@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from tenacity import Retrying, stop_after_delay, wait_fixed
 
 import isolate
 from isolate._config import Settings, resolve_settings
-from isolate._docker.containers import reap_orphans, reap_run
+from isolate._docker.containers import container_state, reap_orphans, reap_run
 from isolate._docker.context import LABEL, DockerRun
 from isolate._identity import WorkerIdentity, new_run_id
 from isolate._ports import PortLease, _try_lock
@@ -368,21 +369,11 @@ def test_isolation_on_docker_at_n4(
 
 # -- the service as a local process against the containers (docker_services=native) ---
 
-HYBRID_APP = """
-import http.server, json, os, signal, sys, threading
-
-import psycopg
-import redis
-
-
+#: The test apps' handler: GET answers their ``info()`` as JSON.
+JSON_HANDLER = """
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
-            (user,) = conn.execute("SELECT current_user").fetchone()
-        with redis.Redis.from_url(os.environ["REDIS_URL"]) as client:
-            hits = client.incr("hits")
-        body = json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0),
-                           "uid": os.getuid(), "user": user, "hits": hits}).encode()
+        body = json.dumps(info()).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -390,6 +381,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+"""
+
+HYBRID_APP = """
+import http.server, json, os, signal, sys, threading
+
+import psycopg
+import redis
+
+
+def info():
+    with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
+        (user,) = conn.execute("SELECT current_user").fetchone()
+    with redis.Redis.from_url(os.environ["REDIS_URL"]) as client:
+        hits = client.incr("hits")
+    return {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0),
+            "uid": os.getuid(), "user": user, "hits": hits}
+""" + JSON_HANDLER + """
 
 
 def main():
@@ -1352,3 +1360,135 @@ def test_cleanup_caches_keeps_the_image_a_live_run_uses(
     finally:
         with contextlib.suppress(Exception):
             docker_engine.images.remove(tag, force=True)
+
+
+# -- the fork server inside a service's container ------------------------------------
+
+FORKAPP = '''
+import http.server, json, os, signal, sys, threading
+
+if os.environ.get("FAIL_AT_IMPORT"):
+    raise RuntimeError("forkapp: failing at import on purpose")
+print(f"forkapp: imported in {os.getpid()}", file=sys.stderr, flush=True)
+
+
+def info():
+    return {"pid": os.getpid(), "argv": sys.argv, "cwd": os.getcwd(), "greeting": os.environ.get("GREETING")}
+''' + JSON_HANDLER + '''
+
+def main():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    server.serve_forever(poll_interval=0.05)
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+def forkapp_spec(tmp_path: Path, images: Images, **env: str) -> isolate.ServiceSpec:
+    """A service that names an ``entry`` and whose image's CMD runs ``python3 -m``."""
+    context = tmp_path / "forkapp"
+    context.mkdir(exist_ok=True)
+    (context / "forkapp.py").write_text(FORKAPP)
+    (context / "Dockerfile").write_text(
+        f"FROM {images.python}\nCOPY forkapp.py /app/forkapp.py\nWORKDIR /app\nUSER nobody\n"
+        'CMD ["python3", "-m", "forkapp"]\n'
+    )
+    return isolate.ServiceSpec(
+        name="forkapp", build_context=str(context), entry="forkapp:main", container_command=(),
+        env={"PORT": "{port}", "GREETING": "hello", **env}, health=isolate.HttpCheck("/"),
+        ready_timeout=30, stop_timeout=5,
+    )  # fmt: skip
+
+
+def _started_at(container: Any) -> str:
+    container.reload()
+    return str(container.attrs["State"]["StartedAt"])
+
+
+@pytest.mark.parametrize("fork_server", ["auto", "off"])
+def test_a_service_with_an_entry_forks_in_its_container_which_starts_once(
+    tmp_path: Path, images: Images, settings: Settings, make_service: Any, fork_server: str
+) -> None:
+    forks = fork_server != "off"
+    service = make_service(forkapp_spec(tmp_path, images), dataclasses.replace(settings, fork_server=fork_server))
+    service.start()
+    container = service.launcher.container
+    started, first = _started_at(container), get_json(service.url)
+    assert (first["greeting"], first["cwd"]) == ("hello", "/app")  # the container's env and WORKDIR
+    service.restart()
+    second = get_json(service.url)
+    assert service.launcher.container.id == container.id
+    # Forked: a new service process in a container started once, whose app was imported once.
+    assert (_started_at(container) == started) is forks
+    assert service.logs().count("forkapp: imported") == (1 if forks else 2)
+    assert not forks or second["pid"] != first["pid"]  # a new child (a new container may reuse its pid)
+
+    assert service.stop() == 0  # SIGTERM: the app shuts down cleanly
+    assert not service.is_running
+    assert container_state(container).get("Running") is forks  # the fork server stays up
+    service.start()
+    assert service.kill() == 137  # as docker kill: 128 + SIGKILL
+    service.start()
+    service.signal(signal.SIGTERM)
+    assert service.wait_exit(10) == 0
+    directory = service.launcher.forks.directory if forks else None
+    service.close()
+    assert service.launcher.forks is None
+    assert directory is None or not directory.exists()
+
+
+def test_a_preload_that_fails_in_the_container_is_a_clear_error_and_leaves_nothing(
+    tmp_path: Path, images: Images, ctx: DockerRun, make_service: Any, docker_engine: Any
+) -> None:
+    service = make_service(forkapp_spec(tmp_path, images, FAIL_AT_IMPORT="1"))
+    with pytest.raises(isolate.ConfigError) as failed:
+        service.start()
+    directory = service.launcher.forks.directory
+    text = str(failed.value)
+    assert "the fork server in its container cannot serve" in text, text
+    assert "failing at import on purpose" in text, text  # the container's log says why
+    assert "--isolate-fork-server=off" in text, text  # and the fix
+    service.close()
+    assert containers_of(docker_engine, ctx.worker.run_id) == []
+    assert not directory.exists()
+
+
+def test_a_container_killed_from_outside_is_started_again_and_a_lost_channel_leaves_it_up(
+    tmp_path: Path, images: Images, make_service: Any
+) -> None:
+    service = make_service(forkapp_spec(tmp_path, images))
+    service.start()
+    container = service.launcher.container
+    started = _started_at(container)
+    container.kill()  # its fork server (and the service) go with it
+    suite_support.poll(lambda: not service.is_running)
+    assert service.launcher.exit_code() == 137
+    service.start()  # the container again, a new fork server in it
+    assert _started_at(container) != started
+    pid = get_json(service.url)["pid"]
+    # The worker's end of the channel goes (as when the worker dies): the service stays up
+    # as long as it runs (--isolate-keep keeps it), and the container with it.
+    service.launcher.forks.disconnect()
+    assert get_json(service.url)["pid"] == pid
+    assert container_state(container).get("Running")
+
+
+@suite_support.needs_root
+def test_the_container_fork_servers_socket_is_out_of_other_users_reach(
+    tmp_path: Path, images: Images, make_service: Any
+) -> None:
+    service = make_service(forkapp_spec(tmp_path, images))
+    service.start()
+    sock = service.launcher.forks.directory / "s"
+    probe = (f"import socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); "
+             f"s.connect({str(sock)!r}); print('connected')")  # fmt: skip
+    other = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", f"/usr/bin/python3 -c {shlex.quote(probe)}"],
+                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert "connected" not in other.stdout
+    assert "PermissionError" in other.stderr, other.stderr
+    assert get_json(service.url)["greeting"] == "hello"  # and it serves on

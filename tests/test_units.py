@@ -489,3 +489,30 @@ def test_the_run_queue_clock_reads_the_calling_thread_even_after_a_fork() -> Non
     os.waitpid(pid, 0)
     assert 0 <= child < mine  # the forked child's own, not its parent's
     clock.close()
+
+
+LOCAL_ENGINE = "http+docker://localhost"
+
+
+@pytest.mark.parametrize(
+    ("entry", "argv", "entrypoint", "setting", "engine", "why"),
+    [
+        ("app:main", ["python3", "-m", "app"], [], "auto", LOCAL_ENGINE, None),
+        ("app:main", ["/usr/local/bin/python3.12", "app.py"], ["tini", "--"], "worker", LOCAL_ENGINE, None),
+        ("app:main", ["python", "-m", "app"], ["/usr/bin/dumb-init"], "auto", LOCAL_ENGINE, None),
+        (None, ["python3", "-m", "app"], [], "auto", LOCAL_ENGINE, "names no ServiceSpec.entry"),
+        ("app:main", ["python3", "-m", "app"], [], "off", LOCAL_ENGINE, "--isolate-fork-server=off"),
+        ("app:main", ["uvicorn", "app:api"], [], "auto", LOCAL_ENGINE, "does not run python"),
+        ("app:main", ["python3-config"], [], "auto", LOCAL_ENGINE, "does not run python"),
+        ("app:main", [], [], "auto", LOCAL_ENGINE, "does not run python"),
+        ("app:main", ["python3", "-m", "app"], ["/entrypoint.sh"], "auto", LOCAL_ENGINE, "ENTRYPOINT"),
+        ("app:main", ["python3", "-m", "app"], [], "auto", "http://10.0.0.5:2375", "not this machine's"),
+    ],
+)
+def test_which_containers_fork_their_service(
+    entry: str | None, argv: list[str], entrypoint: list[str], setting: str, engine: str, why: str | None
+) -> None:
+    from isolate._service.containerfork import forks_in_container
+
+    reason = forks_in_container(entry, argv, entrypoint, setting, engine)
+    assert (reason is None) if why is None else (reason is not None and why in reason), reason

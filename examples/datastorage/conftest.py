@@ -120,7 +120,7 @@ def isolate_service_spec() -> isolate.ServiceSpec:
     return isolate.ServiceSpec(
         name="datastorage",
         command=[sys.executable, "-m", "datastorage"],  # native backend
-        # native backend: each start forks a per-worker parent that has imported the app
+        # each start forks a parent that has imported the app (docker: inside the container)
         entry="datastorage.server:main",
         # what a start would import: the app, and what uvicorn loads lazily when it starts
         preload=["datastorage.runner", "uvicorn.protocols.http.auto", "uvicorn.lifespan.on",

@@ -75,6 +75,7 @@ class DockerBackend:
 
     def describe(self) -> list[str]:
         s = self.ctx.settings
+        forks = ", forked in them where they name an entry" if s.fork_server != "off" else ""
         services = ("services as local processes (--isolate-docker-services=native)" if self.native
-                    else "services in containers from their image or build_context")  # fmt: skip
+                    else f"services in containers from their image or build_context{forks}")  # fmt: skip
         return [f"postgres image {s.pg_image}, redis image {s.redis_image}, network {self.ctx.mode}, {services}"]

@@ -26,6 +26,16 @@ workers; each sends ``{"env": {...}}`` with its channel and its log attached, an
 ``{"pid": n}``, the process forked to serve it as above (on that channel, with that log as
 its stdout and stderr, that environment). A connection from a uid not in
 ``CONFIG["clients"]`` is closed unanswered. It runs until the run's end stops it.
+
+Run with ``CONFIG["connect"]`` instead, it is the fork server *inside a service's
+container* (the docker backend): the container's command. It connects to the worker's
+socket at that path (a directory of the worker's, bind-mounted into the container),
+imports the preload and serves that channel as above, except that requests carry no
+descriptor (a child keeps the container's stdout and stderr, which are the container's
+log), nor ``env`` or ``cwd`` (a child keeps the container's). ``{"signal": n, "pid": p,
+"group": bool}`` signals one of its children (or the child's process group); a pid it has
+reaped, or never forked, is left alone. When the channel ends it exits once its children
+have (so the container lives as long as its service, as without it).
 """
 
 from __future__ import annotations
@@ -113,7 +123,7 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
-def _become_service(request: dict[str, Any], log: int, closing: tuple[int, ...]) -> None:
+def _become_service(request: dict[str, Any], log: int | None, closing: tuple[int, ...]) -> None:
     """In the forked child: turn into the service and never return."""
     code = 1
     try:
@@ -126,13 +136,16 @@ def _become_service(request: dict[str, Any], log: int, closing: tuple[int, ...])
         signal.signal(signal.SIGINT, signal.default_int_handler)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
         os.close(null)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
+        if log is not None:
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.close(log)
+        if "cwd" in request:
+            os.chdir(request["cwd"])
+        if "env" in request:
+            os.environ.clear()
+            os.environ.update(request["env"])
         sys.argv = list(request["argv"])
         result = _entry(request["entry"])()
         code = result if isinstance(result, int) else 0
@@ -166,6 +179,8 @@ def _reap(channel: Channel, children: set[int]) -> None:
 def serve(config: dict[str, Any]) -> int:
     if "hub_fd" in config:
         return _hub(config)
+    if "connect" in config:
+        return _contained(config)
     channel = Channel(config["fd"])
     if config.get("die_with_parent"):
         _die_with_parent(config["parent"])
@@ -174,6 +189,28 @@ def serve(config: dict[str, Any]) -> int:
         channel.say({"error": failure})
         return 1
     return _serve_channel(channel)
+
+
+def _contained(config: dict[str, Any]) -> int:
+    """In the service's container: connect to the worker, preload, serve."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(config["connect"])
+    channel = Channel(sock.detach())
+    failure = _preload(config, own=channel.sock.fileno())
+    if failure:
+        channel.say({"error": failure})
+        return 1
+    return _serve_channel(channel, linger=True)
+
+
+def _linger(children: set[int]) -> None:
+    """The worker is gone (or keeps its failed run's services up): serve no more, and end
+    when the children have ended."""
+    while children:
+        try:
+            children.discard(os.waitpid(-1, 0)[0])
+        except ChildProcessError:
+            return
 
 
 def _preload(config: dict[str, Any], own: int) -> str | None:
@@ -190,8 +227,9 @@ def _preload(config: dict[str, Any], own: int) -> str | None:
     return None
 
 
-def _serve_channel(channel: Channel) -> int:
-    """Fork a service per request on ``channel`` until it reaches end-of-file."""
+def _serve_channel(channel: Channel, linger: bool = False) -> int:
+    """Fork a service per request on ``channel`` until it reaches end-of-file (then, with
+    ``linger``, wait for the children first)."""
     wakeup = os.pipe()
     for fd in wakeup:
         os.set_blocking(fd, False)
@@ -213,13 +251,28 @@ def _serve_channel(channel: Channel) -> int:
         if channel.sock.fileno() not in readable:
             continue
         request, fds = channel.hear()
+        if request is None and linger:  # in a container: it lives as long as its service
+            _linger(children)
         if request is None:  # the worker is gone or done: what we forked is in its registry
             # Out at once: this process only imported the app (it never ran it), and tearing
             # the interpreter down would keep the worker waiting ~0.1 s at its end.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
-        _fork(channel, request, fds, (channel.sock.fileno(), *wakeup), children)
+        if "signal" in request:
+            _signal(request, fds, children)
+        else:
+            _fork(channel, request, fds, (channel.sock.fileno(), *wakeup), children)
+
+
+def _signal(request: dict[str, Any], fds: list[int], children: set[int]) -> None:
+    """Signal a child of ours that we have not reaped (so its pid is still its own)."""
+    for fd in fds:
+        os.close(fd)
+    pid = int(request["pid"])
+    if pid in children:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            (os.killpg if request.get("group") else os.kill)(pid, int(request["signal"]))
 
 
 def _hub(config: dict[str, Any]) -> int:
@@ -312,22 +365,25 @@ def _become_server(request: dict[str, Any], fds: list[int], failure: str | None,
 
 def _fork(channel: Channel, request: dict[str, Any], fds: list[int], closing: tuple[int, ...],
           children: set[int]) -> None:  # fmt: skip
-    if len(fds) != 1:
+    if len(fds) > 1 or (not fds and "env" in request):
         for fd in fds:
             os.close(fd)
         channel.say({"error": f"a request carries {len(fds)} descriptors, not the log's one"})
         return
+    log = fds[0] if fds else None  # none: in a container, whose log is our stdout
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         pid = os.fork()
     except OSError as exc:
-        os.close(fds[0])
+        if log is not None:
+            os.close(log)
         channel.say({"error": f"fork failed: {exc}"})
         return
     if pid == 0:
-        _become_service(request, fds[0], closing)
-    os.close(fds[0])
+        _become_service(request, log, closing)
+    if log is not None:
+        os.close(log)
     children.add(pid)
     channel.say({"pid": pid})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 import signal
@@ -18,10 +19,14 @@ from .._docker.images import build_image, ensure_image
 from .._errors import ConfigError, ServiceError
 from .._retry import poll_until
 from .._run.registry import ProcessRecord
+from .containerfork import ContainerForks, forks_in_container
 from .forkserver import RunHost
+from .native import shell_exit_code
 from .spec import ServiceSpec, render
 
 __all__ = ["ContainerLauncher"]
+
+logger = logging.getLogger(__name__)
 
 _URL_HOSTPORT = re.compile(r"(?<=[@/])(?:127\.0\.0\.1|localhost):(\d+)")
 
@@ -35,6 +40,11 @@ class ContainerLauncher:
     describe the host and are ignored); ``spec.env`` (rendered) and
     ``ISOLATE_INSTANCE_NAME`` are set on top. The command is
     ``spec.container_command``, else ``spec.command``, else the image's ``CMD``.
+
+    A service that names an ``entry`` and whose command runs Python forks inside its
+    container (:mod:`~isolate._service.containerfork`): the container runs a preloaded
+    fork server, started once, and each start forks the service in it; a stop or kill
+    ends that process, not the container.
     """
 
     def __init__(self, ctx: DockerRun, spec: ServiceSpec, instance_name: str, rootdir: Path) -> None:
@@ -54,6 +64,9 @@ class ContainerLauncher:
         self.container: Any = None
         self._final_logs = ""
         self._watch: InitWatch | None = None  # see is_running
+        #: The fork server in the container (see the class docs), or ``None``.
+        self.forks: ContainerForks | None = None
+        self._child: int | None = None  # the service it forked last (a pid in the container)
 
     def _resolve_image(self, rootdir: Path) -> str:
         spec = self.spec
@@ -112,12 +125,13 @@ class ContainerLauncher:
         env = {k: render(v, inside) for k, v in self.spec.env.items()}
         env["ISOLATE_INSTANCE_NAME"] = self.name
         argv = self.spec.container_command
-        argv = self.spec.command if argv is None else argv
+        argv = [render(arg, inside) for arg in (self.spec.command if argv is None else argv)]
+        command, mounts = self._forks(argv)
         try:
             self.container = self.ctx.create(
                 self.image, self.container_name, "service", self.spec.container_port,
                 int(str(values["port"])), extra_labels={"isolate.service": self.spec.name},
-                command=[render(arg, inside) for arg in argv] or None, environment=env,
+                command=command or None, environment=env, extra_mounts=mounts,
             )  # fmt: skip
         except Exception as exc:
             raise ServiceError(
@@ -125,7 +139,37 @@ class ContainerLauncher:
                 image=self.image,
             ) from None
 
+    def _forks(self, argv: list[str]) -> tuple[list[str], list[Any]]:
+        """The container's command and mounts: ``argv``, or the fork server that runs it."""
+        config = self.ctx.client.images.get(self.image).attrs.get("Config") or {}
+        why = forks_in_container(
+            self.spec.entry, argv or list(config.get("Cmd") or []), list(config.get("Entrypoint") or []),
+            self.ctx.settings.fork_server, str(self.ctx.client.api.base_url),
+        )  # fmt: skip
+        if why is not None:
+            if self.spec.entry is not None:
+                logger.info("isolate: %s starts as a new process each time: %s", self.name, why)
+            return argv, []
+        assert self.spec.entry is not None
+        directory = self.ctx.run.worker_dir(self.ctx.worker.slug) / f"fork-{self.spec.name}"
+        self.forks = ContainerForks(directory, self.name, self.spec.entry, self.spec.preload,
+                                    argv or list(config["Cmd"]), str(config.get("WorkingDir") or "/"))  # fmt: skip
+        self.forks.listen()
+        return self.forks.command(), self.forks.mounts()
+
     def launch(self) -> None:
+        if self.forks is not None:
+            if not self.forks.connected:  # its first start, or its fork server is gone
+                self._start_container()
+                self.forks.connect(self.spec.ready_timeout or 30.0, self._exited_why)
+            self._child = self.forks.spawn()
+            return
+        self._start_container()
+
+    def _start_container(self) -> None:
+        if self.forks is not None and self._state().get("Running"):
+            self.container.kill()  # its fork server lost us: start it again
+            self.wait_exit(10.0)
         try:
             self.container.start()
         except Exception as exc:  # a port taken meanwhile says so: the start policy retries
@@ -147,7 +191,19 @@ class ContainerLauncher:
             self._watch = None
         return self._watch is not None
 
+    def _exited_why(self) -> str | None:
+        """Why the container stopped, if it has (its code and its log's end)."""
+        code = self._container_exit_code()
+        if code is None:
+            return None
+        return f"its container exited with code {code}:\n" + "\n".join(self.logs().splitlines()[-20:])
+
     def exit_code(self) -> int | None:
+        if self.forks is not None:
+            return shell_exit_code(self.forks.code(self._child)) if self._child is not None else None
+        return self._container_exit_code()
+
+    def _container_exit_code(self) -> int | None:
         if self._init_runs():
             return None  # its init runs: so does the container
         state = self._state()
@@ -156,6 +212,8 @@ class ContainerLauncher:
         return int(state.get("ExitCode", 0))
 
     def wait_exit(self, timeout: float) -> int | None:
+        if self.forks is not None and self._child is not None:
+            return shell_exit_code(self.forks.wait(self._child, timeout))
         if self.container is None:
             return None
         deadline = time.monotonic() + timeout
@@ -163,11 +221,14 @@ class ContainerLauncher:
             return None  # its init still runs
         # The engine marks it stopped a moment after its init is gone (or, unwatched, whenever).
         poll_until(lambda: not self._state().get("Running"), deadline - time.monotonic(), initial=0.01, maximum=0.1)
-        return self.exit_code()
+        return self._container_exit_code()
 
     def stop(self, sig: int, timeout: float) -> int | None:
         if not self.is_running:
             return self.exit_code()
+        if self.forks is not None:
+            self.signal(sig)
+            return self.exit_code() if self.wait_exit(timeout) is not None else self.kill()
         if sig == signal.SIGTERM:
             # docker stop -t: the image's stop signal (SIGTERM by default), then SIGKILL.
             # Docker counts whole seconds.
@@ -180,6 +241,9 @@ class ContainerLauncher:
         return self.exit_code()
 
     def kill(self) -> int | None:
+        if self.forks is not None and self._child is not None:
+            self.forks.signal(self._child, signal.SIGKILL, group=True)  # as docker kill: all of it
+            return self.wait_exit(10.0)
         if self.is_running:
             with contextlib.suppress(Exception):  # it may exit between the check and the kill
                 self.container.kill()
@@ -187,6 +251,10 @@ class ContainerLauncher:
         return self.exit_code()
 
     def signal(self, sig: int) -> None:
+        if self.forks is not None:
+            if self._child is not None:
+                self.forks.signal(self._child, sig)
+            return
         if self.is_running:
             with contextlib.suppress(Exception):
                 self.container.kill(signal=int(sig))
@@ -194,7 +262,10 @@ class ContainerLauncher:
     @property
     def is_running(self) -> bool:
         """Asked before every test: the kernel answers while the init the engine last saw
-        running still runs (:class:`~isolate._docker.containers.InitWatch`), else the engine."""
+        running still runs (:class:`~isolate._docker.containers.InitWatch`), else the engine.
+        With a fork server in it: whether the service it forked runs (which it says)."""
+        if self.forks is not None:
+            return self._child is not None and self.forks.code(self._child) is None
         return self._init_runs() or bool(self._state().get("Running"))
 
     @property
@@ -222,3 +293,6 @@ class ContainerLauncher:
             self._final_logs = container_logs(self.container)
             remove_container(self.container)
             self.container = None
+        if self.forks is not None:
+            self.forks.close()
+            self.forks = self._child = None
