@@ -1476,6 +1476,10 @@ def test_a_container_killed_from_outside_is_started_again_and_a_lost_channel_lea
     service.launcher.forks.disconnect()
     assert get_json(service.url)["pid"] == pid
     assert container_state(container).get("Running")
+    started = _started_at(container)
+    service.start()  # with no channel to it, the container goes and comes back
+    assert _started_at(container) != started
+    assert get_json(service.url)["greeting"] == "hello"
 
 
 @suite_support.needs_root

@@ -169,7 +169,7 @@ class ContainerLauncher:
     def _start_container(self) -> None:
         if self.forks is not None and self._state().get("Running"):
             self.container.kill()  # its fork server lost us: start it again
-            self.wait_exit(10.0)
+            self._wait_container(10.0)
         try:
             self.container.start()
         except Exception as exc:  # a port taken meanwhile says so: the start policy retries
@@ -212,8 +212,11 @@ class ContainerLauncher:
         return int(state.get("ExitCode", 0))
 
     def wait_exit(self, timeout: float) -> int | None:
-        if self.forks is not None and self._child is not None:
-            return shell_exit_code(self.forks.wait(self._child, timeout))
+        if self.forks is not None:
+            return shell_exit_code(self.forks.wait(self._child, timeout)) if self._child is not None else None
+        return self._wait_container(timeout)
+
+    def _wait_container(self, timeout: float) -> int | None:
         if self.container is None:
             return None
         deadline = time.monotonic() + timeout
