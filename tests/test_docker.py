@@ -1420,6 +1420,9 @@ def test_a_service_with_an_entry_forks_in_its_container_which_starts_once(
     container = service.launcher.container
     started, first = _started_at(container), get_json(service.url)
     assert (first["greeting"], first["cwd"]) == ("hello", "/app")  # the container's env and WORKDIR
+    if forks:  # handle.pid: the service process, as the host sees it (else the container's init)
+        nspid = Path(f"/proc/{service.pid}/status").read_text().partition("NSpid:")[2].split("\n")[0]
+        assert nspid.split()[-1] == str(first["pid"]), nspid
     service.restart()
     second = get_json(service.url)
     assert service.launcher.container.id == container.id

@@ -35,7 +35,7 @@ from typing import Any
 from .._errors import ConfigError, ServiceError
 from .forkserver import python_argv
 
-__all__ = ["MOUNT", "ContainerForks", "forks_in_container"]
+__all__ = ["MOUNT", "ContainerForks", "forks_in_container", "host_pid"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,24 @@ def forks_in_container(entry: str | None, argv: Sequence[str], entrypoint: Seque
         return f"its image's ENTRYPOINT ({entrypoint[0]}) is not an init that runs the command"
     if sys.platform != "linux" or not base_url.startswith("http+docker://"):
         return "the engine is not this machine's (its socket cannot be mounted)"
+    return None
+
+
+def host_pid(init: int, pid: int) -> int | None:
+    """The host pid of process ``pid`` of a container whose init is host pid ``init``:
+    the descendant of ``init`` whose innermost pid (``NSpid``) is ``pid``, or ``None``."""
+    todo, seen = [init], set()
+    while todo:
+        parent = todo.pop()
+        seen.add(parent)
+        try:
+            for line in Path(f"/proc/{parent}/status").read_text().splitlines():
+                if line.startswith("NSpid:") and parent != init and line.split()[-1] == str(pid):
+                    return parent
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split() if int(c) not in seen]
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
     return None
 
 

@@ -19,7 +19,7 @@ from .._docker.images import build_image, ensure_image
 from .._errors import ConfigError, ServiceError
 from .._retry import poll_until
 from .._run.registry import ProcessRecord
-from .containerfork import ContainerForks, forks_in_container
+from .containerfork import ContainerForks, forks_in_container, host_pid
 from .forkserver import RunHost
 from .native import shell_exit_code
 from .spec import ServiceSpec, render
@@ -273,7 +273,12 @@ class ContainerLauncher:
 
     @property
     def pid(self) -> int | None:
-        return int(self._state().get("Pid") or 0) or None
+        """The container's main process as seen from the host; with a fork server in it,
+        the service process it forked (where this machine's ``/proc`` shows it)."""
+        init = int(self._state().get("Pid") or 0) or None
+        if init is None or self.forks is None or self._child is None:
+            return init
+        return host_pid(init, self._child) or init
 
     def logs(self) -> str:
         if self.container is None:
