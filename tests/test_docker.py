@@ -1295,6 +1295,7 @@ def _started_build(context: Path, images: Images, make_service: Any, name: str) 
     return spec, svc
 
 
+@pytest.mark.usefixtures("reaper_lock")  # cleanup reaps the machine's orphan containers too
 def test_cleanup_caches_keeps_an_image_a_container_was_made_from_whatever_its_locks_say(
     tmp_path: Path, images: Images, make_service: Any, docker_engine: Any
 ) -> None:
@@ -1325,6 +1326,7 @@ def test_cleanup_caches_keeps_an_image_a_container_was_made_from_whatever_its_lo
             docker_engine.images.remove(tag, force=True)
 
 
+@pytest.mark.usefixtures("reaper_lock")  # cleanup reaps the machine's orphan containers too
 def test_cleanup_caches_keeps_the_image_a_live_run_uses(
     tmp_path: Path, images: Images, make_service: Any, docker_engine: Any
 ) -> None:
