@@ -420,6 +420,21 @@ NOTES = """## Reading the numbers
   `service_ready` 0.04-0.05 s against 0.34-0.37 s at 1 worker (walls 42.7-43.9 s against
   43.4-44.3 s, 3 pairs), against 0.27-0.32 s at 2 workers (5 pairs), 0.05-0.07 s against
   0.05-0.31 s at 4 workers (6 pairs, walls within their noise).
+- Not in the table yet (measured on a machine ~3.6x slower on the CPU than this bench's,
+  where the docker cells are CPU-bound; the next bench on an idle machine of the
+  documented speed replaces this): services that name an `entry` now fork inside their
+  containers on the docker backend too (a container started once per worker, the app
+  imported once in it). This bench's script, docker, 2 repetitions each, alternated
+  settings: 1 worker 52.8 s against 76.1 s with `--isolate-fork-server=off`, 4 workers
+  21.0 s against 33.4 s, the machine's CPU at 4 workers 31.6 s against 58.0 s, the
+  1-worker tests' sum 48.7 s against 71.5 s; a restart (the example's shutdown and DLQ
+  tests, 1 worker) 0.07 s median against 0.68 s. The bound falls with the CPU and the
+  tests' sum, so wall/bound there (1.19 against 1.07, both CPU bounds) says little until
+  an idle machine of the bench's speed measures it. Also since this bench: collect slots
+  (workers beyond the cores take turns to import and collect) and a frozen heap in the
+  zygote (`gc.freeze()` before each fork); paired runs in the same slow environment: the
+  8-worker critical path 8.8-9.6 s against 9.7-10.4 s, 4 workers 15.6-16.7 s against
+  16.5-17.4 s.
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
@@ -486,7 +501,8 @@ def _dates(records: list[dict[str, Any]]) -> str:
 
 
 def write_markdown(rows: list[dict[str, Any]], records: list[dict[str, Any]], path: Path) -> None:
-    today = dt.date.today().isoformat()
+    # The records' latest date, not the render's: --render after a note must not re-date them.
+    today = max((str(r["measured"]) for r in records if r.get("measured")), default=dt.date.today().isoformat())
     out = [
         "# Benchmarks",
         "",
