@@ -25,7 +25,7 @@ from ._cache import dir_size, entries, format_size, remove_unused
 from ._config import default_base_dir, resolve_settings
 from ._errors import IsolateError
 from ._fs import owned_by_me
-from ._ports import lock_dir, try_lease
+from ._ports import lock_dir, machine_lock_dir, try_lease
 from ._run.rundir import RUN_PREFIX, RunDir, reap_stale_runs, remove_stale_zygote_dirs, stale_runs
 from ._watchdog import reap_run_dir
 
@@ -153,7 +153,9 @@ def _stale_port_locks(dry_run: bool) -> list[Path]:
     """This user's lock files in the port lease dir that no lease holds (removed by
     taking and releasing each as a lease)."""
     found = []
-    for path in sorted(lock_dir().glob("*.lock")):
+    primary = lock_dir()
+    machine = machine_lock_dir(primary)
+    for path in sorted(p for d in (primary, machine) if d is not None for p in d.glob("*.lock")):
         if not owned_by_me(path):
             continue
         lease = try_lease(path)

@@ -8,7 +8,8 @@ choice stick across processes: each port has a lock file in a machine-wide direc
 ends, so lock files do not pile up. Whoever locks a file checks, under the lock, that the
 name still points at the file it opened; a file its releaser unlinked in between is not a
 lease. Another worker, or another run on the same machine, skips a port whose lock it
-cannot take. The kernel drops the lock when the owner dies, so a crashed worker leaks
+cannot take. A process whose ``TMPDIR`` is not ``/tmp`` takes the port's lock in
+``/tmp/isolate-ports`` too, so runs with different ``TMPDIR``s see each other's leases. The kernel drops the lock when the owner dies, so a crashed worker leaks
 nothing but its lock file, which the next lease of that port removes.
 """
 
@@ -29,7 +30,10 @@ from ._errors import PortUnavailableError
 from ._fs import own_dir
 from ._run.notices import NOTICE
 
-__all__ = ["LeaseFile", "PortLease", "candidate_ports", "ephemeral_range", "lock_dir", "reserve_port", "try_lease"]
+__all__ = [
+    "MACHINE_LOCK_DIR", "LeaseFile", "PortLease", "candidate_ports", "ephemeral_range", "lock_dir",
+    "machine_lock_dir", "reserve_port", "try_lease",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,24 @@ def lock_dir() -> Path:
         return path
     logger.warning("%s is not a shared lease dir isolate can trust; using a private one", path, extra=NOTICE)
     return own_dir(path.with_name(f"isolate-ports-{os.geteuid()}"))
+
+
+#: The lease dir every run on this machine sees, whatever its ``TMPDIR``.
+MACHINE_LOCK_DIR = Path("/tmp/isolate-ports")  # noqa: S108 - the machine's, by design: see machine_lock_dir
+
+
+def machine_lock_dir(primary: Path) -> Path | None:
+    """Where a lease is taken too when this process's lease dir ``primary`` is not
+    :data:`MACHINE_LOCK_DIR` (its ``TMPDIR`` is elsewhere): ports are the machine's, so two
+    runs with different ``TMPDIR``s (CI shards, another user's shell) must see each other's
+    leases. ``None`` where ``primary`` is that dir, there is no ``/tmp``, or the dir there is
+    not one isolate can trust (planted by another user)."""
+    if primary == MACHINE_LOCK_DIR or not MACHINE_LOCK_DIR.parent.is_dir():
+        return None
+    with contextlib.suppress(OSError):
+        MACHINE_LOCK_DIR.mkdir(mode=0o1777)
+        os.chmod(MACHINE_LOCK_DIR, 0o1777)  # we made it: no symlink to follow
+    return MACHINE_LOCK_DIR if _shared_lock_dir(MACHINE_LOCK_DIR) else None
 
 
 class LeaseFile:
@@ -122,18 +144,20 @@ def try_lease(path: Path) -> LeaseFile | None:
 class PortLease:
     """Exclusive ownership of a TCP port on 127.0.0.1 until :meth:`release`."""
 
-    def __init__(self, port: int, lock: LeaseFile) -> None:
+    def __init__(self, port: int, lock: LeaseFile, *also: LeaseFile) -> None:
         self.port = port
         self._lock: LeaseFile | None = lock
+        self._also = also  # its lock in the machine's lease dir too (see machine_lock_dir)
 
     @property
     def held(self) -> bool:
         return self._lock is not None
 
     def release(self) -> None:
-        """Give the port back (idempotent); its lock file goes with it."""
+        """Give the port back (idempotent); its lock files go with it."""
         if self._lock is not None:
-            self._lock.release()
+            for lock in (*self._also, self._lock):
+                lock.release()
             self._lock = None
 
     def __repr__(self) -> str:
@@ -180,21 +204,24 @@ def reserve_port(attempts: int = 200) -> PortLease:
     dir is another user's (pre-created or held), lease in a private dir instead."""
     ranges = candidate_ports(ephemeral_range())
     shared = lock_dir()  # checked once per reservation, not once per candidate
-    lease, locked_out = _reserve(ranges, shared, attempts)
+    machine = machine_lock_dir(shared)
+    lease, locked_out = _reserve(ranges, shared, attempts, machine)
     if lease is not None:
         return lease
     private = shared.with_name(f"isolate-ports-{os.geteuid()}")
     if locked_out and shared != private:
         logger.warning("isolate: every free port's lock in %s is held or owned by someone else; "
                        "leasing in %s (leases there are not seen by other users' runs)", shared, private, extra=NOTICE)  # fmt: skip
-        lease, _ = _reserve(ranges, own_dir(private), attempts)
+        lease, _ = _reserve(ranges, own_dir(private), attempts, machine)
         if lease is not None:
             return lease
     raise PortUnavailableError(f"no free port found after {attempts} attempts")
 
 
-def _reserve(ranges: list[range], directory: Path, attempts: int) -> tuple[PortLease | None, bool]:
-    """A lease in ``directory``, or ``None`` and whether every free port found was locked."""
+def _reserve(ranges: list[range], directory: Path, attempts: int,
+             machine: Path | None = None) -> tuple[PortLease | None, bool]:  # fmt: skip
+    """A lease in ``directory`` (and in ``machine``, the machine's lease dir, if given), or
+    ``None`` and whether every free port found was locked."""
     free = locked = 0
     for _ in range(attempts):
         try:
@@ -205,14 +232,18 @@ def _reserve(ranges: list[range], directory: Path, attempts: int) -> tuple[PortL
             continue
         free += 1
         lock = _try_lock(port, directory)
-        if lock is None:
+        also = _try_lock(port, machine) if lock is not None and machine is not None else None
+        if lock is None or (machine is not None and also is None):  # a run with another TMPDIR has it
+            if lock is not None:
+                lock.release()
             locked += 1
             continue
         # Re-check under the lease: the port may have been taken between the
         # pick and the lock by a process that does not use leases.
+        lease = PortLease(port, lock, *([also] if also is not None else []))
         if not portpicker.is_port_free(port):
-            lock.release()
+            lease.release()
             continue
         logger.debug("reserved port %d", port)
-        return PortLease(port, lock), False
+        return lease, False
     return None, free > 0 and locked == free

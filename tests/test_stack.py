@@ -309,6 +309,51 @@ def test_port_leases_are_exclusive_across_processes() -> None:
             lease.release()
 
 
+HOLD_A_LEASE = """
+import sys, isolate
+lease = isolate.reserve_port()
+print(lease.port, flush=True)
+sys.stdin.read()  # held until the test closes our stdin
+lease.release()
+"""
+
+TRY_THAT_PORT = """
+import sys
+from pathlib import Path
+from isolate._ports import _reserve, lock_dir, machine_lock_dir
+port = int(sys.argv[1])
+lease, locked_out = _reserve([range(port, port + 1)], lock_dir(), 5, machine_lock_dir(lock_dir()))
+print("leased" if lease is not None else "locked out" if locked_out else "not free")
+"""
+
+
+def test_runs_with_different_tmpdirs_see_each_others_port_leases(tmp_path: Path) -> None:
+    """Ports are the machine's: a run whose TMPDIR is elsewhere (a CI shard, another
+    shell) must not lease a port another run holds in its own TMPDIR's lease dir, or a
+    stopped service's port could be taken before its restart."""
+    dirs = [tmp_path / "tmp-a", tmp_path / "tmp-b"]
+    for d in dirs:
+        d.mkdir(mode=0o700)
+    env = [{**os.environ, "TMPDIR": str(d)} for d in dirs]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_LEASE], env=env[0], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        port = holder.stdout.readline().strip()
+        assert (dirs[0] / "isolate-ports" / f"{port}.lock").exists()  # its own TMPDIR's dir
+        other = subprocess.run([sys.executable, "-c", TRY_THAT_PORT, port], env=env[1], capture_output=True,
+                               text=True, timeout=60, check=True)  # fmt: skip
+        assert other.stdout.strip() == "locked out", other.stdout + other.stderr
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+        again = subprocess.run([sys.executable, "-c", TRY_THAT_PORT, port], env=env[1], capture_output=True,
+                               text=True, timeout=60, check=True)  # fmt: skip
+        assert again.stdout.strip() == "leased", again.stdout + again.stderr  # released: free again
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 LEASE_HAMMER = """
 import os, sys, time
 from pathlib import Path
