@@ -51,7 +51,9 @@ class RunHost(Protocol):
 
 
 def fork_unavailable(backend: str, setting: str) -> str | None:
-    """Why services that name an ``entry`` start normally on this run, or ``None``."""
+    """Why services that name an ``entry`` start normally on this run as local processes,
+    or ``None`` (in containers, :func:`~isolate._service.containerfork.forks_in_container`
+    decides)."""
     if setting == "off":
         return "--isolate-fork-server=off"
     if backend != "native":

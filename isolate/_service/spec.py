@@ -122,9 +122,10 @@ class ServiceSpec:
     #: Services of the same worker this one needs started first; their handles are in
     #: the ``{services}`` template field: ``{services[fake-api].url}``, ``.port``.
     depends_on: Sequence[str] = ()
-    #: Native backend, Python services: ``"module:function"`` that ``command`` runs
+    #: Python services: ``"module:function"`` that ``command`` runs
     #: (``"myapi.__main__:main"``). With it, each start forks a per-worker parent that has
-    #: imported ``preload`` instead of starting a new interpreter (see docs/services.md);
+    #: imported ``preload`` instead of starting a new interpreter (see docs/reference/services.md);
+    #: on the docker backend, inside the service's container, if its command runs Python.
     #: ``command`` stays what runs where fork is unavailable (and what sets ``sys.argv``).
     entry: str | None = None
     #: Modules the fork server imports once (default: the ``entry``'s module). They must
