@@ -1447,6 +1447,22 @@ def test_a_service_with_an_entry_forks_in_its_container_which_starts_once(
     assert directory is None or not directory.exists()
 
 
+def test_a_container_that_cannot_fork_says_why_and_runs_its_command(
+    tmp_path: Path, images: Images, make_service: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = dataclasses.replace(forkapp_spec(tmp_path, images), container_command=["sh", "-c", "exec python3 -m forkapp"])
+    service = make_service(spec)
+    with caplog.at_level("WARNING", logger="isolate"):
+        service.start()
+    notices = [r.getMessage() for r in caplog.records if getattr(r, "isolate_notice", False)]
+    assert any("'forkapp' names an entry" in m and "does not run python" in m for m in notices), notices
+    assert service.launcher.forks is None
+    started = _started_at(service.launcher.container)
+    service.restart()
+    assert _started_at(service.launcher.container) != started  # the container, started again
+    assert service.logs().count("forkapp: imported") == 2
+
+
 def test_a_preload_that_fails_in_the_container_is_a_clear_error_and_leaves_nothing(
     tmp_path: Path, images: Images, ctx: DockerRun, make_service: Any, docker_engine: Any
 ) -> None:

@@ -18,6 +18,7 @@ from .._docker.engine import reason
 from .._docker.images import build_image, ensure_image
 from .._errors import ConfigError, ServiceError
 from .._retry import poll_until
+from .._run.notices import NOTICE
 from .._run.registry import ProcessRecord
 from .containerfork import ContainerForks, forks_in_container, host_pid
 from .forkserver import RunHost
@@ -147,8 +148,9 @@ class ContainerLauncher:
             self.ctx.settings.fork_server, str(self.ctx.client.api.base_url),
         )  # fmt: skip
         if why is not None:
-            if self.spec.entry is not None:
-                logger.info("isolate: %s starts as a new process each time: %s", self.name, why)
+            if self.spec.entry is not None and self.ctx.settings.fork_server != "off":
+                logger.warning("isolate: service %r names an entry, but its container runs its command on every "
+                               "start instead of forking it: %s", self.spec.name, why, extra=NOTICE)  # fmt: skip
             return argv, []
         assert self.spec.entry is not None
         directory = self.ctx.run.worker_dir(self.ctx.worker.slug) / f"fork-{self.spec.name}"
