@@ -20,9 +20,14 @@ from isolate._run.slots import CollectSlot, slot_count, worker_index
 WINDOWS = """
 import json, os, time
 from pathlib import Path
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 BEGAN = time.monotonic()
-time.sleep(0.4)  # a conftest that takes its time to import (the windows overlap without turns)
+HERE, ME = Path(os.environ["WINDOWS"]), os.environ.get("PYTEST_XDIST_WORKER")
+if ME:  # the import lasts until another worker has begun its own: without turns, they overlap
+    (HERE / (ME + ".began")).touch()
+    Retrying(stop=stop_after_delay(1), wait=wait_fixed(0.01), retry=retry_if_result(lambda others: not others),
+             retry_error_callback=lambda _: None)(lambda: [p for p in HERE.glob("gw*.began") if p.stem != ME])
 
 def pytest_collection_modifyitems(config, items):
     worker = os.environ.get("PYTEST_XDIST_WORKER")
