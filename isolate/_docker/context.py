@@ -136,14 +136,15 @@ class DockerRun:
 
     def create(self, image: str, name: str, role: str, container_port: int | None,
                host_port: int, *, extra_labels: Mapping[str, str] | None = None,
-               extra_mounts: Sequence[Any] = (), **kwargs: Any) -> Any:  # fmt: skip
+               extra_mounts: Sequence[Any] = (), image_info: Any = None, **kwargs: Any) -> Any:  # fmt: skip
         """Create (not start) container ``name`` of this run: its labels, labelled
         volumes for the image's ``VOLUME``s (and ``extra_mounts``), and the run's
         networking on ``host_port``. A container of that name left by this run (a failed
-        earlier try) goes first."""
+        earlier try) goes first. ``image_info``: the image, if the caller inspected it."""
         labels = {**self.labels(role), **(extra_labels or {})}
         self.remove_stale(name)
-        mounts = [*volume_mounts(self.client.images.get(image), labels), *extra_mounts]
+        info = image_info if image_info is not None else self.client.images.get(image)
+        mounts = [*volume_mounts(info, labels), *extra_mounts]
         return self.client.containers.create(
             image, name=name, labels=labels, mounts=mounts, detach=True,
             **kwargs, **self.networking(container_port, host_port),

@@ -16,7 +16,7 @@ from .._docker.containers import InitWatch, container_logs, container_state, rem
 from .._docker.context import DockerRun
 from .._docker.engine import reason
 from .._docker.images import build_image, ensure_image
-from .._errors import ConfigError, ServiceError
+from .._errors import ConfigError, ServiceError, tail_text
 from .._retry import poll_until
 from .._run.notices import NOTICE
 from .._run.registry import ProcessRecord
@@ -127,12 +127,13 @@ class ContainerLauncher:
         env["ISOLATE_INSTANCE_NAME"] = self.name
         argv = self.spec.container_command
         argv = [render(arg, inside) for arg in (self.spec.command if argv is None else argv)]
-        command, mounts = self._forks(argv)
         try:
+            image = self.ctx.client.images.get(self.image)  # inspected once: for the fork server and the volumes
+            command, mounts = self._forks(argv, image.attrs.get("Config") or {})
             self.container = self.ctx.create(
                 self.image, self.container_name, "service", self.spec.container_port,
                 int(str(values["port"])), extra_labels={"isolate.service": self.spec.name},
-                command=command or None, environment=env, extra_mounts=mounts,
+                command=command or None, environment=env, extra_mounts=mounts, image_info=image,
             )  # fmt: skip
         except Exception as exc:
             raise ServiceError(
@@ -140,9 +141,9 @@ class ContainerLauncher:
                 image=self.image,
             ) from None
 
-    def _forks(self, argv: list[str]) -> tuple[list[str], list[Any]]:
-        """The container's command and mounts: ``argv``, or the fork server that runs it."""
-        config = self.ctx.client.images.get(self.image).attrs.get("Config") or {}
+    def _forks(self, argv: list[str], config: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
+        """The container's command and mounts: ``argv``, or the fork server that runs it
+        (``config``: the image's)."""
         why = forks_in_container(
             self.spec.entry, argv or list(config.get("Cmd") or []), list(config.get("Entrypoint") or []),
             self.ctx.settings.fork_server, str(self.ctx.client.api.base_url),
@@ -198,7 +199,7 @@ class ContainerLauncher:
         code = self._container_exit_code()
         if code is None:
             return None
-        return f"its container exited with code {code}:\n" + "\n".join(self.logs().splitlines()[-20:])
+        return f"its container exited with code {code}:\n" + tail_text(self.logs(), 20)
 
     def exit_code(self) -> int | None:
         if self.forks is not None:
