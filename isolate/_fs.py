@@ -24,11 +24,15 @@ from pathlib import Path
 from ._errors import ConfigError, UnexpectedFileError
 
 __all__ = [
+    "MACHINE_TMP",
     "hand_over",
+    "machine_dir",
+    "open_lock_file",
     "open_log",
     "own_dir",
     "owned_by_me",
     "read_beneath",
+    "shared_dir",
     "take_back",
 ]
 
@@ -153,3 +157,55 @@ def own_dir(path: Path, mode: int = 0o700) -> Path:
             path=path,
         )
     return path
+
+
+#: The temp dir every process on the machine sees, whatever its ``TMPDIR``.
+MACHINE_TMP = Path("/tmp")  # noqa: S108 - the machine's, by design: see machine_dir
+
+
+def shared_dir(path: Path) -> bool:
+    """``path`` is a directory every user can share: a real directory (no symlink) of
+    root's or ours, sticky and world-writable (nobody can remove another user's files)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode) and st.st_uid in (0, os.geteuid())
+        and st.st_mode & 0o1777 == 0o1777
+    )  # fmt: skip
+
+
+def machine_dir(name: str) -> Path | None:
+    """``/tmp/<name>``, made sticky and world-writable if missing: where runs of every user
+    and ``TMPDIR`` on this machine meet (port leases, holds of the engine's images).
+    ``None`` where there is no ``/tmp`` or the directory there is not one isolate can trust
+    (another user planted it): the caller then goes on with what its own dirs give."""
+    path = MACHINE_TMP / name
+    if not MACHINE_TMP.is_dir():
+        return None
+    with contextlib.suppress(OSError):
+        path.mkdir(mode=0o1777)
+        os.chmod(path, 0o1777)  # we made it: no symlink to follow
+    return path if shared_dir(path) else None
+
+
+def open_lock_file(path: Path) -> int | None:
+    """An fd of the lock file ``path`` in a shared dir (created 0644 if missing), never
+    through a symlink; ``None`` where another user's file cannot be opened. ``flock``
+    needs no write access, so a file another user made is as good a lock as our own."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(3):
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return None
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue  # created by someone else in between: open theirs
+        except OSError:
+            return None
+    return None

@@ -20,14 +20,13 @@ import fcntl
 import logging
 import os
 import random
-import stat
 import tempfile
 from pathlib import Path
 
 import portpicker
 
 from ._errors import PortUnavailableError
-from ._fs import own_dir
+from ._fs import MACHINE_TMP, machine_dir, open_lock_file, own_dir, shared_dir
 from ._run.notices import NOTICE
 
 __all__ = [
@@ -36,19 +35,6 @@ __all__ = [
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
-
-
-def _shared_lock_dir(path: Path) -> bool:
-    """A lease dir every user can share: a real directory (no symlink) of root's or
-    ours, sticky and world-writable (nobody can remove another user's lock files)."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return False
-    return (
-        stat.S_ISDIR(st.st_mode) and st.st_uid in (0, os.geteuid())
-        and st.st_mode & 0o1777 == 0o1777
-    )  # fmt: skip
 
 
 def lock_dir() -> Path:
@@ -60,14 +46,14 @@ def lock_dir() -> Path:
         os.chmod(path, 0o1777)  # we made it: no symlink to follow
     except FileExistsError:
         pass
-    if _shared_lock_dir(path):
+    if shared_dir(path):
         return path
     logger.warning("%s is not a shared lease dir isolate can trust; using a private one", path, extra=NOTICE)
     return own_dir(path.with_name(f"isolate-ports-{os.geteuid()}"))
 
 
 #: The lease dir every run on this machine sees, whatever its ``TMPDIR``.
-MACHINE_LOCK_DIR = Path("/tmp/isolate-ports")  # noqa: S108 - the machine's, by design: see machine_lock_dir
+MACHINE_LOCK_DIR = MACHINE_TMP / "isolate-ports"
 
 
 def machine_lock_dir(primary: Path) -> Path | None:
@@ -76,12 +62,9 @@ def machine_lock_dir(primary: Path) -> Path | None:
     runs with different ``TMPDIR``s (CI shards, another user's shell) must see each other's
     leases. ``None`` where ``primary`` is that dir, there is no ``/tmp``, or the dir there is
     not one isolate can trust (planted by another user)."""
-    if primary == MACHINE_LOCK_DIR or not MACHINE_LOCK_DIR.parent.is_dir():
+    if primary == MACHINE_LOCK_DIR:
         return None
-    with contextlib.suppress(OSError):
-        MACHINE_LOCK_DIR.mkdir(mode=0o1777)
-        os.chmod(MACHINE_LOCK_DIR, 0o1777)  # we made it: no symlink to follow
-    return MACHINE_LOCK_DIR if _shared_lock_dir(MACHINE_LOCK_DIR) else None
+    return machine_dir(MACHINE_LOCK_DIR.name)
 
 
 class LeaseFile:
@@ -104,30 +87,10 @@ class LeaseFile:
         self._fd = None
 
 
-def _open_lock_file(path: Path) -> int | None:
-    """An fd of ``path`` (created 0644 if missing), never through a symlink; ``None``
-    where another user's file cannot be opened. ``flock`` needs no write access."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(3):
-        try:
-            return os.open(path, flags)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            return None
-        try:
-            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            continue  # created by someone else in between: open theirs
-        except OSError:
-            return None
-    return None
-
-
 def try_lease(path: Path) -> LeaseFile | None:
     """The lock file at ``path``, locked, or ``None`` if someone holds it (or its name
     was unlinked by its releaser after we opened it, or it is not ours to open)."""
-    fd = _open_lock_file(path)
+    fd = open_lock_file(path)
     if fd is None:
         return None
     try:

@@ -1299,19 +1299,17 @@ def _started_build(context: Path, images: Images, make_service: Any, name: str) 
 def test_cleanup_caches_keeps_an_image_a_container_was_made_from_whatever_its_locks_say(
     tmp_path: Path, images: Images, make_service: Any, docker_engine: Any
 ) -> None:
-    """A clean-up that cannot see the run's build lock (another user's run, whose locks
-    are its own; a shell with another ``TMPDIR``) keeps an image a container was made
-    from, running or stopped: the run restarts its service from it. Once the container is
-    gone, the image goes. (The lock is let go here, as such a clean-up sees it: a clean-up
-    with another ``TMPDIR`` would also remove what the other tests hold meanwhile.)"""
-    from isolate._cache import release_entry
-    from isolate._docker.images import _lock_name, build_locks
+    """A clean-up that cannot see the run's holds (an older isolate's run; one whose
+    machine-wide hold another user kept out) keeps an image a container was made from,
+    running or stopped: the run restarts its service from it. Once the container is gone,
+    the image goes. (The holds are let go here, as such a clean-up sees them.)"""
+    from isolate._docker.images import release_image
 
     _, svc = _started_build(tmp_path / "svc", images, make_service, "dk-nolock")
     tag = svc.launcher.image
     try:
         svc.stop()  # the container stays, stopped: `docker rmi -f` would untag its image
-        release_entry(build_locks, _lock_name(tag))  # no lock this clean-up can see
+        release_image(tag)  # no hold this clean-up can see
         out = subprocess.run(CLEANUP_CACHES, env=clean_env(), capture_output=True, text=True, timeout=180, check=True).stdout
         assert re.search(rf"kept image {re.escape(tag)} \(container \S+ was made from it\)", out), out
         docker_engine.images.get(tag)  # still there
@@ -1334,8 +1332,7 @@ def test_cleanup_caches_keeps_the_image_a_live_run_uses(
     --caches`` while the worker lives (even with its lock file removed by hand, a later
     build goes on); once the worker is done with it, the clean-up removes the image.
     (Only its own lock file: the lock dir is every running test's.)"""
-    from isolate._cache import release_entry
-    from isolate._docker.images import _lock_name, build_locks
+    from isolate._docker.images import _lock_name, build_locks, release_image
 
     context = tmp_path / "svc"
     spec, svc = _started_build(context, images, make_service, "dk-inuse")
@@ -1354,9 +1351,40 @@ def test_cleanup_caches_keeps_the_image_a_live_run_uses(
         again.close()
         with contextlib.suppress(Exception):
             docker_engine.images.remove(again.launcher.image, force=True)
-        release_entry(build_locks, _lock_name(tag))  # this worker is done with it
+        release_image(tag)  # this worker is done with it
         out = subprocess.run(cleanup, env=clean_env(), capture_output=True, text=True, timeout=180, check=True).stdout
         assert f"kept image {tag}" not in out, out  # removed (by it, or a clean-up running meanwhile)
+        with pytest.raises(Exception, match=r"No such image|not found"):
+            docker_engine.images.get(tag)
+    finally:
+        with contextlib.suppress(Exception):
+            docker_engine.images.remove(tag, force=True)
+
+
+@pytest.mark.usefixtures("reaper_lock")  # cleanup reaps the machine's orphan containers too
+def test_cleanup_caches_with_another_tmpdir_keeps_an_image_a_live_run_holds(
+    tmp_path: Path, images: Images, make_service: Any, docker_engine: Any
+) -> None:
+    """An image a live run built and holds, with no container made from it any more (its
+    service closed; as between a build and the first container), survives ``cleanup
+    --caches`` from a shell with another ``TMPDIR`` (a CI shard; another user's shell is
+    the same case: its build locks are elsewhere): the run's hold in the machine's dir says
+    the run may still use it. Once the run lets it go, the same clean-up removes it."""
+    from isolate._docker.images import release_image
+
+    _, svc = _started_build(tmp_path / "svc", images, make_service, "dk-othertmp")
+    tag = svc.launcher.image
+    svc.close()  # its container is removed: only the holds keep the image
+    other = tmp_path / "other-tmp"
+    other.mkdir()
+    env = clean_env(TMPDIR=str(other))
+    try:
+        out = subprocess.run(CLEANUP_CACHES, env=env, capture_output=True, text=True, timeout=180, check=True).stdout
+        assert f"kept image {tag} (a live run uses it)" in out, out
+        docker_engine.images.get(tag)  # still there
+        release_image(tag)
+        out = subprocess.run(CLEANUP_CACHES, env=env, capture_output=True, text=True, timeout=180, check=True).stdout
+        assert f"removed image {tag}" in out, out
         with pytest.raises(Exception, match=r"No such image|not found"):
             docker_engine.images.get(tag)
     finally:

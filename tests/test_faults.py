@@ -4,6 +4,7 @@ versions are in test_docker.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -580,3 +581,60 @@ def test_a_lease_dir_whose_locks_another_user_holds_falls_back_to_a_private_one(
         for holder in holders:
             holder.wait(60)
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@needs_root
+def test_an_image_hold_another_user_keeps_locked_is_waited_for_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another user planted an image's hold in the machine's dir and keeps it locked
+    exclusively (as a clean-up does while it removes the image, but for ever): a worker
+    waits :data:`HOLD_WAIT` for it, then holds the image with its own user's lock alone and
+    says so; once the lock is let go, the machine-wide hold is taken again."""
+    import fcntl
+    import secrets
+
+    from isolate._docker import images
+    from isolate._fs import machine_dir, open_lock_file
+
+    monkeypatch.setattr(images, "HOLD_WAIT", 0.5)
+    holds = machine_dir(images.IMAGE_HOLDS)
+    assert holds is not None
+    tag = f"isolate-build/planted:{secrets.token_hex(6)}"
+    path = holds / images._lock_name(tag)
+    reachable = Path(tempfile.mkdtemp(prefix="isolate-test-holds-", dir="/tmp"))  # nobody sees it
+    os.chmod(reachable, 0o755)
+    stop = reachable / "stop"
+    holder = subprocess.Popen(["su", "nobody", "-s", "/bin/sh", "-c",
+                               f"exec flock -x {path} sh -c 'while [ ! -e {stop} ]; do sleep 0.1; done'"])  # fmt: skip
+
+    def locked_out() -> bool:
+        fd = open_lock_file(path)
+        assert fd is not None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    try:
+        poll(lambda: holder.poll() is None and path.exists() and path.stat().st_uid != 0 and locked_out(), 30)
+        with caplog.at_level("WARNING", logger="isolate._docker.images"):
+            images._hold_machine_wide(tag)
+        assert str(path) not in images._MACHINE_HELD
+        assert f"image {tag} is held for this user's clean-ups only" in caplog.text, caplog.text
+        assert "exclusively" in caplog.text
+        stop.touch()
+        holder.wait(30)
+        images._hold_machine_wide(tag)  # the planted file, unlocked, is a lock like any other
+        assert str(path) in images._MACHINE_HELD
+        assert not locked_out()  # shared: other holders are welcome
+    finally:
+        stop.touch()
+        holder.wait(30)
+        images.release_image(tag)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        shutil.rmtree(reachable, ignore_errors=True)

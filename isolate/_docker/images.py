@@ -1,26 +1,37 @@
-"""Images: the servers' (present or pulled) and the service's (built from its context)."""
+"""Images: the servers' (present or pulled) and the service's (built from its context).
+
+An image isolate makes (a service's, a seeded PostgreSQL) is held by every process that may
+run it, for its life, so ``cleanup --caches`` leaves it: a shared ``flock`` on the image's
+build lock in this user's ``$TMPDIR/isolate-build-locks-<uid>/`` (which also makes the
+image once for every worker), and one on its hold in ``/tmp/isolate-image-holds/``, which
+every user and every ``TMPDIR`` on the machine sees: the engine's images are the machine's,
+so a clean-up from another user's shell or another CI shard must see the hold too.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .._cache import hold_or_make, remove_unused
+from .._cache import hold_or_make, release_entry, remove_unused
 from .._errors import ConfigError, DockerUnavailableError, ImageNotFoundError, tail_text
-from .._fs import own_dir
+from .._fs import machine_dir, open_lock_file, own_dir, owned_by_me
+from .._retry import poll_until
+from .._run.notices import NOTICE
 from .engine import is_docker_error, reason
 
 __all__ = [
     "BUILD_LABEL", "build_image", "build_locks", "context_digest", "ensure_image", "hold_image",
-    "remove_built_images", "volume_mounts",
+    "release_image", "remove_built_images", "volume_mounts",
 ]
 
 #: On every image isolate makes (service images, seeded PostgreSQL): what ``cleanup --caches`` removes.
@@ -136,10 +147,115 @@ def build_locks() -> Path:
     return own_dir(Path(tempfile.gettempdir()) / f"isolate-build-locks-{os.geteuid()}")
 
 
+#: The machine's holds of the images isolate made (see the module's docstring).
+IMAGE_HOLDS = "isolate-image-holds"
+#: How long a hold waits for an exclusive lock on it to go (a clean-up removing the
+#: image holds it for that removal) before it goes on with this user's lock alone.
+HOLD_WAIT = 10.0
+#: Machine-wide holds this process keeps for its life, by path.
+_MACHINE_HELD: dict[str, int] = {}
+
+
 def hold_image(client: Any, tag: str, make: Callable[[], None]) -> None:
-    """Hold ``tag`` for this process's life (``cleanup --caches`` leaves it), made by
-    ``make()`` once for every worker and run if it is missing."""
+    """Hold ``tag`` for this process's life (``cleanup --caches`` leaves it, whoever runs
+    it), made by ``make()`` once for every worker and run if it is missing."""
+    _hold_machine_wide(tag)  # first: a clean-up that removed it meanwhile is seen below
     hold_or_make(build_locks, _lock_name(tag), lambda: _present(client, tag), make)
+
+
+def release_image(tag: str) -> None:
+    """Drop this process's holds of ``tag`` (the next clean-up may remove the image)."""
+    release_entry(build_locks, _lock_name(tag))
+    directory = machine_dir(IMAGE_HOLDS)
+    fd = _MACHINE_HELD.pop(str(directory / _lock_name(tag)), None) if directory else None
+    if fd is not None:
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """``path`` still names the file ``fd`` is open on (its remover did not unlink it)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    except OSError:
+        return False
+
+
+def _hold_machine_wide(tag: str) -> None:
+    """A shared lock on ``tag``'s hold in the machine's dir, kept for this process's life.
+    Someone else's file there is as good a lock as ours (``flock`` needs no write access);
+    where the dir or the file cannot be trusted or opened, or an exclusive lock on it stays
+    longer than :data:`HOLD_WAIT` (no clean-up takes that long: someone holds it on purpose),
+    the hold is this user's lock alone, and the run says so."""
+    directory = machine_dir(IMAGE_HOLDS)
+    if directory is None:
+        logger.info("no machine-wide hold of %s: /tmp/%s is not a dir isolate can trust", tag, IMAGE_HOLDS)
+        return
+    path = directory / _lock_name(tag)
+    held = _MACHINE_HELD.get(str(path))
+    if held is not None and _same_file(held, path):
+        return
+    if held is not None:
+        os.close(_MACHINE_HELD.pop(str(path)))
+
+    def take() -> bool:
+        fd = open_lock_file(path)
+        if fd is None:
+            raise PermissionError(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        if not _same_file(fd, path):  # its remover unlinked it after our open: no lock
+            os.close(fd)
+            return False
+        _MACHINE_HELD[str(path)] = fd
+        return True
+
+    try:
+        if poll_until(take, HOLD_WAIT, maximum=0.05):
+            return
+        why = f"someone has held {path} exclusively for {HOLD_WAIT:g}s"
+    except PermissionError:
+        why = f"{path} cannot be opened (another user's, unreadable)"
+    logger.warning("isolate: image %s is held for this user's clean-ups only: %s", tag, why, extra=NOTICE)
+
+
+@contextlib.contextmanager
+def _machine_unheld(name: str, *, dry_run: bool) -> Iterator[bool]:
+    """For a ``with`` block: whether no process on the machine holds the image whose hold
+    is ``name`` (an exclusive lock on the hold, made if missing and kept for the block, so
+    none takes it meanwhile; its file unlinked, still locked, at the end unless
+    ``dry_run``, which makes nothing). Where the machine's dir cannot be trusted, this
+    user's build locks alone say (true here)."""
+    directory = machine_dir(IMAGE_HOLDS)
+    if directory is None:
+        yield True
+        return
+    path = directory / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC) if dry_run else open_lock_file(path)
+    except FileNotFoundError:  # dry run: no hold, so nobody holds it
+        yield True
+        return
+    except OSError:
+        fd = None
+    if fd is None:  # another user's file we cannot open: keep the image rather than guess
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        free = _same_file(fd, path)  # unlinked by another clean-up: it removed the image
+        yield free
+        if free and not dry_run:
+            with contextlib.suppress(OSError):  # another user's file stays for them
+                os.unlink(path)
+    finally:
+        os.close(fd)
 
 
 def _lock_name(tag: str) -> str:
@@ -219,10 +335,10 @@ def volume_mounts(image: Any, labels: Mapping[str, str]) -> list[Any]:
 
 def remove_built_images(dry_run: bool = False) -> tuple[list[str], list[str]]:
     """Remove the images isolate made (service images ``isolate-build/*``, seeded
-    PostgreSQL images ``isolate-pgseed:*``) that no live run uses (a worker holds the
-    image's build lock while it lives) and no container was made from (another user's
-    run, whose locks are its own, or a run with another ``TMPDIR``); (removed, kept: each
-    with why)."""
+    PostgreSQL images ``isolate-pgseed:*``) that no live run holds (whatever its user or
+    ``TMPDIR``: see the module's docstring) and no container was made from (a run whose
+    hold this clean-up could not see: the machine's dir planted by someone else, an older
+    isolate); (removed, kept: each with why)."""
     from .engine import engine
 
     client = engine()
@@ -235,12 +351,18 @@ def remove_built_images(dry_run: bool = False) -> tuple[list[str], list[str]]:
                 with contextlib.suppress(Exception):
                     client.images.remove(tag, force=True)
 
-            if not users and remove_unused(locks, _lock_name(tag), dry_run=dry_run, remove=untag):
-                removed.append(f"image {tag}")
-            elif users and remove_unused(locks, _lock_name(tag), dry_run=True):  # no lock held
-                kept.append(f"image {tag} (container {users[0]} was made from it)")
-            else:
-                kept.append(f"image {tag} (a live run uses it)")
+            with _machine_unheld(_lock_name(tag), dry_run=dry_run or bool(users)) as unheld:
+                if unheld and not users and remove_unused(locks, _lock_name(tag), dry_run=dry_run, remove=untag):
+                    removed.append(f"image {tag}")
+                elif unheld and users and remove_unused(locks, _lock_name(tag), dry_run=True):  # no lock held
+                    kept.append(f"image {tag} (container {users[0]} was made from it)")
+                else:
+                    kept.append(f"image {tag} (a live run uses it)")
     for path in sorted(locks.glob("*.lock")):  # what crashed builds left
         remove_unused(locks, path.name, dry_run=dry_run)
+    holds = machine_dir(IMAGE_HOLDS)
+    for path in sorted(holds.glob("*.lock")) if holds is not None and not dry_run else ():
+        if owned_by_me(path):  # holds of images gone (removed by hand): unlinked if unheld
+            with _machine_unheld(path.name, dry_run=False):
+                pass
     return removed, kept
