@@ -70,6 +70,18 @@ def machine_busy_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def calibration_s() -> float:
+    """The machine's speed right now: the best of three timings of a fixed pure-Python
+    loop, taken before each run. Benches on machines of different speeds (a shared CI host
+    runs at different speeds on different days) are told apart by it, not by their results."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        sum(range(10_000_000))
+        best = min(best, time.perf_counter() - start)
+    return round(best, 3)
+
+
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -93,6 +105,7 @@ def run_suite(setup: str, backend: str, workers: int, seed: int, caches: Path,
         if dist != "duration":
             cmd.append(f"--dist={dist}")
         env = dict(os.environ)
+        calibration = calibration_s()
         if setup == "shared":
             env["DATASTORAGE_SHARED_STACK"] = "1"
         start = time.perf_counter()
@@ -125,7 +138,7 @@ def run_suite(setup: str, backend: str, workers: int, seed: int, caches: Path,
         "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "machine_cpu_s": round(busy, 3),
         "cores": usable_cores(), "passed": passed, "failed": failed, "total": total,
         "test_durations": durations, "timings": phases, "exit_code": done.returncode,
-        "failed_tests": failures, "measured": dt.date.today().isoformat(),
+        "failed_tests": failures, "measured": dt.date.today().isoformat(), "calibration_s": calibration,
         **({"output_tail": tail} if done.returncode != 0 else {}),  # what went wrong, kept
     }  # fmt: skip
 
@@ -420,21 +433,34 @@ NOTES = """## Reading the numbers
   `service_ready` 0.04-0.05 s against 0.34-0.37 s at 1 worker (walls 42.7-43.9 s against
   43.4-44.3 s, 3 pairs), against 0.27-0.32 s at 2 workers (5 pairs), 0.05-0.07 s against
   0.05-0.31 s at 4 workers (6 pairs, walls within their noise).
-- Not in the table yet (measured on a machine ~3.6x slower on the CPU than this bench's,
-  where the docker cells are CPU-bound; the next bench on an idle machine of the
-  documented speed replaces this): services that name an `entry` now fork inside their
-  containers on the docker backend too (a container started once per worker, the app
-  imported once in it). This bench's script, docker, 2 repetitions each, alternated
-  settings: 1 worker 52.8 s against 76.1 s with `--isolate-fork-server=off`, 4 workers
-  21.0 s against 33.4 s, the machine's CPU at 4 workers 31.6 s against 58.0 s, the
-  1-worker tests' sum 48.7 s against 71.5 s; a restart (the example's shutdown and DLQ
-  tests, 1 worker) 0.07 s median against 0.68 s. The bound falls with the CPU and the
-  tests' sum, so wall/bound there (1.19 against 1.07, both CPU bounds) says little until
-  an idle machine of the bench's speed measures it. Also since this bench: collect slots
-  (workers beyond the cores take turns to import and collect) and a frozen heap in the
-  zygote (`gc.freeze()` before each fork); paired runs in the same slow environment: the
-  8-worker critical path 8.8-9.6 s against 9.7-10.4 s, 4 workers 15.6-16.7 s against
-  16.5-17.4 s.
+- Not in the table (a whole bench of 9485727 from a clean clone, 2026-12-02, 3
+  repetitions, in an environment ~3x slower on the CPU than this table's: native 1
+  worker's machine CPU 25.4 s against 7.0 s, a native restart 85 ms against 28 ms; the
+  table is kept until an idle machine of its speed measures these changes): services that
+  name an `entry` fork inside their containers on the docker backend too (a container
+  started once per worker, the app imported once in it), collect slots (workers beyond the
+  cores take turns to import and collect) and a frozen heap in the zygote (`gc.freeze()`
+  before each fork). Walls, native 1 / 2 / 4 / 8 / 16 workers: 51.8 / 25.3 / 17.6 / 17.1 /
+  22.5 s (wall/bound 1.08 / 1.07 / 1.39 / 1.06 / 1.03); docker 53.5 / 31.1 / 21.5 / 24.8 /
+  38.8 s (1.08 / 1.22 / 1.11 / 0.87 / 0.83); `load` at 4 workers: native 23.2 s (1.71),
+  docker 30.4 s (1.41). From 8 workers on, both backends are CPU-bound there (the CPU bound
+  16-38 s against a test bound of 6 s), and the boot of the workers (~3 s at 4 workers),
+  outside the bound, weighs three times what it does here: native 4 workers 2.95x and
+  docker 2.49x. Docker's per-worker stack is ready after 0.79 s at 1-2 workers, 1.79 s at
+  4 (the first start now also starts the service's container and its preload: 0.72-0.77 s
+  at 1-2 workers); a docker restart 0.07-0.11 s at 1-4 workers (0.27-0.33 s in this
+  table). One test failed in the 36 runs: docker, 16 workers (the CPU bound 37.7 s of a
+  38.8 s run), `test_shutdown.py::test_dlq_is_flushed_on_shutdown`: the service, stopped
+  right after the database came back, checks the database once before its last DLQ flush,
+  through its pool, which has 0.5 s to get a connection; its connections were closed by
+  the cut and its reconnection was backing off, so on a saturated machine the check failed
+  and the 3 events stayed in Redis for the next start (the example's choice, logged:
+  "3 event(s) left in the DLQ ... drained on next start"). Earlier, in the same
+  environment, this script alone, alternated settings: docker 1 worker 52.8 s against
+  76.1 s with `--isolate-fork-server=off`, 4 workers 21.0 s against 33.4 s (the machine's
+  CPU 31.6 s against 58.0 s); collect slots and the freeze, paired: the 8-worker critical
+  path 8.8-9.6 s against 9.7-10.4 s, 4 workers 15.6-16.7 s against 16.5-17.4 s. Records
+  now carry `calibration_s` (the machine's speed at each run), shown above the table.
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
@@ -500,6 +526,15 @@ def _dates(records: list[dict[str, Any]]) -> str:
     return " Rows measured at different times: " + "; ".join(parts) + "."
 
 
+def _speed(records: list[dict[str, Any]]) -> str:
+    """The machine's speed during the runs (``calibration_s``), where they recorded it."""
+    values = [r["calibration_s"] for r in records if "calibration_s" in r]
+    if not values:
+        return ""
+    return (f" The machine's speed: `sum(range(10**7))` took {median(values):.2f} s (median over the "
+            f"runs that recorded it; {min(values):.2f}-{max(values):.2f} s).")  # fmt: skip
+
+
 def write_markdown(rows: list[dict[str, Any]], records: list[dict[str, Any]], path: Path) -> None:
     # The records' latest date, not the render's: --render after a note must not re-date them.
     today = max((str(r["measured"]) for r in records if r.get("measured")), default=dt.date.today().isoformat())
@@ -509,7 +544,7 @@ def write_markdown(rows: list[dict[str, Any]], records: list[dict[str, Any]], pa
         f"Measured {today} on {os.cpu_count()} cores ({platform.machine()}, Python "
         f"{platform.python_version()}) by `nox -s bench` (`python examples/bench.py`): the "
         f"example suite (`examples/datastorage`, {records[0]['total']} tests), random order, "
-        f"a new seed per repetition. Raw records: `benchmarks.json`.{_dates(records)}",
+        f"a new seed per repetition. Raw records: `benchmarks.json`.{_dates(records)}{_speed(records)}",
         "",
         "![wall time and pass rate vs workers](benchmarks.png)",
         "",
