@@ -190,16 +190,19 @@ def machine_dir(name: str) -> Path | None:
     return path if shared_dir(path) else None
 
 
-def open_lock_file(path: Path) -> int | None:
-    """An fd of the lock file ``path`` in a shared dir (created 0644 if missing), never
-    through a symlink; ``None`` where another user's file cannot be opened. ``flock``
-    needs no write access, so a file another user made is as good a lock as our own."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+def open_lock_file(path: Path, *, create: bool = True) -> int | None:
+    """An fd of the lock file ``path`` in a shared dir (created 0644 if missing, unless not
+    ``create``: then :class:`FileNotFoundError`), never through a symlink; ``None`` where
+    another user's file cannot be opened or is no regular file (a FIFO planted there would
+    block the open for ever; it is opened without waiting, and refused). ``flock`` needs no
+    write access, so a regular file another user made is as good a lock as our own."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     for _ in range(3):
         try:
-            return os.open(path, flags)
+            return _regular(os.open(path, flags))
         except FileNotFoundError:
-            pass
+            if not create:
+                raise
         except OSError:
             return None
         try:
@@ -208,4 +211,12 @@ def open_lock_file(path: Path) -> int | None:
             continue  # created by someone else in between: open theirs
         except OSError:
             return None
+    return None
+
+
+def _regular(fd: int) -> int | None:
+    """``fd`` if it is open on a regular file; else ``None`` (and it is closed)."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    os.close(fd)
     return None

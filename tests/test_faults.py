@@ -638,3 +638,47 @@ def test_an_image_hold_another_user_keeps_locked_is_waited_for_a_bounded_time(
         with contextlib.suppress(OSError):
             path.unlink()
         shutil.rmtree(reachable, ignore_errors=True)
+
+
+@needs_root
+def test_a_fifo_planted_as_a_lock_file_is_refused_not_waited_on() -> None:
+    """Another user plants FIFOs under the names of a port's lease and an image's hold in
+    the machine's shared dirs: opening one for reading would block until a writer comes,
+    for ever. A lease skips that port, a hold goes on with the user's lock alone (and says
+    so), and a clean-up keeps the image rather than guess; none of them waits. (Each in a
+    process of its own, with a timeout: a regression fails instead of hanging the suite.)"""
+    import secrets
+
+    from isolate._docker.images import IMAGE_HOLDS, _lock_name
+    from isolate._fs import machine_dir
+    from isolate._ports import MACHINE_LOCK_DIR, machine_lock_dir
+
+    holds, ports = machine_dir(IMAGE_HOLDS), machine_lock_dir(Path("/nowhere"))
+    assert holds is not None and ports == MACHINE_LOCK_DIR
+    tag = f"isolate-build/fifo:{secrets.token_hex(6)}"
+    hold, lease = holds / _lock_name(tag), ports / "9.lock"  # port 9: never one isolate leases
+    code = textwrap.dedent(f"""
+        import logging, sys
+        from pathlib import Path
+        logging.basicConfig()
+        from isolate._docker import images
+        from isolate._ports import try_lease
+        assert try_lease(Path({str(lease)!r})) is None, "a FIFO is no lease"
+        images._hold_machine_wide({tag!r})
+        assert not images._MACHINE_HELD, images._MACHINE_HELD
+        with images._machine_unheld({hold.name!r}, dry_run=False) as unheld:
+            assert not unheld, "a hold that cannot be opened keeps the image"
+        with images._machine_unheld({hold.name!r}, dry_run=True) as unheld:
+            assert not unheld
+        print("done")
+    """)
+    as_nobody(f"mkfifo {hold} {lease}")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True,
+                              text=True, timeout=60, check=False)  # fmt: skip
+        assert done.returncode == 0 and "done" in done.stdout, done.stdout + done.stderr
+        assert f"image {tag} is held for this user's clean-ups only" in done.stderr, done.stderr
+        assert "no lock file isolate can open" in done.stderr
+        assert hold.exists() and lease.exists()  # another user's: left to them
+    finally:
+        as_nobody(f"rm -f {hold} {lease}")

@@ -217,7 +217,7 @@ def _hold_machine_wide(tag: str) -> None:
             return
         why = f"someone has held {path} exclusively for {HOLD_WAIT:g}s"
     except PermissionError:
-        why = f"{path} cannot be opened (another user's, unreadable)"
+        why = f"{path} is another user's, and no lock file isolate can open"
     logger.warning("isolate: image %s is held for this user's clean-ups only: %s", tag, why, extra=NOTICE)
 
 
@@ -234,12 +234,10 @@ def _machine_unheld(name: str, *, dry_run: bool) -> Iterator[bool]:
         return
     path = directory / name
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC) if dry_run else open_lock_file(path)
+        fd = open_lock_file(path, create=not dry_run)
     except FileNotFoundError:  # dry run: no hold, so nobody holds it
         yield True
         return
-    except OSError:
-        fd = None
     if fd is None:  # another user's file we cannot open: keep the image rather than guess
         yield False
         return
