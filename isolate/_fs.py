@@ -27,6 +27,7 @@ __all__ = [
     "MACHINE_TMP",
     "hand_over",
     "machine_dir",
+    "machine_path",
     "open_lock_file",
     "open_log",
     "own_dir",
@@ -176,12 +177,17 @@ def shared_dir(path: Path) -> bool:
     )  # fmt: skip
 
 
+def machine_path(name: str) -> Path:
+    """``/tmp/<name>``: where :func:`machine_dir` looks (for messages about it)."""
+    return MACHINE_TMP / name
+
+
 def machine_dir(name: str) -> Path | None:
     """``/tmp/<name>``, made sticky and world-writable if missing: where runs of every user
     and ``TMPDIR`` on this machine meet (port leases, holds of the engine's images).
     ``None`` where there is no ``/tmp`` or the directory there is not one isolate can trust
     (another user planted it): the caller then goes on with what its own dirs give."""
-    path = MACHINE_TMP / name
+    path = machine_path(name)
     if not MACHINE_TMP.is_dir():
         return None
     with contextlib.suppress(OSError):

@@ -26,7 +26,7 @@ from pathlib import Path
 import portpicker
 
 from ._errors import PortUnavailableError
-from ._fs import MACHINE_TMP, machine_dir, open_lock_file, own_dir, shared_dir
+from ._fs import MACHINE_TMP, machine_dir, machine_path, open_lock_file, own_dir, shared_dir
 from ._run.notices import NOTICE
 
 __all__ = [
@@ -64,7 +64,18 @@ def machine_lock_dir(primary: Path) -> Path | None:
     not one isolate can trust (planted by another user)."""
     if primary == MACHINE_LOCK_DIR:
         return None
-    return machine_dir(MACHINE_LOCK_DIR.name)
+    found = machine_dir(MACHINE_LOCK_DIR.name)
+    if found is None and not _UNTRUSTED:  # once per process: it says the same for every port
+        _UNTRUSTED.append(primary)
+        logger.warning("isolate: port leases are seen only by runs with this TMPDIR: %s is not a "
+                       "directory isolate can trust (it must be root's or this user's, sticky and "
+                       "world-writable); remove it if another user made it",
+                       machine_path(MACHINE_LOCK_DIR.name), extra=NOTICE)  # fmt: skip
+    return found
+
+
+#: Whether this process said that the machine's lease dir cannot be trusted.
+_UNTRUSTED: list[Path] = []
 
 
 class LeaseFile:

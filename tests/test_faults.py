@@ -682,3 +682,44 @@ def test_a_fifo_planted_as_a_lock_file_is_refused_not_waited_on() -> None:
         assert hold.exists() and lease.exists()  # another user's: left to them
     finally:
         as_nobody(f"rm -f {hold} {lease}")
+
+
+@needs_root
+def test_machine_dirs_another_user_made_are_not_trusted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another user made the machine's shared lock dirs first, as their own (sticky and
+    world-writable, but theirs: they may unlink or swap any file in them): isolate leases
+    ports and holds images without them, writes nothing there, and says once that its
+    images are held for this user's clean-ups only, naming the dir and the fix. (A ``/tmp``
+    of the test's own: planting in the machine's would touch every run on it.)"""
+    import isolate._fs
+    import isolate._ports
+    from isolate._docker import images
+    from isolate._ports import machine_lock_dir
+
+    tmp = Path(tempfile.mkdtemp(prefix="isolate-test-machine-", dir="/tmp"))
+    os.chmod(tmp, 0o1777)
+    monkeypatch.setattr(isolate._fs, "MACHINE_TMP", tmp)
+    monkeypatch.setattr(images, "_UNTRUSTED", [])
+    monkeypatch.setattr(isolate._ports, "_UNTRUSTED", [])
+    try:
+        as_nobody(f"mkdir -m 1777 {tmp}/{images.IMAGE_HOLDS} {tmp}/isolate-ports")
+        with caplog.at_level("WARNING"):
+            assert machine_lock_dir(Path("/elsewhere")) is None
+            assert machine_lock_dir(Path("/elsewhere")) is None
+        said = [r.getMessage() for r in caplog.records if "seen only by runs with this TMPDIR" in r.getMessage()]
+        assert len(said) == 1, said
+        assert f"{tmp}/isolate-ports is not a directory isolate can trust" in said[0]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="isolate._docker.images"):
+            images._hold_machine_wide("isolate-build/planted-dir:1")
+            images._hold_machine_wide("isolate-build/planted-dir:2")
+        said = [r.getMessage() for r in caplog.records if "held for this user's clean-ups only" in r.getMessage()]
+        assert len(said) == 1, said
+        assert f"{tmp}/{images.IMAGE_HOLDS} is not a directory isolate can trust" in said[0]
+        assert "remove it if another user made it" in said[0]
+        assert not any(str(tmp) in path for path in images._MACHINE_HELD)
+        assert not list((tmp / images.IMAGE_HOLDS).iterdir())  # nothing written into it
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from .._cache import hold_or_make, release_entry, remove_unused
 from .._errors import ConfigError, DockerUnavailableError, ImageNotFoundError, tail_text
-from .._fs import machine_dir, open_lock_file, own_dir, owned_by_me
+from .._fs import machine_dir, machine_path, open_lock_file, own_dir, owned_by_me
 from .._retry import poll_until
 from .._run.notices import NOTICE
 from .engine import is_docker_error, reason
@@ -154,6 +154,8 @@ IMAGE_HOLDS = "isolate-image-holds"
 HOLD_WAIT = 10.0
 #: Machine-wide holds this process keeps for its life, by path.
 _MACHINE_HELD: dict[str, int] = {}
+#: Whether this process said that the machine's dir cannot be trusted (the first image).
+_UNTRUSTED: list[str] = []
 
 
 def hold_image(client: Any, tag: str, make: Callable[[], None]) -> None:
@@ -188,7 +190,13 @@ def _hold_machine_wide(tag: str) -> None:
     the hold is this user's lock alone, and the run says so."""
     directory = machine_dir(IMAGE_HOLDS)
     if directory is None:
-        logger.info("no machine-wide hold of %s: /tmp/%s is not a dir isolate can trust", tag, IMAGE_HOLDS)
+        if not _UNTRUSTED:  # once per process: it says the same for every image
+            _UNTRUSTED.append(tag)
+            logger.warning(
+                "isolate: images are held for this user's clean-ups only: %s is not a directory "
+                "isolate can trust (it must be root's or this user's, sticky and world-writable); "
+                "remove it if another user made it", machine_path(IMAGE_HOLDS), extra=NOTICE,
+            )  # fmt: skip
         return
     path = directory / _lock_name(tag)
     held = _MACHINE_HELD.get(str(path))
