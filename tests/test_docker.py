@@ -1397,8 +1397,6 @@ def test_cleanup_caches_with_another_tmpdir_keeps_an_image_a_live_run_holds(
 FORKAPP = '''
 import http.server, json, os, signal, sys, threading
 
-if os.environ.get("FAIL_AT_IMPORT"):
-    raise RuntimeError("forkapp: failing at import on purpose")
 print(f"forkapp: imported in {os.getpid()}", file=sys.stderr, flush=True)
 
 
@@ -1440,16 +1438,36 @@ def _started_at(container: Any) -> str:
     return str(container.attrs["State"]["StartedAt"])
 
 
-@pytest.mark.parametrize("fork_server", ["auto", "off"])
+def _warm(service: Any, docker_engine: Any) -> str:
+    """Start the service's container ahead, as a worker's stack does while it makes the
+    rest (``ServiceLauncher.warm``); when its preload has run, its start time."""
+    service.launcher.warm(lambda record: None)
+
+    def preloaded() -> bool:
+        container = docker_engine.containers.get(service.launcher.container_name)
+        return "forkapp: imported" in container.logs().decode()
+
+    suite_support.poll(preloaded, 60)
+    return _started_at(docker_engine.containers.get(service.launcher.container_name))
+
+
+@pytest.mark.parametrize(("fork_server", "warm"), [("auto", False), ("auto", True), ("off", False)])
 def test_a_service_with_an_entry_forks_in_its_container_which_starts_once(
-    tmp_path: Path, images: Images, settings: Settings, make_service: Any, fork_server: str
-) -> None:
+    tmp_path: Path, images: Images, settings: Settings, make_service: Any, docker_engine: Any,
+    fork_server: str, warm: bool,
+) -> None:  # fmt: skip
     forks = fork_server != "off"
     service = make_service(forkapp_spec(tmp_path, images), dataclasses.replace(settings, fork_server=fork_server))
+    ahead = _warm(service, docker_engine) if warm else None
     service.start()
     container = service.launcher.container
     started, first = _started_at(container), get_json(service.url)
     assert (first["greeting"], first["cwd"]) == ("hello", "/app")  # the container's env and WORKDIR
+    if warm:  # the container started ahead is the one the start forked in, with its env sent along
+        assert started == ahead
+        assert service.logs().count("forkapp: imported") == 1
+        config_env = container.attrs["Config"]["Env"]
+        assert not any(item.startswith(("GREETING=", "PORT=")) for item in config_env), config_env
     if forks:  # handle.pid: the service process, as the host sees it (else the container's init)
         nspid = Path(f"/proc/{service.pid}/status").read_text().partition("NSpid:")[2].split("\n")[0]
         assert nspid.split()[-1] == str(first["pid"]), nspid
@@ -1491,13 +1509,18 @@ def test_a_container_that_cannot_fork_says_why_and_runs_its_command(
     assert service.logs().count("forkapp: imported") == 2
 
 
+@pytest.mark.parametrize("warm", [False, True])
 def test_a_preload_that_fails_in_the_container_is_a_clear_error_and_leaves_nothing(
-    tmp_path: Path, images: Images, ctx: DockerRun, make_service: Any, docker_engine: Any
+    tmp_path: Path, images: Images, ctx: DockerRun, make_service: Any, docker_engine: Any, warm: bool
 ) -> None:
-    service = make_service(forkapp_spec(tmp_path, images, FAIL_AT_IMPORT="1"))
+    spec = forkapp_spec(tmp_path, images)
+    (tmp_path / "forkapp" / "forkapp.py").write_text('raise RuntimeError("forkapp: failing at import on purpose")\n')
+    service = make_service(spec)
+    directory = ctx.run.worker_dir(ctx.worker.slug) / "fork-forkapp"
+    if warm:
+        service.launcher.warm(lambda record: None)
     with pytest.raises(isolate.ConfigError) as failed:
         service.start()
-    directory = service.launcher.forks.directory
     text = str(failed.value)
     assert "the fork server in its container cannot serve" in text, text
     assert "failing at import on purpose" in text, text  # the container's log says why

@@ -146,6 +146,7 @@ def _become_service(request: dict[str, Any], log: int | None, closing: tuple[int
         if "env" in request:
             os.environ.clear()
             os.environ.update(request["env"])
+        os.environ.update(request.get("setenv") or {})  # in a container: on top of its own
         sys.argv = list(request["argv"])
         result = _entry(request["entry"])()
         code = result if isinstance(result, int) else 0

@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -91,7 +91,9 @@ class ContainerForks:
         self.directory = directory
         self.name = name
         self.entry = entry
-        self.sys_argv, path0 = python_argv(argv, Path(workdir or "/"))
+        self.workdir = Path(workdir or "/")
+        self.made_for = list(argv)  # the command it was started for
+        self.sys_argv, path0 = python_argv(argv, self.workdir)
         self.python = argv[0]
         self.config = {"connect": f"{MOUNT}/s", "preload": list(preload), "path0": path0}
         self._listener: socket.socket | None = None
@@ -170,8 +172,9 @@ class ContainerForks:
         self.disconnect()
         raise ConfigError(
             f"service {self.name!r}: the fork server in its container cannot serve: {why}",
-            hint="preload only modules that import without starting threads or opening "
-            "connections, in an image whose python is 3.9 or newer; or drop ServiceSpec.entry "
+            hint="preload only modules that import without starting threads, opening "
+            "connections or reading the service's env (which comes with each start), in an "
+            "image whose python is 3.9 or newer; or drop ServiceSpec.entry "
             "(or set --isolate-fork-server=off) to start its container's command as it is",
         )
 
@@ -203,14 +206,28 @@ class ContainerForks:
                 self._gone = str(message.get("error"))
             self._changed.notify_all()
 
-    def spawn(self, timeout: float = 10.0) -> int:
-        """Fork the service; its pid (in the container), running when this returns."""
+    def runs(self, argv: Sequence[str]) -> bool:
+        """Fork ``argv`` from now on, if it runs what this fork server preloaded for (the
+        same python, the same ``sys.path[0]``): a command rendered after the container
+        started (``{port}`` in it, say); whether it does."""
+        sys_argv, path0 = python_argv(argv, self.workdir)
+        if not argv or argv[0] != self.python or path0 != self.config["path0"]:
+            return False
+        self.sys_argv = sys_argv
+        return True
+
+    def spawn(self, timeout: float = 10.0, env: Mapping[str, str] | None = None) -> int:
+        """Fork the service (``env`` set on top of the container's environment); its pid
+        (in the container), running when this returns."""
         if not self.connected:
             raise ServiceError(f"the fork server in {self.name}'s container is gone: {self._gone}")
         assert self._sock is not None
+        request: dict[str, Any] = {"argv": self.sys_argv, "entry": self.entry}
+        if env is not None:
+            request["setenv"] = dict(env)
         with self._changed:
             self._replies.clear()
-            self._sock.send(json.dumps({"argv": self.sys_argv, "entry": self.entry}).encode())
+            self._sock.send(json.dumps(request).encode())
             self._changed.wait_for(lambda: bool(self._replies) or self._gone is not None, timeout)
             reply = self._replies.pop() if self._replies else {"error": self._gone or "no answer"}
             if "pid" not in reply:

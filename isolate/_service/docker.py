@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,7 +46,11 @@ class ContainerLauncher:
     A service that names an ``entry`` and whose command runs Python forks inside its
     container (:mod:`~isolate._service.containerfork`): the container runs a preloaded
     fork server, started once, and each start forks the service in it; a stop or kill
-    ends that process, not the container.
+    ends that process, not the container. The service's environment goes with each fork
+    (on top of the container's own, the image's), not into the container's configuration,
+    so ``docker inspect`` does not show it and the container needs no values of the
+    worker's: with host networking it starts in :meth:`warm`, while the worker makes the
+    rest of its stack.
     """
 
     def __init__(self, ctx: DockerRun, spec: ServiceSpec, instance_name: str, rootdir: Path) -> None:
@@ -68,6 +73,11 @@ class ContainerLauncher:
         #: The fork server in the container (see the class docs), or ``None``.
         self.forks: ContainerForks | None = None
         self._child: int | None = None  # the service it forked last (a pid in the container)
+        #: The service's environment, sent with each fork (a container started in warm()).
+        self._setenv: dict[str, str] | None = None
+        self._warming: threading.Thread | None = None
+        #: What warm() started (a container and its fork server), or why it failed.
+        self._warmed: tuple[Any, ContainerForks] | BaseException | None = None
 
     def _resolve_image(self, rootdir: Path) -> str:
         spec = self.spec
@@ -118,63 +128,134 @@ class ContainerLauncher:
             inside[key] = _URL_HOSTPORT.sub(swap, str(inside[key]))
         return inside
 
+    def _argv(self, values: Mapping[str, object] | None) -> list[str]:
+        """The container's command, rendered with ``values`` (as written, if ``None``)."""
+        argv = self.spec.container_command
+        argv = list(self.spec.command if argv is None else argv)
+        return argv if values is None else [render(arg, values) for arg in argv]
+
     def prepare(self, values: Mapping[str, object]) -> None:
-        """Create the container for these values (replacing one made for another port)."""
-        self.close()
-        self._final_logs = ""
+        """Create the container for these values (replacing one made for another port),
+        or take the one :meth:`warm` started, whose forks get these values' environment."""
         inside = self.container_values(values)
         env = {k: render(v, inside) for k, v in self.spec.env.items()}
         env["ISOLATE_INSTANCE_NAME"] = self.name
-        argv = self.spec.container_command
-        argv = [render(arg, inside) for arg in (self.spec.command if argv is None else argv)]
+        argv = self._argv(inside)
+        self._take_warmed()
+        if self.forks is not None and self.ctx.mode != "mapped" and self.forks.runs(argv or self.forks.made_for):
+            self._setenv = env  # the container runs: the next fork gets these values
+            return
+        self.close()
+        self._final_logs = ""
+        self.container, self.forks = self._create(env, argv, int(str(values["port"])))
+        self._setenv = env if self.forks is not None else None
+
+    def _create(self, env: Mapping[str, str], argv: list[str], port: int,
+                forking_only: bool = False) -> tuple[Any, ContainerForks | None]:  # fmt: skip
+        """A new container running ``argv`` with ``env`` (published on ``port`` in mapped
+        mode), or the fork server that runs it where it can (whose forks get ``env``: the
+        container has only the image's and ``ISOLATE_INSTANCE_NAME``); ``forking_only``:
+        none (``(None, None)``) where it cannot."""
+        forks = None
         try:
             image = self.ctx.client.images.get(self.image)  # inspected once: for the fork server and the volumes
-            command, mounts = self._forks(argv, image.attrs.get("Config") or {})
-            self.container = self.ctx.create(
-                self.image, self.container_name, "service", self.spec.container_port,
-                int(str(values["port"])), extra_labels={"isolate.service": self.spec.name},
-                command=command or None, environment=env, extra_mounts=mounts, image_info=image,
+            forks = self._forks(argv, image.attrs.get("Config") or {}, quiet=forking_only)
+            if forks is None and forking_only:
+                return None, None
+            command, mounts, environment = (argv, [], dict(env)) if forks is None else (
+                forks.command(), forks.mounts(), {"ISOLATE_INSTANCE_NAME": self.name})  # fmt: skip
+            container = self.ctx.create(
+                self.image, self.container_name, "service", self.spec.container_port, port,
+                extra_labels={"isolate.service": self.spec.name}, command=command or None,
+                environment=environment, extra_mounts=mounts, image_info=image,
             )  # fmt: skip
         except Exception as exc:
+            if forks is not None:
+                forks.close()
             raise ServiceError(
                 f"docker could not create container {self.container_name}: {reason(exc)}",
                 image=self.image,
             ) from None
+        return container, forks
 
-    def _forks(self, argv: list[str], config: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
-        """The container's command and mounts: ``argv``, or the fork server that runs it
-        (``config``: the image's)."""
+    def _forks(self, argv: list[str], config: Mapping[str, Any], quiet: bool = False) -> ContainerForks | None:
+        """The fork server that runs ``argv`` in the container (``config``: the image's),
+        listening; ``None`` where the container runs its command itself (which a service
+        that names an ``entry`` says, unless ``quiet``)."""
         why = forks_in_container(
             self.spec.entry, argv or list(config.get("Cmd") or []), list(config.get("Entrypoint") or []),
             self.ctx.settings.fork_server, str(self.ctx.client.api.base_url),
         )  # fmt: skip
         if why is not None:
-            if self.spec.entry is not None and self.ctx.settings.fork_server != "off":
+            if self.spec.entry is not None and self.ctx.settings.fork_server != "off" and not quiet:
                 logger.warning("isolate: service %r names an entry, but its container runs its command on every "
                                "start instead of forking it: %s", self.spec.name, why, extra=NOTICE)  # fmt: skip
-            return argv, []
+            return None
         assert self.spec.entry is not None
         directory = self.ctx.run.worker_dir(self.ctx.worker.slug) / f"fork-{self.spec.name}"
-        self.forks = ContainerForks(directory, self.name, self.spec.entry, self.spec.preload,
-                                    argv or list(config["Cmd"]), str(config.get("WorkingDir") or "/"))  # fmt: skip
-        self.forks.listen()
-        return self.forks.command(), self.forks.mounts()
+        forks = ContainerForks(directory, self.name, self.spec.entry, self.spec.preload,
+                               argv or list(config["Cmd"]), str(config.get("WorkingDir") or "/"))  # fmt: skip
+        forks.listen()
+        return forks
 
     def launch(self) -> None:
         if self.forks is not None:
             if not self.forks.connected:  # its first start, or its fork server is gone
                 self._start_container()
                 self.forks.connect(self.spec.ready_timeout or 30.0, self._exited_why)
-            self._child = self.forks.spawn()
+            self._child = self.forks.spawn(env=self._setenv)
             return
         self._start_container()
+
+    def warm(self, register: Callable[[ProcessRecord], None], host: RunHost | None = None) -> None:
+        """Start the container now if it forks its service and its networking does not
+        depend on the service's port (host mode): its start and its preload run while the
+        worker makes the rest of its stack, and the first start forks at once."""
+        if self.ctx.mode == "mapped" or self.spec.entry is None or self._warming is not None:
+            return
+        self._warming = threading.Thread(target=self._warm, name=f"isolate-warm-{self.spec.name}", daemon=True)
+        self._warming.start()
+
+    def _warm(self) -> None:
+        container = forks = None
+        try:
+            container, forks = self._create({}, self._argv(None), 0, forking_only=True)
+            if container is None or forks is None:
+                return  # it runs its command on every start: created with its values, then
+            self._start(container)
+            forks.connect(self.spec.ready_timeout or 30.0, lambda: _why_stopped(container_state(container), container))
+            self._warmed = (container, forks)
+        except BaseException as exc:  # said by the start that takes it (the worker's)
+            if forks is not None:
+                forks.close()
+            if container is not None:
+                remove_container(container)
+            self._warmed = exc
+
+    def _take_warmed(self) -> None:
+        """Wait for :meth:`warm`'s container, and make it this launcher's (or raise why it
+        could not start: a preload that fails says so as a first start would)."""
+        if self._warming is None:
+            return
+        self._warming.join()
+        self._warming = None
+        warmed, self._warmed = self._warmed, None
+        if isinstance(warmed, BaseException):
+            raise warmed
+        if warmed is not None:
+            self.close()
+            self._final_logs = ""
+            self.container, self.forks = warmed
 
     def _start_container(self) -> None:
         if self.forks is not None and self._state().get("Running"):
             self.container.kill()  # its fork server lost us: start it again
             self._wait_container(10.0)
+        self._start(self.container)
+
+    def _start(self, container: Any) -> None:
         try:
-            self.container.start()
+            container.start()
         except Exception as exc:  # a port taken meanwhile says so: the start policy retries
             raise ServiceError(
                 f"container {self.container_name} did not start: {reason(exc)}", image=self.image
@@ -197,9 +278,7 @@ class ContainerLauncher:
     def _exited_why(self) -> str | None:
         """Why the container stopped, if it has (its code and its log's end)."""
         code = self._container_exit_code()
-        if code is None:
-            return None
-        return f"its container exited with code {code}:\n" + tail_text(self.logs(), 20)
+        return None if code is None else _why_stopped({"ExitCode": code}, self.container, self.logs())
 
     def exit_code(self) -> int | None:
         if self.forks is not None:
@@ -292,11 +371,17 @@ class ContainerLauncher:
         """Containers are reaped by their run label, not through the registry."""
         return None
 
-    def warm(self, register: Callable[[ProcessRecord], None], host: RunHost | None = None) -> None:
-        """Nothing to start early: the image is built when the stack starts."""
-
     def close(self) -> None:
-        """Remove the container (and its volumes), keeping its logs."""
+        """Remove the container (and its volumes), keeping its logs; and what :meth:`warm`
+        started that no start took."""
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
+        warmed, self._warmed = self._warmed, None
+        if isinstance(warmed, tuple):
+            warmed[1].close()
+            remove_container(warmed[0])
+        self._setenv = None
         if self._watch is not None:
             self._watch.close()
             self._watch = None
@@ -307,3 +392,13 @@ class ContainerLauncher:
         if self.forks is not None:
             self.forks.close()
             self.forks = self._child = None
+
+
+def _why_stopped(state: Mapping[str, Any], container: Any, logs: str | None = None) -> str | None:
+    """Why a container stopped, from the engine's ``state`` of it (its code and its log's
+    end); ``None`` while it has not."""
+    if not state or state.get("Running") or state.get("Status") == "created":
+        return None
+    return f"its container exited with code {state.get('ExitCode', 0)}:\n" + tail_text(
+        container_logs(container) if logs is None else logs, 20
+    )
