@@ -5,7 +5,8 @@ A service that names an ``entry`` and whose container command runs Python
 isolate's fork server (``_preloader.py``, copied into a directory of the worker's that is
 bind-mounted at :data:`MOUNT`), run by that same interpreter. It connects to the worker's
 socket there, imports ``preload`` once, and each start of the service forks a child that
-calls ``entry`` with the container's environment, working directory, stdout and stderr.
+calls ``entry`` with the service's ``env`` on top of the container's environment, and the
+container's working directory, stdout and stderr.
 So the container is created and started once per worker; a stop or kill ends the
 service process (the child), not the container, and the next start forks again instead
 of starting the container and re-importing the app.
