@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ._errors import ConfigError
+from ._fs import same_file
 
 __all__ = [
     "dir_size",
@@ -60,11 +61,7 @@ def _locked(directory: Callable[[], Path], name: str, mode: int) -> int | None:
         except BlockingIOError:
             os.close(fd)
             return None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.lstat(directory() / name))
-        except OSError:
-            same = False
-        if same:
+        if same_file(fd, directory() / name):
             return fd
         os.close(fd)
     raise ConfigError(f"cannot lock {name} in {directory()}: it keeps vanishing",
@@ -95,11 +92,8 @@ def hold_entry(directory: Callable[[], Path], name: str) -> None:
     key = str(directory() / name)
     held = _HELD.get(key)
     if held is not None:
-        try:
-            if os.path.samestat(os.fstat(held), os.lstat(key)):
-                return
-        except OSError:
-            pass
+        if same_file(held, Path(key)):
+            return
         os.close(_HELD.pop(key))
     fd = _locked(directory, name, fcntl.LOCK_SH)
     assert fd is not None

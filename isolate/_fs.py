@@ -17,25 +17,30 @@ without following a symlink (:func:`read_beneath`, :func:`open_log`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 from pathlib import Path
 
 from ._errors import ConfigError, UnexpectedFileError
+from ._run.notices import NOTICE
 
 __all__ = [
     "MACHINE_TMP",
     "hand_over",
     "machine_dir",
-    "machine_path",
+    "make_shared_dir",
     "open_lock_file",
     "open_log",
     "own_dir",
     "owned_by_me",
     "read_beneath",
+    "same_file",
     "shared_dir",
     "take_back",
 ]
+
+logger = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -177,23 +182,34 @@ def shared_dir(path: Path) -> bool:
     )  # fmt: skip
 
 
-def machine_path(name: str) -> Path:
-    """``/tmp/<name>``: where :func:`machine_dir` looks (for messages about it)."""
-    return MACHINE_TMP / name
-
-
-def machine_dir(name: str) -> Path | None:
-    """``/tmp/<name>``, made sticky and world-writable if missing: where runs of every user
-    and ``TMPDIR`` on this machine meet (port leases, holds of the engine's images).
-    ``None`` where there is no ``/tmp`` or the directory there is not one isolate can trust
-    (another user planted it): the caller then goes on with what its own dirs give."""
-    path = machine_path(name)
-    if not MACHINE_TMP.is_dir():
-        return None
+def make_shared_dir(path: Path) -> bool:
+    """Make ``path`` sticky and world-writable if it is missing; whether it is (now) a
+    directory every user can share (:func:`shared_dir`)."""
     with contextlib.suppress(OSError):
         path.mkdir(mode=0o1777)
         os.chmod(path, 0o1777)  # we made it: no symlink to follow
-    return path if shared_dir(path) else None
+    return shared_dir(path)
+
+
+#: The machine dirs this process said it cannot trust (said once each).
+_UNTRUSTED: set[str] = set()
+
+
+def machine_dir(name: str, *, untrusted: str = "") -> Path | None:
+    """``/tmp/<name>``, made sticky and world-writable if missing: where runs of every user
+    and ``TMPDIR`` on this machine meet (port leases, holds of the engine's images).
+    ``None`` where there is no ``/tmp`` or the directory there is not one isolate can trust
+    (another user planted it): the caller then goes on with what its own dirs give, and,
+    with ``untrusted`` (what that costs), the run says so once, naming the dir and the fix."""
+    path = MACHINE_TMP / name
+    if MACHINE_TMP.is_dir() and make_shared_dir(path):
+        return path
+    if untrusted and name not in _UNTRUSTED and MACHINE_TMP.is_dir():
+        _UNTRUSTED.add(name)
+        logger.warning("isolate: %s: %s is not a directory isolate can trust (it must be root's or "
+                       "this user's, sticky and world-writable); remove it if another user made it",
+                       untrusted, path, extra=NOTICE)  # fmt: skip
+    return None
 
 
 def open_lock_file(path: Path, *, create: bool = True) -> int | None:
@@ -218,6 +234,15 @@ def open_lock_file(path: Path, *, create: bool = True) -> int | None:
         except OSError:
             return None
     return None
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """``path`` still names the file ``fd`` is open on (nobody unlinked or swapped it
+    since the open; a lock taken on a file its remover unlinked is no lock)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    except OSError:
+        return False
 
 
 def _regular(fd: int) -> int | None:

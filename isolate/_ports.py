@@ -26,7 +26,7 @@ from pathlib import Path
 import portpicker
 
 from ._errors import PortUnavailableError
-from ._fs import MACHINE_TMP, machine_dir, machine_path, open_lock_file, own_dir, shared_dir
+from ._fs import MACHINE_TMP, machine_dir, make_shared_dir, open_lock_file, own_dir, same_file
 from ._run.notices import NOTICE
 
 __all__ = [
@@ -41,12 +41,7 @@ def lock_dir() -> Path:
     """``$TMPDIR/isolate-ports``, shared by every user and run so leases hold across
     them; if someone else planted that name, a directory of this user's own."""
     path = Path(tempfile.gettempdir()) / "isolate-ports"
-    try:
-        path.mkdir(mode=0o1777)
-        os.chmod(path, 0o1777)  # we made it: no symlink to follow
-    except FileExistsError:
-        pass
-    if shared_dir(path):
+    if make_shared_dir(path):
         return path
     logger.warning("%s is not a shared lease dir isolate can trust; using a private one", path, extra=NOTICE)
     return own_dir(path.with_name(f"isolate-ports-{os.geteuid()}"))
@@ -64,18 +59,7 @@ def machine_lock_dir(primary: Path) -> Path | None:
     not one isolate can trust (planted by another user)."""
     if primary == MACHINE_LOCK_DIR:
         return None
-    found = machine_dir(MACHINE_LOCK_DIR.name)
-    if found is None and not _UNTRUSTED:  # once per process: it says the same for every port
-        _UNTRUSTED.append(primary)
-        logger.warning("isolate: port leases are seen only by runs with this TMPDIR: %s is not a "
-                       "directory isolate can trust (it must be root's or this user's, sticky and "
-                       "world-writable); remove it if another user made it",
-                       machine_path(MACHINE_LOCK_DIR.name), extra=NOTICE)  # fmt: skip
-    return found
-
-
-#: Whether this process said that the machine's lease dir cannot be trusted.
-_UNTRUSTED: list[Path] = []
+    return machine_dir(MACHINE_LOCK_DIR.name, untrusted="port leases are seen only by runs with this TMPDIR")
 
 
 class LeaseFile:
@@ -106,8 +90,7 @@ def try_lease(path: Path) -> LeaseFile | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
-        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+        if not same_file(fd, path):
             raise FileNotFoundError(path)  # released and unlinked between our open and lock
     except OSError:
         os.close(fd)

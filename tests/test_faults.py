@@ -694,15 +694,13 @@ def test_machine_dirs_another_user_made_are_not_trusted(
     images are held for this user's clean-ups only, naming the dir and the fix. (A ``/tmp``
     of the test's own: planting in the machine's would touch every run on it.)"""
     import isolate._fs
-    import isolate._ports
     from isolate._docker import images
     from isolate._ports import machine_lock_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="isolate-test-machine-", dir="/tmp"))
     os.chmod(tmp, 0o1777)
     monkeypatch.setattr(isolate._fs, "MACHINE_TMP", tmp)
-    monkeypatch.setattr(images, "_UNTRUSTED", [])
-    monkeypatch.setattr(isolate._ports, "_UNTRUSTED", [])
+    monkeypatch.setattr(isolate._fs, "_UNTRUSTED", set())
     try:
         as_nobody(f"mkdir -m 1777 {tmp}/{images.IMAGE_HOLDS} {tmp}/isolate-ports")
         with caplog.at_level("WARNING"):

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from .._cache import hold_or_make, release_entry, remove_unused
 from .._errors import ConfigError, DockerUnavailableError, ImageNotFoundError, tail_text
-from .._fs import machine_dir, machine_path, open_lock_file, own_dir, owned_by_me
+from .._fs import machine_dir, open_lock_file, own_dir, owned_by_me, same_file
 from .._retry import poll_until
 from .._run.notices import NOTICE
 from .engine import is_docker_error, reason
@@ -154,8 +154,6 @@ IMAGE_HOLDS = "isolate-image-holds"
 HOLD_WAIT = 10.0
 #: Machine-wide holds this process keeps for its life, by path.
 _MACHINE_HELD: dict[str, int] = {}
-#: Whether this process said that the machine's dir cannot be trusted (the first image).
-_UNTRUSTED: list[str] = []
 
 
 def hold_image(client: Any, tag: str, make: Callable[[], None]) -> None:
@@ -174,33 +172,18 @@ def release_image(tag: str) -> None:
         os.close(fd)
 
 
-def _same_file(fd: int, path: Path) -> bool:
-    """``path`` still names the file ``fd`` is open on (its remover did not unlink it)."""
-    try:
-        return os.path.samestat(os.fstat(fd), os.lstat(path))
-    except OSError:
-        return False
-
-
 def _hold_machine_wide(tag: str) -> None:
     """A shared lock on ``tag``'s hold in the machine's dir, kept for this process's life.
     Someone else's file there is as good a lock as ours (``flock`` needs no write access);
     where the dir or the file cannot be trusted or opened, or an exclusive lock on it stays
     longer than :data:`HOLD_WAIT` (no clean-up takes that long: someone holds it on purpose),
     the hold is this user's lock alone, and the run says so."""
-    directory = machine_dir(IMAGE_HOLDS)
+    directory = machine_dir(IMAGE_HOLDS, untrusted="images are held for this user's clean-ups only")
     if directory is None:
-        if not _UNTRUSTED:  # once per process: it says the same for every image
-            _UNTRUSTED.append(tag)
-            logger.warning(
-                "isolate: images are held for this user's clean-ups only: %s is not a directory "
-                "isolate can trust (it must be root's or this user's, sticky and world-writable); "
-                "remove it if another user made it", machine_path(IMAGE_HOLDS), extra=NOTICE,
-            )  # fmt: skip
         return
     path = directory / _lock_name(tag)
     held = _MACHINE_HELD.get(str(path))
-    if held is not None and _same_file(held, path):
+    if held is not None and same_file(held, path):
         return
     if held is not None:
         os.close(_MACHINE_HELD.pop(str(path)))
@@ -214,7 +197,7 @@ def _hold_machine_wide(tag: str) -> None:
         except BlockingIOError:
             os.close(fd)
             return False
-        if not _same_file(fd, path):  # its remover unlinked it after our open: no lock
+        if not same_file(fd, path):  # its remover unlinked it after our open: no lock
             os.close(fd)
             return False
         _MACHINE_HELD[str(path)] = fd
@@ -255,7 +238,7 @@ def _machine_unheld(name: str, *, dry_run: bool) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        free = _same_file(fd, path)  # unlinked by another clean-up: it removed the image
+        free = same_file(fd, path)  # unlinked by another clean-up: it removed the image
         yield free
         if free and not dry_run:
             with contextlib.suppress(OSError):  # another user's file stays for them

@@ -32,7 +32,8 @@ container* (the docker backend): the container's command. It connects to the wor
 socket at that path (a directory of the worker's, bind-mounted into the container),
 imports the preload and serves that channel as above, except that requests carry no
 descriptor (a child keeps the container's stdout and stderr, which are the container's
-log), nor ``env`` or ``cwd`` (a child keeps the container's). ``{"signal": n, "pid": p,
+log), nor ``env`` or ``cwd`` (a child keeps the container's working directory, and gets
+``setenv``, the service's environment, on top of the container's). ``{"signal": n, "pid": p,
 "group": bool}`` signals one of its children (or the child's process group); a pid it has
 reaped, or never forked, is left alone. When the channel ends it exits once its children
 have (so the container lives as long as its service, as without it).
