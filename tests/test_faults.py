@@ -666,9 +666,9 @@ def test_a_fifo_planted_as_a_lock_file_is_refused_not_waited_on() -> None:
         assert try_lease(Path({str(lease)!r})) is None, "a FIFO is no lease"
         images._hold_machine_wide({tag!r})
         assert not images._MACHINE_HELD, images._MACHINE_HELD
-        with images._machine_unheld({hold.name!r}, dry_run=False) as unheld:
+        with images._machine_unheld(Path({str(holds)!r}), {hold.name!r}, dry_run=False) as unheld:
             assert not unheld, "a hold that cannot be opened keeps the image"
-        with images._machine_unheld({hold.name!r}, dry_run=True) as unheld:
+        with images._machine_unheld(Path({str(holds)!r}), {hold.name!r}, dry_run=True) as unheld:
             assert not unheld
         print("done")
     """)

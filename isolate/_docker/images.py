@@ -213,13 +213,12 @@ def _hold_machine_wide(tag: str) -> None:
 
 
 @contextlib.contextmanager
-def _machine_unheld(name: str, *, dry_run: bool) -> Iterator[bool]:
+def _machine_unheld(directory: Path | None, name: str, *, dry_run: bool) -> Iterator[bool]:
     """For a ``with`` block: whether no process on the machine holds the image whose hold
-    is ``name`` (an exclusive lock on the hold, made if missing and kept for the block, so
-    none takes it meanwhile; its file unlinked, still locked, at the end unless
-    ``dry_run``, which makes nothing). Where the machine's dir cannot be trusted, this
-    user's build locks alone say (true here)."""
-    directory = machine_dir(IMAGE_HOLDS)
+    is ``name`` in ``directory`` (an exclusive lock on the hold, made if missing and kept
+    for the block, so none takes it meanwhile; its file unlinked, still locked, at the end
+    unless ``dry_run``, which makes nothing). Where the machine's dir cannot be trusted
+    (``None``), this user's build locks alone say (true here)."""
     if directory is None:
         yield True
         return
@@ -332,7 +331,7 @@ def remove_built_images(dry_run: bool = False) -> tuple[list[str], list[str]]:
 
     client = engine()
     removed, kept = [], []
-    locks = build_locks()
+    locks, holds = build_locks(), machine_dir(IMAGE_HOLDS)
     for image in client.images.list(filters={"label": BUILD_LABEL}):
         users = _containers_from(client, image.id)
         for tag in image.tags or [image.id]:
@@ -340,7 +339,7 @@ def remove_built_images(dry_run: bool = False) -> tuple[list[str], list[str]]:
                 with contextlib.suppress(Exception):
                     client.images.remove(tag, force=True)
 
-            with _machine_unheld(_lock_name(tag), dry_run=dry_run or bool(users)) as unheld:
+            with _machine_unheld(holds, _lock_name(tag), dry_run=dry_run or bool(users)) as unheld:
                 if unheld and not users and remove_unused(locks, _lock_name(tag), dry_run=dry_run, remove=untag):
                     removed.append(f"image {tag}")
                 elif unheld and users and remove_unused(locks, _lock_name(tag), dry_run=True):  # no lock held
@@ -349,9 +348,8 @@ def remove_built_images(dry_run: bool = False) -> tuple[list[str], list[str]]:
                     kept.append(f"image {tag} (a live run uses it)")
     for path in sorted(locks.glob("*.lock")):  # what crashed builds left
         remove_unused(locks, path.name, dry_run=dry_run)
-    holds = machine_dir(IMAGE_HOLDS)
     for path in sorted(holds.glob("*.lock")) if holds is not None and not dry_run else ():
         if owned_by_me(path):  # holds of images gone (removed by hand): unlinked if unheld
-            with _machine_unheld(path.name, dry_run=False):
+            with _machine_unheld(holds, path.name, dry_run=False):
                 pass
     return removed, kept
