@@ -328,7 +328,8 @@ def test_the_next_run_starts_the_fork_server_before_a_worker_asks(
 ) -> None:
     """A run remembers what the fork server its workers used was started from; the next
     run's controller starts it while the workers start, and their services fork from it.
-    One started ahead that no worker used is forgotten."""
+    One started ahead that no worker used is forgotten; a run whose services could not
+    fork from one forgets nothing."""
     mark = uuid.uuid4().hex
     monkeypatch.setenv("LEFTOVER_MARK", mark)
     monkeypatch.setenv("RECORDS", str(tmp_path))
@@ -354,6 +355,10 @@ def test_the_next_run_starts_the_fork_server_before_a_worker_asks(
     assert launched_by("test_where.py") == "worker"  # nothing remembered yet
     assert launched_by("test_where.py") == "controller"
     assert launched_by("test_where.py", "--isolate-prestart=never") == "worker"
+    assert launched_by("test_where.py") == "controller"
+    # A run whose services cannot fork from the run's fork servers (as on docker) forgets nothing.
+    assert launched_by("test_plain.py", "--isolate-fork-server=off") is None
+    assert launched_by("test_where.py") == "controller"
     assert launched_by("test_plain.py") is None  # started ahead, used by no worker: forgotten
     assert launched_by("test_where.py") == "worker"
 

@@ -69,12 +69,18 @@ def redis_wanted(config: pytest.Config, settings: Settings) -> bool:
     return _may_start(config, settings) and (settings.prestart == "always" or _last_run_used(config, "redis"))
 
 
-def fork_servers_wanted(config: pytest.Config, settings: Settings) -> bool:
-    """Whether the run's owner starts the run's fork servers the last run started: where
-    services fork from one (``--isolate-fork-server=auto``, local services, Linux)."""
+def _forks_from_the_runs(settings: Settings) -> bool:
+    """Whether this run's services may fork from the run's fork servers
+    (``--isolate-fork-server=auto``, local services, Linux)."""
     local = settings.backend == "native" or settings.docker_services == "native"
     shared = settings.fork_server == "auto" and not settings.env  # as the native backend's service()
-    return _may_start(config, settings) and local and shared and sys.platform == "linux"
+    return local and shared and sys.platform == "linux"
+
+
+def fork_servers_wanted(config: pytest.Config, settings: Settings) -> bool:
+    """Whether the run's owner starts the run's fork servers the last run started: where
+    services fork from one."""
+    return _may_start(config, settings) and _forks_from_the_runs(settings)
 
 
 def _start_fork_servers(config: pytest.Config, stack: WorkerStack) -> None:
@@ -182,8 +188,12 @@ def remember_use(session: pytest.Session, summary: Mapping[str, object]) -> None
 
 def remember_fork_servers(session: pytest.Session, stack: WorkerStack) -> None:
     """Tell the next run which fork servers this one started (before the run dir goes);
-    as :func:`remember_use`, a run that ran no test leaves what it found."""
-    if session.testscollected and not session.config.getoption("collectonly", False):
+    as :func:`remember_use`, a run that ran no test leaves what it found, and so does a run
+    whose services could not fork from them (the docker backend's containers, a run with
+    ``--isolate-fork-server=off``): a project run on both backends in turn would otherwise
+    forget at every docker run what its next native run starts ahead."""
+    ran = session.testscollected and not session.config.getoption("collectonly", False)
+    if ran and _forks_from_the_runs(stack.settings):
         from .._service import hubs
 
         try:
