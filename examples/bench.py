@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,22 @@ def calibration_s() -> float:
     """The machine's speed right now: the best of three timings of a fixed pure-Python
     loop, taken before each run. Benches on machines of different speeds (a shared CI host
     runs at different speeds on different days) are told apart by it, not by their results."""
+    return _best_of_3(lambda: sum(range(10_000_000)))
+
+
+def calibration_start_s() -> float:
+    """The machine's speed at what a worker's start costs: the best of three new
+    interpreters importing pytest. The loop of :func:`calibration_s` misses it: one
+    machine ran that loop as fast as another, and started interpreters and processes
+    2-3x slower (page faults, file reads)."""
+    return _best_of_3(lambda: subprocess.run([sys.executable, "-c", "import pytest"], check=True))
+
+
+def _best_of_3(step: Callable[[], object]) -> float:
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        sum(range(10_000_000))
+        step()
         best = min(best, time.perf_counter() - start)
     return round(best, 3)
 
@@ -105,7 +118,7 @@ def run_suite(setup: str, backend: str, workers: int, seed: int, caches: Path,
         if dist != "duration":
             cmd.append(f"--dist={dist}")
         env = dict(os.environ)
-        calibration = calibration_s()
+        calibration, calibration_start = calibration_s(), calibration_start_s()
         if setup == "shared":
             env["DATASTORAGE_SHARED_STACK"] = "1"
         start = time.perf_counter()
@@ -139,6 +152,7 @@ def run_suite(setup: str, backend: str, workers: int, seed: int, caches: Path,
         "cores": usable_cores(), "passed": passed, "failed": failed, "total": total,
         "test_durations": durations, "timings": phases, "exit_code": done.returncode,
         "failed_tests": failures, "measured": dt.date.today().isoformat(), "calibration_s": calibration,
+        "calibration_start_s": calibration_start,
         **({"output_tail": tail} if done.returncode != 0 else {}),  # what went wrong, kept
     }  # fmt: skip
 
@@ -527,12 +541,17 @@ def _dates(records: list[dict[str, Any]]) -> str:
 
 
 def _speed(records: list[dict[str, Any]]) -> str:
-    """The machine's speed during the runs (``calibration_s``), where they recorded it."""
-    values = [r["calibration_s"] for r in records if "calibration_s" in r]
-    if not values:
+    """The machine's speed during the runs (``calibration_s``, ``calibration_start_s``),
+    where they recorded it."""
+    parts = []
+    for key, what in (("calibration_s", "`sum(range(10**7))`"),
+                      ("calibration_start_s", "a new interpreter importing pytest")):  # fmt: skip
+        values = [r[key] for r in records if key in r]
+        if values:
+            parts.append(f"{what} took {median(values):.2f} s ({min(values):.2f}-{max(values):.2f} s)")
+    if not parts:
         return ""
-    return (f" The machine's speed: `sum(range(10**7))` took {median(values):.2f} s (median over the "
-            f"runs that recorded it; {min(values):.2f}-{max(values):.2f} s).")  # fmt: skip
+    return f" The machine's speed (medians over the runs that recorded it): {'; '.join(parts)}."
 
 
 def write_markdown(rows: list[dict[str, Any]], records: list[dict[str, Any]], path: Path) -> None:
