@@ -475,6 +475,27 @@ NOTES = """## Reading the numbers
   CPU 31.6 s against 58.0 s); collect slots and the freeze, paired: the 8-worker critical
   path 8.8-9.6 s against 9.7-10.4 s, 4 workers 15.6-16.7 s against 16.5-17.4 s. Records
   now carry `calibration_s` (the machine's speed at each run), shown above the table.
+- Not in the table either (a whole bench of bf7d1c9 from a clean clone, 2026-12-02, 3
+  repetitions, every cell 100% passed; the environment faster than the bench above and
+  still ~1.8x slower than this table's: native 1 worker's machine CPU 12.4 s against 7.0
+  s, while `calibration_s` was 0.17 s, as fast as that bench's fastest, and a new
+  interpreter importing pytest took 0.19 s: hence `calibration_start_s` now beside it).
+  Walls, native 1 / 2 / 4 / 8 / 16 workers: 43.9 / 22.9 / 13.4 / 9.5 / 13.0 s (wall/bound
+  1.06 / 1.10 / 1.28 / 1.28 / 1.04; 4 workers 3.28x, 8 workers 4.60x); docker 45.7 /
+  25.6 / 16.1 / 15.3 / 21.8 s (1.16 / 1.27 / 1.46 / 0.94 / 0.82; 4 workers 2.85x); `load`
+  at 4 workers: native 19.7 s (1.87), docker 22.0 s (1.95). The container fork server
+  shows in docker's 1-worker test time, 38.8 s against 48.8 s in this table (a docker
+  restart 0.046-0.052 s at 1-4 workers against 0.27-0.33 s); docker's per-worker stack is
+  ready after 0.44 / 0.53 / 0.90 s at 1 / 2 / 4 workers (median 0.90 s, target < 1.0 s).
+  Docker's wall/bound at 1-4 workers is over because its 1-worker runs spread: 41.0 /
+  45.7 / 48.8 s in its three repetitions (seeds 1000 / 1001 / 1002, one after another;
+  native 43.9 / 43.3 / 45.7 s), and the test bound is the fastest run's; the same seeds
+  took 15.8-16.3 s at 4 workers. Which of the seed or the machine's drift it is, this
+  bench cannot tell. The bench of 4f0d0fe the same morning found a bug: a run on the docker backend
+  forgot the fork servers the project's last native run had used (it remembered that it
+  had used none), so in a bench, which runs the backends in turn, a native run's first
+  service start waited for the app's preload again: native `service_ready` 0.53 / 0.62 /
+  0.39 s at 1 / 2 / 4 workers against 0.04 / 0.05 / 0.06 s here (fixed in 208b23f).
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
