@@ -490,8 +490,9 @@ NOTES = """## Reading the numbers
   Docker's wall/bound at 1-4 workers is over because its 1-worker runs spread: 41.0 /
   45.7 / 48.8 s in its three repetitions (seeds 1000 / 1001 / 1002, one after another;
   native 43.9 / 43.3 / 45.7 s), and the test bound is the fastest run's; the same seeds
-  took 15.8-16.3 s at 4 workers. Which of the seed or the machine's drift it is, this
-  bench cannot tell. The bench of 4f0d0fe the same morning found a bug: a run on the docker backend
+  took 15.8-16.3 s at 4 workers. Not the seed: alternated afterwards (1002, 1000, 1002,
+  1000), docker 1 worker took 47.2 / 48.7 / 48.7 / 46.9 s; the machine drifts that much
+  within minutes, and the bound takes the fastest 1-worker run's tests. The bench of 4f0d0fe the same morning found a bug: a run on the docker backend
   forgot the fork servers the project's last native run had used (it remembered that it
   had used none), so in a bench, which runs the backends in turn, a native run's first
   service start waited for the app's preload again: native `service_ready` 0.53 / 0.62 /
