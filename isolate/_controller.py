@@ -21,7 +21,7 @@ from ._postgres.external import RunLease, check_server
 from ._run.liveness import Owner
 from ._run.notices import read_notices
 from ._run.rundir import RunDir, reap_stale_runs, remove_stale_zygote_dirs
-from ._service.forkserver import fork_unavailable
+from ._service.forkserver import fork_unavailable, local_services
 from ._timings import Timings, read, summarize, what_ran
 from ._watchdog import Watchdog
 
@@ -114,7 +114,7 @@ class RunController:
 
     def header(self) -> list[str]:
         lines = [f"run {self.run_id}, backend {self.backend_name} ({self.backend_reason})"]
-        local = self.backend_name == "native" or self.settings.docker_services == "native"
+        local = local_services(self.backend_name, self.settings)
         if local and self.backend_name != "native":
             lines[0] += f"; services as local processes (from {self.settings.source_of('docker_services')})"
         # Local services are launched as the native backend does (in a container, nothing forks).

@@ -14,7 +14,7 @@ from .._process import RunAs, inherited_env, resolve_run_as
 from .._redis import RedisConfig
 from .._redis.native import NativeRedisRunner
 from .._service import ServiceSpec
-from .._service.forkserver import ForkServer, fork_unavailable
+from .._service.forkserver import ForkServer, fork_unavailable, forks_from_the_runs
 from .._service.native import ProcessLauncher, service_cwd, service_user
 
 __all__ = ["NativeBackend"]
@@ -66,9 +66,7 @@ class NativeBackend:
         user = service_user(spec, cwd, self.run_as, self.settings.demote_services)
         forks = spec.entry is not None and fork_unavailable(self.name, self.settings.fork_server) is None
         env = self.env if spec.inherit_env else {}
-        # One preload per run where the workers' environments match (not with
-        # --isolate-env, which gives each worker its own values).
-        shared = self.settings.fork_server == "auto" and not self.settings.env
+        shared = forks_from_the_runs(self.name, self.settings)
         server = ForkServer(spec, instance, cwd, log_path, user, env, shared=shared) if forks else None
         launcher = ProcessLauncher(spec, instance, log_path, self.rootdir, user, server, env)
         launcher.die_with_worker = self.dies_with_worker

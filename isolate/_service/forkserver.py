@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .._errors import ConfigError, ServerStartError
 from .._fs import open_log
@@ -36,7 +36,10 @@ from .._run.registry import ProcessRecord
 from .hubs import HubRecipe, launch_preloader, mark_used, start_hub
 from .spec import ServiceSpec
 
-__all__ = ["ForkServer", "ForkedChild", "RunHost", "fork_unavailable", "python_argv"]
+if TYPE_CHECKING:
+    from .._config import Settings
+
+__all__ = ["ForkServer", "ForkedChild", "RunHost", "fork_unavailable", "forks_from_the_runs", "local_services", "python_argv"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,22 @@ def fork_unavailable(backend: str, setting: str) -> str | None:
     if sys.platform != "linux":
         return f"fork is unsafe on {sys.platform}"
     return None
+
+
+def local_services(backend: str, settings: Settings) -> bool:
+    """Whether a run of ``backend`` (the resolved one, never ``auto``) runs its services
+    as local processes: the native backend's, or docker's with
+    ``--isolate-docker-services=native``."""
+    return backend == "native" or settings.docker_services == "native"
+
+
+def forks_from_the_runs(backend: str, settings: Settings) -> bool:
+    """Whether the services of a run of ``backend`` that name an ``entry`` fork from the
+    run's fork servers (one preload per run): local services that fork, with
+    ``--isolate-fork-server=auto`` and no ``--isolate-env`` (which gives each worker its
+    own values)."""
+    forks = local_services(backend, settings) and fork_unavailable("native", settings.fork_server) is None
+    return forks and settings.fork_server == "auto" and not settings.env
 
 
 def python_argv(command: Sequence[str], cwd: Path) -> tuple[list[str], str]:

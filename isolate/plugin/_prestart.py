@@ -22,7 +22,6 @@ dir), and PostgreSQL whenever ``--isolate-migrations`` is set.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ import pytest
 
 from .._config import Settings
 from .._errors import IsolateError
+from .._service.forkserver import forks_from_the_runs
 from .._stack import WorkerStack
 from ._env import worker_count
 
@@ -69,18 +69,10 @@ def redis_wanted(config: pytest.Config, settings: Settings) -> bool:
     return _may_start(config, settings) and (settings.prestart == "always" or _last_run_used(config, "redis"))
 
 
-def _forks_from_the_runs(settings: Settings) -> bool:
-    """Whether this run's services may fork from the run's fork servers
-    (``--isolate-fork-server=auto``, local services, Linux)."""
-    local = settings.backend == "native" or settings.docker_services == "native"
-    shared = settings.fork_server == "auto" and not settings.env  # as the native backend's service()
-    return local and shared and sys.platform == "linux"
-
-
-def fork_servers_wanted(config: pytest.Config, settings: Settings) -> bool:
+def fork_servers_wanted(config: pytest.Config, stack: WorkerStack) -> bool:
     """Whether the run's owner starts the run's fork servers the last run started: where
     services fork from one."""
-    return _may_start(config, settings) and _forks_from_the_runs(settings)
+    return _may_start(config, stack.settings) and forks_from_the_runs(stack.backend.name, stack.settings)
 
 
 def _start_fork_servers(config: pytest.Config, stack: WorkerStack) -> None:
@@ -152,7 +144,7 @@ def start_ahead(config: pytest.Config, stack: WorkerStack, *, owner: bool, runs_
     if owner and wanted(config, stack.settings):
         count = worker_count(config)
         starts.append(("PostgreSQL", lambda: stack.prestart_postgres(count)))
-    if owner and fork_servers_wanted(config, stack.settings):
+    if owner and fork_servers_wanted(config, stack):
         starts.append(("fork servers", lambda: _start_fork_servers(config, stack)))
     if runs_tests and redis_wanted(config, stack.settings):
         starts.append(("Redis", stack.prestart_redis))
@@ -193,7 +185,7 @@ def remember_fork_servers(session: pytest.Session, stack: WorkerStack) -> None:
     ``--isolate-fork-server=off``): a project run on both backends in turn would otherwise
     forget at every docker run what its next native run starts ahead."""
     ran = session.testscollected and not session.config.getoption("collectonly", False)
-    if ran and _forks_from_the_runs(stack.settings):
+    if ran and forks_from_the_runs(stack.backend.name, stack.settings):
         from .._service import hubs
 
         try:
