@@ -492,8 +492,8 @@ NOTES = """## Reading the numbers
   native 43.9 / 43.3 / 45.7 s), and the test bound is the fastest run's; the same seeds
   took 15.8-16.3 s at 4 workers. Not the seed: alternated afterwards (1002, 1000, 1002,
   1000), docker 1 worker took 47.2 / 48.7 / 48.7 / 46.9 s; the machine drifts that much
-  within minutes, and the bound takes the fastest 1-worker run's tests. The bench of 4f0d0fe the same morning found a bug: a run on the docker backend
-  forgot the fork servers the project's last native run had used (it remembered that it
+  within minutes, and the bound takes the fastest 1-worker run's tests. The bench of
+  4f0d0fe the same morning found a bug: a run on the docker backend forgot the fork servers the project's last native run had used (it remembered that it
   had used none), so in a bench, which runs the backends in turn, a native run's first
   service start waited for the app's preload again: native `service_ready` 0.53 / 0.62 /
   0.39 s at 1 / 2 / 4 workers against 0.04 / 0.05 / 0.06 s here (fixed in 208b23f).
