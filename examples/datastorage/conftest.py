@@ -53,6 +53,7 @@ SERVICE_CONFIG: dict[str, str] = {
     "PAGE_MAX": "50",
     "DLQ_KEY": "datastorage:dlq",
     "DLQ_DRAIN_INTERVAL": "0.05",
+    "DLQ_ERROR_DELAY": "0.5",
     "DB_TIMEOUT": "1",
     "DB_POOL_TIMEOUT": "0.5",
     "MAX_BODY_BYTES": "262144",

@@ -36,6 +36,7 @@ class Settings:
     page_default: int = 50
     page_max: int = 500
     dlq_drain_interval: float = 0.2
+    dlq_error_delay: float = 5.0
     db_timeout: float = 2.0
     db_pool_timeout: float = 0.5
     db_pool_min: int = 1
@@ -112,6 +113,7 @@ class Settings:
             page_default=page_default,
             page_max=page_max,
             dlq_drain_interval=number("DLQ_DRAIN_INTERVAL", float, 0.2, 0.01, 3600.0),
+            dlq_error_delay=number("DLQ_ERROR_DELAY", float, 5.0, 0.01, 3600.0),
             db_timeout=number("DB_TIMEOUT", float, 2.0, 0.1, 600.0),
             db_pool_timeout=number("DB_POOL_TIMEOUT", float, 0.5, 0.05, 600.0),
             db_pool_min=pool_min,

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DRAIN_CHUNK = 100
-_ERROR_DELAY = 5.0
 # PostgreSQL rejecting the entry itself: such an entry can never be inserted and
 # is moved to KEY:dead. Any other error (missing table, permissions, outage)
 # leaves the entries queued for a later attempt.
@@ -100,16 +99,20 @@ class Drainer:
         db: Database,
         *,
         interval: float,
+        error_delay: float,
         redis_errors: tuple[type[BaseException], ...],
         on_drained: Callable[[int], None],
         on_depth: Callable[[int], None],
+        on_error: Callable[[], None],
     ) -> None:
         self._dlq = dlq
         self._db = db
         self._interval = interval
+        self._error_delay = error_delay
         self._redis_errors = redis_errors
         self._on_drained = on_drained
         self._on_depth = on_depth
+        self._on_error = on_error
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._redis_ok = True
@@ -139,8 +142,9 @@ class Drainer:
                 await self.cycle()
             except Exception:
                 # E.g. the table is missing or not writable: entries stay queued.
-                log.exception("DLQ drain cycle failed; retrying in %.0fs", _ERROR_DELAY)
-                delay = max(delay, _ERROR_DELAY)
+                log.exception("DLQ drain cycle failed; retrying in %gs", self._error_delay)
+                self._on_error()
+                delay = max(delay, self._error_delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
             self._wake.clear()

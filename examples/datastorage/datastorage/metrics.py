@@ -55,6 +55,11 @@ class Metrics:
             "Events moved from the dead-letter queue into PostgreSQL.",
             registry=self.registry,
         )
+        self.dlq_drain_errors = Counter(
+            "dlq_drain_errors",
+            "Drain rounds that failed for a reason other than an outage (e.g. a missing table).",
+            registry=self.registry,
+        )
         self.db_up = Gauge(
             "database_up",
             "1 when PostgreSQL is considered reachable, else 0.",

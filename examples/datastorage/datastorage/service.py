@@ -61,9 +61,11 @@ class Service:
             self.dlq,
             self.db,
             interval=settings.dlq_drain_interval,
+            error_delay=settings.dlq_error_delay,
             redis_errors=REDIS_ERRORS,
             on_drained=self.metrics.dlq_drained.inc,
             on_depth=self.metrics.dlq_depth.set,
+            on_error=self.metrics.dlq_drain_errors.inc,
         )
         self._started = False
         self._stopping: asyncio.Task[None] | None = None

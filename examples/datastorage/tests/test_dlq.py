@@ -238,10 +238,14 @@ def test_missing_table_keeps_entries_queued_until_it_is_back(
     entry = json.dumps({"v": 1, "id": event_id, "event_type": "ok.type", "actor": "a", "correlation_id": cid,
                         "occurred_at": "2024-05-01T12:00:00+00:00", "payload": {},
                         "received_at": "2024-05-01T12:00:01+00:00"})  # fmt: skip
+    errors = metric(api, "dlq_drain_errors_total")
     isolate_conn.execute("ALTER TABLE audit_events RENAME TO audit_events_away")
     try:
         isolate_redis_client.lpush(DLQ, entry)
-        wait_until(lambda: isolate_redis_client.llen(DLQ + ":processing") == 1, timeout=10)
+        # Not only claimed: a drain round has failed on the missing table (the conftest's
+        # DLQ_ERROR_DELAY makes the next round come 0.5 s later, not 5 s).
+        wait_until(lambda: metric(api, "dlq_drain_errors_total") > errors, timeout=10)
+        assert isolate_redis_client.lrange(DLQ + ":processing", 0, -1) == [entry.encode()]
         assert not any(event_id.encode() in raw for raw in isolate_redis_client.lrange(DLQ + ":dead", 0, -1))
     finally:
         isolate_conn.execute("ALTER TABLE audit_events_away RENAME TO audit_events")
