@@ -1,6 +1,8 @@
 """The duration planner, unit by unit, and against simulated xdist workers that keep xdist's
 worker protocol (a worker starts test i once it holds test i + 1 or was told to stop; a steal
-takes all the requested tests still in its queue, or none)."""
+takes all the requested tests still in its queue, or none; the controller hears of each test
+as it starts) and isolate's serial gate (a serial test starts once no other test runs, and
+no test starts while one runs)."""
 
 from __future__ import annotations
 
@@ -51,8 +53,12 @@ class Sim:
     def __init__(self, durations: list[float], workers: int, known: list[float | None] | None = None,
                  serial: tuple[int, ...] = (), crash: set[int] | None = None, restarts: int = 0,
                  cpu: list[float] | None = None, cores: float = math.inf,
-                 arrivals: tuple[float, ...] = (), groups: list[str] | None = None) -> None:  # fmt: skip
+                 arrivals: tuple[float, ...] = (), groups: list[str] | None = None,
+                 report_starts: bool = True) -> None:  # fmt: skip
         self.clock = Clock()
+        self.serial = set(serial)
+        self.report_starts = report_starts
+        self.begun: list[int] = []  # started, not yet reported to the planner
         self.planner: Planner[str] = Planner(clock=self.clock, cores=cores)
         self.durations = durations
         self.crash = crash or set()
@@ -94,6 +100,8 @@ class Sim:
                 self.apply(self.planner.unscheduled(worker.name, stolen))
         for worker in list(self.workers.values()):
             self.advance(worker)
+        while self.begun:
+            self.apply(self.planner.started(self.begun.pop()))
         if self.planner.finished and not self.shutting_down:  # DSession.triggershutdown
             self.shutting_down = True
             for name in self.planner.nodes:
@@ -116,7 +124,12 @@ class Sim:
             return
         if not worker.torun:
             return  # holds one test: waits for the next or for the stop
+        others = [w.running for w in self.workers.values() if w is not worker and w.running is not None]
+        if any(i in self.serial for i in others) or (others and worker.next in self.serial):
+            return  # the serial gate; tried again as the other tests end
         worker.running, worker.next = worker.next, worker.torun.popleft()
+        if self.report_starts:
+            self.begun.append(worker.running)
         end = self.clock.now + self.durations[worker.running]
         worker.ran.append((worker.running, self.clock.now, end))
         self.seq += 1
@@ -272,6 +285,23 @@ def test_serial_tests_last_and_alone_on_one_worker() -> None:
     serial = [(start, end, name) for name, w in sim.workers.items() for index, start, end in w.ran if index >= 20]
     assert min(start for start, _, _ in serial) >= parallel_end
     assert len({name for _, _, name in serial}) == 1
+
+
+@pytest.mark.parametrize("report_starts", [True, False])
+def test_the_keeper_s_last_parallel_test_runs_beside_the_others_last_ones(report_starts: bool) -> None:
+    # gw1 is the last one down to a test it cannot start yet (xdist starts a test once the
+    # worker holds the next): the keeper. Told of gw0's last test starting, the planner
+    # sends it the serial test at once, so its last test runs beside gw0's (the serial gate
+    # holds the serial test until gw0's ends); without the start, only after gw0's ends.
+    durations = [3.0, 2.5, 1.0, 1.0, 0.5]
+    sim = Sim(durations, workers=2, serial=(4,), report_starts=report_starts)
+    end = sim.run()
+    assert sim.ran_once() == list(range(5))
+    runs = sim.runs()
+    parallel_end = max(end for index, _, end in runs if index != 4)
+    (serial_start,) = (start for index, start, _ in runs if index == 4)
+    assert serial_start >= parallel_end
+    assert end == (4.5 if report_starts else 5.0)
 
 
 @pytest.mark.parametrize("arrivals", [(0.1, 0.3), (0.1, 9.0)])

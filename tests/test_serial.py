@@ -122,3 +122,40 @@ def test_serial_survives_a_crashed_worker(pytester: pytest.Pytester, monkeypatch
     )
     result = pytester.runpytest_subprocess("-n", "2", "--max-worker-restart=2", "-p", "no:randomly")
     result.assert_outcomes(passed=8, failed=1)
+
+
+def test_the_last_parallel_tests_run_together_and_the_serial_test_after_them(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With isolate's scheduler, the worker kept for the serial tests holds a last parallel
+    test it can start only once it holds the next one. It gets the serial tests as soon as
+    the other workers' last tests have begun, so its own last test runs beside theirs, not
+    after them, and the serial gate holds the serial test until they end. Here each of the
+    two parallel tests waits for the other to begin: one run after the other would time out."""
+    monkeypatch.setenv("MEET_DIR", str(pytester.path))
+    pytester.makepyfile(
+        test_meet="""
+        import os
+        from pathlib import Path
+
+        import pytest
+        from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
+
+        HERE = Path(os.environ["MEET_DIR"])
+
+        @pytest.mark.parametrize("me, other", [("a", "b"), ("b", "a")])
+        def test_meet(me, other):
+            (HERE / f"started-{me}").touch()
+            for attempt in Retrying(stop=stop_after_delay(30), wait=wait_fixed(0.01),
+                                    retry=retry_if_exception_type(AssertionError), reraise=True):
+                with attempt:
+                    assert (HERE / f"started-{other}").exists(), f"{other} did not begin while {me} ran"
+            (HERE / f"done-{me}").touch()
+
+        @pytest.mark.serial
+        def test_serial_last():
+            assert (HERE / "done-a").exists() and (HERE / "done-b").exists()
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)

@@ -39,8 +39,12 @@ How it decides:
   node, it is longest first.
 * **Serial tests last and alone.** Tests marked serial are held back. When nothing parallel
   is left to hand out or steal, idle nodes are shut down except the last one (the
-  *keeper*); once no other node has a test left, the keeper gets the serial tests, one
-  after another. Serial tests are never stolen.
+  *keeper*); once every other node has begun its last test (see :meth:`Planner.started`),
+  or has none left, the keeper gets the serial tests, one after another. The keeper's own
+  last parallel test, which it could start only once it held the next, then runs beside
+  the others' last tests instead of after them, and the run's serial gate
+  (:mod:`isolate._run.serial`) holds the first serial test until those end. Serial tests
+  are never stolen.
 * **Crashes.** A removed node's first test is the one it crashed in (reported, not run
   again, as xdist's ``load`` does); the rest go back to the pool, or to the serial tests.
 """
@@ -127,6 +131,7 @@ class Planner(Generic[N]):
         self._pools: tuple[list[int], list[int]] = ([], [])
         self._pooled_work = [0.0, 0.0]
         self._held: list[int] = []  # serial tests not handed out, in collection order
+        self._started: set[int] = set()  # tests a node has begun (and not given back)
         self._loaded = False
         self._coming = 0  # nodes still to join (collecting): no node holds more than it runs
 
@@ -178,6 +183,13 @@ class Planner(Generic[N]):
         self._since[node] = self._clock()
         self._learn(index, duration)
         return self.balance()
+
+    def started(self, index: int) -> list[Action[N]]:
+        """A node began test ``index`` (xdist tells the controller as each test starts).
+        Only the serial phase waits for it: the keeper gets the serial tests once every
+        other node's last test has begun, so a serial test never runs before one of them."""
+        self._started.add(index)
+        return self.balance() if self._held else []
 
     def unscheduled(self, node: N, indices: Sequence[int]) -> list[Action[N]]:
         """``node`` answered a steal: it gave back ``indices`` (possibly none)."""
@@ -376,8 +388,8 @@ class Planner(Generic[N]):
         return None
 
     def _serial_phase(self) -> list[Action[N]]:
-        """Shut down idle nodes but one (the keeper); once no other node holds a test,
-        the keeper gets the serial tests."""
+        """Shut down idle nodes but one (the keeper); once every other node has begun its
+        last test or holds none, the keeper gets the serial tests."""
         actions: list[Action[N]] = []
         live = self._live()
         # The keeper stays; among the others, the one expected free first is kept last.
@@ -389,8 +401,11 @@ class Planner(Generic[N]):
         if len(live) != 1 or len(self._queues[live[0]]) >= RUNNING:
             return actions
         keeper = self._keeper = live[0]
-        if any(queue for node, queue in self._queues.items() if node != keeper):
-            return actions  # the other nodes' last tests still run
+        if any(
+            len(queue) > 1 or (queue and queue[0] not in self._started)
+            for node, queue in self._queues.items() if node != keeper
+        ):  # fmt: skip
+            return actions  # a test of another node has yet to begin
         held, self._held = self._held, []
         self._queues.extend(keeper, held)
         actions.append(Send(keeper, tuple(held)))
@@ -402,6 +417,7 @@ class Planner(Generic[N]):
 
     def _release(self, index: int) -> None:
         """Back to the pool (or to the held serial tests), in its place."""
+        self._started.discard(index)
         if self._serial[index]:
             bisect.insort(self._held, index)
         else:

@@ -46,6 +46,7 @@ class DurationScheduling:
         self.config = config
         self.log = Producer("durationsched") if log is None else log.durationsched
         self.collection: list[str] | None = None
+        self._index: dict[str, int] = {}  # the collection's test ids, to their indices
         self.planner: Planner[WorkerController] = Planner(cores=usable_cores())
         self._waiting: list[WorkerController] = []  # added, their collection not yet in
         self._first: WorkerController | None = None  # whose collection is the run's
@@ -88,6 +89,7 @@ class DurationScheduling:
         self._all_in = self._collected == self.numnodes
         if self.collection is None:
             self.collection, self._first = list(collection), node
+            self._index = {nodeid: i for i, nodeid in enumerate(self.collection)}
             serial = self._serial_ids()
             indices = [i for i, nodeid in enumerate(self.collection) if nodeid in serial]
             files = [nodeid.partition("::")[0] for nodeid in self.collection]
@@ -114,7 +116,15 @@ class DurationScheduling:
     def mark_test_pending(self, item: str) -> None:
         assert self.collection is not None
         self._sync()
-        self._do(self.planner.requeue(self.collection.index(item)))
+        self._do(self.planner.requeue(self._index[item]))
+
+    def mark_test_started(self, nodeid: str) -> None:
+        """A worker began ``nodeid`` (the controller's ``pytest_runtest_logstart``; not part
+        of xdist's protocol): the serial tests wait for it (:meth:`Planner.started`)."""
+        index = self._index.get(nodeid)
+        if index is not None and not self._aborted:
+            self._sync()
+            self._do(self.planner.started(index))
 
     def remove_pending_tests_from_node(self, node: WorkerController, indices: Sequence[int]) -> None:
         self._sync()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from .._controller import RunController
 from .._run.serial import serial_ids
 from ._durations import CPU_CACHE_KEY, DurationRecorder
+
+if TYPE_CHECKING:
+    from ._scheduler import DurationScheduling
 
 
 class XdistHooks:
@@ -19,6 +22,7 @@ class XdistHooks:
         self.controller = controller
         self.recorder = recorder
         self.duration = duration
+        self.scheduler: DurationScheduling | None = None  # isolate's, once xdist made it
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
@@ -32,6 +36,13 @@ class XdistHooks:
 
         run_dir = self.controller.run.path
         recorder = self.recorder
-        return DurationScheduling(
+        self.scheduler = DurationScheduling(
             config, log, recorder.history(), lambda: serial_ids(run_dir), recorder.history(CPU_CACHE_KEY)
         )
+        return self.scheduler
+
+    @pytest.hookimpl
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        """xdist calls it on the controller as a worker begins a test."""
+        if self.scheduler is not None:
+            self.scheduler.mark_test_started(nodeid)
