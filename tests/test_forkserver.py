@@ -44,12 +44,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 def main():
-    server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+    # The handler is in place, and the greeting written, before the port listens: the
+    # health check (TcpCheck) passes once it listens, and a test may signal at once.
+    stopping = threading.Event()
     def bye(signum, frame):
         print("graceful bye", flush=True)
-        threading.Thread(target=server.shutdown).start()
+        stopping.set()
     signal.signal(signal.SIGTERM, bye)
     print("hello from", os.getpid(), flush=True)
+    server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+    threading.Thread(target=lambda: (stopping.wait(), server.shutdown()), daemon=True).start()
     server.serve_forever()
     return 0
 
