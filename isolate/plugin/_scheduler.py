@@ -89,7 +89,8 @@ class DurationScheduling:
         self._all_in = self._collected == self.numnodes
         if self.collection is None:
             self.collection, self._first = list(collection), node
-            self._index = {nodeid: i for i, nodeid in enumerate(self.collection)}
+            for i, nodeid in enumerate(self.collection):
+                self._index.setdefault(nodeid, i)  # a duplicated id: its first, as list.index
             serial = self._serial_ids()
             indices = [i for i, nodeid in enumerate(self.collection) if nodeid in serial]
             files = [nodeid.partition("::")[0] for nodeid in self.collection]
