@@ -25,6 +25,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -1444,6 +1445,9 @@ def _warm(service: Any, docker_engine: Any) -> str:
     service.launcher.warm(lambda record: None)
 
     def preloaded() -> bool:
+        failed = service.launcher._warmed  # the warm removes its container when it fails
+        if isinstance(failed, BaseException):
+            pytest.fail("the warm failed:\n" + "".join(traceback.format_exception(failed)))
         container = docker_engine.containers.get(service.launcher.container_name)
         return "forkapp: imported" in container.logs().decode()
 
