@@ -8,7 +8,8 @@ each run against the bound the machine allows.
 Runs ``examples/datastorage``'s suite as a user would (``pytest tests -n N``, random order
 with a fresh seed per repetition, the cells of a repetition in a shuffled order), and writes ``docs/benchmarks.md`` (tables),
 ``docs/benchmarks.json`` (raw records) and ``docs/benchmarks.png`` (time and pass rate vs
-workers). isolate's own overhead comes from the timings the library records about itself
+workers). The records of the setups not measured this time (``--setups``) are kept from the
+``.json`` there, and the table says when each setup was measured. isolate's own overhead comes from the timings the library records about itself
 (``--isolate-timings-json``). Targets are checked here, never by a timed test.
 
 Every isolate record gets ``bound_s``, the fastest the run could be on this machine: the
@@ -689,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = [int(w) for w in args.workers.split(",")]
     backends = [b for b in args.backends.split(",") if b != "docker" or docker_available()]
     setups = args.setups.split(",")
+    kept = unmeasured(out / "benchmarks.json", setups)
     records: list[dict[str, Any]] = []
     plan = [
         (setup, backend, w, "duration")
@@ -722,9 +724,18 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(caches, ignore_errors=True)
     add_bounds(records)
     out.mkdir(parents=True, exist_ok=True)
-    slim = [{k: v for k, v in r.items() if k != "test_durations"} for r in records]
+    slim = kept + [{k: v for k, v in r.items() if k != "test_durations"} for r in records]
     (out / "benchmarks.json").write_text(json.dumps(slim, indent=1) + "\n")
     return render(slim, out, chart=not args.no_chart)
+
+
+def unmeasured(path: Path, setups: list[str]) -> list[dict[str, Any]]:
+    """The records in ``path`` of the setups this bench does not measure (``dbmodes`` also
+    measures ``fresh``), to keep beside the new ones."""
+    measured = set(setups) | ({"fresh"} if "dbmodes" in setups else set())
+    if not path.exists():
+        return []
+    return [r for r in json.loads(path.read_text()) if r.get("setup") not in measured]
 
 
 def render(records: list[dict[str, Any]], out: Path, *, chart: bool = True) -> int:
