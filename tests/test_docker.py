@@ -1445,9 +1445,13 @@ def _warm(service: Any, docker_engine: Any) -> str:
     service.launcher.warm(lambda record: None)
 
     def preloaded() -> bool:
-        failed = service.launcher._warmed  # the warm removes its container when it fails
-        if isinstance(failed, BaseException):
-            pytest.fail("the warm failed:\n" + "".join(traceback.format_exception(failed)))
+        warming = service.launcher._warming
+        running = warming is not None and warming.is_alive()  # before the outcome: it may end now
+        warmed = service.launcher._warmed
+        if isinstance(warmed, BaseException):  # the warm removes its container when it fails
+            pytest.fail("the warm failed:\n" + "".join(traceback.format_exception(warmed)))
+        if warmed is None and not running:
+            pytest.fail("the warm made no container (it found that the container cannot fork)")
         container = docker_engine.containers.get(service.launcher.container_name)
         return "forkapp: imported" in container.logs().decode()
 
