@@ -169,8 +169,13 @@ def dir_size(path: Path) -> int:
 
 def entries(directory: Path) -> list[Path]:
     """The entries of a cache dir: its directories, but those still being made
-    (``<name>.tmp-<pid>``, renamed into place when done)."""
-    return [p for p in directory.iterdir() if p.is_dir() and ".tmp-" not in p.name]
+    (``<name>.tmp-<pid>``, renamed into place when done). None if the dir is gone: another
+    clean-up removes it once it is empty."""
+    try:
+        found = list(directory.iterdir())
+    except FileNotFoundError:
+        return []
+    return [p for p in found if p.is_dir() and ".tmp-" not in p.name]
 
 
 def evict(directory: Path, limit: int, keep: str = "") -> list[str]:

@@ -325,6 +325,22 @@ def test_the_cache_bound_evicts_the_least_recently_used_entry_nobody_holds(tmp_p
     assert evict(tmp_path, limit=0) == []  # 0: no bound
 
 
+def test_a_cache_dir_another_clean_up_removed_meanwhile_has_no_entries(tmp_path: Path) -> None:
+    """Two ``cleanup --caches`` at once: one removes the emptied cache dir while the other
+    is about to list it. The second one used to end with a traceback (exit status 1)."""
+    from isolate._cache import entries
+    from isolate._cli import _clean_cache_dir
+
+    cache = tmp_path / "isolate-cache"
+    cache.mkdir()
+    (cache / "entry").mkdir()
+    (cache / "making.tmp-1").mkdir()
+    assert [p.name for p in entries(cache)] == ["entry"]
+    shutil.rmtree(cache)
+    assert entries(cache) == []
+    assert _clean_cache_dir(cache, dry_run=False) == ([], [])
+
+
 HOLDER = """
 import sys
 from pathlib import Path
