@@ -1286,6 +1286,13 @@ def test_edited_build_context_runs_the_new_code(tmp_path: Path, images: Images, 
 CLEANUP_CACHES = [sys.executable, "-m", "isolate", "cleanup", "--caches"]
 
 
+def cleanup_caches(env: dict[str, str] | None = None) -> str:
+    """``isolate cleanup --caches``'s output; a failure shows what it said."""
+    done = subprocess.run(CLEANUP_CACHES, env=env or clean_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
 def _started_build(context: Path, images: Images, make_service: Any, name: str) -> tuple[isolate.ServiceSpec, Any]:
     """A service built from ``context`` (its image tagged for it), started."""
     _write_context(context, images.python, name)
@@ -1311,12 +1318,12 @@ def test_cleanup_caches_keeps_an_image_a_container_was_made_from_whatever_its_lo
     try:
         svc.stop()  # the container stays, stopped: `docker rmi -f` would untag its image
         release_image(tag)  # no hold this clean-up can see
-        out = subprocess.run(CLEANUP_CACHES, env=clean_env(), capture_output=True, text=True, timeout=180, check=True).stdout
+        out = cleanup_caches()
         assert re.search(rf"kept image {re.escape(tag)} \(container \S+ was made from it\)", out), out
         docker_engine.images.get(tag)  # still there
         svc.start()  # and the run goes on with it
         svc.close()  # its container is removed
-        out = subprocess.run(CLEANUP_CACHES, env=clean_env(), capture_output=True, text=True, timeout=180, check=True).stdout
+        out = cleanup_caches()
         assert f"kept image {tag}" not in out, out
         with pytest.raises(Exception, match=r"No such image|not found"):
             docker_engine.images.get(tag)
@@ -1338,9 +1345,8 @@ def test_cleanup_caches_keeps_the_image_a_live_run_uses(
     context = tmp_path / "svc"
     spec, svc = _started_build(context, images, make_service, "dk-inuse")
     tag = svc.launcher.image
-    cleanup = CLEANUP_CACHES
     try:
-        out = subprocess.run(cleanup, env=clean_env(), capture_output=True, text=True, timeout=180, check=True).stdout
+        out = cleanup_caches()
         assert f"kept image {tag} (a live run uses it)" in out, out
         docker_engine.images.get(tag)  # still there
         svc.restart()  # and the run goes on with it
@@ -1353,7 +1359,7 @@ def test_cleanup_caches_keeps_the_image_a_live_run_uses(
         with contextlib.suppress(Exception):
             docker_engine.images.remove(again.launcher.image, force=True)
         release_image(tag)  # this worker is done with it
-        out = subprocess.run(cleanup, env=clean_env(), capture_output=True, text=True, timeout=180, check=True).stdout
+        out = cleanup_caches()
         assert f"kept image {tag}" not in out, out  # removed (by it, or a clean-up running meanwhile)
         with pytest.raises(Exception, match=r"No such image|not found"):
             docker_engine.images.get(tag)
@@ -1380,11 +1386,11 @@ def test_cleanup_caches_with_another_tmpdir_keeps_an_image_a_live_run_holds(
     other.mkdir()
     env = clean_env(TMPDIR=str(other))
     try:
-        out = subprocess.run(CLEANUP_CACHES, env=env, capture_output=True, text=True, timeout=180, check=True).stdout
+        out = cleanup_caches(env)
         assert f"kept image {tag} (a live run uses it)" in out, out
         docker_engine.images.get(tag)  # still there
         release_image(tag)
-        out = subprocess.run(CLEANUP_CACHES, env=env, capture_output=True, text=True, timeout=180, check=True).stdout
+        out = cleanup_caches(env)
         assert f"removed image {tag}" in out, out
         with pytest.raises(Exception, match=r"No such image|not found"):
             docker_engine.images.get(tag)
