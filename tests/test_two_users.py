@@ -15,7 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from suite_support import CONFTEST, HELPERS, HERE, clean_env, leftovers, needs_root, run_id_of
+from suite_support import (
+    CONFTEST,
+    HELPERS,
+    HERE,
+    clean_env,
+    leftovers,
+    needs_root,
+    reaper_lock,
+    run_id_of,
+)
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 import isolate
@@ -88,7 +97,9 @@ def reachable_python() -> Iterator[Path]:
 
 
 @needs_root
-def test_two_users_run_side_by_side(reachable_python: Path, pytester: pytest.Pytester) -> None:
+def test_two_users_run_side_by_side(
+    reachable_python: Path, pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """nobody's run is up when root runs, reaps stale runs and cleans caches; root's
     run passes, nobody's keeps working, and both leave nothing behind."""
     nobody = pwd.getpwnam("nobody")
@@ -133,9 +144,10 @@ def test_two_users_run_side_by_side(reachable_python: Path, pytester: pytest.Pyt
         stale.touch()
         held = [p for p in lock_dir().glob("*.lock") if p.stat().st_uid == nobody.pw_uid]
         assert held  # nobody's leases of its servers' and services' ports
-        for args in (["cleanup"], ["cleanup", "--caches"]):
-            subprocess.run([sys.executable, "-m", "isolate", *args], check=True, timeout=120,
-                           env=clean_env())  # fmt: skip
+        with reaper_lock(tmp_path_factory):  # it reaps the machine's orphans: not beside the tests that make them
+            for args in (["cleanup"], ["cleanup", "--caches"]):
+                subprocess.run([sys.executable, "-m", "isolate", *args], check=True, timeout=120,
+                               env=clean_env())  # fmt: skip
         assert leftovers(run_id_of(result)) == []
         assert not stale.exists()
         assert all(p.exists() for p in held)
