@@ -6,11 +6,12 @@ each run against the bound the machine allows.
     python examples/bench.py --render   # rewrite benchmarks.md/png from benchmarks.json
 
 Runs ``examples/datastorage``'s suite as a user would (``pytest tests -n N``, random order
-with a fresh seed per repetition, the cells of a repetition in a shuffled order), and writes ``docs/benchmarks.md`` (tables),
-``docs/benchmarks.json`` (raw records) and ``docs/benchmarks.png`` (time and pass rate vs
-workers). The records of the setups not measured this time (``--setups``) are kept from the
-``.json`` there, and the table says when each setup was measured. isolate's own overhead comes from the timings the library records about itself
-(``--isolate-timings-json``). Targets are checked here, never by a timed test.
+with a fresh seed per repetition, the cells of a repetition in a shuffled order), and writes
+``docs/benchmarks.md`` (tables), ``docs/benchmarks.json`` (raw records) and
+``docs/benchmarks.png`` (time and pass rate vs workers). The records of the setups not
+measured this time (``--setups``) are kept from the ``.json`` there, and the table says when
+each setup was measured. isolate's own overhead comes from the timings the library records
+about itself (``--isolate-timings-json``). Targets are checked here, never by a timed test.
 
 Every isolate record gets ``bound_s``, the fastest the run could be on this machine: the
 larger of the *test bound* (the summed test durations of the fastest 1-worker run divided
@@ -432,105 +433,107 @@ NOTES = """## Reading the numbers
   service start, native, is 230 ms (192 ms before): at 1-2 workers 0.22-0.25 s (0.20-0.25
   before), at 4 workers 0.09-0.24 s, whatever runs beside the preload.
 - Since then (the bench of 4680b82, a clean clone, 3 repetitions, the table until the one
-  above; the shared-stack baseline is still the one of 56fb614): the run's fork servers start while the workers
-  start, from what the last run's were started from, so a worker's first service start no
-  longer waits for the app's imports: native `service_ready` median 57 ms (230 ms before;
-  target < 150 ms, met at last), 0.04-0.11 s in every cell at 1-8 workers. The machine was
-  faster this day (native 1 worker 41.2 s against 42.4 s, docker 51.1 s against 52.6 s, and
-  less of the machine's CPU per run: native 16 workers 11.6-11.9 s against 14.1-15.3 s), and
-  the walls fell at every worker count: native 1 / 2 / 4 / 8 / 16 workers 41.2 / 21.0 / 11.6
-  / 7.6 / 7.7 s (42.4 / 21.5 / 12.2 / 8.1 / 8.3), docker 51.1 / 27.8 / 16.4 / 14.0 / 16.9 s
-  (52.6 / 28.3 / 17.7 / 16.3 / 22.5). The CPU bound fell with the machine's CPU, so native 16
-  workers is now over the line at 1.27 (1.08 before; its bound is the CPU bound, 5.9 s, and
-  the gap the boot of 16 workers on 2 cores) while its wall fell 0.6 s; native 4 workers
-  1.17 (1.18), 8 workers 1.44 (1.49), docker 4 workers 1.26 (1.29) and 3.12x (2.96x).
-  Paired runs of the change alone (native, alternated, the second run of each on):
-  `service_ready` 0.04-0.05 s against 0.34-0.37 s at 1 worker (walls 42.7-43.9 s against
-  43.4-44.3 s, 3 pairs), against 0.27-0.32 s at 2 workers (5 pairs), 0.05-0.07 s against
-  0.05-0.31 s at 4 workers (6 pairs, walls within their noise).
-- Not in the table (a whole bench of 9485727 from a clean clone, 2026-12-02, 3
-  repetitions, in an environment ~3x slower on the CPU than the 4680b82 bench's: native 1
-  worker's machine CPU 25.4 s against 7.0 s, a native restart 85 ms against 28 ms; the
-  table was kept until a bench of a changed example replaced it, above): services that
-  name an `entry` fork inside their containers on the docker backend too (a container
-  started once per worker, the app imported once in it), collect slots (workers beyond the
-  cores take turns to import and collect) and a frozen heap in the zygote (`gc.freeze()`
-  before each fork). Walls, native 1 / 2 / 4 / 8 / 16 workers: 51.8 / 25.3 / 17.6 / 17.1 /
-  22.5 s (wall/bound 1.08 / 1.07 / 1.39 / 1.06 / 1.03); docker 53.5 / 31.1 / 21.5 / 24.8 /
-  38.8 s (1.08 / 1.22 / 1.11 / 0.87 / 0.83); `load` at 4 workers: native 23.2 s (1.71),
-  docker 30.4 s (1.41). From 8 workers on, both backends are CPU-bound there (the CPU bound
-  16-38 s against a test bound of 6 s), and the boot of the workers (~3 s at 4 workers),
-  outside the bound, weighs three times what it does here: native 4 workers 2.95x and
-  docker 2.49x. Docker's per-worker stack is ready after 0.79 s at 1-2 workers, 1.79 s at
-  4 (the first start now also starts the service's container and its preload: 0.72-0.77 s
-  at 1-2 workers); a docker restart 0.07-0.11 s at 1-4 workers (0.27-0.33 s in the
-  4680b82 bench). One test failed in the 36 runs: docker, 16 workers (the CPU bound 37.7 s of a
-  38.8 s run), `test_shutdown.py::test_dlq_is_flushed_on_shutdown`: the service, stopped
-  right after the database came back, checks the database once before its last DLQ flush,
-  through its pool, which has 0.5 s to get a connection; its connections were closed by
-  the cut and its reconnection was backing off, so on a saturated machine the check failed
-  and the 3 events stayed in Redis for the next start (the example's choice, logged:
-  "3 event(s) left in the DLQ ... drained on next start"). Earlier, in the same
-  environment, this script alone, alternated settings: docker 1 worker 52.8 s against
-  76.1 s with `--isolate-fork-server=off`, 4 workers 21.0 s against 33.4 s (the machine's
-  CPU 31.6 s against 58.0 s); collect slots and the freeze, paired: the 8-worker critical
-  path 8.8-9.6 s against 9.7-10.4 s, 4 workers 15.6-16.7 s against 16.5-17.4 s. Records
-  now carry `calibration_s` (the machine's speed at each run), shown above the table.
+  above; the shared-stack baseline is still the one of 56fb614): the run's fork servers
+  start while the workers start, from what the last run's were started from, so a worker's
+  first service start no longer waits for the app's imports: native `service_ready` median
+  57 ms (230 ms before; target < 150 ms, met at last), 0.04-0.11 s in every cell at 1-8
+  workers. The machine was faster this day (native 1 worker 41.2 s against 42.4 s, docker
+  51.1 s against 52.6 s, and less of the machine's CPU per run: native 16 workers 11.6-11.9
+  s against 14.1-15.3 s), and the walls fell at every worker count: native 1 / 2 / 4 / 8 /
+  16 workers 41.2 / 21.0 / 11.6 / 7.6 / 7.7 s (42.4 / 21.5 / 12.2 / 8.1 / 8.3), docker 51.1
+  / 27.8 / 16.4 / 14.0 / 16.9 s (52.6 / 28.3 / 17.7 / 16.3 / 22.5). The CPU bound fell with
+  the machine's CPU, so native 16 workers is now over the line at 1.27 (1.08 before; its
+  bound is the CPU bound, 5.9 s, and the gap the boot of 16 workers on 2 cores) while its
+  wall fell 0.6 s; native 4 workers 1.17 (1.18), 8 workers 1.44 (1.49), docker 4 workers
+  1.26 (1.29) and 3.12x (2.96x). Paired runs of the change alone (native, alternated, the
+  second run of each on): `service_ready` 0.04-0.05 s against 0.34-0.37 s at 1 worker (walls
+  42.7-43.9 s against 43.4-44.3 s, 3 pairs), against 0.27-0.32 s at 2 workers (5 pairs),
+  0.05-0.07 s against 0.05-0.31 s at 4 workers (6 pairs, walls within their noise).
+- Not in the table (a whole bench of 9485727 from a clean clone, 2026-12-02, 3 repetitions,
+  in an environment ~3x slower on the CPU than the 4680b82 bench's: native 1 worker's
+  machine CPU 25.4 s against 7.0 s, a native restart 85 ms against 28 ms; the table was kept
+  until a bench of a changed example replaced it, above): services that name an `entry` fork
+  inside their containers on the docker backend too (a container started once per worker,
+  the app imported once in it), collect slots (workers beyond the cores take turns to import
+  and collect) and a frozen heap in the zygote (`gc.freeze()` before each fork). Walls,
+  native 1 / 2 / 4 / 8 / 16 workers: 51.8 / 25.3 / 17.6 / 17.1 / 22.5 s (wall/bound 1.08 /
+  1.07 / 1.39 / 1.06 / 1.03); docker 53.5 / 31.1 / 21.5 / 24.8 / 38.8 s (1.08 / 1.22 / 1.11
+  / 0.87 / 0.83); `load` at 4 workers: native 23.2 s (1.71), docker 30.4 s (1.41). From 8
+  workers on, both backends are CPU-bound there (the CPU bound 16-38 s against a test bound
+  of 6 s), and the boot of the workers (~3 s at 4 workers), outside the bound, weighs three
+  times what it does here: native 4 workers 2.95x and docker 2.49x. Docker's per-worker
+  stack is ready after 0.79 s at 1-2 workers, 1.79 s at 4 (the first start now also starts
+  the service's container and its preload: 0.72-0.77 s at 1-2 workers); a docker restart
+  0.07-0.11 s at 1-4 workers (0.27-0.33 s in the 4680b82 bench). One test failed in the 36
+  runs: docker, 16 workers (the CPU bound 37.7 s of a 38.8 s run),
+  `test_shutdown.py::test_dlq_is_flushed_on_shutdown`: the service, stopped right after the
+  database came back, checks the database once before its last DLQ flush, through its pool,
+  which has 0.5 s to get a connection; its connections were closed by the cut and its
+  reconnection was backing off, so on a saturated machine the check failed and the 3 events
+  stayed in Redis for the next start (the example's choice, logged: "3 event(s) left in the
+  DLQ ... drained on next start"). Earlier, in the same environment, this script alone,
+  alternated settings: docker 1 worker 52.8 s against 76.1 s with
+  `--isolate-fork-server=off`, 4 workers 21.0 s against 33.4 s (the machine's CPU 31.6 s
+  against 58.0 s); collect slots and the freeze, paired: the 8-worker critical path 8.8-9.6
+  s against 9.7-10.4 s, 4 workers 15.6-16.7 s against 16.5-17.4 s. Records now carry
+  `calibration_s` (the machine's speed at each run), shown above the table.
 - Not in the table either (a whole bench of bf7d1c9 from a clean clone, 2026-12-02, 3
-  repetitions, every cell 100% passed; the environment faster than the bench above and
-  still ~1.8x slower than the 4680b82 bench's: native 1 worker's machine CPU 12.4 s against 7.0
-  s, while `calibration_s` was 0.17 s, as fast as that bench's fastest, and a new
-  interpreter importing pytest took 0.19 s: hence `calibration_start_s` now beside it).
-  Walls, native 1 / 2 / 4 / 8 / 16 workers: 43.9 / 22.9 / 13.4 / 9.5 / 13.0 s (wall/bound
-  1.06 / 1.10 / 1.28 / 1.28 / 1.04; 4 workers 3.28x, 8 workers 4.60x); docker 45.7 /
-  25.6 / 16.1 / 15.3 / 21.8 s (1.16 / 1.27 / 1.46 / 0.94 / 0.82; 4 workers 2.85x); `load`
-  at 4 workers: native 19.7 s (1.87), docker 22.0 s (1.95). The container fork server
-  shows in docker's 1-worker test time, 38.8 s against 48.8 s in the 4680b82 bench (a docker
-  restart 0.046-0.052 s at 1-4 workers against 0.27-0.33 s); docker's per-worker stack is
-  ready after 0.44 / 0.53 / 0.90 s at 1 / 2 / 4 workers (median 0.90 s, target < 1.0 s).
-  Docker's wall/bound at 1-4 workers is over because its 1-worker runs spread: 41.0 /
-  45.7 / 48.8 s in its three repetitions (seeds 1000 / 1001 / 1002, one after another;
-  native 43.9 / 43.3 / 45.7 s), and the test bound is the fastest run's; the same seeds
-  took 15.8-16.3 s at 4 workers. Not the seed: alternated afterwards (1002, 1000, 1002,
-  1000), docker 1 worker took 47.2 / 48.7 / 48.7 / 46.9 s; the machine drifts that much
-  within minutes, and the bound takes the fastest 1-worker run's tests. The bench of
-  4f0d0fe the same morning found a bug: a run on the docker backend forgot the fork servers the project's last native run had used (it remembered that it
-  had used none), so in a bench, which runs the backends in turn, a native run's first
-  service start waited for the app's preload again: native `service_ready` 0.53 / 0.62 /
-  0.39 s at 1 / 2 / 4 workers against 0.04 / 0.05 / 0.06 s here (fixed in 208b23f).
+  repetitions, every cell 100% passed; the environment faster than the bench above and still
+  ~1.8x slower than the 4680b82 bench's: native 1 worker's machine CPU 12.4 s against 7.0 s,
+  while `calibration_s` was 0.17 s, as fast as that bench's fastest, and a new interpreter
+  importing pytest took 0.19 s: hence `calibration_start_s` now beside it). Walls, native 1
+  / 2 / 4 / 8 / 16 workers: 43.9 / 22.9 / 13.4 / 9.5 / 13.0 s (wall/bound 1.06 / 1.10 / 1.28
+  / 1.28 / 1.04; 4 workers 3.28x, 8 workers 4.60x); docker 45.7 / 25.6 / 16.1 / 15.3 / 21.8
+  s (1.16 / 1.27 / 1.46 / 0.94 / 0.82; 4 workers 2.85x); `load` at 4 workers: native 19.7 s
+  (1.87), docker 22.0 s (1.95). The container fork server shows in docker's 1-worker test
+  time, 38.8 s against 48.8 s in the 4680b82 bench (a docker restart 0.046-0.052 s at 1-4
+  workers against 0.27-0.33 s); docker's per-worker stack is ready after 0.44 / 0.53 / 0.90
+  s at 1 / 2 / 4 workers (median 0.90 s, target < 1.0 s). Docker's wall/bound at 1-4 workers
+  is over because its 1-worker runs spread: 41.0 / 45.7 / 48.8 s in its three repetitions
+  (seeds 1000 / 1001 / 1002, one after another; native 43.9 / 43.3 / 45.7 s), and the test
+  bound is the fastest run's; the same seeds took 15.8-16.3 s at 4 workers. Not the seed:
+  alternated afterwards (1002, 1000, 1002, 1000), docker 1 worker took 47.2 / 48.7 / 48.7 /
+  46.9 s; the machine drifts that much within minutes, and the bound takes the fastest
+  1-worker run's tests. (Found later, in the bench of d71d726 below: much of that spread was
+  one racy test of the example, 0.2 s or 5.1 s.) The bench of 4f0d0fe the same morning found
+  a bug: a run on the docker backend forgot the fork servers the project's last native run
+  had used (it remembered that it had used none), so in a bench, which runs the backends in
+  turn, a native run's first service start waited for the app's preload again: native
+  `service_ready` 0.53 / 0.62 / 0.39 s at 1 / 2 / 4 workers against 0.04 / 0.05 / 0.06 s
+  here (fixed in 208b23f).
 - Not in the table either (a whole bench of d71d726 from a clean clone, 2026-12-02, 3
-  repetitions, every cell 100% passed): native 1 / 2 / 4 / 8 / 16 workers 43.4 / 23.7 /
-  12.6 / 9.0 / 12.3 s (wall/bound 1.17 / 1.27 / 1.35 / 1.29 / 1.05), docker 45.3 / 24.7 /
-  14.7 / 13.1 / 21.0 s (1.06 / 1.13 / 1.27 / 0.96 / 0.82); `load` at 4 workers: native
-  19.2 s (2.03), docker 22.2 s (1.82). Native 1 worker took 39.2 / 43.4 / 45.7 s. The
-  spread was one test of the example: `test_missing_table_keeps_entries_queued_until_it_is_back`
-  took 0.2 s or 5.1 s. It restored the table once the drainer had claimed the entry,
-  sometimes before the insert had failed (then it tested nothing), else after the failure,
-  and then waited out the service's fixed 5 s retry. The fastest 1-worker run was one
-  where it took 0.2 s, and the bound is made from that run's tests, so every other run
-  read ~5 s long. It was also the "5.45 s DLQ test" that made native 8 workers' critical
-  path in the notes above. The example now waits for the failed round and retries after
-  `DLQ_ERROR_DELAY` (0.5 s in its tests): 0.57 s every time, so the suite is ~5 s shorter
-  at 1 worker than before, and its longest test is ~2.2 s.
+  repetitions, every cell 100% passed): native 1 / 2 / 4 / 8 / 16 workers 43.4 / 23.7 / 12.6
+  / 9.0 / 12.3 s (wall/bound 1.17 / 1.27 / 1.35 / 1.29 / 1.05), docker 45.3 / 24.7 / 14.7 /
+  13.1 / 21.0 s (1.06 / 1.13 / 1.27 / 0.96 / 0.82); `load` at 4 workers: native 19.2 s
+  (2.03), docker 22.2 s (1.82). Native 1 worker took 39.2 / 43.4 / 45.7 s. The spread was
+  one test of the example: `test_missing_table_keeps_entries_queued_until_it_is_back` took
+  0.2 s or 5.1 s. It restored the table once the drainer had claimed the entry, sometimes
+  before the insert had failed (then it tested nothing), else after the failure, and then
+  waited out the service's fixed 5 s retry. The fastest 1-worker run was one where it took
+  0.2 s, and the bound is made from that run's tests, so every other run read ~5 s long. It
+  was also the "5.45 s DLQ test" that made native 8 workers' critical path in the notes
+  above. The example now waits for the failed round and retries after `DLQ_ERROR_DELAY` (0.5
+  s in its tests): 0.57 s every time, so the suite is ~5 s shorter at 1 worker than before,
+  and its longest test is ~2.2 s.
 - Since then (this bench: a clean clone of 8f34c8a, 3 repetitions, the example changed as
   just said; the shared-stack baseline is still the one of 56fb614). The environment is
-  slower than the 4680b82 bench's: native 1 worker's machine CPU 9.5-11.2 s against 7.0
-  s, and a native restart 38-48 ms at 1-4 workers against 27-28 ms. Its calibrations are
-  above the table; the 4680b82 bench recorded none. The 1-worker runs now agree: native
-  37.5 / 38.3 / 39.4 s, docker 39.6 / 39.8 / 39.9 s. The worker kept for the serial tests
-  now gets them as soon as every other worker's last test has begun, so its own last
-  parallel test runs beside theirs. Before, it waited for them to end: 0.35 s at the end
-  of an 8-worker run. Paired 8-worker runs of that change alone were within the machine's
-  noise (8.4-10.6 s against 9.6-10.5 s, 4 pairs). Where native 4 workers' 11.7 s goes (3
-  traced runs, 10.8-13.5 s): the first test starts 1.0-1.4 s into the run (the controller
-  is configured at 0.36-0.49 s, the first worker at 0.90-1.20 s). The 310 tests sum to
-  40.4 s at 4 workers against 36.3 s at 1 worker (+11%). The short tests (validation, queries,
-  metrics, writes, schema, batches) take twice as long, 3.5 s against 1.6 s, and the
-  shutdown and edge tests are slower beside other workers' restarts. Each worker's tests sum to 9.8-11.8 s,
-  and the workers' last tests end 0.15-0.7 s apart, the serial test included. So the gap
-  to the bound (9.1 s) is the workers' boot, outside the bound, and the slowdown of tests
-  that share 2 cores. It is not the order the tests are handed out in. `load` at 4
-  workers takes 14.0 s here (1.53).
+  slower than the 4680b82 bench's: native 1 worker's machine CPU 9.5-11.2 s against 7.0 s,
+  and a native restart 38-48 ms at 1-4 workers against 27-28 ms. Its calibrations are above
+  the table; the 4680b82 bench recorded none. The 1-worker runs now agree: native 37.5 /
+  38.3 / 39.4 s, docker 39.6 / 39.8 / 39.9 s. The worker kept for the serial tests now gets
+  them as soon as every other worker's last test has begun, so its own last parallel test
+  runs beside theirs. Before, it waited for them to end: 0.35 s at the end of an 8-worker
+  run. Paired 8-worker runs of that change alone were within the machine's noise (8.4-10.6 s
+  against 9.6-10.5 s, 4 pairs). Where native 4 workers' 11.7 s goes (3 traced runs,
+  10.8-13.5 s): the first test starts 1.0-1.4 s into the run (the controller is configured
+  at 0.36-0.49 s, the first worker at 0.90-1.20 s). The 310 tests sum to 40.4 s at 4 workers
+  against 36.3 s at 1 worker (+11%). The short tests (validation, queries, metrics, writes,
+  schema, batches) take twice as long, 3.5 s against 1.6 s, and the shutdown and edge tests
+  are slower beside other workers' restarts. Each worker's tests sum to 9.8-11.8 s, and the
+  workers' last tests end 0.15-0.7 s apart, the serial test included. So the gap to the
+  bound (9.1 s) is the workers' boot, outside the bound, and the slowdown of tests that
+  share 2 cores. It is not the order the tests are handed out in. `load` at 4 workers takes
+  14.0 s here (1.53).
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts

@@ -169,8 +169,8 @@ def dir_size(path: Path) -> int:
 
 def entries(directory: Path) -> list[Path]:
     """The entries of a cache dir: its directories, but those still being made
-    (``<name>.tmp-<pid>``, renamed into place when done). None if the dir is gone: another
-    clean-up removes it once it is empty."""
+    (``<name>.tmp-<pid>``, renamed into place when done); none if the dir is gone (another
+    clean-up removes it once it is empty)."""
     try:
         found = list(directory.iterdir())
     except FileNotFoundError:
