@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from ._errors import ConfigError, ServerStartError
 from ._fs import open_log
-from ._retry import poll_until
+from ._retry import READY_LAG, poll_until
 from ._run.groups import group_alive, signal_group
 from ._run.liveness import process_start_ticks
 from ._run.notices import NOTICE
@@ -359,7 +359,7 @@ def wait_started(
     :class:`ServerStartError` with its log tail (a bind failure in it makes the start
     policy retry on another port). A process that never got ready is killed.
     """
-    poll_until(lambda: not proc.running or ready(), timeout)
+    poll_until(lambda: not proc.running or ready(), timeout, lag=READY_LAG)
     if proc.running and ready():
         return
     log = tail(proc.log_path, 20)

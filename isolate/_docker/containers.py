@@ -17,7 +17,7 @@ from typing import Any
 from .._config import OPTIONS
 from .._errors import ServerStartError, tail_text
 from .._ports import PortLease
-from .._retry import poll_until, start_on_free_port
+from .._retry import READY_LAG, poll_until, start_on_free_port
 from .._run.liveness import open_pidfd, pidfd_exited
 from .._run.registry import ProcessRecord
 from .context import LABEL, MANAGED_FILTER, DockerRun, owner_of
@@ -215,7 +215,7 @@ class ContainerServer:
                 return True  # exited: stop polling, look at the state below
             return self._probe(port)
 
-        poll_until(ready, self.start_timeout, initial=0.01, maximum=0.1)
+        poll_until(ready, self.start_timeout, initial=0.01, maximum=0.1, lag=READY_LAG)
         state = container_state(self.container)
         if state.get("Running") and self._probe(port):
             return lease

@@ -16,7 +16,7 @@ from typing import Protocol
 from .._errors import ServiceExitedError, ServiceNotReadyError, tail_text
 from .._ports import PortLease
 from .._process import listening_ports
-from .._retry import is_bind_failure, poll_until, start_on_free_port
+from .._retry import READY_LAG, is_bind_failure, poll_until, start_on_free_port
 from .._run.registry import ProcessRecord
 from .._timings import Timings
 from .forkserver import RunHost
@@ -245,7 +245,7 @@ class ServiceHandle:
         not pass its health check within ``grace`` seconds (an earlier test left it
         shutting down, or cut off), restart it."""
         self.ensure_running()
-        if poll_until(self.is_ready, grace, maximum=0.03):  # probes at once, then backs off
+        if poll_until(self.is_ready, grace, maximum=0.03, lag=READY_LAG):  # probes at once, then backs off
             return
         logger.info("restarting %s: running but not ready (left so by an earlier test)", self.name)
         self.restart()
@@ -276,7 +276,7 @@ class ServiceHandle:
         # latency adds straight to every worker's stack start-up and every restart. Whether
         # it exited is asked less often: for a container, that is a call to the engine.
         exited = _at_most_every(EXIT_CHECK_INTERVAL, lambda: self.launcher.exit_code() is not None)
-        done = poll_until(lambda: self.is_ready() or exited(), limit, maximum=0.03)
+        done = poll_until(lambda: self.is_ready() or exited(), limit, maximum=0.03, lag=READY_LAG)
         code = self.launcher.exit_code()
         if done and code is None:
             return
