@@ -261,6 +261,9 @@ class ManagedProcess:
         self.die_with_parent = die_with_parent
         self._popen: Child | None = None
         self.start_ticks: int | None = None
+        #: The last process's group and session were seen empty (a stop or kill ended
+        #: them): none can join an empty one, so the next start need not look again.
+        self._group_ended = False
 
     @property
     def pid(self) -> int | None:
@@ -270,8 +273,9 @@ class ManagedProcess:
         """Launch the process (it must not be running)."""
         if self.running:
             raise RuntimeError(f"{self.argv[0]} already running (pid {self.pid})")
-        if self._popen is not None:
+        if self._popen is not None and not self._group_ended:
             self._end_group()  # what a leader that died left (it may hold the port)
+        self._group_ended = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.spawner is not None:
             assert self.env is not None and self.cwd is not None
@@ -348,8 +352,9 @@ class ManagedProcess:
         may hold the port the next start needs)."""
         assert self._popen is not None
         pid, ticks = self._popen.pid, self.start_ticks
-        if signal_group(pid, ticks, signal.SIGKILL):
-            poll_until(lambda: not group_alive(pid, ticks), 5.0)
+        self._group_ended = not signal_group(pid, ticks, signal.SIGKILL) or poll_until(
+            lambda: not group_alive(pid, ticks), 5.0
+        )
 
 
 def wait_started(
