@@ -16,7 +16,7 @@ from ._errors import ConfigError, FaultInjectionError, MigrationError
 from ._fault import Fault
 from ._lazy import lazy
 from ._postgres import PostgresServer
-from ._postgres.server import Seed, end_sessions
+from ._postgres.server import CHEAP_SCRAM, Seed, end_sessions
 from ._retry import poll_until
 
 if TYPE_CHECKING:
@@ -141,6 +141,7 @@ class WorkerDatabase:
         db = cls(server, schema=name, role=name, password=secrets.token_urlsafe(18))
         ident = sql.Identifier(name)
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+            conn.execute(CHEAP_SCRAM)
             conn.execute(
                 sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(ident, sql.Literal(db.password))
             )
@@ -159,6 +160,7 @@ class WorkerDatabase:
         db = cls(server, schema="public", role=name, password=secrets.token_urlsafe(18),
                  database=name, template=template)  # fmt: skip
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+            conn.execute(CHEAP_SCRAM)
             conn.execute(
                 sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(db.password))
             )

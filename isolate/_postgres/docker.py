@@ -27,7 +27,7 @@ from .._errors import ServerStartError
 from .._lazy import lazy
 from .._retry import poll_until
 from .._run.notices import NOTICE
-from .server import PostgresConfig, PostgresServer, prepare_database
+from .server import CHEAP_SCRAM, PostgresConfig, PostgresServer, prepare_database
 
 if TYPE_CHECKING:
     import psycopg
@@ -191,7 +191,7 @@ class DockerPostgresRunner(ContainerServer):
         if not self._seeded:
             return {_SECRET_PATH: self.password}
         role = sql.Identifier(self.config.superuser).as_string(None)
-        return {_PASSWORD_SQL: f"ALTER ROLE {role} PASSWORD '{self.password}'\n"}
+        return {_PASSWORD_SQL: f"{CHEAP_SCRAM}\nALTER ROLE {role} PASSWORD '{self.password}'\n"}
 
     def _facts(self, port: int) -> PostgresServer:
         return PostgresServer(

@@ -26,7 +26,7 @@ from .._ports import PortLease
 from .._process import ManagedProcess, RunAs, as_user, stdin_pipe, wait_started
 from .._retry import poll_until, start_on_free_port
 from .._server import NativeServer
-from .server import PostgresConfig, PostgresServer, Seed
+from .server import CHEAP_SCRAM, PostgresConfig, PostgresServer, Seed
 
 if TYPE_CHECKING:
     import psycopg
@@ -248,6 +248,7 @@ class NativePostgresRunner(NativeServer):
             host=str(self.socket_dir), port=self.lease.port, user=self.config.superuser,
             dbname=self.config.database, autocommit=True,
         ) as conn:  # fmt: skip
+            conn.execute(CHEAP_SCRAM)
             conn.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                     sql.Identifier(self.config.superuser), sql.Literal(self.password)
