@@ -249,7 +249,14 @@ class WorkerDatabase:
                         f"could not cut {self.role}: connections {sorted(starting)} were still starting "
                         f"after {CUT_TIMEOUT:.0f}s"
                     )
-                conn.execute(end_sessions("usename", self.role))
+                # pg_terminate_backend only signals: a loaded machine may take a while to
+                # end a session, and a test looks at once. So the cut returns once they are gone.
+                ended = {int(pid) for pid, _ in conn.execute(end_sessions("usename", self.role))}
+                if ended and not poll_until(lambda: not ended & _live_backends(conn, ended), CUT_TIMEOUT):
+                    raise FaultInjectionError(
+                        f"could not cut {self.role}: sessions {sorted(ended & _live_backends(conn, ended))} "
+                        f"were still running {CUT_TIMEOUT:.0f}s after they were terminated"
+                    )
         except psycopg.Error as exc:
             raise FaultInjectionError(f"could not cut {self.role}: {exc}") from exc
         return Fault(f"PostgreSQL cut for {self.role}", self.restore)
@@ -290,6 +297,12 @@ WHERE l.locktype = 'virtualxid' AND l.pid IS NOT NULL AND l.pid <> pg_backend_pi
 def _starting_backends(conn: psycopg.Connection[tuple[object, ...]]) -> set[int]:
     """The pids of the server's connections that are still starting (see ``_STARTING``)."""
     return {int(pid) for (pid,) in conn.execute(_STARTING)}  # type: ignore[call-overload]
+
+
+def _live_backends(conn: psycopg.Connection[tuple[object, ...]], pids: set[int]) -> set[int]:
+    """Which of ``pids`` the server still lists (a terminated backend until it has exited)."""
+    rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (sorted(pids),))
+    return {int(pid) for (pid,) in rows}  # type: ignore[call-overload]
 
 
 def clone_database(conn: psycopg.Connection[tuple[object, ...]], server: PostgresServer, name: str,

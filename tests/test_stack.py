@@ -176,6 +176,49 @@ def test_cut_ends_a_connection_that_was_starting_when_login_was_taken(
         db.drop()
 
 
+def test_cut_returns_once_the_roles_sessions_have_ended(isolate_postgres: isolate.PostgresServer) -> None:
+    """pg_terminate_backend only signals: a backend of a loaded machine (here a stopped
+    one) is still a session after it. cut() returns once the sessions are gone, so a test
+    that counts them right after a cut finds none."""
+    db = WorkerDatabase.create(isolate_postgres, f"slowend{os.getpid()}", "t")
+    conn = db.connect()
+    backend = conn.info.backend_pid
+    outcome: dict[str, object] = {}
+
+    def cut() -> None:
+        try:
+            db.cut()
+            outcome["done"] = True
+        except Exception as exc:  # reported by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=cut)
+    os.kill(backend, signal.SIGSTOP)
+    try:
+        thread.start()
+        assert poll_until(lambda: _pending(backend, signal.SIGTERM), 20), "cut() never terminated the session"
+        thread.join(2)  # it would have returned long since, had it not waited
+        assert thread.is_alive(), f"cut() returned while its terminated session still ran: {outcome}"
+    finally:
+        os.kill(backend, signal.SIGCONT)
+        thread.join(30)
+        conn.close()
+    try:
+        assert outcome == {"done": True}
+        with psycopg.connect(isolate_postgres.admin_dsn) as admin:
+            count = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (db.role,))
+            assert count.fetchone() == (0,)
+    finally:
+        db.restore()
+        db.drop()
+
+
+def _pending(pid: int, sig: int) -> bool:
+    """Whether ``sig`` waits, sent to the process ``pid`` and not yet handled."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("ShdPnd:"))
+    return bool(int(mask, 16) & (1 << (sig - 1)))
+
 def _starting(server: isolate.PostgresServer) -> bool:
     """Whether a connection is in its start-up, past authentication (a backend holding a
     virtualxid lock that pg_stat_activity does not show as a session yet)."""
