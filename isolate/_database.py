@@ -16,7 +16,7 @@ from ._errors import ConfigError, FaultInjectionError, MigrationError
 from ._fault import Fault
 from ._lazy import lazy
 from ._postgres import PostgresServer
-from ._postgres.server import CHEAP_SCRAM, Seed, end_sessions
+from ._postgres.server import CHEAP_SCRAM, SESSIONS_END_TIMEOUT, Seed, end_sessions, until_gone
 from ._retry import poll_until
 
 if TYPE_CHECKING:
@@ -249,13 +249,15 @@ class WorkerDatabase:
                         f"could not cut {self.role}: connections {sorted(starting)} were still starting "
                         f"after {CUT_TIMEOUT:.0f}s"
                     )
-                # pg_terminate_backend only signals: a loaded machine may take a while to
-                # end a session, and a test looks at once. So the cut returns once they are gone.
-                ended = {int(pid) for pid, _ in conn.execute(end_sessions("usename", self.role))}
-                if ended and not poll_until(lambda: not ended & _live_backends(conn, ended), CUT_TIMEOUT):
+                # Ending a session only signals its backend, which a loaded machine may run
+                # a while later, and a test may count the role's sessions at once.
+                conn.execute(end_sessions("usename", self.role))
+                mine = sql.SQL("usename = {}").format(sql.Literal(self.role))
+                conn.execute(until_gone(conn, mine))
+                if conn.execute(sql.SQL("SELECT FROM pg_stat_activity WHERE {}").format(mine)).fetchone():
                     raise FaultInjectionError(
-                        f"could not cut {self.role}: sessions {sorted(ended & _live_backends(conn, ended))} "
-                        f"were still running {CUT_TIMEOUT:.0f}s after they were terminated"
+                        f"could not cut {self.role}: its sessions were still running "
+                        f"{SESSIONS_END_TIMEOUT:.0f}s after they were ended"
                     )
         except psycopg.Error as exc:
             raise FaultInjectionError(f"could not cut {self.role}: {exc}") from exc
@@ -298,11 +300,6 @@ def _starting_backends(conn: psycopg.Connection[tuple[object, ...]]) -> set[int]
     """The pids of the server's connections that are still starting (see ``_STARTING``)."""
     return {int(pid) for (pid,) in conn.execute(_STARTING)}  # type: ignore[call-overload]
 
-
-def _live_backends(conn: psycopg.Connection[tuple[object, ...]], pids: set[int]) -> set[int]:
-    """Which of ``pids`` the server still lists (a terminated backend until it has exited)."""
-    rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (sorted(pids),))
-    return {int(pid) for (pid,) in rows}  # type: ignore[call-overload]
 
 
 def clone_database(conn: psycopg.Connection[tuple[object, ...]], server: PostgresServer, name: str,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ._database import WorkerDatabase, clone_database, run_migrations, schema_name
 from ._lazy import lazy
-from ._postgres.server import POOL_APP_PREFIX, end_sessions
+from ._postgres.server import POOL_APP_PREFIX, end_sessions, until_gone
 from ._recycle import Recycler
 
 if TYPE_CHECKING:
@@ -30,10 +30,6 @@ else:
     sql = lazy("psycopg.sql")
 
 __all__ = ["DatabaseSpares", "SchemaSpares", "Spares", "kept_name", "pool_app_name", "spares_for"]
-
-
-#: Seconds the sessions on a copy being swapped out get to end.
-SESSIONS_END_TIMEOUT = 10.0
 
 
 def pool_app_name(run_id: str, worker_slug: str = "") -> str:
@@ -85,17 +81,6 @@ class Spares(Protocol):
         """The worker role's DSN of copy ``name``."""
 
 
-def _until_gone(conn: Conn, condition: sql.Composable) -> sql.Composed:
-    """Wait, in the server, until no session but this one matches ``condition`` (ended
-    sessions take a moment to exit), up to :data:`SESSIONS_END_TIMEOUT` seconds: waiting
-    there saves a round trip per check, which counts on a loaded machine."""
-    body = sql.SQL("BEGIN FOR i IN 1..{} LOOP PERFORM pg_stat_clear_snapshot(); "
-                   "EXIT WHEN NOT EXISTS (SELECT FROM pg_stat_activity WHERE {} AND pid <> pg_backend_pid()); "
-                   "PERFORM pg_sleep(0.001); END LOOP; END").format(
-        sql.Literal(int(SESSIONS_END_TIMEOUT * 1000)), condition)  # fmt: skip
-    return sql.SQL("DO {}").format(sql.Literal(body.as_string(conn)))
-
-
 class DatabaseSpares:
     """Database mode: clones of the run's template, dropped after use."""
 
@@ -122,7 +107,7 @@ class DatabaseSpares:
         current = sql.Identifier(self.current)
         conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false; {}").format(
             current, end_sessions("datname", self.current)))  # fmt: skip
-        steps = [_until_gone(conn, sql.SQL("datname = {}").format(sql.Literal(self.current))),
+        steps = [until_gone(conn, sql.SQL("datname = {}").format(sql.Literal(self.current))),
                  sql.SQL("ALTER DATABASE {} RENAME TO {}").format(current, sql.Identifier(retire_as))]  # fmt: skip
         if spare is not None:
             steps.append(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(spare), current))
@@ -209,7 +194,7 @@ class SchemaSpares:
         locking = conn.execute(_LOCKING, (name,)).fetchall()
         pids = [*pids, *(int(str(pid)) for pid, ended in locking if ended)]
         if pids:  # a session that was ending could still commit into it
-            conn.execute(_until_gone(conn, sql.SQL("pid = ANY({})").format(sql.Literal(pids))))
+            conn.execute(until_gone(conn, sql.SQL("pid = ANY({})").format(sql.Literal(pids))))
         if self.recycler.recycle(conn, name):
             conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(name), sql.Identifier(spare)))
             return True

@@ -18,7 +18,8 @@ else:
 
 
 __all__ = [
-    "CHEAP_SCRAM", "POOL_APP_PREFIX", "POOL_CONNECTIONS", "PostgresConfig", "PostgresServer", "Seed", "end_sessions", "prepare_database", "tuned_settings",
+    "CHEAP_SCRAM", "POOL_APP_PREFIX", "POOL_CONNECTIONS", "SESSIONS_END_TIMEOUT", "PostgresConfig", "PostgresServer", "Seed",
+    "end_sessions", "prepare_database", "tuned_settings", "until_gone",
 ]  # fmt: skip
 
 #: Connections a worker's pool of fresh databases holds at most (``isolate/_pool.py``: the
@@ -153,3 +154,19 @@ def end_sessions(where: str, value: str) -> sql.Composed:
     for the rows the ``WHERE`` keeps: in the ``WHERE`` it could run before the filter.)"""
     return sql.SQL("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
                    "WHERE {} = {} AND pid <> pg_backend_pid()").format(sql.Identifier(where), sql.Literal(value))  # fmt: skip
+
+
+#: Seconds the sessions :func:`end_sessions` ended get to exit (:func:`until_gone`).
+SESSIONS_END_TIMEOUT = 10.0
+
+
+def until_gone(conn: psycopg.Connection[tuple[object, ...]], condition: sql.Composable) -> sql.Composed:
+    """Wait, in the server, until no session but this one matches ``condition``, up to
+    :data:`SESSIONS_END_TIMEOUT` seconds: :func:`end_sessions` only signals them, and an
+    ended session exits a moment later (longer on a loaded machine). Waiting there saves
+    a round trip per check, which counts on a loaded machine."""
+    body = sql.SQL("BEGIN FOR i IN 1..{} LOOP PERFORM pg_stat_clear_snapshot(); "
+                   "EXIT WHEN NOT EXISTS (SELECT FROM pg_stat_activity WHERE {} AND pid <> pg_backend_pid()); "
+                   "PERFORM pg_sleep(0.001); END LOOP; END").format(
+        sql.Literal(int(SESSIONS_END_TIMEOUT * 1000)), condition)  # fmt: skip
+    return sql.SQL("DO {}").format(sql.Literal(body.as_string(conn)))
