@@ -534,6 +534,23 @@ NOTES = """## Reading the numbers
   bound (9.1 s) is the workers' boot, outside the bound, and the slowdown of tests that
   share 2 cores. It is not the order the tests are handed out in. `load` at 4 workers takes
   14.0 s here (1.53).
+- Not in the table either (a whole bench of 8ec318e from a clean clone, the afternoon of
+  2026-12-02, 3 repetitions, every cell 100% passed): the machine was slower again, its
+  calibrations 0.15 s (0.11-0.21 s) and 0.20 s (0.14-0.24 s) against 0.11 s and 0.14 s, and
+  native 1 worker's machine CPU 13.0-15.3 s against 9.5-11.2 s. Native 1 / 2 / 4 / 8 / 16
+  workers: 40.1 / 21.6 / 12.7 / 9.7 / 13.9 s (wall/bound 1.06 / 1.14 / 1.33 / 1.15 / 1.08,
+  4 workers 3.17x); docker 41.8 / 24.9 / 15.4 / 15.8 / 26.8 s (1.04 / 1.20 / 1.30 / 0.92 /
+  0.82, 4 workers 2.71x); `load` at 4 workers: native 15.8 s (1.63), docker 19.7 s (1.49).
+  Docker `worker_stack_ready` median 0.89 s. The native restart median by worker count was
+  41 / 43 / 50 / 76 / 152 ms against the table's 38 / 48 / 48 / 84 / 153 ms, on this slower
+  machine. What changed since the table: readiness waits probe at a tenth of the time waited
+  so far instead of doubling their pause (a start of the example's service, 100 in a row,
+  3 pairs: median 40.7-41.3 ms against 47.9-51.7 ms), a start after a stop or kill walks
+  `/proc` once less, the roles isolate makes log in with one SCRAM iteration (PostgreSQL
+  16+, so native only: the docker image is 15), and `cut()` returns once the sessions it
+  ended are gone. An earlier attempt at this bench, of a1260f1 and stopped after 9 runs,
+  lost `test_cut_terminates_only_this_workers_sessions` at docker 16 workers: the cut had
+  only signalled the session, and the test counted it before it ended.
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
