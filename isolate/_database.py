@@ -231,8 +231,8 @@ class WorkerDatabase:
     def cut(self) -> Fault:
         """Make PostgreSQL unavailable to this worker only.
 
-        The role loses LOGIN and its sessions are terminated; other workers'
-        roles are untouched. :meth:`restore`, or leaving ``with db.cut():``, undoes
+        The role loses LOGIN and its sessions are terminated (it returns once they are
+        gone); other workers' roles are untouched. :meth:`restore`, or leaving ``with db.cut():``, undoes
         it; the plugin restores it after the test in any case.
         """
         ident = sql.Identifier(self.role)
@@ -299,7 +299,6 @@ WHERE l.locktype = 'virtualxid' AND l.pid IS NOT NULL AND l.pid <> pg_backend_pi
 def _starting_backends(conn: psycopg.Connection[tuple[object, ...]]) -> set[int]:
     """The pids of the server's connections that are still starting (see ``_STARTING``)."""
     return {int(pid) for (pid,) in conn.execute(_STARTING)}  # type: ignore[call-overload]
-
 
 
 def clone_database(conn: psycopg.Connection[tuple[object, ...]], server: PostgresServer, name: str,

@@ -56,7 +56,6 @@ def test_postgres_is_tuned(isolate_postgres: isolate.PostgresServer, isolate_wor
     assert int(show["max_connections"]) >= isolate_worker.worker_count * 20
 
 
-
 def test_the_roles_isolate_makes_take_one_scram_iteration(
     isolate_postgres: isolate.PostgresServer, isolate_database: WorkerDatabase
 ) -> None:
@@ -71,6 +70,7 @@ def test_the_roles_isolate_makes_take_one_scram_iteration(
     assert iterations == dict.fromkeys(roles, expected)
     with isolate_database.connect() as conn:  # and the role still logs in with its password
         assert conn.execute("SELECT current_user").fetchone() == (isolate_database.role,)
+
 
 def test_a_native_servers_shared_memory_goes_with_its_data_dir(isolate_postgres: isolate.PostgresServer) -> None:
     """Dynamic shared memory in files of the data dir, not ``/dev/shm/PostgreSQL.*``: a

@@ -163,8 +163,8 @@ SESSIONS_END_TIMEOUT = 10.0
 def until_gone(conn: psycopg.Connection[tuple[object, ...]], condition: sql.Composable) -> sql.Composed:
     """Wait, in the server, until no session but this one matches ``condition``, up to
     :data:`SESSIONS_END_TIMEOUT` seconds: :func:`end_sessions` only signals them, and an
-    ended session exits a moment later (longer on a loaded machine). Waiting there saves
-    a round trip per check, which counts on a loaded machine."""
+    ended session exits a moment later (longer on a loaded machine, where waiting in the
+    server also saves a round trip per check)."""
     body = sql.SQL("BEGIN FOR i IN 1..{} LOOP PERFORM pg_stat_clear_snapshot(); "
                    "EXIT WHEN NOT EXISTS (SELECT FROM pg_stat_activity WHERE {} AND pid <> pg_backend_pid()); "
                    "PERFORM pg_sleep(0.001); END LOOP; END").format(
