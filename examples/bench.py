@@ -551,6 +551,15 @@ NOTES = """## Reading the numbers
   ended are gone. An earlier attempt at this bench, of a1260f1 and stopped after 9 runs,
   lost `test_cut_terminates_only_this_workers_sessions` at docker 16 workers: the cut had
   only signalled the session, and the test counted it before it ended.
+- And one of c2c4807 right after (the same code but for docstrings; 3 repetitions, every
+  cell 100% passed), with the machine between the two: calibrations 0.15 s (0.10-0.20 s)
+  and 0.18 s (0.12-0.24 s), native 1 worker's machine CPU 11.2-12.3 s. Native 1 / 2 / 4 /
+  8 / 16 workers: 39.1 / 21.3 / 12.3 / 9.3 / 11.9 s (wall/bound 1.06 / 1.15 / 1.33 / 1.20 /
+  1.11, 4 workers 3.18x); docker 42.1 / 23.3 / 15.0 / 16.0 / 21.8 s (1.08 / 1.16 / 1.33 /
+  0.92 / 0.84, 4 workers 2.81x); `load` at 4 workers: native 14.7 s (1.58), docker 18.4 s
+  (1.43). The native restart median 46 ms over every cell (37 / 39 / 46 / 78 / 112 ms by
+  worker count; the table: 50 ms, 38 / 48 / 48 / 84 / 153 ms), docker `worker_stack_ready`
+  median 0.88 s.
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
