@@ -141,10 +141,7 @@ class WorkerDatabase:
         db = cls(server, schema=name, role=name, password=secrets.token_urlsafe(18))
         ident = sql.Identifier(name)
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-            conn.execute(CHEAP_SCRAM)
-            conn.execute(
-                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(ident, sql.Literal(db.password))
-            )
+            _create_login_role(conn, name, db.password)
             conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(ident, ident))
             conn.execute(sql.SQL("ALTER ROLE {} SET search_path = {}").format(ident, ident))
         return db
@@ -160,10 +157,7 @@ class WorkerDatabase:
         db = cls(server, schema="public", role=name, password=secrets.token_urlsafe(18),
                  database=name, template=template)  # fmt: skip
         with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
-            conn.execute(CHEAP_SCRAM)
-            conn.execute(
-                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(db.password))
-            )
+            _create_login_role(conn, name, db.password)
             conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(template_owner), sql.Identifier(name)))
             clone_database(conn, server, name, template, name)
         return db
@@ -300,6 +294,12 @@ def _starting_backends(conn: psycopg.Connection[tuple[object, ...]]) -> set[int]
     """The pids of the server's connections that are still starting (see ``_STARTING``)."""
     return {int(pid) for (pid,) in conn.execute(_STARTING)}  # type: ignore[call-overload]
 
+
+def _create_login_role(conn: psycopg.Connection[tuple[object, ...]], name: str, password: str) -> None:
+    """``CREATE ROLE name LOGIN PASSWORD ...``, its verifier of one SCRAM iteration where
+    the server has the setting (see :data:`CHEAP_SCRAM`)."""
+    conn.execute(CHEAP_SCRAM)
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
 
 def clone_database(conn: psycopg.Connection[tuple[object, ...]], server: PostgresServer, name: str,
                    template: str, role: str, **connect: object) -> None:  # fmt: skip
