@@ -304,7 +304,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("fast_exit", "each pytest process of the run skips the interpreter's final garbage "
            "collections when it exits (gc.freeze() at exit): ~0.25 s of CPU less per xdist "
            "worker. Objects left in reference cycles at exit are then not finalized, which "
-           "Python does not promise anyway", "true", _bool),
+           "Python does not promise anyway. An xdist controller, where no test runs, freezes "
+           "at its session's end, before pytest's own last collection (~0.1 s)", "true", _bool),
     Option("fork_workers", "xdist workers are forked from a copy of the controller made once "
            "its plugins are loaded (before any conftest), instead of each starting a new "
            "interpreter that imports pytest and rewrites every plugin again: ~0.3-0.5 s of CPU "

@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 
 import pytest
 
-__all__ = ["controller_environment", "early_workerinput", "share_with_workers", "will_have_workers", "worker_count"]
+__all__ = [
+    "controller_environment",
+    "early_workerinput",
+    "share_with_workers",
+    "started_as_command",
+    "will_have_workers",
+    "worker_count",
+]
 
 _FACTS = "ISOLATE_RUN_FACTS"
 
@@ -49,6 +57,13 @@ def will_have_workers(config: pytest.Config) -> bool:
     processes = getattr(args, "numprocesses", None)
     return bool(processes not in (None, 0, "0") or getattr(args, "tx", None)
                 or getattr(args, "dist", "no") not in (None, "no"))  # fmt: skip
+
+
+def started_as_command(config: pytest.Config) -> bool:
+    """Whether this process is the ``pytest`` command, not a program that called
+    ``pytest.main()`` and goes on afterwards (pytester's in-process runs among them)."""
+    invoked = config.invocation_params
+    return not invoked.plugins and tuple(invoked.args) == tuple(sys.argv[1:])
 
 
 def worker_count(config: pytest.Config) -> int:

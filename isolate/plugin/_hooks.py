@@ -25,7 +25,13 @@ from .._run.rundir import RunDir
 from .._run.serial import SerialGate, record_serial_ids
 from .._stack import WorkerStack
 from ._durations import CpuMeter, DurationRecorder
-from ._env import controller_environment, early_workerinput, share_with_workers, will_have_workers
+from ._env import (
+    controller_environment,
+    early_workerinput,
+    share_with_workers,
+    started_as_command,
+    will_have_workers,
+)
 from ._interrupts import InterruptDeadline, catch_interrupts, restore_interrupts
 from ._prestart import Prestart, remember_fork_servers, remember_use, wait_for_start
 from ._runfixtures import (
@@ -49,6 +55,7 @@ _EXPLICIT_DIST_KEY = pytest.StashKey[bool]()
 #: On a test item: one of its reports (set-up, call) failed.
 FAILED_KEY = pytest.StashKey[bool]()
 _FRESH_PATHS_KEY = pytest.StashKey[tuple[Path, ...]]()
+_FREEZE_AT_END_KEY = pytest.StashKey[bool]()  # an xdist controller freezes at its end (_exit_fast)
 
 SERIAL_MARKER = (
     "serial: run while no other test of the run runs (isolate; in an xdist run the serial "
@@ -148,7 +155,7 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = _settings(config)
     config.stash[_FRESH_PATHS_KEY] = tuple(config.rootpath / p for p in settings.fresh_paths)
     if settings.fast_exit:
-        _exit_fast()
+        _exit_fast(config)
     if STACK_KEY not in config.stash:
         _join(config, settings, early=False)
     stack = config.stash[STACK_KEY]
@@ -178,15 +185,22 @@ def pytest_configure(config: pytest.Config) -> None:
     catch_interrupts(config)
 
 
-def _exit_fast() -> None:
+def _exit_fast(config: pytest.Config) -> None:
     """``--isolate-fast-exit``: freeze every object left when the interpreter exits, so
     that its final garbage collections skip them. A worker that ran a suite holds ~100,000
     objects; collecting them at exit takes ~0.25 s of CPU, which the controller waits for
     (all workers at once on the machine's cores), and the memory goes back to the system
     anyway. At exit, not now: a program that calls ``pytest.main()`` and goes on keeps
-    collecting its garbage."""
+    collecting its garbage.
+
+    An xdist controller started as the ``pytest`` command freezes earlier, at its session's
+    end (:func:`pytest_unconfigure`): pytest's own last collection, which looks for the
+    unraisable exceptions of the tests' garbage, then skips what the controller made, and
+    no test ran in it (~0.1 s at the end of every run)."""
     atexit.unregister(gc.freeze)  # once, however many sessions this process runs
     atexit.register(gc.freeze)
+    if not hasattr(config, "workerinput") and will_have_workers(config) and started_as_command(config):
+        config.stash[_FREEZE_AT_END_KEY] = True
 
 
 def _join(config: pytest.Config, settings: Settings, *, early: bool) -> None:
@@ -321,6 +335,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         wait_for_start(config)
         controller.close()  # sessionfinish did not run (internal error)
     restore_interrupts(config)
+    if config.stash.get(_FREEZE_AT_END_KEY, False):  # see _exit_fast
+        gc.freeze()
 
 
 #: xdist workers start faster with pytest's caches of rewritten modules (docs/how-to/ci.md).

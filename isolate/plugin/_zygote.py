@@ -39,6 +39,7 @@ import pytest
 
 from .._retry import poll_until
 from .._run.rundir import ZYGOTE_PREFIX
+from ._env import started_as_command
 from ._precompile import RewrittenModules
 from ._zygote_server import DRAIN_S, Server
 
@@ -53,10 +54,7 @@ ZYGOTE_KEY = pytest.StashKey["Zygote | str"]()
 def fork_workers(early_config: pytest.Config) -> None:
     """In an xdist controller, before its conftests: start the zygote its workers will be
     forked from (``ZYGOTE_KEY`` holds it, or why there is none)."""
-    invoked = early_config.invocation_params
-    if invoked.plugins or tuple(invoked.args) != tuple(sys.argv[1:]):
-        # pytest.main() in a program (pytester's in-process runs among them): a fork would
-        # carry that program's state into the workers.
+    if not started_as_command(early_config):  # a fork would carry the program's state into the workers
         zygote: Zygote | str = "pytest was called by a program (pytest.main), not started as a command"
     else:
         zygote = start_zygote(RewrittenModules(early_config))
