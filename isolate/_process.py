@@ -23,7 +23,7 @@ from ._errors import ConfigError, ServerStartError
 from ._fs import open_log
 from ._retry import READY_LAG, poll_until
 from ._run.groups import group_alive, signal_group
-from ._run.liveness import process_start_ticks
+from ._run.liveness import open_pidfd, pidfd_exited, process_start_ticks
 from ._run.notices import NOTICE
 
 __all__ = [
@@ -320,6 +320,17 @@ class ManagedProcess:
         """Wait up to ``timeout`` seconds for exit; the exit code or None."""
         if self._popen is None:
             return None
+        if isinstance(self._popen, subprocess.Popen) and self._popen.returncode is None:
+            # Popen.wait(timeout) looks every 50 ms once it has waited 0.1 s: a graceful stop
+            # would be seen up to that late. A pidfd is readable the moment the process
+            # exits; opened before it is reaped, it is our child's.
+            pidfd = open_pidfd(self._popen.pid)
+            if pidfd is not None:
+                try:
+                    if self._popen.poll() is None and not pidfd_exited(pidfd, timeout):
+                        return None
+                finally:
+                    os.close(pidfd)
         try:
             return self._popen.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +20,8 @@ from isolate._database import migration_files, schema_name
 from isolate._errors import ServiceExitedError
 from isolate._identity import new_run_id, worker_from_env
 from isolate._postgres import PostgresServer, tuned_settings
-from isolate._process import can_access
+from isolate._process import ManagedProcess, can_access
+from isolate._retry import poll_until
 from isolate._run.liveness import is_alive, process_start_ticks
 from isolate._service.spec import placeholders, render
 from isolate._timings import summarize
@@ -532,3 +535,19 @@ def test_which_containers_fork_their_service(
 
     reason = forks_in_container(entry, argv, entrypoint, setting, engine)
     assert (reason is None) if why is None else (reason is not None and why in reason), reason
+
+
+def test_a_managed_process_wait_gives_its_exit_code_or_none_at_the_timeout(tmp_path: Path) -> None:
+    # On Linux the wait is on the process's pidfd (Popen's own wait looks every 50 ms).
+    log = tmp_path / "p.log"
+    code = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(3)); print('up', flush=True); time.sleep(60)"
+    proc = ManagedProcess([sys.executable, "-c", code], log_path=log)
+    proc.start()
+    try:
+        assert poll_until(lambda: log.exists() and "up" in log.read_text(), 30)
+        assert proc.wait(0.05) is None  # still running
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 3
+        assert proc.wait(0) == 3 and not proc.running  # reaped: asked again, the same
+    finally:
+        proc.kill()
