@@ -560,6 +560,34 @@ NOTES = """## Reading the numbers
   (1.43). The native restart median 46 ms over every cell (37 / 39 / 46 / 78 / 112 ms by
   worker count; the table: 50 ms, 38 / 48 / 48 / 84 / 153 ms), docker `worker_stack_ready`
   median 0.88 s.
+- And one of c364916 (3 repetitions, every cell 100% passed) on a day whose machine was at
+  the table's speed for most of the bench (calibrations: median 0.114 s, start 0.145 s),
+  but not during most 4-worker runs, which fell where it was slow (calibrations 0.17-0.19 s:
+  the three native ones, two of the three docker ones). Native 1 / 2 / 4 / 8 / 16 workers: 39.0 / 20.5 / 12.5 / 8.4 / 10.4 s
+  (wall/bound 1.06 / 1.11 / 1.35 / 1.28 / 1.10, 4 workers 3.11x); docker 40.6 / 22.5 /
+  14.9 / 14.4 / 18.2 s (1.04 / 1.12 / 1.35 / 0.91 / 0.85, 2.72x); `load` at 4 workers:
+  native 14.8 s (1.58), docker 18.3 s (1.59). Native 8 workers ran 8.0-9.3 s against the
+  table's 9.3 s, with less machine CPU (12.9 s against 15.1 s), so its CPU bound fell with
+  it. The native restart median by worker count: 36 / 37 / 51 / 63 / 109 ms (the table: 38
+  / 48 / 48 / 84 / 153 ms); docker `worker_stack_ready` median 0.97 s. The table stays: its
+  4-worker cells are the ones this bench did not measure on an even machine. What
+  changed since the c2c4807 bench: an xdist controller freezes its objects at its
+  session's end (~0.1 s off every run's end).
+- Where a 4-worker native run goes now (seven traced runs on a fast machine, outside the
+  bench; wall 11.3-12.4 s): the workers' first tests start 1.1-2.0 s in (1.3-1.6 s on
+  average), and the start is CPU-bound (the CPU 77-97% busy for its first 2 s): the
+  controller ~0.8 s of CPU by then, the zygote ~0.45 s (psycopg and redis imported ahead,
+  ~0.2 s; the test modules and conftests rewritten, ~0.2 s), the service fork server's
+  preload ~0.3 s, each worker ~0.2-0.25 s (its configuration, ~0.05 s of imports, the
+  collection ~0.1 s). Then each worker's tests take 9.3-9.9 s against a test bound of
+  9.2-10.0 s, the workers end their parallel tests within 0.16-0.8 s of each other (0.1-0.33 s
+  idle on average), the serial latency test runs alone for 0.2-0.26 s, and the controller
+  is done 0.12-0.21 s after the last test. Tried and dropped: recording a test's duration
+  so that it rises at once and falls only halfway (three of the example's tests take
+  either ~0.6 s or ~1.05 s, as the service's pool retries its connection; simulated on
+  the example's durations, makespan/bound 1.007 against 1.009), `gc.freeze()` at the
+  zygote's start (no change in its ~0.45 s), PostgreSQL's immediate shutdown at the run's
+  end (no change: it ends in 15-35 ms either way).
 - Where the 4-worker native run went before that (one run of 17.5 s in this bench's environment,
   hooks timed in every process): the controller has configured after 0.7 s and xdist
   spawns the workers one after another; the first has collected after 3.0 s and starts
