@@ -321,9 +321,9 @@ class ManagedProcess:
         if self._popen is None:
             return None
         if isinstance(self._popen, subprocess.Popen) and self._popen.returncode is None:
-            # Popen.wait(timeout) looks every 50 ms once it has waited 0.1 s: a graceful stop
-            # would be seen up to that late. A pidfd is readable the moment the process
-            # exits; opened before it is reaped, it is our child's.
+            # Popen.wait(timeout) looks after pauses that double up to 50 ms: a graceful stop
+            # was seen up to that late. A pidfd is readable the moment the process exits;
+            # opened before it is reaped, it is our child's.
             pidfd = open_pidfd(self._popen.pid)
             if pidfd is not None:
                 try:
