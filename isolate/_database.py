@@ -301,6 +301,7 @@ def _create_login_role(conn: psycopg.Connection[tuple[object, ...]], name: str, 
     conn.execute(CHEAP_SCRAM)
     conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
 
+
 def clone_database(conn: psycopg.Connection[tuple[object, ...]], server: PostgresServer, name: str,
                    template: str, role: str, **connect: object) -> None:  # fmt: skip
     """``CREATE DATABASE name TEMPLATE template`` on ``conn`` (a superuser's), owned by

@@ -219,6 +219,7 @@ def _pending(pid: int, sig: int) -> bool:
     mask = next(line.split()[1] for line in status.splitlines() if line.startswith("ShdPnd:"))
     return bool(int(mask, 16) & (1 << (sig - 1)))
 
+
 def _starting(server: isolate.PostgresServer) -> bool:
     """Whether a connection is in its start-up, past authentication (a backend holding a
     virtualxid lock that pg_stat_activity does not show as a session yet)."""

@@ -538,7 +538,7 @@ def test_which_containers_fork_their_service(
 
 
 def test_a_managed_process_wait_gives_its_exit_code_or_none_at_the_timeout(tmp_path: Path) -> None:
-    # On Linux the wait is on the process's pidfd (Popen's own wait looks every 50 ms).
+    # On Linux the wait is on the process's pidfd (Popen's own wait pauses up to 50 ms between looks).
     log = tmp_path / "p.log"
     code = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(3)); print('up', flush=True); time.sleep(60)"
     proc = ManagedProcess([sys.executable, "-c", code], log_path=log)

@@ -335,8 +335,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         wait_for_start(config)
         controller.close()  # sessionfinish did not run (internal error)
     restore_interrupts(config)
-    if config.stash.get(_FREEZE_AT_END_KEY, False):  # see _exit_fast
-        gc.freeze()
+    if config.stash.get(_FREEZE_AT_END_KEY, False):  # see _exit_fast; pytest's own
+        gc.freeze()  # unconfigure, which collects, is a builtin's: it runs after this one
 
 
 #: xdist workers start faster with pytest's caches of rewritten modules (docs/how-to/ci.md).
