@@ -22,6 +22,7 @@ import asyncio
 import enum
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -217,6 +218,29 @@ class Database:
                 pass
         except DatabaseUnavailable:
             return False
+        return True
+
+    async def reachable(self) -> bool:
+        """Whether a new connection, outside the pool, gets in. Never raises.
+
+        After an outage the pool tries again on a backoff of its own (~1 s), so its
+        :meth:`probe` may still fail for a while after this is true again.
+        """
+        try:
+            async with asyncio.timeout(self._pool_timeout + self._timeout + 0.5):
+                conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
+                await conn.close()
+        except (psycopg.Error, TimeoutError):
+            return False
+        return True
+
+    async def wait_up(self, deadline: float) -> bool:
+        """Probe until the pool has a working connection; give up at ``deadline``
+        (:func:`time.monotonic`), or as soon as a probe fails while no new connection
+        gets in either (the database is really down). Never raises."""
+        while not await self.probe():
+            if time.monotonic() >= deadline or not await self.reachable():
+                return False
         return True
 
     # ------------------------------------------------------------------ queries

@@ -110,7 +110,9 @@ class Service:
         deadline = max(deadline, time.monotonic() + 1.0)
         await self.drainer.stop()
         try:
-            if not self.db.is_down or await self.db.probe():
+            # Back from an outage, the pool may still wait out its reconnect backoff:
+            # one failed probe must not leave what the DLQ holds behind.
+            if not self.db.is_down or await self.db.wait_up(deadline):
                 await self.drainer.drain(deadline=deadline)
             left = await self.dlq.depth()
         except REDIS_ERRORS as exc:
