@@ -296,6 +296,42 @@ def test_a_command_name_with_parentheses_and_spaces_does_not_shift_the_fields(tm
         proc.wait()
 
 
+_GROUP_LEADER = """
+import signal, subprocess, sys, time
+stubborn, ready = sys.argv[1], sys.argv[2]
+signal.signal(signal.SIGTERM, signal.SIG_IGN if stubborn == "leader" else lambda *a: sys.exit(0))
+child = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[1] == 'child' "
+         "else lambda *a: sys.exit(0)); open(sys.argv[2], 'w').close(); time.sleep(60)")
+subprocess.Popen([sys.executable, "-c", child, stubborn, ready])  # in the leader's group and session
+time.sleep(60)
+"""
+
+
+@needs_proc
+@pytest.mark.parametrize(("stubborn", "graceful"), [("none", True), ("child", False), ("leader", False)])
+def test_stopping_a_group_ends_all_of_it_and_says_whether_it_ended_on_the_signal(
+    tmp_path: Path, stubborn: str, graceful: bool
+) -> None:
+    # The leader's exit is waited for on its pidfd: a child that outlives it (ignoring
+    # SIGTERM) must still be found and killed, and the stop reported as not graceful.
+    import subprocess
+
+    from isolate._run import groups
+
+    ready = tmp_path / "ready"
+    leader = subprocess.Popen([sys.executable, "-c", _GROUP_LEADER, stubborn, str(ready)], start_new_session=True)
+    try:
+        ticks = process_start_ticks(leader.pid)
+        assert poll_until(ready.exists, 30)  # both have set how they take SIGTERM
+        assert len(groups.members(leader.pid, ticks)) == 2
+        assert groups.stop_group(leader.pid, ticks, signal.SIGTERM, timeout=1.0) is graceful
+        assert groups.members(leader.pid, ticks) == []
+        assert leader.wait(5) == (0 if stubborn != "leader" else -signal.SIGKILL)
+    finally:
+        leader.kill()
+        leader.wait()
+
+
 def test_sizes_parse_as_powers_of_1024() -> None:
     from isolate._cache import parse_size
 
