@@ -220,14 +220,17 @@ class Database:
             return False
         return True
 
-    async def reachable(self) -> bool:
-        """Whether a new connection, outside the pool, gets in. Never raises.
+    async def reachable(self, timeout: float | None = None) -> bool:
+        """Whether a new connection, outside the pool, gets in within ``timeout`` seconds
+        (by default the time a pooled operation gets). Never raises.
 
         After an outage the pool tries again on a backoff of its own (~1 s), so its
         :meth:`probe` may still fail for a while after this is true again.
         """
+        if timeout is None:
+            timeout = self._pool_timeout + self._timeout + 0.5
         try:
-            async with asyncio.timeout(self._pool_timeout + self._timeout + 0.5):
+            async with asyncio.timeout(timeout):
                 conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
                 await conn.close()
         except (psycopg.Error, TimeoutError):
@@ -239,7 +242,8 @@ class Database:
         (:func:`time.monotonic`), or as soon as a probe fails while no new connection
         gets in either (the database is really down). Never raises."""
         while not await self.probe():
-            if time.monotonic() >= deadline or not await self.reachable():
+            left = deadline - time.monotonic()
+            if left <= 0 or not await self.reachable(left):
                 return False
         return True
 
