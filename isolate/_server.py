@@ -56,11 +56,12 @@ class NativeServer:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(mode=0o700)
 
-    def _hand_over(self, path: Path) -> None:
+    def _hand_over(self, path: Path, *, content: bool = True) -> None:
         """Give a tree root finished building to the run-as user (the server writes
-        there); root never touches it by path again, but to remove it."""
+        there); root never touches it by path again, but to remove it. ``content=False``:
+        only ``path`` itself (what is in it was given as it was made)."""
         if self.run_as is not None:
-            hand_over(path, self.run_as.uid, self.run_as.gid)
+            hand_over(path, self.run_as.uid, self.run_as.gid, content=content)
 
     def _spawned(self, proc: ManagedProcess, lease: PortLease) -> None:
         self._proc, self.lease = proc, lease

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from suite_support import needs_proc
+from suite_support import needs_proc, needs_root
 from tenacity import Retrying, stop_after_delay, wait_fixed
 
 from isolate import ConfigError, HttpCheck, ServiceSpec, TcpCheck, WorkerIdentity
@@ -330,6 +330,66 @@ def test_stopping_a_group_ends_all_of_it_and_says_whether_it_ended_on_the_signal
     finally:
         leader.kill()
         leader.wait()
+
+
+def _tree(top: Path) -> dict[str, tuple[int, bytes | None]]:
+    """Every entry below ``top``: its mode, and a file's bytes."""
+    return {
+        str(p.relative_to(top)): (stat.S_IMODE(p.lstat().st_mode), p.read_bytes() if p.is_file() else None)
+        for p in sorted(top.rglob("*"))
+    }
+
+
+def _template(top: Path) -> Path:
+    (top / "base" / "1").mkdir(parents=True, mode=0o700)
+    (top / "global").mkdir(mode=0o750)
+    (top / "PG_VERSION").write_bytes(b"16\n")
+    (top / "base" / "1" / "1259").write_bytes(os.urandom(3 << 20))  # over one copy's megabyte
+    (top / "base" / "1" / "empty").touch()
+    (top / "global" / "pg_control").write_bytes(b"x" * 8192)
+    for path, mode in ((top / "PG_VERSION", 0o600), (top / "global" / "pg_control", 0o640)):
+        path.chmod(mode)
+    return top
+
+
+def test_a_copied_tree_has_the_same_content_and_modes_and_a_private_top(tmp_path: Path) -> None:
+    from isolate._fs import copy_tree
+
+    src = _template(tmp_path / "src")
+    copy_tree(src, tmp_path / "copy")
+    assert _tree(tmp_path / "copy") == _tree(src)
+    assert stat.S_IMODE((tmp_path / "copy").stat().st_mode) == 0o700
+    with pytest.raises(FileExistsError):  # never into what is there
+        copy_tree(src, tmp_path / "copy")
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_a_tree_holding_what_isolate_never_puts_there_is_not_copied(tmp_path: Path, planted: str) -> None:
+    from isolate._errors import UnexpectedFileError
+    from isolate._fs import copy_tree
+
+    src = _template(tmp_path / "src")
+    if planted == "symlink":
+        (src / "base" / "link").symlink_to("/etc/passwd")
+    else:
+        os.mkfifo(src / "base" / "fifo")
+    with pytest.raises(UnexpectedFileError, match="a symlink" if planted == "symlink" else "a FIFO"):
+        copy_tree(src, tmp_path / "copy")
+
+
+@needs_root
+def test_a_tree_copied_for_another_user_is_all_theirs(tmp_path: Path) -> None:
+    import pwd
+
+    from isolate._fs import copy_tree
+
+    nobody = pwd.getpwnam("nobody")
+    src = _template(tmp_path / "src")
+    copy_tree(src, tmp_path / "copy", (nobody.pw_uid, nobody.pw_gid))
+    entries = [tmp_path / "copy", *(tmp_path / "copy").rglob("*")]
+    assert len(entries) == len(_tree(src)) + 1
+    assert {(p.lstat().st_uid, p.lstat().st_gid) for p in entries} == {(nobody.pw_uid, nobody.pw_gid)}
+    assert _tree(tmp_path / "copy") == _tree(src)
 
 
 def test_sizes_parse_as_powers_of_1024() -> None:

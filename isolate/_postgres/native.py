@@ -20,7 +20,7 @@ from tenacity import Retrying, stop_after_delay, wait_fixed
 from .._binaries import Binary
 from .._cache import entry_lock, evict, touch
 from .._errors import ServerStartError
-from .._fs import own_dir, read_beneath, take_back
+from .._fs import copy_tree, own_dir, read_beneath, take_back
 from .._lazy import lazy
 from .._ports import PortLease
 from .._process import ManagedProcess, RunAs, as_user, stdin_pipe, wait_started
@@ -87,13 +87,13 @@ class NativePostgresRunner(NativeServer):
                 with self._seeded(template, self.config.seed) as seeded:
                     self._copy_cluster(seeded, self.data_dir)
         self.socket_dir.mkdir(mode=0o700)
-        self._hand_over(self.directory)
+        self._hand_over(self.socket_dir)
+        self._hand_over(self.directory, content=False)  # the copy is the run-as user's already
 
-    @staticmethod
-    def _copy_cluster(template: Path, target: Path) -> None:
-        """Copy a cached cluster (this user's own, checked when it was taken back)."""
-        shutil.copytree(template, target, symlinks=True)
-        os.chmod(target, 0o700)
+    def _copy_cluster(self, template: Path, target: Path) -> None:
+        """Copy a cached cluster (this user's own, checked when it was taken back), given
+        to the run-as user as it is made (``target`` last)."""
+        copy_tree(template, target, (self.run_as.uid, self.run_as.gid) if self.run_as else None)
 
     def _cache(self) -> Path:
         # This user's own cache; the run-as user may traverse it (to bake a new
@@ -113,8 +113,7 @@ class NativePostgresRunner(NativeServer):
         (and binary, user: the template's own key is in the name)."""
 
         def create(staging: Path) -> None:
-            self._copy_cluster(template, staging)
-            self._hand_over(staging)  # its private server writes there
+            self._copy_cluster(template, staging)  # the run-as user's: its private server writes there
 
         return self._cached(f"{template.name}-seed-{seed.key[:24]}", create, lambda d: self._serve(d, seed.create))
 
