@@ -573,6 +573,22 @@ NOTES = """## Reading the numbers
   4-worker cells are the ones this bench did not measure on an even machine. What
   changed since the c2c4807 bench: an xdist controller freezes its objects at its
   session's end (~0.1 s off every run's end).
+- And one of 13a5ed9, native only (2 repetitions, every cell 100% passed), on a slow day
+  (calibrations: median 0.19 s, start 0.19 s, against the table's 0.11 s and 0.14 s), so
+  the table stays. Native 1 / 2 / 4 / 8 / 16 workers: 40.2 / 21.4 / 12.9 / 10.1 / 13.4 s
+  (wall/bound 1.07 / 1.13 / 1.36 / 1.15 / 1.08, 4 workers 3.12x); `load` at 4 workers 15.0
+  s (1.57). The restart median 47 ms (40 / 41 / 47 / 73 / 126 ms by worker count),
+  `postgres_start` median 0.47 s. What changed since c364916: a native cluster is copied
+  and handed over in one pass (`postgres_start` in paired 4-worker runs: median 0.44 s
+  against 0.56 s), the reaper sees a leader's exit on its pidfd. Sampled on that machine
+  (py-spy, outside the bench), a 4-worker run's controller reaches xdist's node set-up at
+  0.77-0.80 s; the zygote forks the first worker at 1.06-1.38 s, once it has imported
+  psycopg and redis and rewritten the 11 test files (0.215 s of CPU for pytest's rewrite
+  alone, 0.02 s to compile them plainly); the workers' collections arrive 1.5-2.4 s in.
+  At the end, the workers' parallel tests end 0.3-0.9 s apart, mostly because of the
+  example's DLQ tests, which take ~0.55 s or ~1.0 s as the service's pool waits out its
+  reconnect backoff; then the serial test alone (0.26-0.37 s) and the controller's end
+  (0.11-0.18 s).
 - Where a 4-worker native run goes now (seven traced runs on a fast machine, outside the
   bench; wall 11.3-12.4 s): the workers' first tests start 1.1-2.0 s in (1.3-1.6 s on
   average), and the start is CPU-bound (the CPU 77-97% busy for its first 2 s): the
