@@ -581,10 +581,11 @@ NOTES = """## Reading the numbers
   `postgres_start` median 0.47 s. What changed since c364916: a native cluster is copied
   and handed over in one pass (`postgres_start` in paired 4-worker runs: median 0.44 s
   against 0.56 s), the reaper sees a leader's exit on its pidfd. Sampled on that machine
-  (py-spy, outside the bench), a 4-worker run's controller reaches xdist's node set-up at
-  0.77-0.80 s; the zygote forks the first worker at 1.06-1.38 s, once it has imported
-  psycopg and redis and rewritten the 11 test files (0.215 s of CPU for pytest's rewrite
-  alone, 0.02 s to compile them plainly); the workers' collections arrive 1.5-2.4 s in.
+  (hooks timed, py-spy; outside the bench), a 4-worker run's controller reaches xdist's
+  node set-up at 0.53-0.67 s; the zygote forks the first worker at 1.03-1.06 s, once it has
+  imported psycopg and redis and rewritten the 11 test files (0.215 s of CPU for pytest's
+  rewrite alone, 0.02 s to compile them plainly) while PostgreSQL starts on the other core;
+  the workers' collections arrive 1.4-2.1 s in, their first tests start 1.65-2.25 s in.
   At the end, the workers' parallel tests end 0.3-0.9 s apart, mostly because of the
   example's DLQ tests, which take ~0.55 s or ~1.0 s as the service's pool waits out its
   reconnect backoff; then the serial test alone (0.26-0.37 s) and the controller's end
