@@ -58,45 +58,52 @@ def owned_by_me(path: Path) -> bool:
 def copy_tree(src: Path, dst: Path, owner: tuple[int, int] | None = None) -> None:
     """Copy a tree of directories and regular files this user owns (a cached cluster) to
     ``dst``, which must not exist and is made 0700; the other modes are kept, times are
-    not. With ``owner`` (uid,
-    gid), every entry is given to that user by file descriptor as it is made, a directory
-    after everything in it and ``dst`` last (0700 until then), as :func:`hand_over` would
-    give the finished copy, without walking it again (give the tree above with
-    ``hand_over(..., content=False)``). Anything else in ``src`` (a symlink,
-    a FIFO, a device) is refused.
+    not. Anything else in ``src`` (a symlink, a FIFO, a device) is refused.
+
+    With ``owner`` (uid, gid), every entry is given to that user on the descriptor that
+    made it, a directory after everything in it and ``dst`` last: as :func:`hand_over`
+    would give the finished copy, without walking it again (give what holds ``dst`` with
+    ``hand_over(..., content=False)``). Below ``dst`` nothing is reached by path.
 
     Per file one open of each side, ``copy_file_range`` and the owner's ``fchown``: about
     a third of the CPU of :func:`shutil.copytree` and then :func:`hand_over` (which stat,
     compare and copy times and extended attributes, and open every file again)."""
-    topfd = os.open(src, _DIR_FLAGS)  # a symlinked top is refused (ELOOP)
+    srcfd = os.open(src, _DIR_FLAGS)  # a symlinked top is refused (ELOOP)
     try:
-        _copy_dir(topfd, src, dst, 0o700, owner)
+        os.mkdir(dst, 0o700)
+        dstfd = os.open(dst, _DIR_FLAGS)
+        try:
+            _copy_into(srcfd, dstfd, src, 0o700, owner)
+        finally:
+            os.close(dstfd)
     finally:
-        os.close(topfd)
+        os.close(srcfd)
 
 
-def _copy_dir(srcfd: int, src: Path, dst: Path, mode: int, owner: tuple[int, int] | None) -> None:
-    os.mkdir(dst, 0o700)
-    dstfd = os.open(dst, _DIR_FLAGS)
-    try:
-        with os.scandir(srcfd) as entries:
-            for entry in entries:
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    fd = os.open(entry.name, _DIR_FLAGS, dir_fd=srcfd)
+def _copy_into(srcfd: int, dstfd: int, src: Path, mode: int, owner: tuple[int, int] | None) -> None:
+    """Copy what the directory ``srcfd`` holds into the new, empty ``dstfd``, then give
+    ``dstfd`` its ``mode`` and ``owner``."""
+    with os.scandir(srcfd) as entries:
+        for entry in entries:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                _copy_file(srcfd, dstfd, entry.name, st.st_mode, owner)
+            elif stat.S_ISDIR(st.st_mode):
+                os.mkdir(entry.name, 0o700, dir_fd=dstfd)
+                subsrc = os.open(entry.name, _DIR_FLAGS, dir_fd=srcfd)
+                try:
+                    subdst = os.open(entry.name, _DIR_FLAGS, dir_fd=dstfd)
                     try:
-                        _copy_dir(fd, src, dst / entry.name, st.st_mode, owner)
+                        _copy_into(subsrc, subdst, src, st.st_mode, owner)
                     finally:
-                        os.close(fd)
-                elif stat.S_ISREG(st.st_mode):
-                    _copy_file(srcfd, dstfd, entry.name, st.st_mode, owner)
-                else:
-                    raise UnexpectedFileError(f"will not copy {src}: {entry.name!r} is {_kind(st.st_mode)}", path=src)
-        os.fchmod(dstfd, stat.S_IMODE(mode))
-        if owner is not None:
-            os.fchown(dstfd, *owner)  # a directory after everything in it; the top last
-    finally:
-        os.close(dstfd)
+                        os.close(subdst)
+                finally:
+                    os.close(subsrc)
+            else:
+                raise UnexpectedFileError(f"will not copy {src}: {entry.name!r} is {_kind(st.st_mode)}", path=src)
+    os.fchmod(dstfd, stat.S_IMODE(mode))
+    if owner is not None:
+        os.fchown(dstfd, *owner)  # a directory after everything in it; the top last
 
 
 def _copy_file(srcfd: int, dstfd: int, name: str, mode: int, owner: tuple[int, int] | None) -> None:
