@@ -23,7 +23,7 @@ from ._errors import ConfigError, ServerStartError
 from ._fs import open_log
 from ._retry import READY_LAG, poll_until
 from ._run.groups import group_alive, signal_group
-from ._run.liveness import open_pidfd, pidfd_exited, process_start_ticks
+from ._run.liveness import pidfd_exited, pidfd_of, process_start_ticks
 from ._run.notices import NOTICE
 
 __all__ = [
@@ -324,13 +324,9 @@ class ManagedProcess:
             # Popen.wait(timeout) looks after pauses that double up to 50 ms: a graceful stop
             # was seen up to that late. A pidfd is readable the moment the process exits;
             # opened before it is reaped, it is our child's.
-            pidfd = open_pidfd(self._popen.pid)
-            if pidfd is not None:
-                try:
-                    if self._popen.poll() is None and not pidfd_exited(pidfd, timeout):
-                        return None
-                finally:
-                    os.close(pidfd)
+            with pidfd_of(self._popen.pid) as pidfd:
+                if pidfd is not None and self._popen.poll() is None and not pidfd_exited(pidfd, timeout):
+                    return None
         try:
             return self._popen.wait(timeout)
         except subprocess.TimeoutExpired:

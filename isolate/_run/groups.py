@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 
 from .._retry import poll_until
-from .liveness import HAVE_PROC, is_alive, open_pidfd, pidfd_exited, stat_fields
+from .liveness import HAVE_PROC, is_alive, pidfd_exited, pidfd_of, stat_fields
 
 __all__ = ["children", "group_alive", "members", "send", "signal_group", "stop_group"]
 
@@ -121,18 +121,15 @@ def stop_group(pid: int, start_ticks: int | None, sig: int, timeout: float) -> b
     """``sig`` to the whole group and session led by ``pid``, SIGKILL to what is left
     after ``timeout``; returns whether it stopped gracefully."""
     deadline = time.monotonic() + timeout
-    pidfd = open_pidfd(pid)  # before the signal, so it is the leader's if the check below holds
-    try:
+    # Opened before signal_group checks that the pid is not reused: then it is the leader's.
+    with pidfd_of(pid) as pidfd:
         if not signal_group(pid, start_ticks, sig):
             return True
         # A leader (a server's postmaster, a fork server) usually ends last, once its
         # children are gone: its exit is seen at once on its pidfd. Polling /proc looks
         # after pauses that double from 5 ms: a server that ended in 36 ms was seen at 75.
-        if pidfd is not None and not _reused(pid, start_ticks):
-            pidfd_exited(pidfd, deadline - time.monotonic())
-    finally:
         if pidfd is not None:
-            os.close(pidfd)
+            pidfd_exited(pidfd, deadline - time.monotonic())
     if poll_until(lambda: not group_alive(pid, start_ticks), max(deadline - time.monotonic(), 0.0)):
         return True
     logger.warning("process group %d ignored signal %d for %.1fs; killing", pid, sig, timeout)

@@ -8,14 +8,16 @@ a container of the same run are always judged alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Owner", "is_alive", "open_pidfd", "pidfd_exited", "process_start_ticks", "stat_fields"]
+__all__ = ["Owner", "is_alive", "open_pidfd", "pidfd_exited", "pidfd_of", "process_start_ticks", "stat_fields"]
 
 
 #: Linux: read ``/proc`` directly (cheap, and what the kernel says); elsewhere (macOS,
@@ -81,6 +83,17 @@ def open_pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None
+
+
+@contextlib.contextmanager
+def pidfd_of(pid: int) -> Iterator[int | None]:
+    """:func:`open_pidfd` for a ``with`` block, closed after it."""
+    pidfd = open_pidfd(pid)
+    try:
+        yield pidfd
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def pidfd_exited(pidfd: int, timeout: float) -> bool:

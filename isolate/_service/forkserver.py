@@ -31,7 +31,7 @@ from .._errors import ConfigError, ServerStartError
 from .._fs import open_log
 from .._process import RunAs, tail
 from .._retry import poll_until
-from .._run.liveness import is_alive, open_pidfd, pidfd_exited, process_start_ticks
+from .._run.liveness import is_alive, open_pidfd, pidfd_exited, pidfd_of, process_start_ticks
 from .._run.registry import ProcessRecord
 from .hubs import HubRecipe, launch_preloader, mark_used, start_hub
 from .spec import ServiceSpec
@@ -154,15 +154,12 @@ class ForkedChild:
 def _wait_gone(pid: int, start_ticks: int | None, timeout: float) -> bool:
     """Wait until ``pid`` (not our child) has ended: on its pidfd, which becomes readable
     the moment it does, else by polling."""
-    pidfd = open_pidfd(pid)
-    if pidfd is None:
-        return poll_until(lambda: not is_alive(pid, start_ticks), timeout)
-    try:
+    with pidfd_of(pid) as pidfd:
+        if pidfd is None:
+            return poll_until(lambda: not is_alive(pid, start_ticks), timeout)
         if not is_alive(pid, start_ticks):  # gone, or the pid names another process now
             return True
         return pidfd_exited(pidfd, timeout)
-    finally:
-        os.close(pidfd)
 
 
 class ForkServer:
